@@ -1,0 +1,68 @@
+"""Entry point: `python -m tpi_mpi` and the `tpi-mpi` script.
+
+Every error ends the whole job with one line on stderr: errors every rank meets alike are printed
+once, by rank 0; an error on one rank in the middle of a run prints its rank and calls MPI_Abort,
+so no rank is left waiting (an unhandled exception would otherwise hang the others at finalize).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import TpiError
+
+
+def _env_rank() -> int:
+    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import cli
+    from .generate import PeerFailed
+
+    rank = _env_rank()
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        cli.main(args=argv, prog_name="tpi_mpi", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:          # bad options: every rank parses the same argv
+        if rank == 0:
+            e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except PeerFailed:                         # the failing rank reports; the others just leave
+        sys.exit(1)
+    except Exception as e:
+        from .comm import active_comm
+
+        if debug:
+            traceback.print_exc()
+        if getattr(e, "coordinated", False):   # every rank knows about it: exit, no abort
+            print(f"tpi_mpi: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        comm = active_comm()
+        if comm is None or comm.size == 1:     # before any communication, all ranks fail alike
+            if rank == 0:
+                print(f"tpi_mpi: error: {_describe(e)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"tpi_mpi: rank {rank}: error: {_describe(e)}", file=sys.stderr, flush=True)
+        comm.abort(1)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, (TpiError, FileNotFoundError, ValueError)):
+        return str(e)
+    return f"internal error {type(e).__name__}: {e} (run with --debug for the traceback)"
+
+
+if __name__ == "__main__":
+    main()

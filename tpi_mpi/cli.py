@@ -1,0 +1,164 @@
+"""Command line: builds configs from options and calls prepare / generate / bench, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .config import ParallelConfig, parse_ratio
+from .errors import ConfigError
+from .prepare import DTYPES, HEAD_PLACES, prepare as prepare_model
+
+ALLREDUCE_CHOICES = ("star", "mpi")
+
+
+def parse_window(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        w = int(text)
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: give a number of blocks (at least 1) or 'all'") from None
+    if w < 1:
+        raise ConfigError(f"--window {w}: the window must hold at least 1 block (or 'all')")
+    return w
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """Write a .npy file atomically (no half-written file if interrupted)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Tensor-parallel LLM inference across small devices. Launch under mpirun, e.g.
+
+    mpirun -n 4 python -m tpi_mpi generate --model MODEL_DIR --prompt "Hello"
+    """
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--world-size", "-n", type=int, required=True, help="Number of ranks to split for.")
+@click.option("--ratio", help="Share of each rank, e.g. 3,1,1,1 (default: even).")
+@click.option("--out", required=True, help="Folder to create (holds rank0/, rank1/, ...).")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+              help="Stored and compute dtype; auto keeps the checkpoint's.")
+@click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True,
+              help="Output head split over ranks by vocabulary, or whole on rank 0.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def prepare(src, world_size, ratio, out, dtype, head_on, quiet) -> None:
+    """Split a Hugging Face model folder SRC into one shard folder per rank."""
+    progress = None
+    if not quiet:
+        from tqdm import tqdm
+        progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
+    par = ParallelConfig(world_size, parse_ratio(ratio))
+    path = prepare_model(src, out, par, dtype, head_on, progress=progress)
+    click.echo(f"prepared {src} for {world_size} rank(s) in {path}", err=True)
+
+
+def run_options(f):
+    """Options shared by every command that runs the model."""
+    options = [
+        click.option("--model", "-m", required=True, help="Hugging Face model folder or a prepared folder."),
+        click.option("--allreduce", type=click.Choice(ALLREDUCE_CHOICES), default="star", show_default=True,
+                     help="star: partial sums to rank 0 and back (2 hops); mpi: MPI_Allreduce."),
+        click.option("--window", default="all", show_default=True,
+                     help="Weight blocks held in memory at once, or 'all' to keep the shard resident."),
+        click.option("--cache-dir", help="Where prepared shards are cached [default: ~/.cache/tpi_mpi]."),
+        click.option("--ratio", help="Share of each rank when preparing, e.g. 3,1,1,1."),
+        click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True),
+        click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True),
+        click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
+        click.option("--comm-timeout", type=float, default=60.0, show_default=True,
+                     help="Seconds to wait for a peer rank before giving up."),
+        click.option("--quiet", is_flag=True, help="No progress or status lines on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_config(kw: dict):
+    from .generate import RunConfig
+
+    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], window=parse_window(kw["window"]),
+                     cache_dir=kw["cache_dir"], ratio=kw["ratio"], dtype=kw["dtype"], head_on=kw["head_on"],
+                     threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"])
+
+
+@cli.command()
+@run_options
+@click.option("--prompt", "-p", help="The prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", help="System prompt for --chat [default: the template's own].")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=40, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="1 = off.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings at the end.")
+@click.option("--dump-logits", help="Save the float32 logits the first new token is sampled from (.npy).")
+@click.option("--dump-prompt-logits", help="Save float32 logits at every prompt position (.npy, prompt_len x vocab).")
+def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json,
+             dump_logits, dump_prompt_logits, **kw) -> None:
+    """Generate text from a prompt (every rank runs this; rank 0 prints)."""
+    from .generate import Root, Session, follow, peak_rss_mib, run_generation
+    from .sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if prompt is None:
+        raise ConfigError("no prompt: give one with --prompt")
+    cfg = run_config(kw)
+    s = Session(cfg)
+    try:
+        if s.rank == 0:
+            def work(root: Root):
+                codec = s.codec
+                if chat:
+                    messages = ([{"role": "system", "content": system}] if system else []) + \
+                               [{"role": "user", "content": prompt}]
+                    ids = codec.encode_chat(messages)
+                else:
+                    ids = codec.encode(prompt)
+                stream = None if as_json else (lambda t: print(t, end="", flush=True))
+                return run_generation(root, ids, sampling, max_new_tokens, ignore_eos, stream,
+                                      keep_prompt_logits=bool(dump_prompt_logits))
+            g = Root(s).run(work)
+        else:
+            follow(s)
+        rss = s.comm.gather_floats(peak_rss_mib())
+    finally:
+        s.close()
+    if s.rank != 0:
+        return
+    if dump_logits:
+        save_npy(dump_logits, g.first_logits)
+    if dump_prompt_logits:
+        save_npy(dump_prompt_logits, g.prompt_logits)
+    tokens_per_s = 1 / g.s_per_token if g.s_per_token else 0.0
+    if as_json:
+        print(json.dumps({
+            "prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "text": g.text,
+            "ttft_s": g.ttft_s, "s_per_token": g.s_per_token, "tokens_per_s": tokens_per_s,
+            "peak_rss_mib": rss, "world_size": s.comm.size, "allreduce": s.comm.mode,
+            "window": "all" if s.window.depth is None else s.window.depth,
+        }))
+    else:
+        print(flush=True)
+        s.log(f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens | TTFT {g.ttft_s:.3f} s | "
+              f"{tokens_per_s:.2f} tok/s | peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in rss)}")

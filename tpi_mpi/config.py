@@ -1,0 +1,190 @@
+"""Model and run configuration: frozen dataclasses, checked once, the same way on every rank.
+
+`ModelConfig.from_hf` is the one place that maps Hugging Face config keys onto ours. Anything in
+a config.json that would change the math and that we do not implement is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                      # "llama" | "mistral" | "qwen2"
+    dim: int                       # hidden_size
+    n_layers: int
+    n_heads: int                   # query heads
+    n_kv_heads: int
+    head_dim: int                  # may differ from dim // n_heads (head_dim key)
+    ffn_dim: int                   # intermediate_size
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...}
+    max_seq_len: int = 2048        # max_position_embeddings (or a sliding window, if smaller)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model config: {self.n_heads} query heads do not group evenly over {self.n_kv_heads} kv heads")
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found: a Hugging Face model folder needs its config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}): re-download the model's config.json") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} is not a JSON object: re-download the model's config.json")
+        return cls.from_hf_dict(raw, source=str(path))
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        def need(key: str) -> Any:
+            if raw.get(key) is None:
+                raise ConfigError(f"{source}: required field '{key}' is missing")
+            return raw[key]
+
+        def refuse(key: str, why: str) -> None:
+            raise ConfigError(f"{source}: field '{key}' {why}; tpi_mpi supports Llama, Mistral and Qwen2 models")
+
+        arch = raw.get("model_type")
+        if arch not in SUPPORTED_ARCHS:
+            refuse("model_type", f"is {arch!r}, not one of {', '.join(SUPPORTED_ARCHS)}")
+        if raw.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", f"is {raw['hidden_act']!r}, only 'silu' is implemented")
+        if raw.get("pretraining_tp", 1) != 1:
+            refuse("pretraining_tp", f"is {raw['pretraining_tp']}, only 1 is implemented")
+        if raw.get("quantization_config"):
+            refuse("quantization_config", "is set: quantized safetensors are not supported (use the GGUF or an fp16/bf16 checkpoint)")
+        if any(t != "full_attention" for t in raw.get("layer_types") or ()):
+            refuse("layer_types", "asks for layers other than full_attention")
+        if raw.get("partial_rotary_factor", 1.0) != 1.0:
+            refuse("partial_rotary_factor", "is not 1.0")
+
+        dim = int(need("hidden_size"))
+        n_heads = int(need("num_attention_heads"))
+        max_seq = int(raw.get("max_position_embeddings") or 2048)
+        # A sliding window no shorter than the context is plain causal attention; a shorter one
+        # is exact as long as the context stays inside it, so the context is capped there.
+        window = raw.get("sliding_window")
+        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+            window = None
+        if window:
+            max_seq = min(max_seq, int(window))
+
+        theta, scaling = _rope(raw, source)
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        attention_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            arch=arch,
+            dim=dim,
+            n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+            head_dim=int(raw.get("head_dim") or dim // n_heads),
+            ffn_dim=int(need("intermediate_size")),
+            vocab_size=int(need("vocab_size")),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=max_seq,
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if arch == "qwen2" else attention_bias,
+            o_bias=False if arch == "qwen2" else attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            bos_id=raw.get("bos_token_id"),
+            eos_ids=eos_ids,
+        )
+
+
+def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from either the old keys or transformers 5's rope_parameters."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = (scaling or params).get("rope_type", (scaling or params).get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(f"{source}: field 'rope_scaling' has type {rope_type!r}; only 'llama3' is implemented")
+    s = scaling or params
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in s]
+    if missing:
+        raise ConfigError(f"{source}: field 'rope_scaling' of type llama3 lacks {', '.join(missing)}")
+    return theta, {"rope_type": "llama3", **{k: float(s[k]) for k in keys}}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    world: int
+    ratio: tuple[float, ...] = field(default=())   # empty = even
+
+    def __post_init__(self) -> None:
+        if self.world < 1:
+            raise ConfigError(f"world size must be at least 1, got {self.world}")
+        if self.ratio:
+            if len(self.ratio) != self.world:
+                raise ConfigError(f"--ratio has {len(self.ratio)} parts for {self.world} ranks: give one part per rank")
+            if any(not math.isfinite(r) or r <= 0 for r in self.ratio):
+                raise ConfigError(f"--ratio parts must be positive numbers, got {','.join(map(str, self.ratio))}")
+
+    @property
+    def parts(self) -> tuple[float, ...]:
+        return self.ratio or (1.0,) * self.world
+
+    def check(self, m: ModelConfig) -> None:
+        if self.world > m.n_heads:
+            raise ConfigError(f"{self.world} ranks but the model has only {m.n_heads} query heads: use at most {m.n_heads} ranks")
+
+
+def parse_ratio(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--ratio {text!r} is not a comma-separated list of numbers, e.g. 3,1,1,1") from None
+
+
+def normalized_ratio(parts: Sequence[float]) -> tuple[float, ...]:
+    """Ratios as fractions summing to 1, rounded so that 2,2 and 1,1 name the same split."""
+    total = sum(parts)
+    return tuple(round(p / total, 6) for p in parts)

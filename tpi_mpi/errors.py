@@ -1,0 +1,17 @@
+"""The error family the command line turns into one clear line (no traceback)."""
+
+
+class TpiError(Exception):
+    """A problem the user can fix; the message names the problem and the fix."""
+
+
+class ConfigError(TpiError):
+    """A model or run setting tpi_mpi cannot honour."""
+
+
+class ShardError(TpiError):
+    """Prepared shards that are missing, stale or corrupt."""
+
+
+class CommError(TpiError):
+    """A rank that died, froze or broke the protocol."""

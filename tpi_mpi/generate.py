@@ -1,0 +1,245 @@
+"""Start-up and the generation loop: where rank 0 and the other ranks differ.
+
+Rank 0 (`Root`) owns the tokenizer, the embedding table, sampling and the text; it sends every
+step as a fixed control header plus hidden states. The other ranks (`follow`) only ever receive
+headers and float hidden states, run their slice of every layer, and send back partial sums and
+their share of the logits.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .comm import LocalComm, make_comm
+from .config import ParallelConfig, parse_ratio
+from .errors import ConfigError, TpiError
+from .model import Transformer
+from .prepare import DTYPES, HEAD_PLACES, cache_key, open_source, prepare
+from .sampling import SamplingConfig, sample
+from .text import Streamer, TextCodec
+from .weights import Shard, WeightWindow
+
+CMD_FORWARD, CMD_STOP = 1, 2
+HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
+PATH_BYTES = 4096
+
+
+class PeerFailed(TpiError):
+    """Another rank failed during start-up and has reported why."""
+
+
+def on_all_ranks(comm, fn):
+    """Run a start-up step everywhere; if it failed anywhere, the lowest failing rank raises its own
+    error (one message for the whole job) and every other rank raises PeerFailed."""
+    try:
+        result, error = fn(), None
+    except TpiError as e:
+        result, error = None, e
+    bad = comm.agree(error is None)
+    if bad < 0:
+        return result
+    if comm.rank != bad:
+        error = PeerFailed(f"rank {bad} failed")
+    error.coordinated = True      # every rank knows: exit quietly, no MPI_Abort needed
+    raise error
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tpi_mpi"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    allreduce: str = "star"
+    window: int | None = None      # None = whole shard resident
+    cache_dir: str | None = None
+    ratio: str | None = None
+    dtype: str = "auto"
+    head_on: str = "split"
+    threads: int = 0               # 0 = cores on this host / ranks on this host
+    comm_timeout: float = 60.0
+    quiet: bool = False
+
+
+def _locate(cfg: RunConfig, world: int, log) -> Path:
+    """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it if needed."""
+    path = Path(cfg.model).expanduser()
+    if (path / "rank0" / "manifest.json").exists():
+        return path
+    if (path / "manifest.json").exists():
+        raise ConfigError(f"{path} is one rank's folder: give its parent, which holds rank0/, rank1/, ...")
+    src = open_source(path)
+    par = ParallelConfig(world, parse_ratio(cfg.ratio))
+    if cfg.head_on not in HEAD_PLACES:
+        raise ConfigError(f"--head-on {cfg.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
+    dtype = cfg.dtype if cfg.dtype != "auto" else {v: k for k, v in DTYPES.items()}[src.dtype]
+    out = Path(cfg.cache_dir or default_cache_dir()).expanduser() / f"{path.resolve().name}-{cache_key(src.fingerprint(), par, dtype, cfg.head_on)}"
+    if not (out / "rank0" / "manifest.json").exists():
+        log(f"preparing {path} for {world} rank(s) into {out}")
+        progress = None
+        if not cfg.quiet:
+            from tqdm import tqdm
+            progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
+        prepare(path, out, par, dtype, cfg.head_on, progress=progress)
+    return out
+
+
+class Session:
+    """Everything one rank holds for a run: comm, shard, model, weight window; text and embeddings on rank 0."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout)
+        self.rank = comm.rank
+        threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
+        torch.set_num_threads(threads)
+        self.threads = threads
+
+        def locate() -> Path | None:
+            return _locate(cfg, comm.size, self.log) if self.rank == 0 else None
+
+        root = on_all_ranks(comm, locate)
+        buf = np.zeros(PATH_BYTES, dtype=np.uint8)
+        if self.rank == 0:
+            raw = str(root).encode()
+            buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        comm.bcast(buf)
+        self.root = Path(bytes(buf).rstrip(b"\0").decode())
+
+        def load() -> None:
+            self.shard = Shard(self.root / f"rank{self.rank}", self.rank, comm.size)
+            self.m = self.shard.model
+            self.dtype = DTYPES[self.shard.dtype_name]
+            self.window = WeightWindow(self.shard, cfg.window)
+            self.model = Transformer(self.m, self.shard.shards, self.rank, comm, self.window, self.dtype)
+            self.model.load_resident(self.shard.read("common.safetensors")[1])
+            if self.rank == 0:
+                self.codec = TextCodec(self.shard.folder)
+                self.embed = self.shard.read("embed.safetensors")[1]["embed.weight"]
+
+        on_all_ranks(comm, load)
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and not self.cfg.quiet:
+            print(f"tpi_mpi: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.window.close()
+
+
+class Root:
+    """Rank 0's side of a step: embed, send the header and hidden states, run its own slice."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.header = np.zeros(HEADER, dtype=np.int64)
+
+    def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+        s = self.s
+        self.header[:] = (CMD_FORWARD, pos, len(ids), int(all_logits))
+        s.comm.bcast(self.header)
+        h = s.embed[torch.tensor(ids)].contiguous()                          # (T, dim)
+        s.comm.bcast(h.view(torch.uint8).numpy())
+        return s.model(h, pos, all_logits)
+
+    def stop(self, failed: bool = False) -> None:
+        """Release the workers; `failed` makes them exit non-zero too (rank 0 reports the error)."""
+        self.header[:] = (CMD_STOP, int(failed), 0, 0)
+        self.s.comm.bcast(self.header)
+
+    def run(self, work):
+        """Run `work(self)` on rank 0, then stop the workers, failed or not."""
+        try:
+            result = work(self)
+        except BaseException as e:
+            self.stop(failed=True)
+            e.coordinated = True
+            raise
+        self.stop()
+        return result
+
+
+def follow(s: Session) -> None:
+    """A worker's whole life: obey rank 0's headers until told to stop."""
+    header = np.zeros(HEADER, dtype=np.int64)
+    while True:
+        s.comm.bcast(header, timeout=None)       # idle between requests may last any time
+        cmd, pos, T, all_logits = (int(x) for x in header)
+        if cmd == CMD_STOP:
+            if pos:
+                e = PeerFailed("rank 0 failed")
+                e.coordinated = True
+                raise e
+            return
+        h = torch.empty(T, s.m.dim, dtype=s.dtype)
+        s.comm.bcast(h.view(torch.uint8).numpy())
+        s.model(h, pos, bool(all_logits))
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    generated_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    ttft_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    first_logits: np.ndarray | None = None     # (vocab,) the first new token is sampled from
+    prompt_logits: np.ndarray | None = None    # (prompt_len, vocab) when asked for
+
+    @property
+    def s_per_token(self) -> float:
+        return float(np.mean(self.step_s)) if self.step_s else 0.0
+
+
+def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
+                   ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False) -> Generation:
+    """Prefill the prompt in one pass, then decode token by token (rank 0)."""
+    s = root.s
+    m = s.m
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give some text with --prompt")
+    if len(prompt_ids) >= m.max_seq_len:
+        raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, the model's context is {m.max_seq_len}: shorten it")
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    rng = np.random.default_rng(sampling.seed)
+    eos = set(m.eos_ids)
+    streamer = Streamer(s.codec)
+    g = Generation(list(prompt_ids))
+    t0 = time.perf_counter()
+    logits = root.forward(g.prompt_ids, 0, all_logits=keep_prompt_logits)
+    g.first_logits = logits[-1].numpy().copy()
+    if keep_prompt_logits:
+        g.prompt_logits = logits.numpy().copy()
+    token = sample(g.first_logits, sampling, rng)
+    g.ttft_s = time.perf_counter() - t0
+    pos = len(g.prompt_ids)
+    while True:
+        g.generated_ids.append(token)
+        delta = streamer.push(token)
+        if on_text and delta:
+            on_text(delta)
+        done = (token in eos and not ignore_eos) or len(g.generated_ids) >= max_new_tokens or pos + 1 >= m.max_seq_len
+        if done:
+            break
+        t = time.perf_counter()
+        logits = root.forward([token], pos)
+        token = sample(logits[-1].numpy(), sampling, rng)
+        g.step_s.append(time.perf_counter() - t)
+        pos += 1
+    g.text = s.codec.decode(g.generated_ids)
+    return g

@@ -1,0 +1,149 @@
+"""Tensor-parallel layers and the pure math that decides which rank holds what.
+
+Terms, defined once (Megatron's): a torch `Linear` weight is (out_features, in_features).
+**Column-parallel** splits the output features (weight dim 0) and needs no communication;
+**row-parallel** splits the input features (weight dim 1), so each rank holds a partial sum
+that `comm.allreduce` adds up. Only `RowParallelLinear` and `VocabParallelHead` talk to `comm`.
+
+Weights are not parameters: the weight window (weights.py) binds tensors to `weight`/`bias`
+right before a block runs and unbinds them afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, ParallelConfig
+
+FFN_UNIT = 32   # MLP columns move between ranks in multiples of this
+
+
+def split_by_ratio(total: int, ratio: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
+    """Half-open [start, stop) per rank, sizes proportional to `ratio`, in multiples of `unit`.
+
+    The last rank also takes any remainder below `unit`. Every rank gets at least one unit
+    when there are enough units to go round.
+    """
+    n = len(ratio)
+    units = total // unit
+    cuts = np.rint(np.cumsum(ratio) / sum(ratio) * units).astype(int)
+    cuts[-1] = units
+    if units >= n:
+        for i in range(n):                          # at least one unit each, in order
+            lo = (cuts[i - 1] if i else 0) + 1
+            hi = units - (n - 1 - i)
+            cuts[i] = min(max(cuts[i], lo), hi)
+    bounds = [int(c) * unit for c in cuts]
+    bounds[-1] = total
+    starts = [0, *bounds[:-1]]
+    return list(zip(starts, bounds))
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """What one rank holds. All ranges are half-open [lo, hi)."""
+    rank: int
+    heads: tuple[int, int]      # query heads
+    kv_heads: tuple[int, int]   # kv heads those query heads read (copies when shared)
+    ffn: tuple[int, int]        # MLP intermediate columns
+    vocab: tuple[int, int]      # output-head rows (logit columns)
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    def kv_index(self, group: int) -> list[int]:
+        """For each local query head, the local kv head it attends with."""
+        return [h // group - self.kv_heads[0] for h in range(*self.heads)]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def plan_shards(m: ModelConfig, par: ParallelConfig, head_on: str = "split") -> list[RankShard]:
+    """Deal heads, MLP columns and vocabulary rows out to ranks by the ratio.
+
+    head_on="rank0" keeps the whole output head on rank 0 instead of splitting it.
+    """
+    par.check(m)
+    heads = split_by_ratio(m.n_heads, par.parts)
+    ffn = split_by_ratio(m.ffn_dim, par.parts, FFN_UNIT)
+    if head_on == "rank0":
+        vocab = [(0, m.vocab_size)] + [(m.vocab_size, m.vocab_size)] * (par.world - 1)
+    else:
+        vocab = split_by_ratio(m.vocab_size, par.parts)
+    shards = []
+    for r, (h0, h1) in enumerate(heads):
+        kv = (h0 // m.group, (h1 - 1) // m.group + 1)
+        shards.append(RankShard(r, (h0, h1), kv, ffn[r], vocab[r]))
+    return shards
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b, with A's output features split over ranks: this rank's slice of Y."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight: Tensor | None = None   # (out_local, in)
+        self.bias: Tensor | None = None     # (out_local,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum over ranks of X_r A_r^T, then + b: the input features are split, partials allreduced."""
+
+    def __init__(self, comm) -> None:
+        super().__init__()
+        self.comm = comm
+        self.weight: Tensor | None = None   # (out, in_local)
+        self.bias: Tensor | None = None     # (out,), added once after the sum
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.comm.allreduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelHead(nn.Module):
+    """Logits for this rank's vocabulary rows, gathered into the full vocabulary on rank 0.
+
+    Returns (T, vocab) float32 on rank 0 and None elsewhere.
+    """
+
+    def __init__(self, comm, vocab_bounds: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.comm = comm
+        self.counts = [hi - lo for lo, hi in vocab_bounds]
+        self.weight: Tensor | None = None   # (vocab_local, dim)
+
+    def forward(self, x: Tensor) -> Tensor | None:
+        local = F.linear(x, self.weight).float()
+        return self.comm.gather_columns(local, self.counts)
+
+
+def bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Point `module`'s weights at `tensors` ("q.weight" -> module.q.weight)."""
+    for name, t in tensors.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(module.get_submodule(owner), attr, t)
+
+
+def unbind(module: nn.Module, names) -> None:
+    for name in names:
+        owner, attr = name.rsplit(".", 1)
+        setattr(module.get_submodule(owner), attr, None)
+
+
+def as_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

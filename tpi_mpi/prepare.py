@@ -1,0 +1,252 @@
+"""Source checkpoint -> one folder of shards per rank, written atomically.
+
+Layout of a prepared folder (each rank needs only its own `rankN/`):
+
+    rankN/manifest.json            model config, world size, ratio, this rank's slices,
+                                   every file's size and sha256, the source fingerprint
+    rankN/layer007.attn.safetensors  q/k/v (column slices) and o (row slice) of layer 7
+    rankN/layer007.mlp.safetensors   gate/up (column slices) and down (row slice)
+    rankN/common.safetensors       norms and this rank's rows of the output head (resident)
+    rank0/embed.safetensors        the embedding table: rank 0 only, like the tokenizer files
+
+Tensors are read one at a time (each through its own `safe_open`, so no mapping outlives one
+tensor) and every file is hashed from the bytes written: a checkpoint larger than RAM splits
+with a peak of about one block. Everything is written under a temporary name, fsynced, and the
+folder renamed into place last, so an interrupted run never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .config import ModelConfig, ParallelConfig, normalized_ratio
+from .errors import ConfigError, ShardError
+from .parallel import RankShard, plan_shards
+
+FORMAT = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+HEAD_PLACES = ("split", "rank0")
+
+
+def hf_name(ours: str, layer: int | None = None) -> str:
+    """Our tensor name (as bound to the model) -> the Hugging Face checkpoint name."""
+    fixed = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+    if layer is None:
+        return fixed[ours]
+    proj, kind = ours.split(".")
+    full = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+            "down": "mlp.down_proj", "attn_norm": "input_layernorm",
+            "mlp_norm": "post_attention_layernorm"}[proj]
+    return f"model.layers.{layer}.{full}.{kind}"
+
+
+class HFSource:
+    """A Hugging Face model folder: config.json, safetensors (single or sharded), tokenizer files."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConfigError(f"model path {self.folder} is not a folder: give a Hugging Face model folder "
+                              f"or a folder made by `tpi_mpi prepare`")
+        self.config = ModelConfig.from_hf(self.folder / "config.json")
+        self.files = self._weight_files()
+        self.where: dict[str, Path] = {}
+        for f in self.files:
+            try:
+                with safe_open(f, framework="pt") as st:
+                    for name in st.keys():
+                        self.where[name] = f
+            except (SafetensorError, OSError) as e:
+                raise ShardError(f"{f} is not a readable safetensors file ({e}): re-download it") from None
+        self.dtype = self._dtype()
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [self.folder / n for n in names]
+            missing = [str(f.name) for f in files if not f.exists()]
+            if missing:
+                raise ShardError(f"{index} names {', '.join(missing)}, which are missing: finish the download")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"no *.safetensors in {self.folder}: tpi_mpi reads safetensors checkpoints "
+                              f"(convert .bin files with transformers' save_pretrained)")
+        return files
+
+    def _dtype(self) -> torch.dtype:
+        name = self.name_of("embed.weight")
+        with safe_open(self.where[name], framework="pt") as st:
+            code = st.get_slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{self.where[name]}: tensors of type {code} are not supported; use an fp32, fp16 or bf16 checkpoint")
+        return SAFETENSORS_DTYPES[code]
+
+    def name_of(self, ours: str, layer: int | None = None) -> str:
+        name = hf_name(ours, layer)
+        if name == "lm_head.weight" and (self.config.tie_embeddings or name not in self.where):
+            name = hf_name("embed.weight")
+        if name not in self.where:
+            raise ShardError(f"tensor {name} is missing from the checkpoint in {self.folder}")
+        return name
+
+    def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor, or just rows [a, b) or columns [a, b) of it."""
+        name = self.name_of(ours, layer)
+        with safe_open(self.where[name], framework="pt") as st:
+            sl = st.get_slice(name)
+            if rows:
+                t = sl[rows[0]:rows[1]]
+            elif cols:
+                t = sl[:, cols[0]:cols[1]]
+            else:
+                t = sl[:]
+        return t.contiguous()
+
+    def has(self, ours: str, layer: int) -> bool:
+        return hf_name(ours, layer) in self.where
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).exists()]
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the source: config and tokenizer bytes, weight files' names, sizes,
+        modification times and headers (hashing a 140 GB checkpoint on every run is not cheap)."""
+        h = hashlib.sha256()
+        for f in [self.folder / "config.json", *self.tokenizer_files()]:
+            h.update(f.name.encode() + f.read_bytes())
+        for f in self.files:
+            st = f.stat()
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = fh.read(min(n, 100_000_000))
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:".encode() + header)
+        return h.hexdigest()
+
+
+def open_source(path: str | Path):
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"model path {p} does not exist: check the path")
+    return HFSource(p)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dtype) -> dict[str, torch.Tensor]:
+    hd = m.head_dim
+    q_rows = (s.heads[0] * hd, s.heads[1] * hd)
+    kv_rows = (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
+    if kind == "attn":
+        spec = {"q.weight": {"rows": q_rows}, "k.weight": {"rows": kv_rows}, "v.weight": {"rows": kv_rows},
+                "o.weight": {"cols": q_rows}}
+        if m.qkv_bias:
+            spec |= {"q.bias": {"rows": q_rows}, "k.bias": {"rows": kv_rows}, "v.bias": {"rows": kv_rows}}
+        if m.o_bias:
+            spec["o.bias"] = {}
+    else:
+        spec = {"gate.weight": {"rows": s.ffn}, "up.weight": {"rows": s.ffn}, "down.weight": {"cols": s.ffn}}
+        if m.mlp_bias:
+            spec |= {"gate.bias": {"rows": s.ffn}, "up.bias": {"rows": s.ffn}, "down.bias": {}}
+    return {name: src.read(name, layer, **how).to(dtype) for name, how in spec.items()}
+
+
+def _common_tensors(src, m: ModelConfig, s: RankShard, dtype) -> dict[str, torch.Tensor]:
+    out = {"norm.weight": src.read("norm.weight").to(dtype)}
+    for i in range(m.n_layers):
+        out[f"layers.{i}.attn_norm.weight"] = src.read("attn_norm.weight", i).to(dtype)
+        out[f"layers.{i}.mlp_norm.weight"] = src.read("mlp_norm.weight", i).to(dtype)
+    out["head.weight"] = src.read("head.weight", rows=s.vocab).to(dtype)
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _copy_atomic(src: Path, dst: Path) -> dict:
+    return _write_atomic(dst, src.read_bytes())
+
+
+def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
+    ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
+    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{FORMAT}".encode()).hexdigest()
+    return f"w{par.world}-{dtype}-{head_on}-{digest[:16]}"
+
+
+def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
+            head_on: str = "split", progress=None) -> Path:
+    """Split `src_path` into `out`; returns `out`. Refuses to overwrite a folder that exists."""
+    out = Path(out)
+    src = open_source(src_path)
+    m = src.config
+    shards = plan_shards(m, par, head_on)
+    if dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    torch_dtype = src.dtype if dtype == "auto" else DTYPES[dtype]
+    if out.exists():
+        raise ConfigError(f"{out} already exists: remove it or choose another --out")
+    fingerprint = src.fingerprint()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for s in shards:
+            (staging / f"rank{s.rank}").mkdir(parents=True)
+        files: list[dict] = [{} for _ in shards]
+        steps = m.n_layers * 2 * par.world + 2 * par.world
+        bar = progress(total=steps, desc="prepare", unit="block") if progress else None
+        for i in range(m.n_layers):
+            for kind in ("attn", "mlp"):
+                for s in shards:
+                    name = f"layer{i:03d}.{kind}.safetensors"
+                    data = safetensors_bytes(_block_tensors(src, m, s, i, kind, torch_dtype))
+                    files[s.rank][name] = _write_atomic(staging / f"rank{s.rank}" / name, data)
+                    bar and bar.update()
+        for s in shards:
+            data = safetensors_bytes(_common_tensors(src, m, s, torch_dtype))
+            files[s.rank]["common.safetensors"] = _write_atomic(staging / f"rank{s.rank}" / "common.safetensors", data)
+            bar and bar.update()
+        rank0 = staging / "rank0"
+        files[0]["embed.safetensors"] = _write_atomic(
+            rank0 / "embed.safetensors", safetensors_bytes({"embed.weight": src.read("embed.weight").to(torch_dtype)}))
+        for f in src.tokenizer_files():
+            files[0][f.name] = _copy_atomic(f, rank0 / f.name)
+        bar and bar.update(par.world)
+        bar and bar.close()
+        for s in shards:
+            manifest = {
+                "format": FORMAT, "rank": s.rank, "world_size": par.world,
+                "ratio": list(normalized_ratio(par.parts)), "dtype": DTYPE_NAMES[torch_dtype],
+                "head_on": head_on, "model": m.to_json(), "shards": [x.to_json() for x in shards],
+                "source": {"path": str(Path(src_path).resolve()), "fingerprint": fingerprint},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files[s.rank],
+            }
+            _write_atomic(staging / f"rank{s.rank}" / "manifest.json", json.dumps(manifest, indent=1).encode())
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,189 @@
+"""One rank's prepared shard on disk, and the sliding window that streams its blocks.
+
+`Shard` reads and checks a rank's manifest. `WeightWindow` hands the model one block (layer i's
+attention or MLP) at a time, in execution order: with `depth=None` every block is read once and
+stays resident; with `depth=W` a background thread keeps at most W blocks in memory, reading the
+next ones into reused buffers while the current ones compute and communicate. The loader thread
+does file I/O only, never MPI; its errors travel through the queue to the main thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .errors import ShardError
+from .parallel import RankShard, bind, unbind
+from .prepare import FORMAT, SAFETENSORS_DTYPES
+
+KINDS = ("attn", "mlp")
+
+
+def block_file(layer: int, kind: str) -> str:
+    return f"layer{layer:03d}.{kind}.safetensors"
+
+
+def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Read a safetensors file into `buf` (a reused uint8 tensor) or a new one; returns the buffer
+    and views into it. Checks the sha256 when given. The file's pages are dropped from the page
+    cache afterwards, so the memory a block uses is the buffer and nothing hidden."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if buf is None:
+            buf = torch.empty(size, dtype=torch.uint8)
+        view = buf.numpy()[:size]
+        done = 0
+        while done < size:
+            n = f.readinto(memoryview(view)[done:])
+            if not n:
+                raise ShardError(f"{path} ended after {done} of {size} bytes")
+            done += n
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if sha256 and hashlib.sha256(view).hexdigest() != sha256:
+        raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; "
+                         f"prepare the model again (or delete the folder to let the cache rebuild it)")
+    try:
+        n = int.from_bytes(view[:8].tobytes(), "little")
+        header = json.loads(view[8:8 + n].tobytes())
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            raw = buf[8 + n + start: 8 + n + end]
+            tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ShardError(f"{path} is not a valid safetensors file ({e}): prepare the model again") from None
+    return buf, tensors
+
+
+class Shard:
+    """A rank's folder of a prepared model, checked against the run it is used for."""
+
+    def __init__(self, folder: str | Path, rank: int, world: int) -> None:
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{path} is missing: {self.folder} is not a prepared shard for rank {rank}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ShardError(f"{path} is not valid JSON: prepare the model again") from None
+        mf = self.manifest
+        if mf.get("format") != FORMAT:
+            raise ShardError(f"{path} has format {mf.get('format')}, this tpi_mpi reads {FORMAT}: prepare the model again")
+        if mf["world_size"] != world:
+            raise ShardError(f"{self.folder.parent} was prepared for {mf['world_size']} ranks, not {world}: "
+                             f"run with -n {mf['world_size']} or prepare it again with --world-size {world}")
+        if mf["rank"] != rank:
+            raise ShardError(f"{path} belongs to rank {mf['rank']}, not rank {rank}")
+        self.rank, self.world = rank, world
+        self.model = ModelConfig.from_json(mf["model"])
+        self.shards = [RankShard(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                       for s in mf["shards"]]
+        self.dtype_name = mf["dtype"]
+        self.files: dict[str, dict] = mf["files"]
+        for name, info in self.files.items():
+            p = self.path(name)
+            if not p.exists():
+                raise ShardError(f"{p} is missing: prepare the model again")
+            if p.stat().st_size != info["size"]:
+                raise ShardError(f"{p} has {p.stat().st_size} bytes, its manifest says {info['size']}: "
+                                 f"the file is truncated or replaced; prepare the model again")
+
+    def path(self, name: str) -> Path:
+        p = (self.folder / name).resolve()
+        if p.parent != self.folder.resolve():
+            raise ShardError(f"{self.folder / 'manifest.json'} names {name!r}, outside its folder: refusing to read it")
+        return p
+
+    def read(self, name: str, buf: Tensor | None = None, verify: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        if name not in self.files:
+            raise ShardError(f"{self.folder / 'manifest.json'} lists no {name}: prepare the model again")
+        return read_safetensors(self.path(name), buf, self.files[name]["sha256"] if verify else None)
+
+    def block_bytes(self) -> int:
+        return max(self.files[block_file(i, k)]["size"] for i in range(self.model.n_layers) for k in KINDS)
+
+
+class WeightWindow:
+    """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory."""
+
+    def __init__(self, shard: Shard, depth: int | None = None) -> None:
+        if depth is not None and depth < 1:
+            raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
+        self.shard, self.depth = shard, depth
+        self.order = [(i, k) for i in range(shard.model.n_layers) for k in KINDS]
+        self.wait_s = 0.0          # main thread blocked on the loader
+        self.bytes_read = 0
+        self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}
+        if depth is None or depth >= len(self.order):
+            self.depth = None
+            for i, k in self.order:
+                self.resident[(i, k)] = shard.read(block_file(i, k))[1]
+                self.bytes_read += shard.files[block_file(i, k)]["size"]
+            return
+        self._verified: set[str] = set()     # checksums are checked on the first pass only
+        size = shard.block_bytes()
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(depth):
+            self._free.put(torch.empty(size, dtype=torch.uint8))
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loader, name="weight-loader", daemon=True)
+        self._thread.start()
+
+    def _loader(self) -> None:
+        step = 0
+        while True:
+            buf = self._free.get()                   # blocks while the window is full
+            if buf is None or self._stop.is_set():
+                return
+            layer, kind = self.order[step % len(self.order)]
+            name = block_file(layer, kind)
+            try:
+                _, tensors = self.shard.read(name, buf, verify=name not in self._verified)
+                self._verified.add(name)
+                self.bytes_read += self.shard.files[name]["size"]
+                self._ready.put((layer, kind, buf, tensors))
+            except Exception as e:                   # raised on the main thread, layer named
+                self._ready.put(ShardError(f"reading layer {layer} {kind} for rank {self.shard.rank}: {e}"))
+                return
+            step += 1
+
+    @contextmanager
+    def use(self, layer: int, kind: str, module):
+        """Bind block (layer, kind) to `module` for the duration of the `with`."""
+        if self.depth is None:
+            bind(module, self.resident[(layer, kind)])
+            yield
+            return
+        t0 = time.perf_counter()
+        item = self._ready.get()
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(item, Exception):
+            raise item
+        got_layer, got_kind, buf, tensors = item
+        assert (got_layer, got_kind) == (layer, kind), f"window out of order: {got_layer}/{got_kind} for {layer}/{kind}"
+        bind(module, tensors)
+        try:
+            yield
+        finally:
+            unbind(module, tensors)
+            self._free.put(buf)
+
+    def close(self) -> None:
+        if self.depth is not None:
+            self._stop.set()
+            self._free.put(None)
+            self._thread.join(timeout=5)
