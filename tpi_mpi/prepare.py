@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
@@ -177,18 +177,26 @@ def _common_tensors(src, m: ModelConfig, s: RankShard, dtype) -> dict[str, torch
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> dict:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+def _file_entry(path: Path) -> dict:
+    """Size and sha256 of a written file, hashed in chunks (a block can be hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
         os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor] | None = None, data: bytes | None = None) -> dict:
+    """Write tensors (as safetensors) or bytes under a temporary name, fsync, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tensors is not None:
+        save_file(tensors, tmp)
+    else:
+        tmp.write_bytes(data)
+    entry = _file_entry(tmp)
     tmp.rename(path)
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _copy_atomic(src: Path, dst: Path) -> dict:
-    return _write_atomic(dst, src.read_bytes())
+    return entry
 
 
 def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
@@ -223,18 +231,19 @@ def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: s
             for kind in ("attn", "mlp"):
                 for s in shards:
                     name = f"layer{i:03d}.{kind}.safetensors"
-                    data = safetensors_bytes(_block_tensors(src, m, s, i, kind, torch_dtype))
-                    files[s.rank][name] = _write_atomic(staging / f"rank{s.rank}" / name, data)
+                    tensors = _block_tensors(src, m, s, i, kind, torch_dtype)
+                    files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors)
+                    del tensors
                     bar and bar.update()
         for s in shards:
-            data = safetensors_bytes(_common_tensors(src, m, s, torch_dtype))
-            files[s.rank]["common.safetensors"] = _write_atomic(staging / f"rank{s.rank}" / "common.safetensors", data)
+            files[s.rank]["common.safetensors"] = _save_atomic(
+                staging / f"rank{s.rank}" / "common.safetensors", _common_tensors(src, m, s, torch_dtype))
             bar and bar.update()
         rank0 = staging / "rank0"
-        files[0]["embed.safetensors"] = _write_atomic(
-            rank0 / "embed.safetensors", safetensors_bytes({"embed.weight": src.read("embed.weight").to(torch_dtype)}))
+        files[0]["embed.safetensors"] = _save_atomic(
+            rank0 / "embed.safetensors", {"embed.weight": src.read("embed.weight").to(torch_dtype)})
         for f in src.tokenizer_files():
-            files[0][f.name] = _copy_atomic(f, rank0 / f.name)
+            files[0][f.name] = _save_atomic(rank0 / f.name, data=f.read_bytes())
         bar and bar.update(par.world)
         bar and bar.close()
         for s in shards:
@@ -245,7 +254,8 @@ def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: s
                 "source": {"path": str(Path(src_path).resolve()), "fingerprint": fingerprint},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files[s.rank],
             }
-            _write_atomic(staging / f"rank{s.rank}" / "manifest.json", json.dumps(manifest, indent=1).encode())
+            # written last: a folder without a manifest is never taken for a prepared one
+            _save_atomic(staging / f"rank{s.rank}" / "manifest.json", data=json.dumps(manifest, indent=1).encode())
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

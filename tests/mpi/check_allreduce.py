@@ -1,0 +1,46 @@
+"""Run under mpirun: every allreduce mode must equal a NumPy sum. Exits non-zero on a mismatch.
+
+    mpirun -n 4 python tests/mpi/check_allreduce.py
+"""
+
+import sys
+
+import numpy as np
+import torch
+
+from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
+
+
+def main() -> int:
+    failures = []
+    for mode in ALLREDUCE_MODES:
+        comm = MpiComm(mode, timeout=30)
+        n, rank = comm.size, comm.rank
+        # a value known in advance: the sum of the rank ids
+        total = comm.allreduce(torch.full((3,), float(rank)))
+        if not torch.equal(total, torch.full((3,), n * (n - 1) / 2)):
+            failures.append(f"{mode}: sum of ranks gave {total.tolist()}")
+        for shape in [(1,), (7,), (1, 576), (5, 333), (64, 1024)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                # every rank can rebuild every rank's buffer from its seed
+                parts = [torch.from_numpy(np.random.default_rng(1000 * r + len(shape)).standard_normal(shape)
+                                          .astype(np.float32)).to(dtype) for r in range(n)]
+                expected = np.sum([p.float().numpy() for p in parts], axis=0, dtype=np.float32)
+                got = comm.allreduce(parts[rank].clone())
+                if got.dtype != dtype or got.shape != parts[rank].shape:
+                    failures.append(f"{mode} {shape} {dtype}: got {got.dtype} {tuple(got.shape)}")
+                    continue
+                tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(np.abs(expected).max()))
+                err = float(np.abs(got.float().numpy() - expected).max())
+                if err > tol:
+                    failures.append(f"{mode} {shape} {dtype}: max error {err:g} > {tol:g}")
+        comm.barrier()
+    for f in failures:
+        print(f"rank {comm.rank}: {f}", file=sys.stderr)
+    if comm.rank == 0 and not failures:
+        print(f"allreduce ok on {comm.size} ranks: {', '.join(ALLREDUCE_MODES)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
