@@ -126,6 +126,10 @@ class HFSource:
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).exists()]
 
+    def tokenizer_blobs(self) -> dict[str, bytes]:
+        """File name -> contents of everything rank 0 needs for text (tokenizer, chat template)."""
+        return {f.name: f.read_bytes() for f in self.tokenizer_files()}
+
     def fingerprint(self) -> str:
         """Cheap identity of the source: config and tokenizer bytes, weight files' names, sizes,
         modification times and headers (hashing a 140 GB checkpoint on every run is not cheap)."""
@@ -242,8 +246,8 @@ def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: s
         rank0 = staging / "rank0"
         files[0]["embed.safetensors"] = _save_atomic(
             rank0 / "embed.safetensors", {"embed.weight": src.read("embed.weight").to(torch_dtype)})
-        for f in src.tokenizer_files():
-            files[0][f.name] = _save_atomic(rank0 / f.name, data=f.read_bytes())
+        for name, data in src.tokenizer_blobs().items():
+            files[0][name] = _save_atomic(rank0 / name, data=data)
         bar and bar.update(par.world)
         bar and bar.close()
         for s in shards:
