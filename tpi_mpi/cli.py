@@ -121,8 +121,8 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
     sampling = SamplingConfig(temperature, top_k, top_p, seed)
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if prompt is None:
-        raise ConfigError("no prompt: give one with --prompt")
+    if prompt is None or not prompt.strip():
+        raise ConfigError("the prompt is empty: give some text with --prompt")
     cfg = run_config(kw)
     s = Session(cfg)
     try:

@@ -247,5 +247,8 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         token = sample(logits[-1].numpy(), sampling, rng)
         g.step_s.append(time.perf_counter() - t)
         pos += 1
-    g.text = s.codec.decode(g.generated_ids)
+    rest = streamer.finish()
+    if on_text and rest:
+        on_text(rest)
+    g.text = streamer.shown
     return g

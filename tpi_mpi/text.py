@@ -97,3 +97,9 @@ class Streamer:
             return ""
         delta, self.shown = text[len(self.shown):], text
         return delta
+
+    def finish(self) -> str:
+        """Whatever is still held back once generation has ended."""
+        text = self.codec.decode(self.ids)
+        delta, self.shown = text[len(self.shown):], text
+        return delta

@@ -1,0 +1,88 @@
+"""The command line end to end: cache reuse, chat prompts, and one clear line per bad input."""
+
+import json
+
+import pytest
+
+from checkpoints import reference_run
+from conftest import run_tpi
+from tpi_mpi.text import TextCodec
+
+
+def gen_args(model, cache, *extra):
+    return ["generate", "--model", str(model), "--cache-dir", str(cache), "--temperature", "0", *extra]
+
+
+def test_prepared_cache_is_reused_and_keyed_by_world_size(checkpoints, tmp_path):
+    model, cache = checkpoints("llama"), tmp_path / "cache"
+    first = run_tpi(gen_args(model, cache, "--prompt", "Hi", "--max-new-tokens", "3"), n=2)
+    assert first.returncode == 0, first.stderr
+    assert "preparing" in first.stderr
+    second = run_tpi(gen_args(model, cache, "--prompt", "Hi", "--max-new-tokens", "3"), n=2)
+    assert second.returncode == 0, second.stderr
+    assert "preparing" not in second.stderr
+    assert first.stdout == second.stdout
+    third = run_tpi(gen_args(model, cache, "--prompt", "Hi", "--max-new-tokens", "3", "--quiet"), n=3)
+    assert third.returncode == 0, third.stderr
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_prepare_command_then_generate_from_the_prepared_folder(checkpoints, tmp_path):
+    model = checkpoints("qwen2")
+    r = run_tpi(["prepare", str(model), "--world-size", "2", "--out", str(tmp_path / "p"), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    r = run_tpi(gen_args(tmp_path / "p", tmp_path / "unused", "--prompt", "Hi", "--max-new-tokens", "4",
+                         "--ignore-eos", "--json"), n=2)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["generated_ids"]) == 4
+    assert not (tmp_path / "unused").exists()
+
+
+def test_chat_prompt_uses_the_template_and_matches_transformers(checkpoints, tmp_path):
+    model = checkpoints("llama")
+    r = run_tpi(gen_args(model, tmp_path / "c", "--chat", "--system", "Be brief.", "--prompt", "Hello there",
+                         "--max-new-tokens", "12", "--ignore-eos", "--json", "--quiet"), n=2)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(model).apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        add_generation_prompt=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert out["prompt_ids"] == expected
+    assert out["generated_ids"] == reference_run(model, expected, 12)[1]
+
+
+def test_text_streams_to_stdout_and_stops_at_eos(checkpoints, tmp_path):
+    model = checkpoints("llama")
+    r = run_tpi(gen_args(model, tmp_path / "c", "--prompt", "The quick", "--max-new-tokens", "40", "--json", "--quiet"))
+    out = json.loads(r.stdout)
+    eos = 3
+    ids = out["generated_ids"]
+    assert len(ids) == 40 or ids[-1] == eos
+    assert eos not in ids[:-1]
+    plain = run_tpi(gen_args(model, tmp_path / "c", "--prompt", "The quick", "--max-new-tokens", "40", "--quiet"))
+    assert plain.returncode == 0 and plain.stdout.rstrip("\n") == out["text"]
+    assert TextCodec(model).decode(ids) == out["text"]
+
+
+@pytest.mark.parametrize("n,extra,message", [
+    (1, ["--model", "/nonexistent/model"], "does not exist"),
+    (2, ["--prompt", ""], "prompt is empty"),
+    (2, ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (2, ["--temperature", "-1"], "--temperature"),
+    (2, ["--top-p", "1.5"], "--top-p"),
+    (2, ["--window", "0"], "--window 0"),
+    (2, ["--ratio", "1,1,1"], "--ratio has 3 parts for 2 ranks"),
+    (2, ["--ratio", "1,0"], "positive"),
+    (5, [], "5 ranks but the model has only 4 query heads"),
+])
+def test_bad_input_ends_every_rank_with_one_line(checkpoints, tmp_path, n, extra, message):
+    args = ["generate", "--model", str(checkpoints("mistral")), "--cache-dir", str(tmp_path / "c"),
+            "--prompt", "hello", "--quiet", *extra]
+    r = run_tpi(args, n, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
