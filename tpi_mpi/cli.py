@@ -162,3 +162,38 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         print(flush=True)
         s.log(f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens | TTFT {g.ttft_s:.3f} s | "
               f"{tokens_per_s:.2f} tok/s | peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in rss)}")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: print a table row and append a JSON line (--out)."""
+
+
+@bench.command("generate")
+@run_options
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--out", help="Append the JSON record to this file.")
+def bench_generate(prompt_tokens, new_tokens, warmup, out, **kw) -> None:
+    """Prefill and decode timings of tpi_mpi (run under mpirun)."""
+    from .bench import bench_generate as run
+
+    if new_tokens < 2:
+        raise ConfigError("--new-tokens must be at least 2 to time a decode step")
+    run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
+
+
+@bench.command("transformers")
+@click.option("--model", "-m", required=True, help="Hugging Face folder or .gguf file.")
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--out", help="Append the JSON record to this file.")
+def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup, out) -> None:
+    """The same timings with transformers in a single process (the baseline)."""
+    from .bench import bench_transformers as run
+
+    run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .comm import LocalComm, make_comm
+from .comm import CommStats, make_comm
 from .config import ParallelConfig, parse_ratio
 from .errors import ConfigError, TpiError
 from .model import Transformer
@@ -27,7 +27,7 @@ from .sampling import SamplingConfig, sample
 from .text import Streamer, TextCodec
 from .weights import Shard, WeightWindow
 
-CMD_FORWARD, CMD_STOP = 1, 2
+CMD_FORWARD, CMD_STOP, CMD_RESET_STATS = 1, 2, 3
 HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
 PATH_BYTES = 4096
 
@@ -138,6 +138,19 @@ class Session:
                 self.embed = self.shard.read("embed.safetensors")[1]["embed.weight"]
 
         on_all_ranks(comm, load)
+        self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
+
+    def reset_stats(self) -> None:
+        self.comm.stats = CommStats()
+        self.window.wait_s = 0.0
+        self.window.bytes_read = 0
+        self.forward_s = 0.0
+
+    def forward(self, h: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        logits = self.model(h, pos, all_logits)
+        self.forward_s += time.perf_counter() - t0
+        return logits
 
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:
@@ -160,7 +173,13 @@ class Root:
         s.comm.bcast(self.header)
         h = s.embed[torch.tensor(ids)].contiguous()                          # (T, dim)
         s.comm.bcast(h.view(torch.uint8).numpy())
-        return s.model(h, pos, all_logits)
+        return s.forward(h, pos, all_logits)
+
+    def reset_stats(self) -> None:
+        """Zero the timing counters on every rank (benchmarks call this after warm-up)."""
+        self.header[:] = (CMD_RESET_STATS, 0, 0, 0)
+        self.s.comm.bcast(self.header)
+        self.s.reset_stats()
 
     def stop(self, failed: bool = False) -> None:
         """Release the workers; `failed` makes them exit non-zero too (rank 0 reports the error)."""
@@ -191,9 +210,12 @@ def follow(s: Session) -> None:
                 e.coordinated = True
                 raise e
             return
+        if cmd == CMD_RESET_STATS:
+            s.reset_stats()
+            continue
         h = torch.empty(T, s.m.dim, dtype=s.dtype)
         s.comm.bcast(h.view(torch.uint8).numpy())
-        s.model(h, pos, bool(all_logits))
+        s.forward(h, pos, bool(all_logits))
 
 
 @dataclass
@@ -212,7 +234,8 @@ class Generation:
 
 
 def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
-                   ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False) -> Generation:
+                   ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False,
+                   after_prefill=None) -> Generation:
     """Prefill the prompt in one pass, then decode token by token (rank 0)."""
     s = root.s
     m = s.m
@@ -233,6 +256,8 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         g.prompt_logits = logits.numpy().copy()
     token = sample(g.first_logits, sampling, rng)
     g.ttft_s = time.perf_counter() - t0
+    if after_prefill:
+        after_prefill()
     pos = len(g.prompt_ids)
     while True:
         g.generated_ids.append(token)

@@ -1,0 +1,152 @@
+"""Benchmarks: timed runs that print a table row and append one JSON line per run.
+
+Never imported by tests. `bench generate` runs under mpirun like `generate`; `bench transformers`
+runs the same model through transformers in one process (the reference a user would compare
+against; transformers is a bench-only import here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .generate import Root, RunConfig, Session, follow, peak_rss_mib, run_generation
+from .sampling import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def synthetic_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    """A fixed pseudo-random prompt: benchmarks time shapes, not meaning."""
+    return np.random.default_rng(seed).integers(10, vocab_size - 10, size=n).tolist()
+
+
+def append_json(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def print_row(record: dict, header: bool = True) -> None:
+    cols = [("runner", 12, "{}"), ("ranks", 5, "{}"), ("allreduce", 9, "{}"), ("window", 6, "{}"),
+            ("threads", 7, "{}"), ("prefill_tok_s", 13, "{:.1f}"), ("ttft_s", 7, "{:.3f}"),
+            ("s_per_token", 11, "{:.4f}"), ("compute_ms", 10, "{:.2f}"), ("comm_ms", 8, "{:.2f}"),
+            ("wait_ms", 8, "{:.2f}"), ("sent_kB", 8, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
+    if header:
+        print(" ".join(name.rjust(w) for name, w, _ in cols))
+    cells = []
+    for name, w, fmt in cols:
+        v = record.get(name)
+        cells.append((fmt.format(v) if v is not None else "-").rjust(w))
+    print(" ".join(cells), flush=True)
+
+
+def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: int, out: str | None) -> None:
+    """Time prefill and decode on every rank; rank 0 prints the row and writes the JSON line."""
+    s = Session(cfg)
+    try:
+        if s.rank == 0:
+            prompt = synthetic_prompt(s.m.vocab_size, prompt_tokens)
+
+            def work(root: Root):
+                run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)   # warm-up
+                # counters cover the decode steps only; prefill is timed as TTFT
+                return run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True,
+                                      after_prefill=root.reset_stats)
+
+            g = Root(s).run(work)
+        else:
+            follow(s)
+        steps = new_tokens - 1     # decode steps counted after prefill
+        per_rank = {
+            "forward_s": s.comm.gather_floats(s.forward_s),
+            "comm_s": s.comm.gather_floats(s.comm.stats.seconds),
+            "wait_s": s.comm.gather_floats(s.window.wait_s),
+            "sent_bytes": s.comm.gather_floats(float(s.comm.stats.bytes_sent)),
+            "read_bytes": s.comm.gather_floats(float(s.window.bytes_read)),
+            "peak_rss_mib": s.comm.gather_floats(peak_rss_mib()),
+        }
+    finally:
+        s.close()
+    if s.rank != 0:
+        return
+    comm_ms = 1000 * max(per_rank["comm_s"]) / steps
+    wait_ms = 1000 * max(per_rank["wait_s"]) / steps
+    record = {
+        "runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
+        "allreduce": s.comm.mode, "window": "all" if s.window.depth is None else s.window.depth,
+        "head_on": s.shard.manifest["head_on"], "threads": s.threads,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,
+        "tokens_per_s": 1 / g.s_per_token if g.s_per_token else None,
+        # rank 0's view of a forward pass, split: communication includes waiting for slower peers
+        "compute_ms": 1000 * per_rank["forward_s"][0] / steps - 1000 * per_rank["comm_s"][0] / steps
+        - 1000 * per_rank["wait_s"][0] / steps,
+        "comm_ms": comm_ms, "wait_ms": wait_ms,
+        "sent_kB": max(per_rank["sent_bytes"]) / steps / 1024,
+        "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,
+        "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
+        "host": platform.node(), "cpus": os.cpu_count(), "commit": git_commit(), "time": time.strftime("%FT%T"),
+    }
+    print_row(record)
+    append_json(out, record)
+
+
+def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens: int, warmup: int,
+                       dtype: str, out: str | None) -> None:
+    """The same measurement with transformers in one process, KV cache on, greedy."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench transformers needs transformers: pip install 'tpi_mpi[test]'")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)   # transformers renaming its cache argument
+    torch.set_num_threads(threads)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    path = Path(model)
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    m = transformers.AutoModelForCausalLM.from_pretrained(path.parent if kw else path, dtype=torch_dtype, **kw).eval()
+    prompt = synthetic_prompt(m.config.vocab_size, prompt_tokens)
+
+    @torch.inference_mode()
+    def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        out = m(torch.tensor([ids]), use_cache=True)
+        token = out.logits[0, -1].argmax()
+        ttft = time.perf_counter() - t0
+        past, steps = out.past_key_values, []
+        for _ in range(n - 1):
+            t = time.perf_counter()
+            out = m(token.view(1, 1), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[0, -1].argmax()
+            steps.append(time.perf_counter() - t)
+        return ttft, steps
+
+    run(prompt[:8], warmup)
+    ttft, steps = run(prompt, new_tokens)
+    record = {
+        "runner": "transformers", "model": model, "dtype": dtype, "ranks": 1, "threads": threads,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ttft_s": ttft,
+        "prefill_tok_s": prompt_tokens / ttft, "s_per_token": float(np.mean(steps)),
+        "tokens_per_s": 1 / float(np.mean(steps)), "max_rss_MiB": peak_rss_mib(),
+        "transformers": transformers.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+        "commit": git_commit(), "time": time.strftime("%FT%T"),
+    }
+    print_row(record)
+    append_json(out, record)
