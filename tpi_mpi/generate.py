@@ -142,7 +142,7 @@ class Session:
 
     def reset_stats(self) -> None:
         self.comm.stats = CommStats()
-        self.window.wait_s = 0.0
+        self.window.wait_s = self.window.read_s = 0.0
         self.window.bytes_read = 0
         self.forward_s = 0.0
 

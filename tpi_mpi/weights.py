@@ -125,6 +125,7 @@ class WeightWindow:
         self.shard, self.depth = shard, depth
         self.order = [(i, k) for i in range(shard.model.n_layers) for k in KINDS]
         self.wait_s = 0.0          # main thread blocked on the loader
+        self.read_s = 0.0          # loader thread reading (and, on the first pass, hashing)
         self.bytes_read = 0
         self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}
         if depth is None or depth >= len(self.order):
@@ -152,7 +153,9 @@ class WeightWindow:
             layer, kind = self.order[step % len(self.order)]
             name = block_file(layer, kind)
             try:
+                t0 = time.perf_counter()
                 _, tensors = self.shard.read(name, buf, verify=name not in self._verified)
+                self.read_s += time.perf_counter() - t0
                 self._verified.add(name)
                 self.bytes_read += self.shard.files[name]["size"]
                 self._ready.put((layer, kind, buf, tensors))
