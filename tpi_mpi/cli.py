@@ -48,7 +48,9 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("src")
+@click.argument("src", required=False)
+@click.option("--synthetic", help="Instead of SRC: random weights with the shapes of "
+              "tinyllama-1.1b, llama2-7b, llama3-8b, llama2-13b or llama2-70b (for benchmarks).")
 @click.option("--world-size", "-n", type=int, required=True, help="Number of ranks to split for.")
 @click.option("--ratio", help="Share of each rank, e.g. 3,1,1,1 (default: even).")
 @click.option("--out", required=True, help="Folder to create (holds rank0/, rank1/, ...).")
@@ -57,15 +59,21 @@ def cli(debug: bool) -> None:
 @click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True,
               help="Output head split over ranks by vocabulary, or whole on rank 0.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def prepare(src, world_size, ratio, out, dtype, head_on, quiet) -> None:
+def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> None:
     """Split a Hugging Face model folder SRC into one shard folder per rank."""
+    if bool(src) == bool(synthetic):
+        raise ConfigError("give either a model SRC or --synthetic NAME")
+    if synthetic:
+        from .synthetic import SyntheticSource
+
+        src = SyntheticSource(synthetic)
     progress = None
     if not quiet:
         from tqdm import tqdm
         progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
     par = ParallelConfig(world_size, parse_ratio(ratio))
     path = prepare_model(src, out, par, dtype, head_on, progress=progress)
-    click.echo(f"prepared {src} for {world_size} rank(s) in {path}", err=True)
+    click.echo(f"prepared {synthetic or src} for {world_size} rank(s) in {path}", err=True)
 
 
 def run_options(f):

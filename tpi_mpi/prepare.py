@@ -149,6 +149,9 @@ def open_source(path: str | Path):
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"model path {p} does not exist: check the path")
+    if p.suffix == ".gguf":
+        from .gguf import GGUFSource     # imports the gguf package, which only GGUF files need
+        return GGUFSource(p)
     return HFSource(p)
 
 
@@ -209,11 +212,12 @@ def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -
     return f"w{par.world}-{dtype}-{head_on}-{digest[:16]}"
 
 
-def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
+def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
             head_on: str = "split", progress=None) -> Path:
-    """Split `src_path` into `out`; returns `out`. Refuses to overwrite a folder that exists."""
+    """Split `src_path` (a path, or a source object such as SyntheticSource) into `out`; returns
+    `out`. Refuses to overwrite a folder that exists."""
     out = Path(out)
-    src = open_source(src_path)
+    src = open_source(src_path) if isinstance(src_path, (str, Path)) else src_path
     m = src.config
     shards = plan_shards(m, par, head_on)
     if dtype not in ("auto", *DTYPES):
@@ -255,7 +259,7 @@ def prepare(src_path: str | Path, out: str | Path, par: ParallelConfig, dtype: s
                 "format": FORMAT, "rank": s.rank, "world_size": par.world,
                 "ratio": list(normalized_ratio(par.parts)), "dtype": DTYPE_NAMES[torch_dtype],
                 "head_on": head_on, "model": m.to_json(), "shards": [x.to_json() for x in shards],
-                "source": {"path": str(Path(src_path).resolve()), "fingerprint": fingerprint},
+                "source": {"path": str(getattr(src, "path", None) or Path(src_path).resolve()), "fingerprint": fingerprint},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files[s.rank],
             }
             # written last: a folder without a manifest is never taken for a prepared one

@@ -1,0 +1,93 @@
+"""Random-weight models with the real shapes of well-known models, for benchmarks at scale.
+
+`SyntheticSource` offers the same interface as a checkpoint source (see prepare.py), so
+`prepare --synthetic llama2-7b` writes shards directly, with no source checkpoint and never a
+whole tensor in memory: every tensor is made in chunks of 32 along the axis it is split on, each
+chunk from its own seed, so any rank's slice can be made alone and always gets the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+SHAPES = {
+    # name: (dim, layers, heads, kv_heads, ffn, vocab, context, rope_theta)
+    "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 32000, 2048, 10000.0),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000, 4096, 10000.0),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 8192, 500000.0),
+    "llama2-13b": (5120, 40, 40, 40, 13824, 32000, 4096, 10000.0),
+    "llama2-70b": (8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
+}
+CHUNK = 32
+STD = 0.02   # the usual initializer range: activations stay finite through 80 layers
+COLUMN_SPLIT = ("o.weight", "down.weight")   # row-parallel tensors are sliced by columns
+
+
+def synthetic_config(name: str) -> ModelConfig:
+    if name not in SHAPES:
+        raise ConfigError(f"--synthetic {name!r}: choose one of {', '.join(SHAPES)}")
+    dim, layers, heads, kv, ffn, vocab, ctx, theta = SHAPES[name]
+    return ModelConfig(arch="llama", dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+                       head_dim=dim // heads, ffn_dim=ffn, vocab_size=vocab, norm_eps=1e-5,
+                       rope_theta=theta, max_seq_len=ctx, bos_id=1, eos_ids=(2,))
+
+
+class SyntheticSource:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = f"synthetic:{name}"
+        self.config = synthetic_config(name)
+        self.dtype = torch.float32
+
+    def _shape(self, ours: str) -> tuple[int, ...]:
+        m = self.config
+        q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        return {"q.weight": (q, m.dim), "k.weight": (kv, m.dim), "v.weight": (kv, m.dim), "o.weight": (m.dim, q),
+                "gate.weight": (m.ffn_dim, m.dim), "up.weight": (m.ffn_dim, m.dim), "down.weight": (m.dim, m.ffn_dim),
+                "embed.weight": (m.vocab_size, m.dim), "head.weight": (m.vocab_size, m.dim)}[ours]
+
+    def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        if ours.endswith("norm.weight"):
+            return torch.ones(self.config.dim)
+        shape = self._shape(ours)
+        axis = 1 if ours in COLUMN_SPLIT else 0
+        lo, hi = (cols if axis else rows) or (0, shape[axis])
+        if (rows and axis) or (cols and not axis):
+            raise ValueError(f"{ours} is split along axis {axis}")
+        first, last = lo // CHUNK, (hi - 1) // CHUNK
+        span = min(shape[axis], (last + 1) * CHUNK) - first * CHUNK
+        full = torch.empty((span, shape[1]) if axis == 0 else (shape[0], span))
+        for c in range(first, last + 1):
+            g = torch.Generator().manual_seed(_seed(self.name, ours, layer, c))
+            part = full.narrow(axis, (c - first) * CHUNK, min(CHUNK, span - (c - first) * CHUNK))
+            if axis == 0:
+                part.normal_(0.0, STD, generator=g)          # rows are contiguous: fill in place
+            else:
+                part.copy_(torch.empty(part.shape).normal_(0.0, STD, generator=g))
+        start = lo - first * CHUNK
+        return full.narrow(axis, start, hi - lo).contiguous() if (start, hi - lo) != (0, span) else full
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"synthetic|{self.name}|{CHUNK}|{STD}".encode()).hexdigest()
+
+    def tokenizer_blobs(self) -> dict[str, bytes]:
+        """A word-level tokenizer covering the whole vocabulary ("w17" is token 17)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, self.config.vocab_size)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+        return {"tokenizer.json": tok.to_str().encode(),
+                "tokenizer_config.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>"}).encode()}
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
