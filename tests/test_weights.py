@@ -104,3 +104,27 @@ class _Sink:
 
     def get_submodule(self, name):
         return self
+
+
+def test_plan_window_fits_the_budget(prepared):
+    from tpi_mpi.weights import kv_cache_bytes, plan_window
+
+    shard = Shard(prepared / "rank0", 0, 1)
+    blocks = [i["size"] for n, i in shard.files.items() if n.startswith("layer")]
+    resident = sum(i["size"] for n, i in shard.files.items() if not n.startswith("layer"))
+    block, base, kv = max(blocks), 100 << 20, kv_cache_bytes(shard, 64)
+    fixed = base + resident + kv
+    assert plan_window(shard, fixed + sum(blocks) + block, 64, base) is None          # all fits
+    assert plan_window(shard, fixed + 3 * block, 64, base) == 2
+    assert plan_window(shard, fixed + 2 * block, 64, base) == 1
+    with pytest.raises(ShardError, match="too small for rank 0: it needs at least"):
+        plan_window(shard, fixed + 2 * block - 1, 64, base)
+    assert kv == 2 * 3 * 2 * 16 * 64 * 4     # layers x kv heads x head_dim x context x fp32
+
+
+def test_memory_budget_below_the_minimum_is_a_clear_error(checkpoints, tmp_path):
+    r = run_tpi(["generate", "--model", str(checkpoints("llama")), "--cache-dir", str(tmp_path / "c"),
+                 "--prompt", "hi", "--memory-budget", "10MB", "--quiet"], n=2)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "memory budget of 9.54 MiB is too small for rank 0" in errors[0], r.stderr

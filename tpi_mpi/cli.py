@@ -10,20 +10,20 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import ParallelConfig, parse_ratio
+from .config import ParallelConfig, parse_ratio, parse_size
 from .errors import ConfigError
 from .prepare import DTYPES, HEAD_PLACES, prepare as prepare_model
 
 ALLREDUCE_CHOICES = ("star", "mpi")
 
 
-def parse_window(text: str) -> int | None:
-    if text == "all":
-        return None
+def parse_window(text: str) -> int | None | str:
+    if text in ("all", "auto"):
+        return None if text == "all" else "auto"
     try:
         w = int(text)
     except ValueError:
-        raise ConfigError(f"--window {text!r}: give a number of blocks (at least 1) or 'all'") from None
+        raise ConfigError(f"--window {text!r}: give a number of blocks (at least 1), 'all' or 'auto'") from None
     if w < 1:
         raise ConfigError(f"--window {w}: the window must hold at least 1 block (or 'all')")
     return w
@@ -82,8 +82,13 @@ def run_options(f):
         click.option("--model", "-m", required=True, help="Hugging Face model folder or a prepared folder."),
         click.option("--allreduce", type=click.Choice(ALLREDUCE_CHOICES), default="star", show_default=True,
                      help="star: partial sums to rank 0 and back (2 hops); mpi: MPI_Allreduce."),
-        click.option("--window", default="all", show_default=True,
-                     help="Weight blocks held in memory at once, or 'all' to keep the shard resident."),
+        click.option("--window", default="auto", show_default=True,
+                     help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
+                          "the shard resident; 'auto' picks the largest that fits the memory budget."),
+        click.option("--memory-budget", help="Memory per rank for --window auto, e.g. 1.5GiB "
+                     "[default: 80% of the memory available]."),
+        click.option("--context", type=int, default=4096, show_default=True,
+                     help="Tokens of KV cache the memory budget reserves (capped at the model's context)."),
         click.option("--cache-dir", help="Where prepared shards are cached [default: ~/.cache/tpi_mpi]."),
         click.option("--ratio", help="Share of each rank when preparing, e.g. 3,1,1,1."),
         click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True),
@@ -101,7 +106,9 @@ def run_options(f):
 def run_config(kw: dict):
     from .generate import RunConfig
 
+    budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], window=parse_window(kw["window"]),
+                     memory_budget=budget, context=kw["context"],
                      cache_dir=kw["cache_dir"], ratio=kw["ratio"], dtype=kw["dtype"], head_on=kw["head_on"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"])
 
@@ -164,7 +171,7 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
             "prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "text": g.text,
             "ttft_s": g.ttft_s, "s_per_token": g.s_per_token, "tokens_per_s": tokens_per_s,
             "peak_rss_mib": rss, "world_size": s.comm.size, "allreduce": s.comm.mode,
-            "window": "all" if s.window.depth is None else s.window.depth,
+            "window": s.windows[0], "windows": s.windows,
         }))
     else:
         print(flush=True)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from .comm import CommStats, make_comm
-from .config import ParallelConfig, parse_ratio
+from .config import ParallelConfig, format_size, parse_ratio
 from .errors import ConfigError, TpiError
 from .model import Transformer
 from .prepare import DTYPES, HEAD_PLACES, cache_key, open_source, prepare
 from .sampling import SamplingConfig, sample
 from .text import Streamer, TextCodec
-from .weights import Shard, WeightWindow
+from .weights import Shard, WeightWindow, available_memory, current_rss, plan_window
 
 CMD_FORWARD, CMD_STOP, CMD_RESET_STATS = 1, 2, 3
 HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
@@ -71,7 +71,9 @@ def peak_rss_mib() -> float:
 class RunConfig:
     model: str
     allreduce: str = "star"
-    window: int | None = None      # None = whole shard resident
+    window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
+    memory_budget: int | None = None    # bytes per rank for "auto" (default: 80% of what is available)
+    context: int = 4096                 # tokens of KV cache the budget reserves (capped at the model's)
     cache_dir: str | None = None
     ratio: str | None = None
     dtype: str = "auto"
@@ -126,11 +128,13 @@ class Session:
         comm.bcast(buf)
         self.root = Path(bytes(buf).rstrip(b"\0").decode())
 
+        baseline = current_rss()     # the process before any weights: the budget's starting point
+
         def load() -> None:
             self.shard = Shard(self.root / f"rank{self.rank}", self.rank, comm.size)
             self.m = self.shard.model
             self.dtype = DTYPES[self.shard.dtype_name]
-            self.window = WeightWindow(self.shard, cfg.window)
+            self.window = WeightWindow(self.shard, self._choose_window(baseline))
             self.model = Transformer(self.m, self.shard.shards, self.rank, comm, self.window, self.dtype)
             self.model.load_resident(self.shard.read("common.safetensors")[1])
             if self.rank == 0:
@@ -138,7 +142,22 @@ class Session:
                 self.embed = self.shard.read("embed.safetensors")[1]["embed.weight"]
 
         on_all_ranks(comm, load)
+        windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
+        if self.rank == 0:
+            self.windows = ["all" if w < 0 else int(w) for w in windows]
+            if cfg.window == "auto":
+                self.log(f"weight window per rank (blocks in memory): {', '.join(map(str, self.windows))} "
+                         f"({'--memory-budget ' + format_size(cfg.memory_budget) if cfg.memory_budget else '80% of available memory'})")
         self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
+
+    def _choose_window(self, baseline: int) -> int | None:
+        cfg = self.cfg
+        if cfg.window != "auto":
+            if cfg.memory_budget:
+                raise ConfigError("give --window or --memory-budget, not both")
+            return cfg.window
+        budget = cfg.memory_budget or int(0.8 * available_memory())
+        return plan_window(self.shard, budget, min(cfg.context, self.m.max_seq_len), baseline)
 
     def reset_stats(self) -> None:
         self.comm.stats = CommStats()

@@ -24,7 +24,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .errors import ShardError
 from .parallel import RankShard, bind, unbind
-from .prepare import FORMAT, SAFETENSORS_DTYPES
+from .prepare import DTYPES, FORMAT, SAFETENSORS_DTYPES
 
 KINDS = ("attn", "mlp")
 
@@ -190,3 +190,69 @@ class WeightWindow:
             self._stop.set()
             self._free.put(None)
             self._thread.join(timeout=5)
+
+
+# -- choosing the window from a memory budget ----------------------------------------------------
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory() -> int:
+    """What this process may still use: the system's MemAvailable, or less under a cgroup limit."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    for limit_file, usage_file in (("memory.max", "memory.current"),                       # cgroup v2
+                                   ("memory.limit_in_bytes", "memory.usage_in_bytes")):    # cgroup v1
+        for folder in _cgroup_folders():
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                usage = int((folder / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < 1 << 60:
+                # page cache counts in the cgroup but is reclaimable: count only this process in use
+                avail = min(avail, int(limit) - min(usage, current_rss()))
+    return avail
+
+
+def _cgroup_folders() -> list[Path]:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" or "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup") / ("memory" if controllers else "")
+            out.append(base / path.lstrip("/"))
+    return out
+
+
+def kv_cache_bytes(shard: Shard, context: int) -> int:
+    m, s = shard.model, shard.shards[shard.rank]
+    return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * DTYPES[shard.dtype_name].itemsize
+
+
+def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> int | None:
+    """The largest window whose peak fits `budget` bytes (None: the whole shard fits resident).
+
+    Peak = baseline (the process before weights) + resident tensors (norms, head, embedding)
+    + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache.
+    """
+    resident = sum(info["size"] for name, info in shard.files.items() if not name.startswith("layer"))
+    blocks = [info["size"] for name, info in shard.files.items() if name.startswith("layer")]
+    block = max(blocks)
+    fixed = baseline + resident + kv_cache_bytes(shard, context)
+    if fixed + sum(blocks) + block <= budget:
+        return None
+    window = (budget - fixed) // block - 1
+    if window < 1:
+        from .config import format_size
+
+        raise ShardError(f"a memory budget of {format_size(budget)} is too small for rank {shard.rank}: "
+                         f"it needs at least {format_size(fixed + 2 * block)} (window 1, context {context}); "
+                         f"add ranks, prepare with a smaller --dtype, or shorten the context")
+    return int(window)
