@@ -79,6 +79,9 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
             "wait_s": s.comm.gather_floats(s.window.wait_s),
             "sent_bytes": s.comm.gather_floats(float(s.comm.stats.bytes_sent)),
             "read_bytes": s.comm.gather_floats(float(s.window.bytes_read)),
+            "read_s": s.comm.gather_floats(s.window.read_s),
+            # CPU seconds (all threads) over the decode steps: a rank that waits must not spin
+            "cpu_s": s.comm.gather_floats(time.process_time() - s.cpu_at_reset),
             "peak_rss_mib": s.comm.gather_floats(peak_rss_mib()),
         }
     finally:
@@ -100,6 +103,8 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         "comm_ms": comm_ms, "wait_ms": wait_ms,
         "sent_kB": max(per_rank["sent_bytes"]) / steps / 1024,
         "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,
+        "cpu_per_wall": [c / (g.s_per_token * steps) for c in per_rank["cpu_s"]],
+        "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
         "host": platform.node(), "cpus": os.cpu_count(), "commit": git_commit(), "time": time.strftime("%FT%T"),
     }

@@ -149,6 +149,7 @@ class Session:
                 self.log(f"weight window per rank (blocks in memory): {', '.join(map(str, self.windows))} "
                          f"({'--memory-budget ' + format_size(cfg.memory_budget) if cfg.memory_budget else '80% of available memory'})")
         self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
+        self.cpu_at_reset = time.process_time()
 
     def _choose_window(self, baseline: int) -> int | None:
         cfg = self.cfg
@@ -164,6 +165,7 @@ class Session:
         self.window.wait_s = self.window.read_s = 0.0
         self.window.bytes_read = 0
         self.forward_s = 0.0
+        self.cpu_at_reset = time.process_time()
 
     def forward(self, h: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor | None:
         t0 = time.perf_counter()
