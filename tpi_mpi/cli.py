@@ -179,6 +179,47 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
               f"{tokens_per_s:.2f} tok/s | peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in rss)}")
 
 
+@cli.command()
+@run_options
+@click.option("--system", help="System prompt [default: the template's own].")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Per answer.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=40, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="1 = off.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--input", "input_file", type=click.File("r"),
+              help="Read the messages from this file, one a line, instead of stdin.")
+def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **kw) -> None:
+    """Multi-turn chat on rank 0's terminal (or piped stdin, one message a line).
+
+    /reset starts over, /exit leaves. Under Open MPI 5 a pipe's end is not passed on to rank 0:
+    end piped input with /exit, or use --input FILE.
+    """
+    import sys
+
+    from .chat import Chat, chat_loop, check_chat_template, read_lines
+    from .generate import Root, Session, follow
+    from .sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    s = Session(run_config(kw))
+    try:
+        if s.rank == 0:
+            def work(root: Root) -> None:
+                check_chat_template(root)
+                lines = input_file or read_lines()
+                chat_loop(Chat(root, sampling, max_new_tokens, system), lines,
+                          interactive=input_file is None and sys.stdin.isatty())
+
+            Root(s).run(work)
+        else:
+            follow(s)
+    finally:
+        s.close()
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks: print a table row and append a JSON line (--out)."""

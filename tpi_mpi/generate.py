@@ -256,8 +256,12 @@ class Generation:
 
 def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
                    ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False,
-                   after_prefill=None) -> Generation:
-    """Prefill the prompt in one pass, then decode token by token (rank 0)."""
+                   after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None) -> Generation:
+    """Prefill the prompt in one pass, then decode token by token (rank 0).
+
+    `cached`: how many leading prompt tokens the KV caches already hold (a chat's earlier turns);
+    only the rest is prefilled.
+    """
     s = root.s
     m = s.m
     if not prompt_ids:
@@ -266,12 +270,13 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, the model's context is {m.max_seq_len}: shorten it")
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    rng = np.random.default_rng(sampling.seed)
-    eos = set(m.eos_ids)
+    rng = rng or np.random.default_rng(sampling.seed)
+    eos = set(m.eos_ids) | s.codec.stop_ids()
     streamer = Streamer(s.codec)
     g = Generation(list(prompt_ids))
+    start = 0 if keep_prompt_logits else min(cached, len(prompt_ids) - 1)
     t0 = time.perf_counter()
-    logits = root.forward(g.prompt_ids, 0, all_logits=keep_prompt_logits)
+    logits = root.forward(g.prompt_ids[start:], start, all_logits=keep_prompt_logits)
     g.first_logits = logits[-1].numpy().copy()
     if keep_prompt_logits:
         g.prompt_logits = logits.numpy().copy()

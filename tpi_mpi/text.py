@@ -36,6 +36,8 @@ class TextCodec:
             raise ConfigError(f"{path} is not a valid tokenizer ({str(e).splitlines()[0]}): re-download it") from None
         cfg_path = folder / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        gen_path = folder / "generation_config.json"
+        self.generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         self.template = self._template(folder)
 
     def _template(self, folder: Path) -> str | None:
@@ -46,6 +48,15 @@ class TextCodec:
         if isinstance(t, list):   # named templates: use the default one
             t = next((x["template"] for x in t if x.get("name") == "default"), None)
         return t
+
+    def stop_ids(self) -> set[int]:
+        """End-of-turn ids beyond the model's EOS: the tokenizer's eos_token and generation_config's."""
+        ids = set()
+        if (eos := self.id_of(self.special("eos_token"))) is not None:
+            ids.add(eos)
+        eos = self.generation.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
 
     def special(self, key: str) -> str:
         return _token_text(self.config.get(key)) or ""

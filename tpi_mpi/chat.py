@@ -1,0 +1,97 @@
+"""Interactive multi-turn chat on rank 0 (the other ranks follow as in `generate`).
+
+The KV caches are kept across turns: each turn renders the whole conversation with the chat
+template, and only the tokens after the longest prefix already in the cache are prefilled.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, TextIO
+
+from .errors import ConfigError
+from .generate import Root, run_generation
+from .sampling import SamplingConfig
+
+HELP = "type a message; /reset starts a new conversation, /exit (or end of input) leaves"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Chat:
+    def __init__(self, root: Root, sampling: SamplingConfig, max_new_tokens: int, system: str | None) -> None:
+        import numpy as np
+
+        self.root, self.sampling, self.max_new_tokens, self.system = root, sampling, max_new_tokens, system
+        self.rng = np.random.default_rng(sampling.seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []        # token ids whose keys and values the caches hold
+
+    def turn(self, text: str, out: TextIO) -> str | None:
+        """Answer one user message, streaming to `out`; None when the context is full."""
+        codec, limit = self.root.s.codec, self.root.s.m.max_seq_len
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = codec.encode_chat(messages)
+        if len(ids) + 1 >= limit:
+            return None
+        g = run_generation(self.root, ids, self.sampling, min(self.max_new_tokens, limit - len(ids) - 1),
+                           on_text=lambda t: print(t, end="", file=out, flush=True),
+                           cached=common_prefix(self.cached, ids), rng=self.rng)
+        print(file=out, flush=True)
+        # every token but the last sampled one has been through the model
+        self.cached = ids + g.generated_ids[:-1]
+        self.messages = messages + [{"role": "assistant", "content": g.text}]
+        return g.text
+
+
+def chat_loop(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, interactive: bool = False) -> int:
+    """Run turns until /exit or the end of input; returns the number of answered turns."""
+    answered = 0
+    if interactive:
+        print(f"tpi_mpi chat: {HELP}", file=sys.stderr)
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            chat.reset()
+            print("(conversation reset)", file=sys.stderr, flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text}: {HELP}", file=sys.stderr, flush=True)
+            continue
+        if chat.turn(text, out) is None:
+            print(f"(the context of {chat.root.s.m.max_seq_len} tokens is full: /reset to start over)",
+                  file=sys.stderr, flush=True)
+            continue
+        answered += 1
+    return answered
+
+
+def read_lines(prompt: str = "> "):
+    """Lines from stdin: with a prompt on a terminal, plainly from a pipe."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                yield input(prompt)
+            except EOFError:
+                return
+    else:
+        yield from sys.stdin
+
+
+def check_chat_template(root: Root) -> None:
+    if not root.s.codec.template:
+        raise ConfigError("this model has no chat template: use `generate` instead of `chat`")
