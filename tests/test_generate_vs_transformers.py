@@ -23,6 +23,9 @@ CASES = [
     ("llama_hd", 2, "star", None, {}),       # head_dim 16 != 48 / 6
     ("llama_hd", 4, "mpi", None, {}),        # 6 heads over 4 ranks, 4 > 3 kv heads
     ("mistral", 2, "star", None, {}),        # 4 query heads share 1 kv head
+    ("llama", 3, "ring", None, {}),
+    ("llama_hd", 3, "recdouble", "1,2,1", {}),
+    ("qwen2", 4, "auto", None, {}),
 ]
 
 
@@ -51,4 +54,4 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, tmp_path, name
     np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), ours[-1])
     assert out["generated_ids"] == ref_tokens
     assert out["world_size"] == n and len(out["peak_rss_mib"]) == n
-    assert out["allreduce"] == (allreduce if n > 1 else "none")
+    assert out["allreduce"].startswith(allreduce if n > 1 else "none")

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .allreduce import ALGORITHMS
+from .config import format_size
 from .errors import CommError
 
-TAG_PART, TAG_SUM = 11, 12   # star allreduce: partial sums to the hub, the total back
-ALLREDUCE_MODES = ("star", "mpi")
+ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
+AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
 
 
@@ -41,6 +43,9 @@ class LocalComm:
     def __init__(self) -> None:
         self.stats = CommStats()
         self.mode = "none"
+
+    def describe(self) -> str:
+        return "none"
 
     def allreduce(self, x: Tensor) -> Tensor:
         return x
@@ -71,7 +76,7 @@ class LocalComm:
 class MpiComm:
     """MPI_COMM_WORLD with buffer-only collectives and a selectable allreduce."""
 
-    def __init__(self, mode: str = "star", timeout: float = 60.0, hub: int = 0) -> None:
+    def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0) -> None:
         from mpi4py import MPI
 
         if mode not in ALLREDUCE_MODES:
@@ -79,13 +84,17 @@ class MpiComm:
         self.MPI = MPI
         self.world = MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
+        if not 0 <= hub < self.size:
+            raise CommError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}")
         self.mode, self.timeout, self.hub = mode, timeout, hub
         self.stats = CommStats()
+        self.chosen: dict[int, str] = {}     # auto: size class (bit length of the bytes) -> algorithm
         self._scratch: dict[tuple, np.ndarray] = {}
 
     # -- waiting without spinning -------------------------------------------------------------
-    def _wait(self, reqs: list, what: str, timeout: float | None | bool = True) -> None:
-        """Poll until `reqs` complete, sleeping between polls; timeout=None waits forever."""
+    def _wait(self, reqs: list, what: str, timeout: float | None | bool = True, peers: list[int] | None = None) -> None:
+        """Poll until `reqs` complete, sleeping between polls; timeout=None waits forever.
+        `peers[i]` is the rank request i waits on, named if it never answers."""
         test = self.MPI.Request.Testall
         if test(reqs):
             return
@@ -98,47 +107,80 @@ class MpiComm:
             # short waits (a peer computing) stay responsive; long idles poll rarely
             pause = min(pause * 2, _MAX_PAUSE if waited < 1.0 else _IDLE_PAUSE)
             if timeout is not None and waited > timeout:
-                raise CommError(f"rank {self.rank}: no answer for {timeout:g} s while {what}; "
-                                f"a peer rank has died or frozen (raise --comm-timeout if it is only slow)")
+                silent = [p for r, p in zip(reqs, peers or []) if p is not None and not r.Test()]
+                who = f"rank {', '.join(map(str, silent))} sent nothing" if silent else "a peer rank did not answer"
+                raise CommError(f"rank {self.rank}: {who} for {timeout:g} s ({what}): it has died or frozen "
+                                f"(raise --comm-timeout if it is only slow)")
 
     def _timed(self, nbytes: int):
         self.stats.calls += 1
         self.stats.bytes_sent += nbytes
         return time.perf_counter()
 
+    # -- point to point, for the algorithms of allreduce.py ---------------------------------------
+    def exchange(self, sends: list, recvs: list, tag: int, what: str, recv_tag: int | None = None,
+                 grace: float = 0.0) -> None:
+        """Post every receive, then every send, and wait for all of them."""
+        rreqs = [self.world.Irecv(buf, source=src, tag=tag if recv_tag is None else recv_tag) for buf, src in recvs]
+        sreqs = [self.world.Isend(buf, dest=dst, tag=tag) for buf, dst in sends]
+        self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
+        self._wait(rreqs + sreqs, what, self.timeout + grace,
+                   peers=[src for _, src in recvs] + [None] * len(sreqs))
+
+    def scratch(self, shape: tuple, n: int) -> list[np.ndarray]:
+        """n reusable float32 buffers of `shape` (allocated once per shape)."""
+        return self._scratch_for(shape, n)
+
     # -- collectives ---------------------------------------------------------------------------
     def allreduce(self, x: Tensor) -> Tensor:
         """Sum of `x` over all ranks, added in float32, returned in x's dtype."""
         buf = x.detach().float().contiguous()
         arr = buf.numpy()
-        t0 = self._timed(arr.nbytes)
-        if self.mode == "star":
-            self._allreduce_star(arr)
-        else:
-            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], "in MPI_Allreduce")
+        t0 = self._timed(0)
+        mode = self.mode if self.mode != "auto" else self._auto(arr)
+        self._run(mode, arr)
         self.stats.seconds += time.perf_counter() - t0
         return buf if x.dtype == torch.float32 else buf.to(x.dtype)
 
-    def _allreduce_star(self, arr: np.ndarray) -> None:
-        """In-place sum via the hub, added in rank order so results repeat bit for bit."""
-        hub = self.hub
-        if self.rank == hub:
-            others = [r for r in range(self.size) if r != hub]
-            parts = self._scratch_for(arr.shape, len(others))
-            self._wait([self.world.Irecv(parts[i], source=r, tag=TAG_PART) for i, r in enumerate(others)],
-                       f"star allreduce: waiting for partial sums from ranks {others}")
-            total = np.zeros_like(arr)
-            for r in range(self.size):
-                total += arr if r == hub else parts[others.index(r)]
-            arr[...] = total
-            self._wait([self.world.Isend(arr, dest=r, tag=TAG_SUM) for r in others],
-                       "star allreduce: sending the total")
+    def _run(self, mode: str, arr: np.ndarray) -> None:
+        if mode == "mpi":
+            self.stats.bytes_sent += arr.nbytes
+            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], "in MPI_Allreduce")
+        elif mode == "star":
+            ALGORITHMS["star"](self, arr, self.hub)
         else:
-            (total,) = self._scratch_for(arr.shape, 1)   # a send buffer must not be written while in flight
-            self._wait([self.world.Irecv(total, source=hub, tag=TAG_SUM),
-                        self.world.Isend(arr, dest=hub, tag=TAG_PART)],
-                       f"star allreduce: waiting for the total from hub rank {hub}")
-            arr[...] = total
+            ALGORITHMS[mode](self, arr)
+
+    def _auto(self, arr: np.ndarray) -> str:
+        """The fastest algorithm for this size class, timed on first use with this very size.
+        Every rank runs the same trials and takes the slowest rank's times, so all choose alike."""
+        size_class = arr.nbytes.bit_length()
+        if size_class not in self.chosen:
+            trial = np.zeros_like(arr)
+            repeats = 20 if arr.nbytes <= 1 << 16 else 5
+            times = np.zeros(len(AUTO_CANDIDATES))
+            saved = self.stats
+            self.stats = CommStats()          # trials are not traffic of the model
+            for i, mode in enumerate(AUTO_CANDIDATES):
+                self._run(mode, trial)        # warm-up: connections, buffers
+                self.barrier()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    self._run(mode, trial)
+                times[i] = (time.perf_counter() - t0) / repeats
+            self.stats = saved
+            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
+            self.chosen[size_class] = AUTO_CANDIDATES[int(np.argmin(times))]
+            self.trials = getattr(self, "trials", {})
+            self.trials[arr.nbytes] = dict(zip(AUTO_CANDIDATES, times.tolist()))
+        return self.chosen[size_class]
+
+    def describe(self) -> str:
+        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 1 MiB: ring)"."""
+        if self.mode != "auto":
+            return self.mode
+        picks = ", ".join(f"up to {format_size(1 << c)}: {m}" for c, m in sorted(self.chosen.items()))
+        return f"auto ({picks})" if picks else "auto"
 
     def _scratch_for(self, shape: tuple, n: int) -> list[np.ndarray]:
         key = (shape, n)
@@ -150,7 +192,7 @@ class MpiComm:
         """Concatenate every rank's (T, counts[r]) float32 block along dim 1 on rank 0."""
         T = local.shape[0]
         send = local.contiguous().numpy()
-        t0 = self._timed(send.nbytes)
+        t0 = self._timed(send.nbytes if self.rank != 0 else 0)   # rank 0's own block stays put
         if self.rank == 0:
             flat = np.empty(T * sum(counts), dtype=np.float32)
             sizes = [T * c for c in counts]
@@ -200,12 +242,12 @@ class MpiComm:
 _active: MpiComm | None = None
 
 
-def make_comm(mode: str = "star", timeout: float = 60.0):
+def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0):
     """MpiComm when launched by mpirun with more than one rank, else LocalComm."""
     global _active
     if not _launched_by_mpi():
         return LocalComm()
-    comm = MpiComm(mode, timeout)
+    comm = MpiComm(mode, timeout, hub)
     if comm.size == 1:
         return LocalComm()
     _active = comm

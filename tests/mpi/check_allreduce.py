@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
 
@@ -30,6 +31,12 @@ def main() -> int:
                 if got.dtype != dtype or got.shape != parts[rank].shape:
                     failures.append(f"{mode} {shape} {dtype}: got {got.dtype} {tuple(got.shape)}")
                     continue
+                # every rank must hold the very same bits, whatever the algorithm
+                lo, hi = got.float().numpy().copy(), got.float().numpy().copy()
+                comm.world.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+                comm.world.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+                if not np.array_equal(lo, hi):
+                    failures.append(f"{mode} {shape} {dtype}: ranks hold different results")
                 tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(np.abs(expected).max()))
                 err = float(np.abs(got.float().numpy() - expected).max())
                 if err > tol:

@@ -1,0 +1,87 @@
+"""Allreduce algorithms written over point-to-point exchanges, all summing float32 buffers in place.
+
+No mpi4py here: `p` is comm.py's `MpiComm`, which offers `rank`, `size`, `scratch(shape, n)` and
+`exchange(sends, recvs, tag, what, recv_tag=None, grace=0)`, where sends are (buffer, dest) and
+recvs (buffer, source) pairs that all complete before it returns. Each algorithm leaves the same bits on every rank.
+
+- star: every rank sends to a hub, which adds in rank order and sends the total back. Two hops
+  whatever the rank count: the algorithm for links where latency dominates.
+- ring: reduce-scatter then allgather around a ring, 2 (n - 1) steps of 1/n of the buffer each:
+  the least data per link, the most hops.
+- recdouble: recursive doubling, log2(n) exchanges of the whole buffer; for rank counts that are
+  not powers of two the extra ranks first fold their data into a partner and get the result back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TAG_PART, TAG_SUM, TAG_RING, TAG_RD = 11, 12, 13, 14
+
+
+def star(p, buf: np.ndarray, hub: int = 0) -> None:
+    if p.rank == hub:
+        others = [r for r in range(p.size) if r != hub]
+        parts = p.scratch(buf.shape, len(others))
+        p.exchange([], list(zip(parts, others)), TAG_PART, "star allreduce: partial sums")
+        total = np.zeros_like(buf)
+        for r in range(p.size):          # fixed rank order: results repeat bit for bit
+            total += buf if r == hub else parts[others.index(r)]
+        buf[...] = total
+        p.exchange([(buf, r) for r in others], [], TAG_SUM, "star allreduce: sending the total")
+    else:
+        (total,) = p.scratch(buf.shape, 1)   # a send buffer must not be written while in flight
+        # waits a little longer than the hub, so that the hub, which knows who is missing, reports first
+        p.exchange([(buf, hub)], [(total, hub)], TAG_PART, "star allreduce: the total from the hub",
+                   recv_tag=TAG_SUM, grace=2.0)
+        buf[...] = total
+
+
+def ring(p, buf: np.ndarray) -> None:
+    n, rank = p.size, p.rank
+    if n == 1:
+        return
+    flat = buf.reshape(-1)
+    edges = np.linspace(0, flat.size, n + 1).astype(int)
+    chunk = [flat[edges[i]:edges[i + 1]] for i in range(n)]
+    right, left = (rank + 1) % n, (rank - 1) % n
+    (tmp,) = p.scratch((int(np.diff(edges).max()),), 1)
+    for step in range(n - 1):            # reduce-scatter: chunk (rank + 1) ends up complete here
+        send, recv = (rank - step) % n, (rank - step - 1) % n
+        incoming = tmp[:chunk[recv].size]
+        p.exchange([(chunk[send], right)], [(incoming, left)], TAG_RING, "ring allreduce")
+        chunk[recv] += incoming
+    for step in range(n - 1):            # allgather the complete chunks
+        send, recv = (rank + 1 - step) % n, (rank - step) % n
+        p.exchange([(chunk[send], right)], [(chunk[recv], left)], TAG_RING, "ring allreduce")
+
+
+def recdouble(p, buf: np.ndarray) -> None:
+    n, rank = p.size, p.rank
+    if n == 1:
+        return
+    pow2 = 1 << (n.bit_length() - 1)
+    extra = n - pow2                     # ranks 0..2*extra-1 pair up: evens fold into odds
+    (tmp,) = p.scratch(buf.shape, 1)
+    if rank < 2 * extra:
+        if rank % 2 == 0:
+            p.exchange([(buf, rank + 1)], [], TAG_RD, "recursive doubling: folding in")
+            p.exchange([], [(buf, rank + 1)], TAG_RD, "recursive doubling: the result")
+            return
+        p.exchange([], [(tmp, rank - 1)], TAG_RD, "recursive doubling: folding in")
+        buf += tmp
+        virtual = rank // 2
+    else:
+        virtual = rank - extra
+    mask = 1
+    while mask < pow2:
+        v = virtual ^ mask
+        partner = 2 * v + 1 if v < extra else v + extra
+        p.exchange([(buf, partner)], [(tmp, partner)], TAG_RD, "recursive doubling")
+        buf += tmp                       # a + b == b + a: both partners hold the same bits
+        mask <<= 1
+    if rank < 2 * extra:
+        p.exchange([(buf, rank - 1)], [], TAG_RD, "recursive doubling: the result")
+
+
+ALGORITHMS = {"star": star, "ring": ring, "recdouble": recdouble}
