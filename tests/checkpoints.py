@@ -63,7 +63,8 @@ ARCHS = {
 
 
 def make_checkpoint(folder: Path, name: str = "llama", layers: int = 2, seed: int = 0,
-                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
+                    dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                    context: int = 256) -> Path:
     """Save a random model of kind `name` (see ARCHS) with its tokenizer into `folder`."""
     import transformers
 
@@ -75,7 +76,7 @@ def make_checkpoint(folder: Path, name: str = "llama", layers: int = 2, seed: in
                   "mistral": transformers.MistralConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                  "mistral": transformers.MistralForCausalLM}[arch]
-    config = config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=256,
+    config = config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=context,
                         bos_token_id=0, eos_token_id=3, initializer_range=0.15, **spec)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()

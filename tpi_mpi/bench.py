@@ -92,7 +92,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     wait_ms = 1000 * max(per_rank["wait_s"]) / steps
     record = {
         "runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
-        "allreduce": s.comm.mode, "window": s.windows[0], "windows": s.windows,
+        "allreduce": s.comm.describe(), "window": s.windows[0], "windows": s.windows,
         "head_on": s.shard.manifest["head_on"], "threads": s.threads,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,

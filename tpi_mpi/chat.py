@@ -59,7 +59,7 @@ def chat_loop(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, intera
     answered = 0
     if interactive:
         print(f"tpi_mpi chat: {HELP}", file=sys.stderr)
-    for line in lines:
+    for line in _idle_between(chat.root, lines):
         text = line.strip()
         if not text:
             continue
@@ -78,6 +78,17 @@ def chat_loop(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, intera
             continue
         answered += 1
     return answered
+
+
+def _idle_between(root: Root, lines: Iterable[str]):
+    """Before each wait for input, tell the workers that the wait may be long."""
+    it = iter(lines)
+    while True:
+        root.idle()
+        try:
+            yield next(it)
+        except StopIteration:
+            return
 
 
 def read_lines(prompt: str = "> "):

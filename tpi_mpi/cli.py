@@ -14,7 +14,7 @@ from .config import ParallelConfig, parse_ratio, parse_size
 from .errors import ConfigError
 from .prepare import DTYPES, HEAD_PLACES, prepare as prepare_model
 
-ALLREDUCE_CHOICES = ("star", "mpi")
+from .comm import ALLREDUCE_MODES
 
 
 def parse_window(text: str) -> int | None | str:
@@ -38,13 +38,22 @@ def save_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+DEFAULT_PROMPT = "In two sentences: why do several small computers working together beat one?"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             invoke_without_command=True)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Tensor-parallel LLM inference across small devices. Launch under mpirun, e.g.
 
     mpirun -n 4 python -m tpi_mpi generate --model MODEL_DIR --prompt "Hello"
+
+    With no command: the built-in SmolLM2-135M-Instruct answers a default chat prompt.
     """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(generate, prompt=DEFAULT_PROMPT, chat=True)
 
 
 @cli.command()
@@ -79,9 +88,12 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> No
 def run_options(f):
     """Options shared by every command that runs the model."""
     options = [
-        click.option("--model", "-m", required=True, help="Hugging Face model folder or a prepared folder."),
-        click.option("--allreduce", type=click.Choice(ALLREDUCE_CHOICES), default="star", show_default=True,
-                     help="star: partial sums to rank 0 and back (2 hops); mpi: MPI_Allreduce."),
+        click.option("--model", "-m", help="Hugging Face model folder, .gguf file or prepared folder "
+                     "[default: the built-in SmolLM2-135M-Instruct]."),
+        click.option("--allreduce", type=click.Choice(ALLREDUCE_MODES), default="auto", show_default=True,
+                     help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
+                          "recdouble: recursive doubling; auto: the fastest, timed on first use per message size."),
+        click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank."),
         click.option("--window", default="auto", show_default=True,
                      help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
                           "the shard resident; 'auto' picks the largest that fits the memory budget."),
@@ -107,7 +119,7 @@ def run_config(kw: dict):
     from .generate import RunConfig
 
     budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
-    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], window=parse_window(kw["window"]),
+    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"],
                      cache_dir=kw["cache_dir"], ratio=kw["ratio"], dtype=kw["dtype"], head_on=kw["head_on"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"])
@@ -170,7 +182,7 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         print(json.dumps({
             "prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "text": g.text,
             "ttft_s": g.ttft_s, "s_per_token": g.s_per_token, "tokens_per_s": tokens_per_s,
-            "peak_rss_mib": rss, "world_size": s.comm.size, "allreduce": s.comm.mode,
+            "peak_rss_mib": rss, "world_size": s.comm.size, "allreduce": s.comm.describe(),
             "window": s.windows[0], "windows": s.windows,
         }))
     else:
@@ -253,3 +265,42 @@ def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup,
     from .bench import bench_transformers as run
 
     run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out)
+
+
+@cli.command()
+@run_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
+@click.option("--port", type=int, default=8000, show_default=True, help="0 = any free port (logged).")
+@click.option("--queue-size", type=int, default=8, show_default=True,
+              help="Requests that may wait while one is answered; more get HTTP 429.")
+@click.option("--api-key", envvar="TPI_MPI_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request.")
+@click.option("--max-tokens", type=int, default=512, show_default=True,
+              help="Tokens per answer when a request sets no max_tokens.")
+def serve(host, port, queue_size, api_key, max_tokens, **kw) -> None:
+    """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), one request at a time.
+
+    POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
+    """
+    from .generate import Root, Session, follow
+
+    try:
+        from .serve import ServeConfig, model_id, serve as serve_http
+    except ImportError as e:
+        raise ConfigError(f"serve needs the HTTP stack ({e.name} is missing): pip install 'tpi_mpi[serve]'") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: use 0 to 65535")
+    if queue_size < 1:
+        raise ConfigError(f"--queue-size {queue_size}: must be at least 1")
+    if max_tokens <= 0:
+        raise ConfigError(f"--max-tokens {max_tokens}: must be at least 1")
+    cfg = ServeConfig(host, port, queue_size, api_key or None, max_tokens, model_id(kw["model"]))
+    s = Session(run_config(kw))
+    try:
+        if s.rank == 0:
+            Root(s).run(lambda root: serve_http(root, cfg))
+        else:
+            follow(s)
+    finally:
+        s.close()

@@ -11,6 +11,7 @@ model runs and is tested without MPI.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class LocalComm:
     def gather_floats(self, value: float) -> list[float]:
         return [value]
 
-    def agree(self, ok: bool) -> int:
+    def agree(self, ok: bool, timeout: float | None = None) -> int:
         """The lowest rank that is not ok, or -1 when every rank is."""
         return -1 if ok else 0
 
@@ -90,6 +91,8 @@ class MpiComm:
         self.stats = CommStats()
         self.chosen: dict[int, str] = {}     # auto: size class (bit length of the bytes) -> algorithm
         self._scratch: dict[tuple, np.ndarray] = {}
+        record = os.environ.get("TPI_MPI_RECORD")
+        self.recorder = Recorder(record, self.rank) if record else None
 
     # -- waiting without spinning -------------------------------------------------------------
     def _wait(self, reqs: list, what: str, timeout: float | None | bool = True, peers: list[int] | None = None) -> None:
@@ -126,6 +129,9 @@ class MpiComm:
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
         self._wait(rreqs + sreqs, what, self.timeout + grace,
                    peers=[src for _, src in recvs] + [None] * len(sreqs))
+        if self.recorder:
+            for buf, _ in recvs:
+                self.recorder.add("p2p", buf)
 
     def scratch(self, shape: tuple, n: int) -> list[np.ndarray]:
         """n reusable float32 buffers of `shape` (allocated once per shape)."""
@@ -146,6 +152,8 @@ class MpiComm:
         if mode == "mpi":
             self.stats.bytes_sent += arr.nbytes
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], "in MPI_Allreduce")
+            if self.recorder:
+                self.recorder.add("allreduce", arr)
         elif mode == "star":
             ALGORITHMS["star"](self, arr, self.hub)
         else:
@@ -170,6 +178,8 @@ class MpiComm:
                 times[i] = (time.perf_counter() - t0) / repeats
             self.stats = saved
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
+            if self.recorder:
+                self.recorder.add("auto", times)
             self.chosen[size_class] = AUTO_CANDIDATES[int(np.argmin(times))]
             self.trials = getattr(self, "trials", {})
             self.trials[arr.nbytes] = dict(zip(AUTO_CANDIDATES, times.tolist()))
@@ -211,6 +221,8 @@ class MpiComm:
         """Broadcast a contiguous array in place (every rank passes one of the same size)."""
         t0 = self._timed(buf.nbytes if self.rank == root else 0)
         self._wait([self.world.Ibcast(buf, root=root)], f"waiting for a broadcast from rank {root}", timeout)
+        if self.recorder and self.rank != root:
+            self.recorder.add("bcast", buf)
         self.stats.seconds += time.perf_counter() - t0
         return buf
 
@@ -219,11 +231,12 @@ class MpiComm:
         self._wait([self.world.Igather(np.array([value], dtype=np.float64), out, root=0)], "gathering stats")
         return out.tolist() if out is not None else None
 
-    def agree(self, ok: bool) -> int:
-        """The lowest rank that is not ok, or -1 when every rank is (a setup-time vote)."""
+    def agree(self, ok: bool, timeout: float | None = None) -> int:
+        """The lowest rank that is not ok, or -1 when every rank is (a start-up vote)."""
         mine = np.array([self.size if ok else self.rank], dtype=np.int64)
-        # no time limit: rank 0 may be preparing a large model meanwhile
-        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, mine, op=self.MPI.MIN)], "agreeing on start-up", None)
+        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, mine, op=self.MPI.MIN)], "agreeing on start-up", timeout)
+        if self.recorder:
+            self.recorder.add("agree", mine)
         return -1 if mine[0] == self.size else int(mine[0])
 
     def barrier(self) -> None:
@@ -262,3 +275,21 @@ def active_comm() -> MpiComm | None:
 def _launched_by_mpi() -> bool:
     env = os.environ
     return any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
+
+
+class Recorder:
+    """Every buffer this rank receives, appended raw to rankN.bin with a JSON line each in rankN.jsonl
+    (set TPI_MPI_RECORD=folder). It lets a test prove what a worker ever gets to see."""
+
+    def __init__(self, folder: str, rank: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.bin = open(os.path.join(folder, f"rank{rank}.bin"), "ab")
+        self.index = open(os.path.join(folder, f"rank{rank}.jsonl"), "a")
+
+    def add(self, op: str, buf: np.ndarray) -> None:
+        offset = self.bin.tell()
+        self.bin.write(buf.tobytes())
+        self.bin.flush()
+        self.index.write(json.dumps({"op": op, "dtype": str(buf.dtype), "shape": list(buf.shape),
+                                     "offset": offset, "nbytes": buf.nbytes}) + "\n")
+        self.index.flush()

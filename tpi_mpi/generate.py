@@ -8,6 +8,7 @@ their share of the logits.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -19,15 +20,15 @@ import numpy as np
 import torch
 
 from .comm import CommStats, make_comm
-from .config import ParallelConfig, format_size, parse_ratio
-from .errors import ConfigError, TpiError
+from .config import ParallelConfig, format_size, normalized_ratio, parse_ratio
+from .errors import CommError, ConfigError, TpiError
 from .model import Transformer
-from .prepare import DTYPES, HEAD_PLACES, cache_key, open_source, prepare
+from .prepare import DTYPES, HEAD_PLACES, cache_key, prepare, source_fingerprint
 from .sampling import SamplingConfig, sample
 from .text import Streamer, TextCodec
 from .weights import Shard, WeightWindow, available_memory, current_rss, plan_window
 
-CMD_FORWARD, CMD_STOP, CMD_RESET_STATS = 1, 2, 3
+CMD_FORWARD, CMD_STOP, CMD_RESET_STATS, CMD_IDLE = 1, 2, 3, 4
 HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
 PATH_BYTES = 4096
 
@@ -36,14 +37,15 @@ class PeerFailed(TpiError):
     """Another rank failed during start-up and has reported why."""
 
 
-def on_all_ranks(comm, fn):
+def on_all_ranks(comm, fn, timeout: float | None = None):
     """Run a start-up step everywhere; if it failed anywhere, the lowest failing rank raises its own
-    error (one message for the whole job) and every other rank raises PeerFailed."""
+    error (one message for the whole job) and every other rank raises PeerFailed. `timeout`: how
+    long the fastest rank waits for the slowest (None: preparing a model may take any time)."""
     try:
         result, error = fn(), None
     except TpiError as e:
         result, error = None, e
-    bad = comm.agree(error is None)
+    bad = comm.agree(error is None, timeout)
     if bad < 0:
         return result
     if comm.rank != bad:
@@ -69,8 +71,9 @@ def peak_rss_mib() -> float:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str
-    allreduce: str = "star"
+    model: str | None = None            # None = the built-in SmolLM2-135M-Instruct
+    allreduce: str = "auto"
+    hub: int = 0                        # the star allreduce's hub rank
     window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
     memory_budget: int | None = None    # bytes per rank for "auto" (default: 80% of what is available)
     context: int = 4096                 # tokens of KV cache the budget reserves (capped at the model's)
@@ -84,26 +87,51 @@ class RunConfig:
 
 
 def _locate(cfg: RunConfig, world: int, log) -> Path:
-    """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it if needed."""
-    path = Path(cfg.model).expanduser()
+    """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it into
+    the cache on first use. A cache hit reads no tensor and parses no checkpoint."""
+    if cfg.model is None:
+        from .gguf import builtin_model_path
+
+        path = builtin_model_path()
+    else:
+        path = Path(cfg.model).expanduser()
     if (path / "rank0" / "manifest.json").exists():
+        _check_prepared(path, cfg, world)
         return path
     if (path / "manifest.json").exists():
         raise ConfigError(f"{path} is one rank's folder: give its parent, which holds rank0/, rank1/, ...")
-    src = open_source(path)
+    if not path.exists():
+        raise ConfigError(f"model path {path} does not exist: check the path")
     par = ParallelConfig(world, parse_ratio(cfg.ratio))
     if cfg.head_on not in HEAD_PLACES:
         raise ConfigError(f"--head-on {cfg.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
-    dtype = cfg.dtype if cfg.dtype != "auto" else {v: k for k, v in DTYPES.items()}[src.dtype]
-    out = Path(cfg.cache_dir or default_cache_dir()).expanduser() / f"{path.resolve().name}-{cache_key(src.fingerprint(), par, dtype, cfg.head_on)}"
+    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on)
+    out = Path(cfg.cache_dir or default_cache_dir()).expanduser() / f"{path.resolve().name}-{key}"
     if not (out / "rank0" / "manifest.json").exists():
         log(f"preparing {path} for {world} rank(s) into {out}")
         progress = None
         if not cfg.quiet:
             from tqdm import tqdm
             progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
-        prepare(path, out, par, dtype, cfg.head_on, progress=progress)
+        prepare(path, out, par, cfg.dtype, cfg.head_on, progress=progress)
     return out
+
+
+def _check_prepared(path: Path, cfg: RunConfig, world: int) -> None:
+    """A prepared folder given by hand must match this run and still match its source."""
+    try:
+        mf = json.loads((path / "rank0" / "manifest.json").read_text())
+        if mf["world_size"] != world:
+            raise ConfigError(f"{path} was prepared for {mf['world_size']} ranks, not {world}: run with "
+                              f"-n {mf['world_size']}, or give the original model to prepare it for {world}")
+        if cfg.ratio and list(normalized_ratio(ParallelConfig(world, parse_ratio(cfg.ratio)).parts)) != mf["ratio"]:
+            raise ConfigError(f"{path} was prepared with ratio {','.join(f'{r:g}' for r in mf['ratio'])}, not "
+                              f"{cfg.ratio}: drop --ratio or prepare the model again with it")
+        src = Path(mf["source"]["path"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path / 'rank0' / 'manifest.json'} is damaged ({e}): prepare the model again") from None
+    if src.exists() and source_fingerprint(src) != mf["source"]["fingerprint"]:
+        raise ConfigError(f"{path} was prepared from an older version of {src}: prepare it again")
 
 
 class Session:
@@ -111,7 +139,7 @@ class Session:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout)
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub)
         self.rank = comm.rank
         threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(threads)
@@ -141,7 +169,8 @@ class Session:
                 self.codec = TextCodec(self.shard.folder)
                 self.embed = self.shard.read("embed.safetensors")[1]["embed.weight"]
 
-        on_all_ranks(comm, load)
+        # reading a whole shard from a slow disk can take minutes: be patient, but not forever
+        on_all_ranks(comm, load, timeout=max(600.0, cfg.comm_timeout))
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         if self.rank == 0:
             self.windows = ["all" if w < 0 else int(w) for w in windows]
@@ -202,6 +231,12 @@ class Root:
         self.s.comm.bcast(self.header)
         self.s.reset_stats()
 
+    def idle(self) -> None:
+        """Tell the workers the next step may be long in coming (rank 0 waits for a person or a
+        client): they wait for it without a time limit. Otherwise a silent rank 0 is an error."""
+        self.header[:] = (CMD_IDLE, 0, 0, 0)
+        self.s.comm.bcast(self.header)
+
     def stop(self, failed: bool = False) -> None:
         """Release the workers; `failed` makes them exit non-zero too (rank 0 reports the error)."""
         self.header[:] = (CMD_STOP, int(failed), 0, 0)
@@ -211,6 +246,8 @@ class Root:
         """Run `work(self)` on rank 0, then stop the workers, failed or not."""
         try:
             result = work(self)
+        except CommError:
+            raise                 # a peer is gone: nobody to tell; the entry point aborts the job
         except BaseException as e:
             self.stop(failed=True)
             e.coordinated = True
@@ -222,9 +259,13 @@ class Root:
 def follow(s: Session) -> None:
     """A worker's whole life: obey rank 0's headers until told to stop."""
     header = np.zeros(HEADER, dtype=np.int64)
+    patient = True                               # before the first step rank 0 may be tokenizing a long prompt
     while True:
-        s.comm.bcast(header, timeout=None)       # idle between requests may last any time
+        s.comm.bcast(header, timeout=None if patient else True)
         cmd, pos, T, all_logits = (int(x) for x in header)
+        patient = cmd == CMD_IDLE
+        if patient:
+            continue
         if cmd == CMD_STOP:
             if pos:
                 e = PeerFailed("rank 0 failed")
@@ -256,11 +297,13 @@ class Generation:
 
 def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
                    ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False,
-                   after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None) -> Generation:
+                   after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None,
+                   should_stop=None) -> Generation:
     """Prefill the prompt in one pass, then decode token by token (rank 0).
 
     `cached`: how many leading prompt tokens the KV caches already hold (a chat's earlier turns);
-    only the rest is prefilled.
+    only the rest is prefilled. `on_text(delta)` receives the text as it grows; `should_stop(text)`
+    is asked after every token (a stop string, a client gone) and ends the generation when true.
     """
     s = root.s
     m = s.m
@@ -290,7 +333,8 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         delta = streamer.push(token)
         if on_text and delta:
             on_text(delta)
-        done = (token in eos and not ignore_eos) or len(g.generated_ids) >= max_new_tokens or pos + 1 >= m.max_seq_len
+        done = (token in eos and not ignore_eos) or len(g.generated_ids) >= max_new_tokens \
+            or pos + 1 >= m.max_seq_len or (should_stop is not None and should_stop(streamer.shown))
         if done:
             break
         t = time.perf_counter()

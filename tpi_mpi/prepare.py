@@ -145,6 +145,15 @@ class HFSource:
         return h.hexdigest()
 
 
+def source_fingerprint(path: Path) -> str:
+    """The source's identity without reading any tensor (the prepared cache is keyed by it)."""
+    if path.suffix == ".gguf":
+        from .gguf import fingerprint_gguf
+
+        return fingerprint_gguf(path)
+    return HFSource(path).fingerprint()
+
+
 def open_source(path: str | Path):
     p = Path(path)
     if not p.exists():
@@ -206,6 +215,14 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor] | None = None, dat
     return entry
 
 
+def _remove_abandoned(out: Path) -> None:
+    """Delete staging folders of earlier runs for `out` that were killed before they finished."""
+    for old in out.parent.glob(f".{out.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
     ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
     digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{FORMAT}".encode()).hexdigest()
@@ -227,6 +244,7 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
         raise ConfigError(f"{out} already exists: remove it or choose another --out")
     fingerprint = src.fingerprint()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
