@@ -4,16 +4,19 @@ converter writes them, for slicing, the q/k permutation, splits and what the imp
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as Q, GGUFEndian, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from conftest import run_tpi
-from tpi_mpi.errors import ConfigError
-from tpi_mpi.gguf import GGUFSource, build_tokenizer, builtin_model_path, read_header
+from tpi_mpi.errors import ConfigError, ShardError
+from tpi_mpi.gguf import GGUFSource, builtin_model_path, fingerprint_gguf, read_header
+from tpi_mpi.gguf_tokenizer import build_tokenizer
 from tpi_mpi.prepare import hf_name
 from tpi_mpi.text import TextCodec
 
@@ -154,6 +157,61 @@ def test_unsupported_files_are_refused_by_name(tmp_path, kw, named):
     with pytest.raises(ConfigError, match=named) as e:
         GGUFSource(tmp_path / "bad.gguf")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda b: b"not a model at all" + b[18:], "not a GGUF file"),
+    (lambda b: b[:2], "not a GGUF file"),
+    (lambda b: b[:-1000], "truncated"),                 # in the last tensor's data
+    (lambda b: b[:200], "truncated"),                   # in the metadata
+    (lambda b: b[:4] + (99).to_bytes(4, "little") + b[8:], "version"),
+])
+def test_damaged_files_get_one_clear_line(tmp_path, damage, named):
+    write_tiny(tmp_path / "tiny.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(damage((tmp_path / "tiny.gguf").read_bytes()))
+    with pytest.raises(ShardError, match=named) as e:
+        GGUFSource(bad)
+    assert "\n" not in str(e.value) and "bad.gguf" in str(e.value)
+
+
+def test_big_endian_files_are_refused(tmp_path):
+    w = GGUFWriter(tmp_path / "be.gguf", "llama", endianess=GGUFEndian.BIG)
+    w.add_block_count(1)
+    w.add_tensor("output_norm.weight", np.ones(DIM, dtype=np.float32).byteswap())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConfigError, match="big-endian"):
+        GGUFSource(tmp_path / "be.gguf")
+
+
+def test_reader_mapping_is_dropped_after_opening(tmp_path):
+    """GGUFReader maps the whole file; only the reads of tensor data may map it afterwards."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    write_tiny(tmp_path / "tiny.gguf")
+    src = GGUFSource(tmp_path / "tiny.gguf")
+    assert str(tmp_path / "tiny.gguf") not in maps.read_text()
+    assert src.meta["general.architecture"] == "llama" and isinstance(src.meta["tokenizer.ggml.tokens"][0], str)
+
+
+def test_fingerprint_parses_nothing_and_matches_the_source(tmp_path, monkeypatch):
+    write_tiny(tmp_path / "tiny.gguf")
+    path = tmp_path / "tiny.gguf"
+    src = GGUFSource(path)
+    with monkeypatch.context() as m:      # the run path calls it on every start: no GGUFReader there
+        m.setattr("tpi_mpi.gguf.GGUFReader", None)
+        fp = fingerprint_gguf(path)
+    assert fp == src.fingerprint() and len(fp) == 64
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    touched = fingerprint_gguf(path)
+    assert touched != fp and touched == GGUFSource(path).fingerprint()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert fingerprint_gguf(path) != touched
 
 
 def test_tokenizer_files_beside_the_gguf_win(tmp_path):

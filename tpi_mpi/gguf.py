@@ -1,9 +1,12 @@
 """GGUF (llama.cpp) files -> the same config, tensors and tokenizer files as a Hugging Face folder.
 
 `GGUFSource` offers `HFSource`'s interface (config, dtype, read, tokenizer_blobs, fingerprint,
-files), so `prepare()` splits a .gguf like any other checkpoint. Tensors are dequantized with the
-gguf package's own dequantizer, one tensor (or one rank's rows or columns of it) at a time, through
-a mapping that lives only for that read: a file larger than RAM still splits.
+files), so `prepare()` splits a .gguf like any other checkpoint. The header is parsed by the gguf
+package's GGUFReader (slow, seconds, but only when a model is prepared); `fingerprint_gguf`, which
+every run calls to find the prepared cache, parses nothing. Tensors are dequantized with gguf's own
+dequantizer, one tensor (or one rank's rows or columns of it) at a time, through a mapping that
+lives only for that read: a file larger than RAM still splits. The tokenizer is built from the
+metadata in gguf_tokenizer.py.
 
 Two things of llama.cpp's conversion are undone here. GGUF lists dimensions innermost first, so a
 matrix of ne = (in, out) is stored as `out` rows of `in` values: torch's (out, in) already. And for
@@ -18,19 +21,18 @@ import hashlib
 import importlib.util
 import json
 import math
-import mmap
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFEndian, GGUFReader
 from gguf.quants import dequantize
 
 from .config import ModelConfig
 from .errors import ConfigError, ShardError
+from .gguf_tokenizer import build_tokenizer, tokenizer_config
 
 IMPORTER = 1       # bump when the conversion changes: it is part of the fingerprint, so caches go stale
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +40,7 @@ SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K,
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 PERMUTED_ARCHS = ("llama", "mistral")   # q/k rows interleaved by llama.cpp's converter
 TOKENIZER_BESIDE = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+FINGERPRINT_HEAD = 4 << 20     # bytes of each part hashed by fingerprint_gguf
 SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 # our tensor name -> GGUF's (per layer: blk.N.<name>)
@@ -66,10 +69,6 @@ def builtin_model_path() -> Path:
 
 # -- the file format ----------------------------------------------------------------------------
 
-_SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
-            V.FLOAT32: "f", V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
-
-
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
@@ -88,80 +87,38 @@ class GGUFTensor:
         return math.prod(self.shape[:-1]) * self.row_bytes
 
 
-class _Cursor:
-    """Little-endian reads from a mapped header. gguf's own GGUFReader builds a numpy view for every
-    string (about 15 s for SmolLM2's 49k tokens and merges); plain struct reads take a fraction of it."""
-
-    def __init__(self, buf) -> None:
-        self.buf, self.pos = buf, 0
-
-    def scalar(self, fmt: str):
-        (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return v
-
-    def string(self) -> str:
-        n = self.scalar("Q")
-        s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int):
-        if vtype == V.STRING:
-            return self.string()
-        if vtype == V.ARRAY:
-            itype, n = self.scalar("I"), self.scalar("Q")
-            if itype in (V.STRING, V.ARRAY):
-                return [self.value(itype) for _ in range(n)]
-            arr = np.frombuffer(self.buf, dtype="<" + _SCALARS[V(itype)], count=n, offset=self.pos)
-            self.pos += arr.nbytes
-            return arr.tolist()
-        return self.scalar(_SCALARS[V(vtype)])
-
-
-def read_header(path: Path) -> tuple[dict, list[GGUFTensor], int]:
-    """(metadata, tensors, header size) of one .gguf file; no tensor data is read."""
+def read_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """(metadata, tensors) of one .gguf file, parsed by gguf's GGUFReader and copied into plain Python
+    values. The reader maps the whole file and keeps numpy views of it; it is dropped before this
+    returns, so tensor reads later map only what they need."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if mm[:4] != b"GGUF":
-                raise ShardError(f"{path} is not a GGUF file (no GGUF magic): check the path or re-download it")
-            c = _Cursor(mm)
-            c.pos = 4
-            version = c.scalar("I")
-            if version not in (2, 3):
-                raise ConfigError(f"{path}: GGUF version {version} (big-endian or unknown): convert it again with "
-                                  f"a current llama.cpp")
-            n_tensors, n_kv = c.scalar("Q"), c.scalar("Q")
-            meta = {}
-            for _ in range(n_kv):
-                key = c.string()
-                meta[key] = c.value(c.scalar("I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = c.string()
-                dims = [c.scalar("Q") for _ in range(c.scalar("I"))]
-                infos.append((name, tuple(reversed(dims)), c.scalar("I"), c.scalar("Q")))
-            align = int(meta.get("general.alignment", 32))
-            data_start = -(-c.pos // align) * align
-            size = len(mm)
-    except (struct.error, ValueError, OSError) as e:
-        raise ShardError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
-    tensors = [GGUFTensor(name, path, data_start + off, shape, qtype) for name, shape, qtype, off in infos]
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ShardError(f"{path} is not a GGUF file (no GGUF magic): check the path or re-download it")
+        reader = GGUFReader(path)
+        if reader.endianess != GGUFEndian.LITTLE:
+            raise ConfigError(f"{path} is a big-endian GGUF, which tpi_mpi does not read: convert it again with "
+                              f"a current llama.cpp")
+        meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        tensors = [GGUFTensor(t.name, path, int(t.data_offset), tuple(int(d) for d in reversed(t.shape.tolist())),
+                              int(t.tensor_type)) for t in reader.tensors]
+        del reader
+    except OSError as e:
+        raise ShardError(f"{path} cannot be read ({e}): check the path and its permissions") from None
+    except (ValueError, IndexError, KeyError) as e:
+        # GGUFReader's own checks: data cut short (a reshape fails), an unknown version or tensor type, ...
+        raise ShardError(f"{path} is truncated, damaged or of a GGUF version gguf cannot read ({type(e).__name__}: "
+                         f"{e}): re-download it, or convert it again with a current llama.cpp") from None
     for t in tensors:
         _check_type(t)
-        if t.offset + t.nbytes > size:
-            raise ShardError(f"{path} is truncated (tensor {t.name} runs past the end): re-download it")
-    return meta, tensors, data_start
+    return meta, tensors
 
 
 def _check_type(t: GGUFTensor) -> None:
-    if t.qtype not in SUPPORTED_TYPES:
-        try:
-            name = Q(t.qtype).name
-        except ValueError:
-            name = f"number {t.qtype}"
-        raise ConfigError(f"{t.file.name}: tensor {t.name} has type {name}, which tpi_mpi does not read: use a GGUF "
-                          f"quantized as {', '.join(Q(q).name for q in SUPPORTED_TYPES)}")
+    if t.qtype not in SUPPORTED_TYPES:      # a type gguf does not know at all fails in GGUFReader already
+        raise ConfigError(f"{t.file.name}: tensor {t.name} has type {Q(t.qtype).name}, which tpi_mpi does not "
+                          f"read: use a GGUF quantized as {', '.join(Q(q).name for q in SUPPORTED_TYPES)}")
 
 
 def load_tensor(t: GGUFTensor, rows: tuple[int, int] | None = None,
@@ -209,6 +166,28 @@ def split_parts(path: Path) -> list[Path]:
         raise ShardError(f"split GGUF {path.name}: {', '.join(missing)} missing: "
                          f"put every part into {path.parent}")
     return parts
+
+
+def tokenizer_files_beside(path: Path) -> list[Path]:
+    """Tokenizer files next to the .gguf: when present they are used instead of the metadata's vocabulary."""
+    return [path.parent / n for n in TOKENIZER_BESIDE if (path.parent / n).exists()]
+
+
+def fingerprint_gguf(path: str | Path) -> str:
+    """Cheap identity of a GGUF model, without parsing it (the run path calls this on every start to
+    find the prepared cache): per part its name, size, modification time and the sha256 of its first
+    FINGERPRINT_HEAD bytes (all of SmolLM2's header; a longer header is still covered by size and time),
+    then the tokenizer files beside it and the importer version."""
+    path = Path(path).absolute()
+    h = hashlib.sha256(f"gguf-importer-{IMPORTER}\n".encode())
+    for f in split_parts(path):
+        st = f.stat()
+        with open(f, "rb") as fh:
+            head = hashlib.sha256(fh.read(FINGERPRINT_HEAD)).hexdigest()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{head}\n".encode())
+    for f in tokenizer_files_beside(path):
+        h.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
 
 
 # -- the model config ---------------------------------------------------------------------------
@@ -324,139 +303,6 @@ def config_from_gguf(meta: dict, tensors: dict[str, GGUFTensor], source: str) ->
     return ModelConfig.from_hf_dict(raw, source=source)
 
 
-# -- the tokenizer ------------------------------------------------------------------------------
-
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> how llama.cpp splits text before BPE: (split regex or None for GPT-2's own,
-# digits one by one, NFC first, whole words found in the vocabulary skip the merges)
-PRE_TOKENIZERS = {
-    "gpt-2": (None, False, False, False),
-    "smollm": (None, True, False, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False, False, True),
-    "llama3": (_LLAMA3_SPLIT, False, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, False, True),
-    "smaug-bpe": (_LLAMA3_SPLIT, False, False, False),
-    "qwen2": (_QWEN2_SPLIT, False, True, False),
-    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True, False),
-}
-CONTROL, USER_DEFINED = 3, 4           # tokenizer.ggml.token_type values
-
-
-def _byte_level_tokenizer(meta: dict, source: str):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in PRE_TOKENIZERS:
-        raise ConfigError(f"{source}: tokenizer.ggml.pre {pre!r} is not known to tpi_mpi: put the model's "
-                          f"tokenizer.json beside the .gguf file")
-    split, digits, nfc, ignore_merges = PRE_TOKENIZERS[pre]
-    vocab = {}
-    for i, tok in enumerate(meta["tokenizer.ggml.tokens"]):
-        vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    if not merges:
-        raise ConfigError(f"{source}: tokenizer.ggml.merges is missing from a BPE vocabulary: put the model's "
-                          f"tokenizer.json beside the .gguf file")
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
-    if split:
-        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    else:
-        steps += [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def _sentencepiece_tokenizer(meta: dict, source: str):
-    """llama.cpp's "llama" vocabulary: SentencePiece BPE, which merges the pair whose result scores
-    highest. As a tokenizers BPE that is one merge per way of cutting a token in two, ranked by its score."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    tokens = meta["tokenizer.ggml.tokens"]
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    merges = []
-    for piece, score in zip(tokens, scores):
-        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += [(l, r, score) for l, r in sorted(cuts, key=lambda c: (vocab[c[0]], vocab[c[1]]))]
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab, [(l, r) for l, r, _ in merges], byte_fallback=True, fuse_unk=True,
-                               unk_token=tokens[unk] if unk is not None else None))
-    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    # Prepend applies after every special token too, as llama.cpp does ("legacy" in transformers)
-    steps = [normalizers.Prepend("\u2581")] if prefix else []
-    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok
-
-
-def build_tokenizer(meta: dict, source: str):
-    """A tokenizers.Tokenizer equal to the one the GGUF metadata describes."""
-    from tokenizers import AddedToken, processors
-
-    model = meta.get("tokenizer.ggml.model")
-    if model == "gpt2":
-        tok = _byte_level_tokenizer(meta, source)
-    elif model == "llama":
-        tok = _sentencepiece_tokenizer(meta, source)
-    else:
-        raise ConfigError(f"{source}: tokenizer.ggml.model is {model!r}; tpi_mpi builds gpt2 and llama "
-                          f"tokenizers: put the model's tokenizer.json beside the .gguf file")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
-
-    add_bos, add_eos = _adds(meta)
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    single, special = "$A", {}
-    if add_bos and bos is not None:
-        single, special[tokens[bos]] = f"{tokens[bos]} {single}", bos
-    if add_eos and eos is not None:
-        single, special[tokens[eos]] = f"{single} {tokens[eos]}", eos
-    steps = [processors.ByteLevel(trim_offsets=False)] if model == "gpt2" else []
-    if special:
-        steps.append(processors.TemplateProcessing(single=single, pair=single.replace("$A", "$A $B:1"),
-                                                   special_tokens=list(special.items())))
-    if steps:
-        tok.post_processor = processors.Sequence(steps)
-    return tok
-
-
-def _adds(meta: dict) -> tuple[bool, bool]:
-    # without the flag llama.cpp adds BOS for a SentencePiece vocabulary and not for BPE
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
-    return bool(add_bos), bool(meta.get("tokenizer.ggml.add_eos_token", False))
-
-
-def tokenizer_config(meta: dict) -> dict:
-    tokens = meta["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    add_bos, add_eos = _adds(meta)
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos_token_id"),
-           "eos_token": token("eos_token_id"), "unk_token": token("unknown_token_id"),
-           "pad_token": token("padding_token_id"), "add_bos_token": add_bos, "add_eos_token": add_eos}
-    if "tokenizer.chat_template" in meta:
-        cfg["chat_template"] = meta["tokenizer.chat_template"]
-    return {k: v for k, v in cfg.items() if v is not None}
-
-
 # -- the source ---------------------------------------------------------------------------------
 
 class GGUFSource:
@@ -467,12 +313,10 @@ class GGUFSource:
         self.files = split_parts(self.path)
         self.meta: dict = {}
         self.tensors: dict[str, GGUFTensor] = {}
-        self.header_sizes: list[int] = []
         for f in self.files:      # part 1 holds the metadata; every part holds some tensors
-            meta, tensors, header = read_header(f)
+            meta, tensors = read_header(f)
             self.meta = self.meta or meta
             self.tensors |= {t.name: t for t in tensors}
-            self.header_sizes.append(header)
         self.source = self.path.name
         self.config = config_from_gguf(self.meta, self.tensors, self.source)
         self.dtype = self._dtype()
@@ -515,13 +359,10 @@ class GGUFSource:
         w = unpermute_heads(load_tensor(t, (lo, hi), cols), hd)
         return torch.from_numpy(np.ascontiguousarray(w[a - lo:b - lo]))
 
-    def _beside(self) -> list[Path]:
-        return [self.path.parent / n for n in TOKENIZER_BESIDE if (self.path.parent / n).exists()]
-
     def tokenizer_blobs(self) -> dict[str, bytes]:
         """tokenizer.json and tokenizer_config.json built from the metadata, unless the files lie
         beside the .gguf (then those are used as they are)."""
-        blobs = {f.name: f.read_bytes() for f in self._beside()}
+        blobs = {f.name: f.read_bytes() for f in tokenizer_files_beside(self.path)}
         if "tokenizer.json" not in blobs:
             blobs["tokenizer.json"] = build_tokenizer(self.meta, self.source).to_str().encode()
         if "tokenizer_config.json" not in blobs:
@@ -530,13 +371,4 @@ class GGUFSource:
         return blobs
 
     def fingerprint(self) -> str:
-        """Cheap identity: each part's header bytes (all metadata and tensor infos), size and
-        modification time, files beside it that override the tokenizer, and the importer version."""
-        h = hashlib.sha256(f"gguf-importer-{IMPORTER}".encode())
-        for f, header in zip(self.files, self.header_sizes):
-            st = f.stat()
-            with open(f, "rb") as fh:
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:".encode() + fh.read(header))
-        for f in self._beside():
-            h.update(f.name.encode() + f.read_bytes())
-        return h.hexdigest()
+        return fingerprint_gguf(self.path)
