@@ -122,12 +122,13 @@ class MpiComm:
 
     # -- point to point, for the algorithms of allreduce.py ---------------------------------------
     def exchange(self, sends: list, recvs: list, tag: int, what: str, recv_tag: int | None = None,
-                 grace: float = 0.0) -> None:
-        """Post every receive, then every send, and wait for all of them."""
+                 grace: float = 0.0, patient: bool = False) -> None:
+        """Post every receive, then every send, and wait for all of them (`patient`: without a
+        time limit)."""
         rreqs = [self.world.Irecv(buf, source=src, tag=tag if recv_tag is None else recv_tag) for buf, src in recvs]
         sreqs = [self.world.Isend(buf, dest=dst, tag=tag) for buf, dst in sends]
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
-        self._wait(rreqs + sreqs, what, self.timeout + grace,
+        self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace,
                    peers=[src for _, src in recvs] + [None] * len(sreqs))
         if self.recorder:
             for buf, _ in recvs:

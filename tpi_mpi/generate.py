@@ -25,6 +25,7 @@ from .errors import CommError, ConfigError, TpiError
 from .model import Transformer
 from .prepare import DTYPES, HEAD_PLACES, cache_key, prepare, source_fingerprint
 from .sampling import SamplingConfig, sample
+from .ship import ship
 from .text import Streamer, TextCodec
 from .weights import Shard, WeightWindow, available_memory, current_rss, plan_window
 
@@ -86,7 +87,7 @@ class RunConfig:
     quiet: bool = False
 
 
-def _locate(cfg: RunConfig, world: int, log) -> Path:
+def _locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
     """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it into
     the cache on first use. A cache hit reads no tensor and parses no checkpoint."""
     if cfg.model is None:
@@ -106,15 +107,23 @@ def _locate(cfg: RunConfig, world: int, log) -> Path:
     if cfg.head_on not in HEAD_PLACES:
         raise ConfigError(f"--head-on {cfg.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
     key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on)
-    out = Path(cfg.cache_dir or default_cache_dir()).expanduser() / f"{path.resolve().name}-{key}"
+    out = _cache_dir(cfg, 0) / f"{path.resolve().name}-{key}"
     if not (out / "rank0" / "manifest.json").exists():
         log(f"preparing {path} for {world} rank(s) into {out}")
-        progress = None
-        if not cfg.quiet:
-            from tqdm import tqdm
-            progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
         prepare(path, out, par, cfg.dtype, cfg.head_on, progress=progress)
     return out
+
+
+def _cache_dir(cfg: RunConfig, rank: int) -> Path:
+    """--cache-dir may hold "{rank}": a cache of its own per rank, as on hosts that share no disk."""
+    return Path((cfg.cache_dir or str(default_cache_dir())).format(rank=rank)).expanduser()
+
+
+def _rank_root(cfg: RunConfig, root: Path, rank: int) -> Path:
+    """Where this rank keeps its copy of the prepared model found by rank 0 at `root`."""
+    if root.parent == _cache_dir(cfg, 0):
+        return _cache_dir(cfg, rank) / root.name
+    return root
 
 
 def _check_prepared(path: Path, cfg: RunConfig, world: int) -> None:
@@ -146,7 +155,7 @@ class Session:
         self.threads = threads
 
         def locate() -> Path | None:
-            return _locate(cfg, comm.size, self.log) if self.rank == 0 else None
+            return _locate(cfg, comm.size, self.log, self._progress()) if self.rank == 0 else None
 
         root = on_all_ranks(comm, locate)
         buf = np.zeros(PATH_BYTES, dtype=np.uint8)
@@ -155,11 +164,14 @@ class Session:
             buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         comm.bcast(buf)
         self.root = Path(bytes(buf).rstrip(b"\0").decode())
+        # without a shared filesystem a rank gets its shard from rank 0 over MPI
+        self.local_root = _rank_root(cfg, self.root, self.rank)
+        ship(comm, self.root, self.local_root, progress=self._progress(), log=self.log)
 
         baseline = current_rss()     # the process before any weights: the budget's starting point
 
         def load() -> None:
-            self.shard = Shard(self.root / f"rank{self.rank}", self.rank, comm.size)
+            self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, comm.size)
             self.m = self.shard.model
             self.dtype = DTYPES[self.shard.dtype_name]
             self.window = WeightWindow(self.shard, self._choose_window(baseline))
@@ -201,6 +213,14 @@ class Session:
         logits = self.model(h, pos, all_logits)
         self.forward_s += time.perf_counter() - t0
         return logits
+
+    def _progress(self):
+        """A tqdm factory for rank 0's progress bars, or None when quiet."""
+        if self.rank != 0 or self.cfg.quiet:
+            return None
+        from tqdm import tqdm
+
+        return lambda **kw: tqdm(file=sys.stderr, **kw)
 
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:

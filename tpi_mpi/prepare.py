@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import RankShard, plan_shards
+from .ship import STAMP
 
 FORMAT = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -280,6 +281,10 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
                 "source": {"path": str(getattr(src, "path", None) or Path(src_path).resolve()), "fingerprint": fingerprint},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files[s.rank],
             }
+            # the hashes just computed, so a rank on a shared filesystem need not hash again (ship.py)
+            stamps = {name: [info["size"], (staging / f"rank{s.rank}" / name).stat().st_mtime_ns, info["sha256"]]
+                      for name, info in files[s.rank].items()}
+            (staging / f"rank{s.rank}" / STAMP).write_text(json.dumps(stamps))
             # written last: a folder without a manifest is never taken for a prepared one
             _save_atomic(staging / f"rank{s.rank}" / "manifest.json", data=json.dumps(manifest, indent=1).encode())
         staging.rename(out)
