@@ -86,3 +86,24 @@ def test_bad_input_ends_every_rank_with_one_line(checkpoints, tmp_path, n, extra
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_info_predicts_the_prepared_sizes(checkpoints, tmp_path):
+    from tpi_mpi.config import ParallelConfig
+    from tpi_mpi.prepare import prepare
+
+    model = checkpoints("qwen2")
+    r = run_tpi(["info", str(model), "--world-size", "3", "--ratio", "2,1,1"])
+    assert r.returncode == 0, r.stderr
+    assert "qwen2:" in r.stdout and "M parameters" in r.stdout
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+    assert f"{n / 1e6:.2f} M parameters" in r.stdout
+    out = prepare(model, tmp_path / "p", ParallelConfig(3, (2, 1, 1)))
+    rows = [line.split() for line in r.stdout.splitlines()[2:5]]
+    for rank, row in enumerate(rows):
+        files = json.loads((out / f"rank{rank}" / "manifest.json").read_text())["files"]
+        on_disk = sum(v["size"] for k, v in files.items() if k.endswith(".safetensors"))
+        predicted = float(row[4]) * {"KiB": 1024, "MiB": 2**20}[row[5]]
+        assert abs(on_disk - predicted) / on_disk < 0.06, (rank, on_disk, predicted)   # headers aside

@@ -73,17 +73,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         else:
             follow(s)
         steps = new_tokens - 1     # decode steps counted after prefill
-        per_rank = {
-            "forward_s": s.comm.gather_floats(s.forward_s),
-            "comm_s": s.comm.gather_floats(s.comm.stats.seconds),
-            "wait_s": s.comm.gather_floats(s.window.wait_s),
-            "sent_bytes": s.comm.gather_floats(float(s.comm.stats.bytes_sent)),
-            "read_bytes": s.comm.gather_floats(float(s.window.bytes_read)),
-            "read_s": s.comm.gather_floats(s.window.read_s),
-            # CPU seconds (all threads) over the decode steps: a rank that waits must not spin
-            "cpu_s": s.comm.gather_floats(time.process_time() - s.cpu_at_reset),
-            "peak_rss_mib": s.comm.gather_floats(peak_rss_mib()),
-        }
+        per_rank = s.gather_stats()
     finally:
         s.close()
     if s.rank != 0:

@@ -85,6 +85,63 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> No
     click.echo(f"prepared {synthetic or src} for {world_size} rank(s) in {path}", err=True)
 
 
+@cli.command()
+@click.argument("src", required=False)
+@click.option("--synthetic", help="Instead of SRC: one of the synthetic shapes (see prepare).")
+@click.option("--world-size", "-n", type=int, default=1, show_default=True)
+@click.option("--ratio", help="Share of each rank, e.g. 3,1,1,1 (default: even).")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
+@click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True)
+@click.option("--context", type=int, default=4096, show_default=True, help="Tokens of KV cache to plan for.")
+def info(src, synthetic, world_size, ratio, dtype, head_on, context) -> None:
+    """Architecture, size, and what each rank needs: bytes held and the minimum memory budget."""
+    from .config import format_size
+    from .parallel import parameter_count, plan_shards, shard_bytes
+    from .prepare import DTYPE_NAMES, open_source
+    import torch
+
+    from .weights import current_rss
+
+    if bool(src) == bool(synthetic):
+        raise ConfigError("give either a model SRC or --synthetic NAME")
+    if synthetic:
+        from .synthetic import SyntheticSource
+
+        m, stored = SyntheticSource(synthetic).config, torch.float32
+    elif (Path(src) / "rank0" / "manifest.json").exists():        # an already prepared folder
+        from .config import ModelConfig
+
+        manifest = json.loads((Path(src) / "rank0" / "manifest.json").read_text())
+        m, stored = ModelConfig.from_json(manifest["model"]), DTYPES[manifest["dtype"]]
+        world_size, ratio = manifest["world_size"], ",".join(map(str, manifest["ratio"]))
+    else:
+        source = open_source(src)
+        m, stored = source.config, source.dtype
+    torch_dtype = stored if dtype == "auto" else DTYPES[dtype]
+    itemsize = torch_dtype.itemsize
+    shards = plan_shards(m, ParallelConfig(world_size, parse_ratio(ratio)), head_on)
+    ctx = min(context, m.max_seq_len)
+    baseline = current_rss()    # this process after importing torch: about what a rank starts with
+    n = parameter_count(m)
+    click.echo(f"{m.arch}: {n / 1e9:.2f} B parameters," if n >= 1e9 else f"{m.arch}: {n / 1e6:.2f} M parameters,",
+               nl=False)
+    click.echo(f" {m.n_layers} layers, dim {m.dim}, "
+               f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
+               f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {DTYPE_NAMES[torch_dtype]}")
+    click.echo(f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
+               f"{'KV cache':>10} {'min budget':>11}")
+    for s in shards:
+        b = shard_bytes(m, s, itemsize)
+        kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
+        shard = m.n_layers * (b["attn"] + b["mlp"]) + b["common"] + b["embed"]
+        block = max(b["attn"], b["mlp"])
+        minimum = baseline + b["common"] + b["embed"] + 2 * block + kv   # window 1, as plan_window counts
+        click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {s.ffn[0]:>5}-{s.ffn[1]:<5} "
+                   f"{format_size(shard):>11} {format_size(block):>14} {format_size(kv):>10} {format_size(minimum):>11}")
+    click.echo(f"min budget = runtime baseline ({format_size(baseline)}) + resident tensors + 2 blocks + "
+               f"KV cache for {ctx} tokens: --memory-budget below it is refused")
+
+
 def run_options(f):
     """Options shared by every command that runs the model."""
     options = [
@@ -142,7 +199,7 @@ def run_config(kw: dict):
 def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json,
              dump_logits, dump_prompt_logits, **kw) -> None:
     """Generate text from a prompt (every rank runs this; rank 0 prints)."""
-    from .generate import Root, Session, follow, peak_rss_mib, run_generation
+    from .generate import Root, Session, follow, run_generation
     from .sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature, top_k, top_p, seed)
@@ -168,11 +225,12 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
             g = Root(s).run(work)
         else:
             follow(s)
-        rss = s.comm.gather_floats(peak_rss_mib())
+        stats = s.gather_stats()
     finally:
         s.close()
     if s.rank != 0:
         return
+    rss = stats["peak_rss_mib"]
     if dump_logits:
         save_npy(dump_logits, g.first_logits)
     if dump_prompt_logits:
@@ -187,8 +245,19 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         }))
     else:
         print(flush=True)
-        s.log(f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens | TTFT {g.ttft_s:.3f} s | "
-              f"{tokens_per_s:.2f} tok/s | peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in rss)}")
+        s.log(stats_line(g, stats))
+
+
+def stats_line(g, stats: dict) -> str:
+    """TTFT, speed, memory, and where rank 0's time in the model went."""
+    busy = stats["forward_s"][0] or 1e-9
+    comm, wait = stats["comm_s"][0], stats["wait_s"][0]
+    compute = max(busy - comm - wait, 0.0)
+    tokens_per_s = 1 / g.s_per_token if g.s_per_token else 0.0
+    return (f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens | TTFT {g.ttft_s:.3f} s | "
+            f"{tokens_per_s:.2f} tok/s | time in model: compute {100 * compute / busy:.0f}%, "
+            f"communication {100 * comm / busy:.0f}%, waiting for weights {100 * wait / busy:.0f}% | "
+            f"peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in stats['peak_rss_mib'])}")
 
 
 @cli.command()

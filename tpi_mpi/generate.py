@@ -222,6 +222,20 @@ class Session:
 
         return lambda **kw: tqdm(file=sys.stderr, **kw)
 
+    def gather_stats(self) -> dict[str, list[float]] | None:
+        """Every rank's counters since the last reset, as lists on rank 0 (None elsewhere)."""
+        mine = {
+            "forward_s": self.forward_s,             # inside the model: compute + communication + weight waits
+            "comm_s": self.comm.stats.seconds,       # communicating, including waiting for slower peers
+            "wait_s": self.window.wait_s,            # waiting for the weight loader
+            "sent_bytes": float(self.comm.stats.bytes_sent),
+            "read_bytes": float(self.window.bytes_read),
+            "read_s": self.window.read_s,
+            "cpu_s": time.process_time() - self.cpu_at_reset,   # all threads: a waiting rank must not spin
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        return {k: self.comm.gather_floats(v) for k, v in mine.items()}
+
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:
             print(f"tpi_mpi: {msg}", file=sys.stderr, flush=True)

@@ -147,3 +147,24 @@ def unbind(module: nn.Module, names) -> None:
 
 def as_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int) -> dict[str, int]:
+    """Bytes of each kind of tensor a rank holds (before file headers): one attention block, one
+    MLP block, the resident rest (norms, head rows) and, on rank 0, the embedding table."""
+    hd = m.head_dim
+    q, kv, ffn = s.n_heads * hd, s.n_kv_heads * hd, s.ffn[1] - s.ffn[0]
+    attn = (2 * q * m.dim + 2 * kv * m.dim) + (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias
+    mlp = 3 * ffn * m.dim + (2 * ffn + m.dim) * m.mlp_bias
+    common = (2 * m.n_layers + 1) * m.dim + (s.vocab[1] - s.vocab[0]) * m.dim
+    embed = m.vocab_size * m.dim if s.rank == 0 else 0
+    return {k: v * itemsize for k, v in {"attn": attn, "mlp": mlp, "common": common, "embed": embed}.items()}
+
+
+def parameter_count(m: ModelConfig) -> int:
+    """Parameters of the model as stored (a tied head counted once)."""
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    layer = 2 * q * m.dim + 2 * kv * m.dim + 3 * m.ffn_dim * m.dim + 2 * m.dim
+    layer += (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias + (2 * m.ffn_dim + m.dim) * m.mlp_bias
+    head = 0 if m.tie_embeddings else m.vocab_size * m.dim
+    return m.n_layers * layer + m.vocab_size * m.dim + head + m.dim
