@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +146,56 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
     }
     print_row(record)
     append_json(out, record)
+
+
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
+
+
+def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, prompt_tokens: int,
+                 new_tokens: int, out: str | None) -> None:
+    """One `bench generate` run per window size, each rank in a memory cgroup of its own capped at
+    `cap` bytes (page cache counts there too, so a streamed run is not served from memory)."""
+    groups = [f"{CGROUP_ROOT}/tpi_bench_{r}" for r in range(ranks)] if cap else []
+    for g in groups:
+        os.makedirs(g, exist_ok=True)
+        Path(g, "memory.limit_in_bytes").write_text(str(cap))
+    join = ('echo $$ > ' + CGROUP_ROOT + '/tpi_bench_$OMPI_COMM_WORLD_RANK/cgroup.procs && exec "$@"') if cap else 'exec "$@"'
+    records = []
+    try:
+        for w in windows:
+            tmp = Path(f"/tmp/tpi-bench-memory-{os.getpid()}.jsonl")
+            tmp.unlink(missing_ok=True)
+            cmd = ["mpirun", "--oversubscribe", "-n", str(ranks), "sh", "-c", join, "sh", sys.executable, "-m",
+                   "tpi_mpi", "bench", "generate", "--model", model, "--window", w, "--allreduce", "star",
+                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--quiet", "--out", str(tmp)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {
+                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+            if r.returncode != 0 or not tmp.exists():
+                print(f"window {w}: failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:] or ''}", flush=True)
+                continue
+            rec = json.loads(tmp.read_text().splitlines()[-1])
+            tmp.unlink()
+            pr = rec["per_rank"]
+            depth = ranks and (None if w == "all" else int(w))
+            bound = [b + 1.25 * ((depth or 0) + 1) * blk + kv + res if depth else None
+                     for b, blk, kv, res in zip(pr["baseline_mib"], pr["block_mib"], pr["kv_mib"], pr["resident_mib"])]
+            rec.update(runner="bench memory", memory_cap=cap, rss_bound_mib=bound,
+                       rss_within_bound=None if depth is None else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
+            records.append(rec)
+            append_json(out, rec)
+    finally:
+        for g in groups:
+            try:
+                os.rmdir(g)
+            except OSError:
+                pass
+    print(f"{'window':>6} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'hidden':>7} "
+          f"{'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18}")
+    for rec in records:
+        hidden = [h for h in rec["read_hidden"] if h is not None]
+        hidden_text = f"{100 * min(hidden):.0f}%" if hidden else "-"
+        rss_text = ", ".join(f"{x:.0f}" for x in rec["per_rank"]["peak_rss_mib"])
+        bound = rec["rss_bound_mib"][0]
+        bound_text = f"{bound:.0f}" if bound else "-"
+        print(f"{str(rec['window']):>6} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
+              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18}")

@@ -135,7 +135,7 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, context) -> None:
         kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
         shard = m.n_layers * (b["attn"] + b["mlp"]) + b["common"] + b["embed"]
         block = max(b["attn"], b["mlp"])
-        minimum = baseline + b["common"] + b["embed"] + 2 * block + kv   # window 1, as plan_window counts
+        minimum = baseline + b["common"] + 2 * block + kv   # window 1, as plan_window counts
         click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {s.ffn[0]:>5}-{s.ffn[1]:<5} "
                    f"{format_size(shard):>11} {format_size(block):>14} {format_size(kv):>10} {format_size(minimum):>11}")
     click.echo(f"min budget = runtime baseline ({format_size(baseline)}) + resident tensors + 2 blocks + "
@@ -151,6 +151,8 @@ def run_options(f):
                      help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
                           "recdouble: recursive doubling; auto: the fastest, timed on first use per message size."),
         click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank."),
+        click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit: each message received costs "
+                     "delay + bytes/rate (slept in the comm layer; no root needed)."),
         click.option("--window", default="auto", show_default=True,
                      help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
                           "the shard resident; 'auto' picks the largest that fits the memory budget."),
@@ -179,7 +181,8 @@ def run_config(kw: dict):
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"],
                      cache_dir=kw["cache_dir"], ratio=kw["ratio"], dtype=kw["dtype"], head_on=kw["head_on"],
-                     threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"])
+                     threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
+                     link_model=kw["link_model"])
 
 
 @cli.command()
@@ -319,6 +322,49 @@ def bench_generate(prompt_tokens, new_tokens, warmup, out, **kw) -> None:
     if new_tokens < 2:
         raise ConfigError("--new-tokens must be at least 2 to time a decode step")
     run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
+
+
+@bench.command("memory")
+@click.option("--model", "-m", required=True, help="A prepared folder (python -m tpi_mpi prepare ...).")
+@click.option("--ranks", "-n", type=int, required=True, help="The folder's world size.")
+@click.option("--windows", default="1,2,4,all", show_default=True)
+@click.option("--memory-cap", help="Per-rank cgroup memory limit (page cache included), e.g. 2GiB.")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--new-tokens", type=int, default=8, show_default=True)
+@click.option("--out", help="Append the JSON records to this file.")
+def bench_memory(model, ranks, windows, memory_cap, prompt_tokens, new_tokens, out) -> None:
+    """Windows 1, 2, 4 and all: TTFT, s/token, peak RSS, bytes read per token, read time hidden.
+    Runs mpirun itself (do not launch it under mpirun)."""
+    from .bench import bench_memory as run
+
+    run(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, prompt_tokens,
+        new_tokens, out)
+
+
+@bench.command("comm")
+@click.option("--sizes", help="Message sizes: TOKENSxHIDDEN float32 values or bytes (8, 1MiB), comma separated "
+              "[default: 1x576 up to 2048x8192, about x4 a step].")
+@click.option("--model", "-m", help="Also this model's sizes: one decode token and --prefill-tokens "
+              "(prepared folder, Hugging Face folder or .gguf).")
+@click.option("--prefill-tokens", type=int, default=128, show_default=True)
+@click.option("--algorithms", default="star,mpi,ring,recdouble,auto", show_default=True)
+@click.option("--pingpong-only", is_flag=True, help="Only the ping-pong latencies.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed calls per point, at most.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--budget", type=float, default=2.0, show_default=True,
+              help="Seconds of timed calls per point (at least 5 calls).")
+@click.option("--idle-seconds", type=float, default=0.5, show_default=True,
+              help="Rank 0 computes this long while the others wait, for their idle CPU; 0 = skip.")
+@click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank.")
+@click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit (see generate --help).")
+@click.option("--comm-timeout", type=float, default=60.0, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--out", help="Append one JSON line per measurement to this file.")
+def bench_comm(**kw) -> None:
+    """Ping-pong latency and every allreduce algorithm per message size (run under mpirun)."""
+    from .bench_comm import bench_comm as run
+
+    run(**kw)
 
 
 @bench.command("transformers")

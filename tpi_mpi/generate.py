@@ -27,7 +27,7 @@ from .prepare import DTYPES, HEAD_PLACES, cache_key, prepare, source_fingerprint
 from .sampling import SamplingConfig, sample
 from .ship import ship
 from .text import Streamer, TextCodec
-from .weights import Shard, WeightWindow, available_memory, current_rss, plan_window
+from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, current_rss, plan_window
 
 CMD_FORWARD, CMD_STOP, CMD_RESET_STATS, CMD_IDLE = 1, 2, 3, 4
 HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
@@ -84,6 +84,7 @@ class RunConfig:
     head_on: str = "split"
     threads: int = 0               # 0 = cores on this host / ranks on this host
     comm_timeout: float = 60.0
+    link_model: str | None = None       # "2ms,300mbit": charge each message that link's time (comm.py)
     quiet: bool = False
 
 
@@ -148,7 +149,7 @@ class Session:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub)
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
         self.rank = comm.rank
         threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(threads)
@@ -168,7 +169,7 @@ class Session:
         self.local_root = _rank_root(cfg, self.root, self.rank)
         ship(comm, self.root, self.local_root, progress=self._progress(), log=self.log)
 
-        baseline = current_rss()     # the process before any weights: the budget's starting point
+        self.baseline = baseline = current_rss()   # the process before any weights: the budget's start
 
         def load() -> None:
             self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, comm.size)
@@ -179,7 +180,7 @@ class Session:
             self.model.load_resident(self.shard.read("common.safetensors")[1])
             if self.rank == 0:
                 self.codec = TextCodec(self.shard.folder)
-                self.embed = self.shard.read("embed.safetensors")[1]["embed.weight"]
+                self.embed = EmbeddingTable(self.shard)
 
         # reading a whole shard from a slow disk can take minutes: be patient, but not forever
         on_all_ranks(comm, load, timeout=max(600.0, cfg.comm_timeout))
@@ -233,6 +234,11 @@ class Session:
             "read_s": self.window.read_s,
             "cpu_s": time.process_time() - self.cpu_at_reset,   # all threads: a waiting rank must not spin
             "peak_rss_mib": peak_rss_mib(),
+            "baseline_mib": self.baseline / 2**20,
+            "block_mib": self.shard.block_bytes() / 2**20,
+            "resident_mib": self.shard.files["common.safetensors"]["size"] / 2**20,
+            "kv_mib": sum(layer.attn.cache.k.nbytes * 2 for layer in self.model.layers
+                          if layer.attn.cache.k is not None) / 2**20,
         }
         return {k: self.comm.gather_floats(v) for k, v in mine.items()}
 
@@ -255,7 +261,7 @@ class Root:
         s = self.s
         self.header[:] = (CMD_FORWARD, pos, len(ids), int(all_logits))
         s.comm.bcast(self.header)
-        h = s.embed[torch.tensor(ids)].contiguous()                          # (T, dim)
+        h = s.embed[ids]                                                     # (T, dim)
         s.comm.bcast(h.view(torch.uint8).numpy())
         return s.forward(h, pos, all_logits)
 

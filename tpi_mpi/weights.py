@@ -116,6 +116,33 @@ class Shard:
         return max(self.files[block_file(i, k)]["size"] for i in range(self.model.n_layers) for k in KINDS)
 
 
+class EmbeddingTable:
+    """Rank 0's embedding rows, read from disk as tokens need them: a prompt touches a few rows
+    of a table that can hold hundreds of MB, so the table is never loaded whole."""
+
+    def __init__(self, shard: Shard) -> None:
+        from safetensors import safe_open
+
+        path = shard.path("embed.safetensors")
+        info = shard.files["embed.safetensors"]
+        if _file_sha256(path) != info["sha256"]:
+            raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; prepare the model again")
+        self._file = safe_open(path, framework="pt")
+        self._rows = self._file.get_slice("embed.weight")
+
+    def __getitem__(self, ids: list[int]) -> Tensor:
+        return torch.cat([self._rows[i:i + 1] for i in ids])                   # (T, dim)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return h.hexdigest()
+
+
 class WeightWindow:
     """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory."""
 
@@ -239,10 +266,10 @@ def kv_cache_bytes(shard: Shard, context: int) -> int:
 def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> int | None:
     """The largest window whose peak fits `budget` bytes (None: the whole shard fits resident).
 
-    Peak = baseline (the process before weights) + resident tensors (norms, head, embedding)
+    Peak = baseline (the process before weights) + resident tensors (norms, head rows)
     + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache.
     """
-    resident = sum(info["size"] for name, info in shard.files.items() if not name.startswith("layer"))
+    resident = shard.files["common.safetensors"]["size"]     # norms and head rows; embeddings stay on disk
     blocks = [info["size"] for name, info in shard.files.items() if name.startswith("layer")]
     block = max(blocks)
     fixed = baseline + resident + kv_cache_bytes(shard, context)
