@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .generate import Root, RunConfig, Session, follow, peak_rss_mib, run_generation
 from .sampling import SamplingConfig
 
@@ -30,6 +31,20 @@ def git_commit() -> str:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def link_info(comm) -> dict:
+    """The link between the ranks: emulated by tpi_mpi.netem (its TPI_NETEM_* variables), simulated
+    by --link-model, or none (the host's own transport)."""
+    env = os.environ
+    if "TPI_NETEM_RUN" in env:
+        return {"kind": "emulated", "delay_ms": float(env.get("TPI_NETEM_DELAY_MS", "nan")),
+                "rate_mbit": float(env.get("TPI_NETEM_RATE_MBIT", "nan")),
+                "backend": env.get("TPI_NETEM_BACKEND"), "run": env["TPI_NETEM_RUN"]}
+    link = getattr(comm, "link", None)
+    if link:
+        return {"kind": "simulated", "delay_ms": link.delay * 1e3, "rate_mbit": link.rate / 1e6}
+    return {"kind": "none"}
 
 
 def synthetic_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
@@ -97,6 +112,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         "cpu_per_wall": [c / (g.s_per_token * steps) for c in per_rank["cpu_s"]],
         "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
+        "link": link_info(s.comm), "load_avg": [round(x, 2) for x in os.getloadavg()],
         "host": platform.node(), "cpus": os.cpu_count(), "commit": git_commit(), "time": time.strftime("%FT%T"),
     }
     print_row(record)
@@ -199,3 +215,69 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         bound_text = f"{bound:.0f}" if bound else "-"
         print(f"{str(rec['window']):>6} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
               f"{hidden_text:>7} {rss_text:>28} {bound_text:>18}")
+
+
+# -- serve: a load client for a server running on this machine -----------------------------------
+
+BENCH_PROMPT = "Write a short story about a cluster of small computers."
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def bench_serve(url: str = "http://127.0.0.1:8000", requests: int = 16, clients: tuple[int, ...] = (1, 4),
+                max_tokens: int = 32, prompt: str = BENCH_PROMPT, api_key: str | None = None,
+                out: str | None = None, timeout: float = 600.0) -> list[dict]:
+    """`requests` chat completions of `max_tokens` tokens (ignore_eos) at each level of concurrency:
+    prints requests per minute and p50/p95 latency, appends one JSON line per level to `out`."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = url.rstrip("/").removesuffix("/v1")
+    if urllib.parse.urlsplit(base).hostname not in LOOPBACK:
+        raise ConfigError(f"{url}: the load benchmark only talks to a server on this machine (127.0.0.1)")
+    if not 1 <= requests <= 1000:
+        raise ConfigError(f"--requests {requests}: use 1 to 1000")
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # never through a proxy
+
+    def call(method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+        with opener.open(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    model = call("GET", "/v1/models")["data"][0]["id"]
+    health = call("GET", "/health")              # what the server runs on, for the record
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}
+
+    def one(_) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        try:
+            usage = call("POST", "/v1/chat/completions", body)["usage"]
+        except urllib.error.HTTPError as e:
+            return time.perf_counter() - t0, 0, e.code
+        return time.perf_counter() - t0, usage["completion_tokens"], 200
+
+    one(None)                                    # warm-up, not timed
+    records = []
+    print(f"{'clients':>7} {'requests':>8} {'ok':>4} {'req_per_min':>11} {'p50_s':>7} {'p95_s':>7} {'tok_s':>7}")
+    for c in clients:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=c) as pool:
+            results = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - t0
+        ok = [(lat, n) for lat, n, status in results if status == 200]
+        lat = np.array([x for x, _ in ok]) if ok else np.array([np.nan])
+        record = {"bench": "serve", "model": model, "ranks": health.get("ranks"),
+                  "allreduce": health.get("allreduce"), "windows": health.get("windows"), "clients": c,
+                  "requests": requests, "ok": len(ok), "rejected": requests - len(ok), "max_tokens": max_tokens, "prompt": prompt,
+                  "wall_s": wall, "req_per_min": 60 * len(ok) / wall,
+                  "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
+                  "completion_tok_s": sum(n for _, n in ok) / wall, "url": base, "git_commit": git_commit()}
+        print(f"{c:>7} {requests:>8} {len(ok):>4} {record['req_per_min']:>11.1f} {record['p50_s']:>7.2f} "
+              f"{record['p95_s']:>7.2f} {record['completion_tok_s']:>7.1f}", flush=True)
+        append_json(out, record)
+        records.append(record)
+    return records

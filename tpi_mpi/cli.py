@@ -367,6 +367,20 @@ def bench_comm(**kw) -> None:
     run(**kw)
 
 
+@bench.command("serve")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="A tpi_mpi serve on this machine.")
+@click.option("--requests", type=int, default=16, show_default=True, help="Per level of concurrency (at most 1000).")
+@click.option("--clients", default="1,4", show_default=True, help="Levels of concurrency.")
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--api-key", envvar="TPI_MPI_API_KEY")
+@click.option("--out", help="Append the JSON records to this file.")
+def bench_serve(url, requests, clients, max_tokens, api_key, out) -> None:
+    """Requests per minute and p50/p95 latency against a running server (localhost only)."""
+    from .bench import bench_serve as run
+
+    run(url, requests, tuple(int(c) for c in clients.split(",")), max_tokens, api_key=api_key, out=out)
+
+
 @bench.command("transformers")
 @click.option("--model", "-m", required=True, help="Hugging Face folder or .gguf file.")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)

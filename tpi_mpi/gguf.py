@@ -131,6 +131,8 @@ def load_tensor(t: GGUFTensor, rows: tuple[int, int] | None = None,
         return np.array(dequantize(raw, Q(t.qtype)).reshape(-1)[a:b], dtype=np.float32)
     n_out, n_in = math.prod(t.shape[:-1]), t.shape[-1]
     a, b = rows or (0, n_out)
+    if a == b:                 # a rank with no rows of this tensor (e.g. the head kept on rank 0)
+        return np.zeros((0, n_in), dtype=np.float32)
     assert 0 <= a < b <= n_out and (not cols or 0 <= cols[0] < cols[1] <= n_in), (t.name, rows, cols)
     raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset + a * t.row_bytes, shape=(b - a, t.row_bytes))
     cut = None

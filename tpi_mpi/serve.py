@@ -1,0 +1,563 @@
+"""OpenAI-compatible HTTP front on rank 0 (`tpi_mpi serve`); the other ranks follow as in `generate`.
+
+Two threads on rank 0, each with one role:
+- the HTTP thread runs uvicorn (Starlette app, its own event loop): it checks the key, parses and
+  tokenizes each request, and puts a `Job` on a bounded queue (full: HTTP 429). It never touches MPI.
+- the main thread is the only one that talks to the other ranks: it takes one job at a time, runs
+  `run_generation` and sends the text back through the job's asyncio queue
+  (`loop.call_soon_threadsafe`, the one thread-safe way into an event loop).
+A client that goes away sets `job.cancelled`, which `should_stop` sees after the next token. An
+engine error fails the running and the queued requests with HTTP 5xx, stops the HTTP side and is
+raised, so the job ends with the command line's one-line message.
+
+Streams are server-sent events ending with `data: [DONE]`; the last chunk with a finish_reason
+always carries `usage`, and `stream_options: {"include_usage": true}` adds OpenAI's own usage-only
+chunk (empty `choices`) before [DONE]. Extensions beyond OpenAI's fields: `top_k` and `ignore_eos`
+(as vLLM names them). The request's `model` is not checked: there is one model, named in replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .errors import ConfigError, TpiError
+from .generate import Root, run_generation
+from .sampling import SamplingConfig
+
+MAX_BODY = 1 << 20           # bytes of request body accepted
+DRAIN_BODY = 16 << 20        # an oversized body is read this far before the 413, so the client sees it
+MAX_STOPS = 4                # as OpenAI
+BUILTIN_MODEL_ID = "smollm2-135m-instruct"
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+POLL_S = 0.5                 # how often the idle main thread checks that the HTTP thread still runs
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    queue_size: int = 8          # requests waiting behind the one being answered
+    api_key: str | None = None
+    max_tokens: int = 512        # per answer when a request sets no max_tokens
+    model_id: str = BUILTIN_MODEL_ID
+
+
+def model_id(model: str | None) -> str:
+    """The name /v1/models gives: the model's folder or file name."""
+    return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# --- request fields: pure functions --------------------------------------------------------------
+
+def _number(body: dict, key: str, default, kind=float):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, not {json.dumps(value)}",
+                       param=key)
+    return kind(value)
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false, not {json.dumps(value)}", param=key)
+    return bool(value)
+
+
+def parse_sampling(body: dict) -> SamplingConfig:
+    """OpenAI's defaults (temperature 1, top_p 1), top_k off; the CLI's checks on the values."""
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _number(body, "top_k", 0, int)
+    seed = _number(body, "seed", None, int)
+    try:
+        return SamplingConfig(temperature, top_k, top_p, seed)
+    except ConfigError as e:
+        name, _, rest = str(e).removeprefix("--").partition(" ")     # "--top-p 2.0: must be ..."
+        key = name.replace("-", "_")
+        raise ApiError(400, f"{key} {rest}", param=key) from None
+
+
+def parse_max_tokens(body: dict, keys: tuple[str, ...] = ("max_tokens",)) -> int | None:
+    for key in keys:
+        n = _number(body, key, None, int)
+        if n is not None:
+            if n < 1:
+                raise ApiError(400, f"{key} {n}: must be at least 1", param=key)
+            return n
+    return None
+
+
+def parse_stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, "stop must be a string or an array of strings", param="stop")
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop has {len(stops)} strings: at most {MAX_STOPS}", param="stop")
+    return [s for s in stops if s]
+
+
+def _text_content(content, i: int) -> str:
+    """A message's content: a string, or parts of type "text" (OpenAI's array form)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """`messages` as the chat template wants them: [{"role", "content": str}], developer -> system."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty array of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}].role {json.dumps(role)}: use one of {', '.join(CHAT_ROLES)}",
+                           param="messages")
+        out.append({"role": CHAT_ROLES[role], "content": _text_content(m.get("content"), i)})
+    return out
+
+
+def completion_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (or an array of one string)", param="prompt")
+    if not prompt.strip():
+        raise ApiError(400, "the prompt is empty: give some text", param="prompt")
+    return prompt
+
+
+class StopFilter:
+    """Cuts the text at the first stop string and holds back a tail that may begin one, so that a
+    stream never shows a stop string, nor part of one (OpenAI leaves it out of the text)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending, self.text, self.stopped = "", "", False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self.pending + delta
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = buf[:min(hits)], "", True
+        else:
+            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
+                        if buf.endswith(s[:k])), default=0)
+            out, self.pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        self.text += out
+        return out
+
+
+# --- jobs: from the HTTP thread to the main thread -----------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_tokens: int
+    stops: list[str]
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # ("text", str) ... ("done", dict) | ("error", ApiError)
+    cancelled: bool = False      # set by the HTTP thread when the client has gone
+
+    def send(self, kind: str, value) -> None:
+        """Main thread -> this request's handler."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:     # the event loop has closed: nobody is listening
+            self.cancelled = True
+
+
+class Engine:
+    """The main thread's side: one generation at a time, jobs from a bounded queue."""
+
+    def __init__(self, root: Root, cfg: ServeConfig) -> None:
+        self.root, self.cfg = root, cfg
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.admitted = 0                    # jobs queued or running: at most queue_size + 1
+        self.lock = threading.Lock()
+        self.busy = False
+        self.failed: str | None = None       # why the engine stopped; new requests get 503
+        self.mean_job_s = 1.0                # running mean, for Retry-After
+        s = root.s
+        self.eos = set(s.m.eos_ids) | s.codec.stop_ids()
+
+    def submit(self, job: Job) -> None:
+        """HTTP thread: queue a job or refuse it."""
+        if self.failed:
+            raise ApiError(503, f"the server is shutting down: {self.failed}", code="unavailable")
+        with self.lock:
+            full = self.admitted > self.cfg.queue_size
+            if not full:
+                self.admitted += 1
+                self.jobs.put_nowait(job)
+        if full:
+            wait = max(1, math.ceil(self.mean_job_s * self.cfg.queue_size))
+            raise ApiError(429, f"{self.cfg.queue_size} request(s) are waiting already (--queue-size): "
+                                f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+
+    def loop(self, http: "HttpThread") -> None:
+        """Main thread: answer jobs until the HTTP thread ends or the engine fails."""
+        try:
+            while True:
+                self.root.idle()                 # the next request may be long in coming
+                job = None
+                while job is None:
+                    if not http.thread.is_alive():
+                        raise TpiError("the HTTP server stopped unexpectedly")
+                    try:
+                        job = self.jobs.get(timeout=POLL_S)
+                    except queue.Empty:
+                        pass
+                try:
+                    self.run(job)
+                finally:
+                    with self.lock:
+                        self.admitted -= 1
+        except BaseException as e:
+            self.failed = str(e) or type(e).__name__
+            while True:                          # nobody will answer the queued requests
+                try:
+                    self.jobs.get_nowait().send("error", ApiError(503, f"the server stopped: {self.failed}",
+                                                                  code="unavailable"))
+                except queue.Empty:
+                    break
+            raise
+
+    def run(self, job: Job) -> None:
+        s = self.root.s
+        if job.cancelled:
+            job.send("error", ApiError(499, "the client closed the request"))
+            return
+        stop = StopFilter(job.stops)
+
+        def on_text(delta: str) -> None:
+            if out := stop.push(delta):
+                job.send("text", out)
+
+        t0 = time.perf_counter()
+        self.busy = True
+        try:
+            g = run_generation(self.root, job.prompt_ids, job.sampling, job.max_tokens, job.ignore_eos,
+                               on_text=on_text, should_stop=lambda _: job.cancelled or stop.stopped)
+        except ConfigError as e:                 # a request the checks let through: this client's fault
+            job.send("error", ApiError(400, str(e)))
+            return
+        except BaseException as e:
+            job.send("error", ApiError(500, f"the cluster failed: {e}", code="engine_error"))
+            raise
+        finally:
+            self.busy = False
+        if rest := stop.finish():
+            job.send("text", rest)
+        gone = job.cancelled                     # read before "done": the stream's end sets it too
+        seconds = time.perf_counter() - t0
+        self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
+        ended_by_eos = g.generated_ids[-1] in self.eos and not job.ignore_eos
+        reason = "stop" if stop.stopped or ended_by_eos else "length"
+        usage = {"prompt_tokens": len(g.prompt_ids), "completion_tokens": len(g.generated_ids),
+                 "total_tokens": len(g.prompt_ids) + len(g.generated_ids)}
+        job.send("done", {"finish_reason": reason, "usage": usage})
+        s.log(f"{job.id}: {len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens in {seconds:.2f} s, "
+              f"{'client gone' if gone else reason}")
+
+
+# --- the HTTP side ---------------------------------------------------------------------------
+
+def _sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _read_json(request: Request) -> dict:
+    """The body as a JSON object; 413 past MAX_BODY (read on up to DRAIN_BODY so the client,
+    still sending, receives the answer instead of a reset connection)."""
+    body, size = bytearray(), 0
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DRAIN_BODY:
+        raise ApiError(413, f"the body has {declared} bytes: at most {MAX_BODY}", code="body_too_large",
+                       headers={"Connection": "close"})
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY:
+            body += chunk
+        elif size > DRAIN_BODY:
+            break
+    if size > MAX_BODY:
+        raise ApiError(413, f"the body has {size}{'+' if size > DRAIN_BODY else ''} bytes: at most {MAX_BODY}",
+                       code="body_too_large")
+    try:
+        data = json.loads(body)
+    except ValueError as e:                      # UnicodeDecodeError is a ValueError too
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return data
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Mark the job cancelled once the client has gone (while queued or while answered)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled = True
+            return
+
+
+class Api:
+    """The routes; runs in the HTTP thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.cfg = engine, engine.cfg
+        self.codec = engine.root.s.codec
+        self.context = engine.root.s.m.max_seq_len
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        def route(path, fn, method):
+            return Route(path, self._guarded(fn), methods=[method])
+
+        async def http_error(request: Request, exc: HTTPException) -> Response:
+            return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+        return Starlette(routes=[
+            route("/health", self.health, "GET"),
+            route("/v1/models", self.models, "GET"),
+            route("/v1/chat/completions", self.chat_completions, "POST"),
+            route("/v1/completions", self.completions, "POST"),
+        ], exception_handlers={HTTPException: http_error})
+
+    def _guarded(self, fn):
+        async def handle(request: Request) -> Response:
+            try:
+                self._check_key(request)
+                return await fn(request)
+            except ApiError as e:
+                return e.response()
+            except Exception as e:               # a bug here must not look like a hang to the client
+                self.engine.root.s.log(f"internal error in {request.url.path}: {type(e).__name__}: {e}")
+                return ApiError(500, f"internal error {type(e).__name__}: {e}").response()
+        return handle
+
+    def _check_key(self, request: Request) -> None:
+        if self.cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def health(self, request: Request) -> Response:
+        e = self.engine
+        if e.failed:
+            return JSONResponse({"status": "error", "error": e.failed}, status_code=503)
+        s = e.root.s
+        return JSONResponse({"status": "ok", "model": self.cfg.model_id, "busy": e.busy, "queued": e.jobs.qsize(),
+                             "ranks": s.comm.size, "allreduce": s.comm.mode, "windows": s.windows})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.cfg.model_id, "object": "model", "created": self.created, "owned_by": "tpi_mpi"}]})
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _read_json(request)
+        messages = chat_messages(body)
+        try:
+            ids = await run_in_threadpool(self.codec.encode_chat, messages)
+        except ConfigError as e:                 # no template, or the template refuses these messages
+            raise ApiError(400, str(e), param="messages") from None
+        job = self._job(body, ids, "chatcmpl", ("max_completion_tokens", "max_tokens"))
+        return await self._answer(request, body, job, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = await _read_json(request)
+        ids = await run_in_threadpool(self.codec.encode, completion_prompt(body))
+        job = self._job(body, ids, "cmpl", ("max_tokens",))
+        return await self._answer(request, body, job, chat=False)
+
+    def _job(self, body: dict, ids: list[int], prefix: str, max_keys: tuple[str, ...]) -> Job:
+        if _number(body, "n", 1, int) != 1:
+            raise ApiError(400, "n must be 1: one answer per request", param="n")
+        if len(ids) >= self.context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is {self.context}: "
+                                "shorten it", param="messages" if prefix == "chatcmpl" else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = parse_max_tokens(body, max_keys) or self.cfg.max_tokens
+        return Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
+                   max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=_flag(body, "ignore_eos"),
+                   loop=asyncio.get_running_loop())
+
+    async def _answer(self, request: Request, body: dict, job: Job, chat: bool) -> Response:
+        stream = _flag(body, "stream")
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        self.engine.submit(job)
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            first = await job.events.get()       # headers wait for the first token: errors keep their status
+        except BaseException:
+            job.cancelled = True
+            watcher.cancel()
+            raise
+        if first[0] == "error":
+            watcher.cancel()
+            raise first[1]
+        if stream:
+            return StreamingResponse(self._events(job, first, watcher, chat, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts, item = [], first
+        try:
+            while item[0] == "text":
+                parts.append(item[1])
+                item = await job.events.get()
+        finally:
+            watcher.cancel()
+        if item[0] == "error":
+            raise item[1]
+        text, done = "".join(parts), item[1]
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": done["finish_reason"]}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done["finish_reason"]}
+        return JSONResponse({"id": job.id, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.cfg.model_id,
+                             "choices": [choice], "usage": done["usage"]})
+
+    async def _events(self, job: Job, first: tuple, watcher: asyncio.Task, chat: bool, include_usage: bool):
+        created = int(time.time())
+
+        def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+            if chat:
+                delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"id": job.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created, "model": self.cfg.model_id, "choices": [choice]}
+
+        try:
+            if chat:
+                yield _sse(chunk("", role=True))
+            item = first
+            while item[0] == "text":
+                yield _sse(chunk(item[1]))
+                item = await job.events.get()
+            if item[0] == "error":               # the status is sent already: OpenAI's in-stream error
+                yield _sse(item[1].body())
+                return
+            done = item[1]
+            yield _sse(chunk(None, done["finish_reason"]) | {"usage": done["usage"]})
+            if include_usage:
+                yield _sse(chunk(None) | {"choices": [], "usage": done["usage"]})
+            yield _sse("[DONE]")
+        finally:                                 # normal end, or the client has gone
+            job.cancelled = True
+            watcher.cancel()
+
+
+class HttpThread:
+    """uvicorn in a daemon thread with its own event loop, on a socket bound beforehand (so a busy
+    port is a clear error before any request is accepted)."""
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as e:
+            self.sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="tpi_mpi-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise TpiError("the HTTP server did not start (see the messages above)")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def serve(root: Root, cfg: ServeConfig) -> None:
+    """Rank 0: serve HTTP until stopped or until the cluster fails (raised)."""
+    engine = Engine(root, cfg)
+    http = HttpThread(Api(engine).app(), cfg.host, cfg.port)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    try:
+        http.start()
+        root.s.log(f"serving {cfg.model_id} at http://{host}:{http.port}/v1 on {root.s.comm.size} rank(s); "
+                   f"queue of {cfg.queue_size}{', API key required' if cfg.api_key else ''}")
+        engine.loop(http)
+    finally:
+        http.stop()                              # lets the failed requests' answers go out first
