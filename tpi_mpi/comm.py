@@ -7,12 +7,16 @@ normal setup), and a peer that never answers becomes an error after `timeout` se
 
 `LocalComm` is the world of one: reductions return at once and mpi4py is never imported, so the
 model runs and is tested without MPI.
+
+`--link-model 2ms,300mbit` (a `SimulatedLink`) charges every message a modelled link time, for
+what-if runs on one machine without root (tpi_mpi.netem emulates the link for real).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -22,11 +26,12 @@ from torch import Tensor
 
 from .allreduce import ALGORITHMS
 from .config import format_size
-from .errors import CommError
+from .errors import CommError, ConfigError
 
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
+TAG_PING, TAG_PONG = 31, 32
 
 
 @dataclass
@@ -34,6 +39,41 @@ class CommStats:
     seconds: float = 0.0      # wall time inside communication calls
     bytes_sent: int = 0
     calls: int = 0
+
+
+@dataclass(frozen=True)
+class SimulatedLink:
+    """A link of one-way `delay` seconds and `rate` bits per second, charged in the comm layer.
+
+    Every message that MpiComm.exchange receives costs delay + bytes / rate, slept on the receiving
+    rank after it arrived; messages received in one exchange share the receiver's link, one after
+    the other (a star's hub pays delay + (n - 1) bytes / rate). The sender's uplink is not modelled
+    apart, so a hub's n - 1 sends back count as parallel. An `mpi` allreduce (MPI_Allreduce, whose
+    messages are out of sight) is charged as the ring's pattern: 2 (n - 1) steps of delay +
+    (bytes / n) / rate. Broadcasts and gathers are not charged (one of each per token)."""
+
+    delay: float
+    rate: float
+
+    @classmethod
+    def parse(cls, text: str) -> SimulatedLink:
+        """'2ms,300mbit' -> SimulatedLink(0.002, 3e8); delays in us/ms/s, rates in kbit/mbit/gbit."""
+        m = re.fullmatch(r"\s*([0-9.]+)\s*(us|ms|s)\s*,\s*([0-9.]+)\s*(kbit|mbit|gbit)\s*", text.lower())
+        try:
+            link = m and cls(float(m[1]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m[2]],
+                             float(m[3]) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m[4]])
+        except ValueError:
+            link = None
+        if not link or link.rate <= 0:
+            raise ConfigError(f"--link-model {text!r}: write a one-way delay and a rate, e.g. 2ms,300mbit")
+        return link
+
+    def cost(self, nbytes: int) -> float:
+        """Seconds until the last of messages of `nbytes` in all, sent together, has arrived."""
+        return self.delay + nbytes * 8 / self.rate
+
+    def describe(self) -> str:
+        return f"{self.delay * 1e3:g}ms,{self.rate / 1e6:g}mbit"
 
 
 class LocalComm:
@@ -77,7 +117,8 @@ class LocalComm:
 class MpiComm:
     """MPI_COMM_WORLD with buffer-only collectives and a selectable allreduce."""
 
-    def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0) -> None:
+    def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
+                 link: SimulatedLink | None = None) -> None:
         from mpi4py import MPI
 
         if mode not in ALLREDUCE_MODES:
@@ -87,7 +128,7 @@ class MpiComm:
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         if not 0 <= hub < self.size:
             raise CommError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}")
-        self.mode, self.timeout, self.hub = mode, timeout, hub
+        self.mode, self.timeout, self.hub, self.link = mode, timeout, hub, link
         self.stats = CommStats()
         self.chosen: dict[int, str] = {}     # auto: size class (bit length of the bytes) -> algorithm
         self._scratch: dict[tuple, np.ndarray] = {}
@@ -130,9 +171,27 @@ class MpiComm:
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
         self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace,
                    peers=[src for _, src in recvs] + [None] * len(sreqs))
+        if self.link and recvs:
+            time.sleep(self.link.cost(sum(buf.nbytes for buf, _ in recvs)))
         if self.recorder:
             for buf, _ in recvs:
                 self.recorder.add("p2p", buf)
+
+    def pingpong(self, peer: int, buf: np.ndarray, repeats: int) -> list[float]:
+        """`repeats` round trips of `buf` between this rank and `peer`, which calls it naming this
+        rank; the lower rank starts each. Returns its one-way times (round trip / 2) in seconds,
+        and [] on the other rank."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            if self.rank < peer:
+                self.exchange([(buf, peer)], [], TAG_PING, "ping")
+                self.exchange([], [(buf, peer)], TAG_PONG, "waiting for a pong")
+                times.append((time.perf_counter() - t0) / 2)
+            else:
+                self.exchange([], [(buf, peer)], TAG_PING, "waiting for a ping")
+                self.exchange([(buf, peer)], [], TAG_PONG, "pong")
+        return times
 
     def scratch(self, shape: tuple, n: int) -> list[np.ndarray]:
         """n reusable float32 buffers of `shape` (allocated once per shape)."""
@@ -153,6 +212,9 @@ class MpiComm:
         if mode == "mpi":
             self.stats.bytes_sent += arr.nbytes
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], "in MPI_Allreduce")
+            if self.link:                     # as a ring would: 2 (n - 1) steps of 1/n of the buffer
+                steps = 2 * (self.size - 1)
+                time.sleep(steps * self.link.cost(-(-arr.nbytes // self.size)))
             if self.recorder:
                 self.recorder.add("allreduce", arr)
         elif mode == "star":
@@ -256,12 +318,14 @@ class MpiComm:
 _active: MpiComm | None = None
 
 
-def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0):
-    """MpiComm when launched by mpirun with more than one rank, else LocalComm."""
+def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_model: str | None = None):
+    """MpiComm when launched by mpirun with more than one rank, else LocalComm.
+    `link_model` ('2ms,300mbit'): charge each message that link's time (SimulatedLink)."""
     global _active
+    link = SimulatedLink.parse(link_model) if link_model else None
     if not _launched_by_mpi():
         return LocalComm()
-    comm = MpiComm(mode, timeout, hub)
+    comm = MpiComm(mode, timeout, hub, link)
     if comm.size == 1:
         return LocalComm()
     _active = comm
