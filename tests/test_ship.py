@@ -37,3 +37,17 @@ def test_shards_are_shipped_checked_and_reshipped_when_corrupt(checkpoints, tmp_
     assert fixed["generated_ids"] == reference["generated_ids"]
     manifest = json.loads((folders[1] / "manifest.json").read_text())
     assert block.stat().st_size == manifest["files"][block.name]["size"]
+
+
+def test_manifest_naming_a_file_outside_its_folder_is_refused(checkpoints, tmp_path):
+    from tpi_mpi.config import ParallelConfig
+    from tpi_mpi.prepare import prepare
+
+    out = prepare(checkpoints("qwen2"), tmp_path / "p", ParallelConfig(2))
+    manifest = json.loads((out / "rank1" / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0" * 64}
+    (out / "rank1" / "manifest.json").write_text(json.dumps(manifest))
+    r = run_tpi(["generate", "--model", str(out), "--prompt", "hi", "--quiet"], n=2)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "names '../../etc/passwd', outside its folder" in errors[0], r.stderr

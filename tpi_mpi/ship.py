@@ -32,6 +32,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checked_names(manifest: dict, where: Path) -> list[str]:
+    """The manifest's file names, refusing any that would reach outside its folder."""
+    names = list(manifest["files"])
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ShardError(f"{where} names {name!r}, outside its folder: refusing it; prepare the model again")
+    return names
+
+
 def stale_files(folder: Path, manifest: dict) -> list[str]:
     """Names of the manifest's files that `folder` lacks or holds with other contents."""
     stamp_path = folder / STAMP
@@ -40,7 +49,8 @@ def stale_files(folder: Path, manifest: dict) -> list[str]:
     except (OSError, ValueError):
         stamps = {}
     wanted, fresh = [], {}
-    for name, info in manifest["files"].items():
+    for name in checked_names(manifest, folder / "manifest.json"):
+        info = manifest["files"][name]
         path = folder / name
         try:
             st = path.stat()
@@ -88,6 +98,7 @@ def ship(comm, root: Path, my_root: Path, progress=None, log=print) -> None:
         for r in range(1, comm.size):
             folder = root / f"rank{r}"
             manifest = (folder / "manifest.json").read_bytes()
+            checked_names(json.loads(manifest), folder / "manifest.json")
             _send_bytes(comm, np.frombuffer(manifest, dtype=np.uint8), r, TAG_MANIFEST, f"sending rank {r} its manifest")
             wanted = json.loads(_recv_bytes(comm, r, TAG_WANTED, f"asking rank {r} what it lacks").tobytes())
             if not wanted:
