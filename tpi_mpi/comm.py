@@ -153,7 +153,7 @@ class MpiComm:
             if timeout is not None and waited > timeout:
                 silent = [p for r, p in zip(reqs, peers or []) if p is not None and not r.Test()]
                 who = f"rank {', '.join(map(str, silent))} sent nothing" if silent else "a peer rank did not answer"
-                raise CommError(f"rank {self.rank}: {who} for {timeout:g} s ({what}): it has died or frozen "
+                raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
                                 f"(raise --comm-timeout if it is only slow)")
 
     def _timed(self, nbytes: int):
