@@ -125,7 +125,7 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
     try:
         import transformers
     except ImportError:
-        raise SystemExit("bench transformers needs transformers: pip install 'tpi_mpi[test]'")
+        raise ConfigError("bench transformers needs transformers: pip install 'tpi_mpi[bench]'") from None
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)   # transformers renaming its cache argument

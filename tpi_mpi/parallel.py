@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -143,10 +142,6 @@ def unbind(module: nn.Module, names) -> None:
     for name in names:
         owner, attr = name.rsplit(".", 1)
         setattr(module.get_submodule(owner), attr, None)
-
-
-def as_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int) -> dict[str, int]:
