@@ -175,7 +175,7 @@ class Session:
             self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, comm.size)
             self.m = self.shard.model
             self.dtype = DTYPES[self.shard.dtype_name]
-            self.window = WeightWindow(self.shard, self._choose_window(baseline))
+            self.window = WeightWindow(self.shard, self._choose_window(baseline), progress=self._progress())
             self.model = Transformer(self.m, self.shard.shards, self.rank, comm, self.window, self.dtype)
             self.model.load_resident(self.shard.read("common.safetensors")[1])
             if self.rank == 0:

@@ -146,7 +146,7 @@ def _file_sha256(path: Path) -> str:
 class WeightWindow:
     """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory."""
 
-    def __init__(self, shard: Shard, depth: int | None = None) -> None:
+    def __init__(self, shard: Shard, depth: int | None = None, progress=None) -> None:
         if depth is not None and depth < 1:
             raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
         self.shard, self.depth = shard, depth
@@ -157,9 +157,12 @@ class WeightWindow:
         self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}
         if depth is None or depth >= len(self.order):
             self.depth = None
+            bar = progress(total=len(self.order), desc="load", unit="block") if progress else None
             for i, k in self.order:
                 self.resident[(i, k)] = shard.read(block_file(i, k))[1]
                 self.bytes_read += shard.files[block_file(i, k)]["size"]
+                bar and bar.update()
+            bar and bar.close()
             return
         self._verified: set[str] = set()     # checksums are checked on the first pass only
         size = shard.block_bytes()
