@@ -74,8 +74,10 @@ def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
                 if rec["shape"] == [4]:
                     cmd_id, pos, n, flag = np.frombuffer(data[rec["offset"]:rec["offset"] + 32], dtype=np.int64)
                     assert cmd_id in (1, 2, 3, 4) and 0 <= pos < 256 and 0 <= n < 256 and flag in (0, 1), rec
-            elif rec["dtype"] == "uint8":   # broadcast bytes: the prepared folder's path, or hidden states
-                assert rec["op"] == "bcast" and (rec["shape"] == [4096] or rec["shape"][-1] == 4 * dim), rec
+            elif rec["dtype"] == "uint8" and rec["op"] == "bcast":   # the prepared folder's path, or hidden states
+                assert rec["shape"] == [4096] or rec["shape"][-1] == 4 * dim, rec
+            elif rec["dtype"] == "uint8":   # start-up shipping: this rank's manifest (and shard files if missing)
+                assert rec["op"] == "p2p", rec
             else:                           # partial sums and totals (and auto's trial timings)
                 assert rec["dtype"] in ("float32", "float64"), rec
         for secret in secrets:
