@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import click
@@ -36,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:          # bad options: every rank parses the same argv
         if rank == 0:
             e.show()
-        sys.exit(e.exit_code)
+        _leave(e.exit_code, reporter=rank == 0)
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.exit(130)
     except PeerFailed:                         # the failing rank reports; the others just leave
-        sys.exit(1)
+        _leave(1, reporter=False)
     except Exception as e:
         from .comm import active_comm
 
@@ -53,9 +54,17 @@ def main(argv: list[str] | None = None) -> None:
         if comm is None or comm.size == 1:     # before any communication, all ranks fail alike
             if rank == 0:
                 print(f"tpi_mpi: error: {_describe(e)}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            _leave(1, reporter=rank == 0)
         print(f"tpi_mpi: rank {rank}: error: {_describe(e)}", file=sys.stderr, flush=True)
         comm.abort(1)
+
+
+def _leave(code: int, reporter: bool) -> None:
+    """Exit; a rank that is not the one reporting gives it a moment first: mpirun ends the whole
+    job as soon as any rank exits non-zero, which could cut the reporter off before it prints."""
+    if not reporter and "OMPI_COMM_WORLD_SIZE" in os.environ:
+        time.sleep(2)
+    sys.exit(code)
 
 
 def _describe(e: Exception) -> str:
