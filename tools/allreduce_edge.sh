@@ -1,0 +1,53 @@
+#!/bin/sh
+# The allreduce figure and tables of docs/allreduce-results.md, on emulated edge links (issue 6).
+# Needs root (network namespaces; see python -m tpi_mpi.netem --help) and matplotlib for the plot.
+#
+#   tools/allreduce_edge.sh comm|generate|simulate|plot [OUT_DIR]   (default bench-results/allreduce-edge)
+#
+# comm:     star, mpi, ring, recdouble and auto at 0, 1, 2 and 5 ms one way, 300 Mbit/s, on
+#           RANKS ranks (default "2 4 8"), decode (1x576, 1x4096) and prefill (128x4096) messages
+# generate: end-to-end s/token of the built-in SmolLM2-135M for every --allreduce ALGOS (default
+#           all five), on the links DELAYS (default "0 2 5") and RANKS (default "2 4")
+# simulate: bench comm as in `comm`, on 2 and 4 ranks, with --link-model instead of the emulator
+#           (the comm layer sleeps each message's modelled time), into simulated.jsonl
+# Each run is bounded by `timeout`; a failed run is reported and the others go on.
+set -u
+what=${1:?comm, generate, simulate or plot}
+out=${2:-bench-results/allreduce-edge}
+mkdir -p "$out"
+
+case "$what" in
+comm)
+    for n in ${RANKS:-2 4 8}; do
+        for d in 0 1 2 5; do
+            timeout 300 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
+                python -m tpi_mpi bench comm --sizes 1x576,1x4096,128x4096 --repeats 20 --warmup 2 \
+                --budget 1 --idle-seconds 0.5 --comm-timeout 120 --out "$out/comm.jsonl" \
+                || echo "FAILED: bench comm, $n ranks, $d ms" >&2
+        done
+    done ;;
+generate)
+    for n in ${RANKS:-2 4}; do
+        for d in ${DELAYS:-0 2 5}; do
+            for a in ${ALGOS:-star mpi ring recdouble auto}; do
+                timeout 300 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
+                    python -m tpi_mpi bench generate --threads 1 --allreduce "$a" --prompt-tokens 16 \
+                    --new-tokens 8 --warmup 2 --quiet --out "$out/generate.jsonl" \
+                    || echo "FAILED: bench generate, $n ranks, $d ms, $a" >&2
+            done
+        done
+    done ;;
+simulate)
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1    # only needed as root
+    for n in 2 4; do
+        for d in 0 1 2 5; do
+            timeout 300 mpirun --oversubscribe -n "$n" python -m tpi_mpi bench comm --link-model "${d}ms,300mbit" \
+                --sizes 1x576,1x4096,128x4096 --repeats 20 --warmup 2 --budget 1 --idle-seconds 0 \
+                --out "$out/simulated.jsonl" || echo "FAILED: simulated bench comm, $n ranks, $d ms" >&2
+        done
+    done ;;
+plot)
+    python -m tpi_mpi.bench_plot "$out/comm.jsonl" docs/allreduce-edge.png --generate "$out/generate.jsonl" ;;
+*)
+    echo "usage: $0 comm|generate|simulate|plot [OUT_DIR]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,282 @@
+"""`bench comm`: ping-pong latency and every allreduce algorithm over a range of message sizes.
+
+Run under mpirun with 2 or more ranks. Everything goes through comm.MpiComm (no mpi4py here), so
+the numbers include what the model pays: its polling waits, its float32 sums, `--link-model`.
+
+Per message size and algorithm: warm-up calls, a barrier, then samples as many as fit `budget`
+seconds (5 at least, `repeats` at most). A sample is a block of back-to-back calls (up to 10, about
+0.1 s), timed with perf_counter on every rank; its time per call is the slowest rank's block time
+over the calls. Timing single calls would charge a call the skew between ranks: a rank done early
+waits for its peers inside the next call, and the slowest rank of each call is always such a one.
+The table shows the median over samples, the JSON lines p10 and p90 too.
+
+Ping-pong: rank 0 and each other rank in turn, one-way = round trip / 2.
+Idle CPU: rank 0 computes for `idle_s` seconds while the others wait in an allreduce; their CPU
+seconds per wall second (time.process_time, all threads) show whether a waiting rank spins.
+
+Sizes are float32 values written TOKENSxHIDDEN (1x576: one decode token of SmolLM2-135M) or a
+number of bytes (8, 1MiB), for ping-pongs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bench import append_json, git_commit, link_info
+from .comm import MpiComm, make_comm
+from .config import format_size, parse_size
+from .errors import ConfigError
+
+# one decode token of SmolLM2-135M (hidden 576) up to a 2048-token prefill of hidden 8192, about x4 a step
+DEFAULT_SIZES = "1x576,1x2048,1x8192,8x4096,32x4096,128x4096,512x4096,2048x4096,2048x8192"
+ALGORITHMS = ("star", "mpi", "ring", "recdouble", "auto")
+MIN_REPEATS = 5
+BLOCK_S, MAX_BLOCK = 0.1, 10          # an allreduce sample: back-to-back calls lasting about BLOCK_S
+
+
+@dataclass(frozen=True, order=True)
+class Size:
+    elements: int                   # float32 values
+    tokens: int | None = None
+    hidden: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.elements
+
+    @property
+    def label(self) -> str:
+        return f"{self.tokens}x{self.hidden}" if self.tokens else format_size(self.nbytes).replace(" ", "")
+
+
+def parse_sizes(text: str) -> list[Size]:
+    sizes = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "x" in item.lower():
+            t, h = item.lower().split("x")
+            if not (t.isdigit() and h.isdigit() and int(t) > 0 and int(h) > 0):
+                raise ConfigError(f"--sizes {item!r}: write TOKENSxHIDDEN, e.g. 1x576")
+            sizes.append(Size(int(t) * int(h), int(t), int(h)))
+        else:
+            nbytes = parse_size(item)
+            if nbytes <= 0 or nbytes % 4:
+                raise ConfigError(f"--sizes {item!r}: bytes must be a positive multiple of 4 (float32 values)")
+            sizes.append(Size(nbytes // 4))
+    return sizes
+
+
+def hidden_size(path: str) -> int:
+    """The hidden size of a prepared folder (its manifest), a Hugging Face folder or a .gguf file."""
+    p = Path(path)
+    if (p / "rank0" / "manifest.json").exists():
+        return int(json.loads((p / "rank0" / "manifest.json").read_text())["model"]["dim"])
+    if (p / "config.json").exists():
+        return int(json.loads((p / "config.json").read_text())["hidden_size"])
+    if p.suffix == ".gguf" and p.exists():
+        from .gguf import config_from_gguf, read_header
+
+        meta, tensors = read_header(p)
+        return config_from_gguf(meta, {t.name: t for t in tensors}, str(p)).dim
+    raise ConfigError(f"--model {path}: neither a prepared folder (rank0/manifest.json), a folder with "
+                      f"config.json nor a .gguf file")
+
+
+def describe_link(link: dict) -> str:
+    if link["kind"] == "none":
+        return "no link model (the host's own transport)"
+    extra = f", {link['backend']}" if link.get("backend") else ""
+    return f"{link['kind']} {link['delay_ms']:g} ms one way, {link['rate_mbit']:g} Mbit/s{extra}"
+
+
+def percentiles(times: np.ndarray) -> dict:
+    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    return {"median_s": float(median), "p10_s": float(p10), "p90_s": float(p90), "repeats": int(times.size)}
+
+
+def busy(seconds: float) -> None:
+    """A single-threaded numpy loop standing in for a rank's compute."""
+    a = np.random.default_rng(0).random(4096)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        np.sin(a, out=a)
+
+
+class CommBench:
+    """The measurements; every rank calls the same methods in the same order (they communicate)."""
+
+    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float) -> None:
+        self.comm, self.rank, self.n = comm, comm.rank, comm.size
+        self.repeats, self.warmup, self.budget, self.idle_s = max(repeats, 1), max(warmup, 1), budget, idle_s
+
+    # -- agreeing across ranks, with MpiComm's broadcasts only --
+    def from_rank0(self, value: float) -> float:
+        buf = np.array([value], dtype=np.float64)
+        return float(self.comm.bcast(buf, root=0)[0])
+
+    def slowest(self, mine: np.ndarray) -> np.ndarray:
+        """Element-wise maximum over ranks of each rank's timings, on every rank."""
+        out = mine.astype(np.float64)
+        for r in range(self.n):
+            buf = out.copy() if r == self.rank else np.empty_like(out)
+            np.maximum(out, self.comm.bcast(buf, root=r), out=out)
+        return out
+
+    def count(self, sample_s: float) -> int:
+        """Samples that fit the budget, from one sample's expected seconds (rank 0 decides)."""
+        return int(self.from_rank0(max(MIN_REPEATS, min(self.repeats, int(self.budget / max(sample_s, 1e-6))))))
+
+    # -- measurements --
+    def pingpong(self, size: Size) -> dict:
+        buf = np.zeros(size.elements, dtype=np.float32)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        per_peer, pooled = [], []
+        for peer in range(1, self.n):
+            partner = peer if self.rank == 0 else 0
+            warm = self.comm.pingpong(partner, buf, self.warmup) if self.rank in (0, peer) else []
+            reps = self.count(2 * max(warm, default=0.0))
+            times = self.comm.pingpong(partner, buf, reps) if self.rank in (0, peer) else []
+            self.comm.barrier()             # the ranks left out of this pair wait here
+            per_peer.append(float(np.median(times)) if times else None)
+            pooled += times
+        cpu = self.comm.gather_floats((time.process_time() - cpu0) / (time.perf_counter() - wall0))
+        if self.rank != 0:
+            return {}
+        return {"kind": "pingpong", **percentiles(np.array(pooled)), "per_peer_median_s": per_peer,
+                "rank_cpu_per_wall": [round(c, 3) for c in cpu]}
+
+    def allreduce(self, size: Size, algorithm: str) -> dict:
+        comm = self.comm
+        comm.mode = algorithm
+        x = torch.zeros(size.elements)      # zeros: repeated in-place sums stay finite
+        for _ in range(self.warmup):        # auto times its candidates on the first call
+            t0 = time.perf_counter()
+            comm.allreduce(x)
+            warm = time.perf_counter() - t0
+        warm = float(self.slowest(np.array([warm]))[0])
+        block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
+        reps = self.count(block * warm)
+        times = np.empty(reps)
+        comm.barrier()
+        for i in range(reps):               # back to back, as the layers of a forward pass call it
+            t0 = time.perf_counter()
+            for _ in range(block):
+                comm.allreduce(x)
+            times[i] = (time.perf_counter() - t0) / block
+        times = self.slowest(times)
+        record = {"kind": "allreduce", "algorithm": algorithm, **percentiles(times), "calls_per_sample": block}
+        if algorithm == "auto":
+            record["chosen"] = comm.chosen.get(size.nbytes.bit_length())
+            record["auto_trials_s"] = getattr(comm, "trials", {}).get(size.nbytes)
+        return record
+
+    def idle_cpu(self, algorithm: str) -> dict:
+        """Rank 0 computes, the others wait for it in an allreduce of one decode token."""
+        comm = self.comm
+        comm.mode = algorithm
+        x = torch.zeros(576)
+        comm.allreduce(x)                   # warm-up (auto: its trials)
+        comm.barrier()
+        if self.rank == 0:
+            busy(self.idle_s)
+            comm.allreduce(x)
+            mine = -1.0
+        else:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            comm.allreduce(x)
+            mine = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        per_rank = comm.gather_floats(mine)
+        if self.rank != 0:
+            return {}
+        return {"kind": "idle_cpu", "algorithm": algorithm, "busy_s": self.idle_s,
+                "idle_cpu_per_wall": max(per_rank[1:]), "per_rank": [round(c, 4) for c in per_rank[1:]]}
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+ABBREV = {"recdouble": "recdbl"}
+
+
+def header(algorithms: list[str], pingpong: bool) -> str:
+    cols = [f"{'size':>10} {'bytes':>10} |"]
+    if pingpong:
+        cols.append(f"{'ping ms':>8} |")
+    cols += [f"{ABBREV.get(a, a) + ' ms':>9}" for a in algorithms]
+    if "auto" in algorithms:
+        cols.append("| auto chose")
+    return " ".join(cols)
+
+
+def row(size: Size, ping: dict | None, results: dict[str, dict]) -> str:
+    cells = [f"{size.label:>10} {format_size(size.nbytes):>10} |"]
+    if ping is not None:
+        cells.append(f"{ping['median_s'] * 1e3:>8.3f} |")
+    cells += [f"{results[a]['median_s'] * 1e3:>9.3f}" for a in results]
+    if "auto" in results:
+        cells.append(f"| {results['auto'].get('chosen')}")
+    return " ".join(cells)
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algorithms: str, pingpong_only: bool,
+               repeats: int, warmup: int, budget: float, idle_seconds: float, hub: int, link_model: str | None,
+               comm_timeout: float, threads: int, out: str | None) -> None:
+    chosen = [a.strip() for a in algorithms.split(",") if a.strip()]
+    bad = [a for a in chosen if a not in ALGORITHMS]
+    if bad:
+        raise ConfigError(f"--algorithms {','.join(bad)}: choose from {','.join(ALGORITHMS)}")
+    todo = parse_sizes(sizes or DEFAULT_SIZES)
+    if model:
+        h = hidden_size(model)
+        todo += [Size(h, 1, h), Size(prefill_tokens * h, prefill_tokens, h)]
+    todo = sorted({s.elements: s for s in reversed(todo)}.values())    # one per element count
+    torch.set_num_threads(threads)
+    comm = make_comm("star", comm_timeout, hub, link_model)
+    if not isinstance(comm, MpiComm):
+        raise ConfigError("bench comm needs 2 ranks or more: mpirun -n 2 python -m tpi_mpi bench comm")
+    b = CommBench(comm, repeats, warmup, budget, idle_seconds)
+    netns = comm.gather_floats(float(os.stat("/proc/self/ns/net").st_ino))
+    link = link_info(comm)
+    base = {"bench": "comm", "ranks": comm.size, "hub": hub, "link": link, "threads": threads,
+            "net_namespaces": len(set(netns)) if netns else None, "host": platform.node(),
+            "cpus": os.cpu_count(), "commit": git_commit()}
+
+    def emit(record: dict, size: Size | None = None) -> dict:
+        if comm.rank == 0 and record:
+            if size is not None:
+                record = {"tokens": size.tokens, "hidden": size.hidden, "elements": size.elements,
+                          "bytes": size.nbytes, **record}
+            record = {"kind": record["kind"], **base, **record,
+                      "load_avg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%FT%T")}
+            append_json(out, record)
+        return record
+
+    if comm.rank == 0:
+        print(f"bench comm: {comm.size} ranks, {describe_link(link)}; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; median ms per call, slowest rank", flush=True)
+    algos = [] if pingpong_only else chosen
+    idle = {}
+    if idle_seconds > 0:
+        idle = {a: emit(b.idle_cpu(a)) for a in algos}
+    if comm.rank == 0:
+        print(header(algos, True), flush=True)
+    for size in todo:
+        ping = emit(b.pingpong(size), size)
+        results = {}
+        for a in algos:
+            results[a] = emit({**b.allreduce(size, a), "idle_cpu_per_wall": idle.get(a, {}).get("idle_cpu_per_wall")},
+                              size)
+        if comm.rank == 0:
+            print(row(size, ping, results), flush=True)
+    if comm.rank == 0 and idle:
+        print(f"idle CPU of a waiting rank while rank 0 computes {idle_seconds:g} s (CPU s per wall s): "
+              + ", ".join(f"{a} {r['idle_cpu_per_wall']:.1%}" for a, r in idle.items()), flush=True)
+    comm.barrier()
