@@ -23,7 +23,8 @@ def run(args, n=2):
     cmd = (mpirun_cmd(n) if n > 1 else []) + [sys.executable, "-m", "tpi_mpi", *args]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(), stdin=subprocess.DEVNULL)
-    lines = [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("tpi_mpi:") and "error" in line] or \
+        [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
     shown = lines[0] if lines else (r.stderr.strip().splitlines() or [""])[-1]
     return r.returncode, time.monotonic() - t0, shown, "Traceback" in r.stderr
 
