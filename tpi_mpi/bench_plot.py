@@ -21,6 +21,14 @@ STYLE = {"star": ("tab:red", "o"), "mpi": ("tab:blue", "s"), "ring": ("tab:green
          "recdouble": ("tab:purple", "D"), "auto": ("black", "x")}
 
 
+
+def _label(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("one-way delay (ms), 300 Mbit/s")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
 def read(path: str | None) -> list[dict]:
     if not path or not Path(path).exists():
         return []
@@ -174,11 +182,7 @@ def plot(comm: dict, gen: dict, out: str) -> None:
                 color, marker = STYLE[a]
                 ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=2, label=a,
                             linestyle="--" if a == "auto" else "-", linewidth=1 if a == "auto" else 1.5)
-            ax.set_title(f"{n} ranks, {s} float32")
-            ax.set_xlabel("one-way delay (ms), 300 Mbit/s")
-            ax.set_ylabel("ms per allreduce")
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            _label(ax, f"{n} ranks, {s} float32", "ms per allreduce")
         for j in range(len(sizes), cols):
             axes[i][j].axis("off")
     if gen:
@@ -190,11 +194,7 @@ def plot(comm: dict, gen: dict, out: str) -> None:
                 if pts:
                     color, marker = STYLE[a]
                     ax.plot(*zip(*pts), color=color, marker=marker, label=a, linestyle="--" if a == "auto" else "-")
-            ax.set_title(f"SmolLM2-135M end to end, {n} ranks")
-            ax.set_xlabel("one-way delay (ms), 300 Mbit/s")
-            ax.set_ylabel("s per token (decode)")
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            _label(ax, f"SmolLM2-135M end to end, {n} ranks", "s per token (decode)")
         for j in range(len(gen_ranks), cols):
             axes[-1][j].axis("off")
     axes[0][0].legend(fontsize=8)
