@@ -167,10 +167,35 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
 
 
+def disk_read_bandwidth(folder: Path, limit: int = 2 << 30) -> float:
+    """Bytes per second of a cold sequential read of up to `limit` bytes of the model's block
+    files (their pages dropped from the cache first)."""
+    files = sorted(folder.glob("rank*/layer*.safetensors"))
+    chosen, total = [], 0
+    for f in files:
+        if total >= limit:
+            break
+        chosen.append(f)
+        total += f.stat().st_size
+    for f in chosen:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    t0 = time.perf_counter()
+    for f in chosen:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(16 << 20):
+                pass
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return total / (time.perf_counter() - t0)
+
+
 def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, prompt_tokens: int,
                  new_tokens: int, out: str | None) -> None:
     """One `bench generate` run per window size, each rank in a memory cgroup of its own capped at
     `cap` bytes (page cache counts there too, so a streamed run is not served from memory)."""
+    bandwidth = disk_read_bandwidth(Path(model))
+    print(f"disk, cold sequential read: {bandwidth / 1e9:.2f} GB/s", flush=True)
     groups = [f"{CGROUP_ROOT}/tpi_bench_{r}" for r in range(ranks)] if cap else []
     for g in groups:
         os.makedirs(g, exist_ok=True)
@@ -195,7 +220,9 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
             depth = ranks and (None if w == "all" else int(w))
             bound = [b + 1.25 * ((depth or 0) + 1) * blk + kv + res if depth else None
                      for b, blk, kv, res in zip(pr["baseline_mib"], pr["block_mib"], pr["kv_mib"], pr["resident_mib"])]
-            rec.update(runner="bench memory", memory_cap=cap, rss_bound_mib=bound,
+            read_per_token = sum(pr["read_bytes"]) / max(new_tokens - 1, 1)   # every rank reads the same disk here
+            rec.update(runner="bench memory", memory_cap=cap, rss_bound_mib=bound, disk_GB_s=bandwidth / 1e9,
+                       s_per_token_over_read_time=rec["s_per_token"] / (read_per_token / bandwidth) if read_per_token else None,
                        rss_within_bound=None if depth is None else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
             records.append(rec)
             append_json(out, rec)
@@ -206,15 +233,16 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
             except OSError:
                 pass
     print(f"{'window':>6} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'hidden':>7} "
-          f"{'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18}")
+          f"{'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / read time':>19}")
     for rec in records:
         hidden = [h for h in rec["read_hidden"] if h is not None]
         hidden_text = f"{100 * min(hidden):.0f}%" if hidden else "-"
         rss_text = ", ".join(f"{x:.0f}" for x in rec["per_rank"]["peak_rss_mib"])
         bound = rec["rss_bound_mib"][0]
         bound_text = f"{bound:.0f}" if bound else "-"
+        ratio = rec["s_per_token_over_read_time"]
         print(f"{str(rec['window']):>6} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
-              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18}")
+              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>19}")
 
 
 # -- serve: a load client for a server running on this machine -----------------------------------
