@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import RankShard, plan_shards
-from .ship import STAMP
+from .ship import STAMP, file_sha256
 
 FORMAT = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -195,13 +195,10 @@ def _common_tensors(src, m: ModelConfig, s: RankShard, dtype) -> dict[str, torch
 
 
 def _file_entry(path: Path) -> dict:
-    """Size and sha256 of a written file, hashed in chunks (a block can be hundreds of MB)."""
-    h = hashlib.sha256()
+    """Size and sha256 of a written file, once it is on disk."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
         os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor] | None = None, data: bytes | None = None) -> dict:

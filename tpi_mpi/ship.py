@@ -24,11 +24,15 @@ TAG_MANIFEST, TAG_WANTED, TAG_DATA = 21, 22, 23
 STAMP = ".verified.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path, drop_cache: bool = False) -> str:
+    """sha256 of a file, read in chunks (a block can be hundreds of MB); `drop_cache` then tells
+    the OS its pages are no longer needed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+        if drop_cache:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return h.hexdigest()
 
 
@@ -60,7 +64,7 @@ def stale_files(folder: Path, manifest: dict) -> list[str]:
         key = [st.st_size, st.st_mtime_ns]
         if st.st_size != info["size"]:
             wanted.append(name)
-        elif stamps.get(name) == key + [info["sha256"]] or _sha256(path) == info["sha256"]:
+        elif stamps.get(name) == key + [info["sha256"]] or file_sha256(path) == info["sha256"]:
             fresh[name] = key + [info["sha256"]]
         else:
             wanted.append(name)

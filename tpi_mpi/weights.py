@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .errors import ShardError
 from .parallel import RankShard, bind, unbind
 from .prepare import DTYPES, FORMAT, SAFETENSORS_DTYPES
+from .ship import file_sha256
 
 KINDS = ("attn", "mlp")
 
@@ -125,22 +126,13 @@ class EmbeddingTable:
 
         path = shard.path("embed.safetensors")
         info = shard.files["embed.safetensors"]
-        if _file_sha256(path) != info["sha256"]:
+        if file_sha256(path, drop_cache=True) != info["sha256"]:
             raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; prepare the model again")
         self._file = safe_open(path, framework="pt")
         self._rows = self._file.get_slice("embed.weight")
 
     def __getitem__(self, ids: list[int]) -> Tensor:
         return torch.cat([self._rows[i:i + 1] for i in ids])                   # (T, dim)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return h.hexdigest()
 
 
 class WeightWindow:
