@@ -195,7 +195,10 @@ class MpiComm:
 
     def scratch(self, shape: tuple, n: int) -> list[np.ndarray]:
         """n reusable float32 buffers of `shape` (allocated once per shape)."""
-        return self._scratch_for(shape, n)
+        key = (shape, n)
+        if key not in self._scratch:
+            self._scratch[key] = np.empty((n, *shape), dtype=np.float32)
+        return list(self._scratch[key])
 
     # -- collectives ---------------------------------------------------------------------------
     def allreduce(self, x: Tensor) -> Tensor:
@@ -254,12 +257,6 @@ class MpiComm:
             return self.mode
         picks = ", ".join(f"up to {format_size(1 << c)}: {m}" for c, m in sorted(self.chosen.items()))
         return f"auto ({picks})" if picks else "auto"
-
-    def _scratch_for(self, shape: tuple, n: int) -> list[np.ndarray]:
-        key = (shape, n)
-        if key not in self._scratch:
-            self._scratch[key] = np.empty((n, *shape), dtype=np.float32)
-        return list(self._scratch[key])
 
     def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor | None:
         """Concatenate every rank's (T, counts[r]) float32 block along dim 1 on rank 0."""
