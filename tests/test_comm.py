@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import mpi_env, mpirun_cmd, run_tpi
+from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import LocalComm, SimulatedLink
 from tpi_mpi.errors import ConfigError
 
@@ -31,6 +32,29 @@ def test_local_comm_is_the_identity():
     comm = LocalComm()
     assert comm.allreduce(x) is x
     assert comm.agree(True) == -1 and comm.agree(False) == 0
+
+
+def test_auto_revises_a_pick_that_its_trial_flattered():
+    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006})
+    assert choice.pick == "recdouble"
+    checks = []
+    for call in range(1, 100):
+        if choice.record(0.012):
+            checks.append(call)
+            choice.revise(choice.mean_s())
+    # observed 12 ms: worse than ring's 8 ms trial, so ring; then worse than star's 10 ms, so star;
+    # then every candidate has been seen at 12 ms and star stays
+    assert checks == [4, 16, 64]
+    assert [(c["from"], c["to"]) for c in choice.changes] == [("recdouble", "ring"), ("ring", "star")]
+    assert choice.pick == "star" and choice.times == pytest.approx({"star": 0.012, "ring": 0.012, "recdouble": 0.012})
+
+
+def test_auto_keeps_a_pick_within_its_slack():
+    choice = AutoChoice({"star": 0.010, "mpi": 0.0102})
+    for _ in range(4):
+        choice.record(0.0104)          # 4% slower than its trial, 2% slower than mpi's: keep star
+    choice.revise(choice.mean_s())
+    assert choice.pick == "star" and not choice.changes and choice.next_check == 16
 
 
 def test_link_model_parses_delay_and_rate():

@@ -85,3 +85,47 @@ def recdouble(p, buf: np.ndarray) -> None:
 
 
 ALGORITHMS = {"star": star, "ring": ring, "recdouble": recdouble}
+
+
+class AutoChoice:
+    """`--allreduce auto`'s pick for one message-size class.
+
+    A start-up trial of a few calls per candidate gives the first pick, but a short trial can
+    flatter an algorithm (a queue that has not filled yet, a neighbour's burst of load), so the pick
+    is revised from the calls the model really makes: at call 4, 16, 64, ... (x4, then every 4096)
+    the ranks agree on the pick's observed seconds per call, which replace its trial figure; if
+    another candidate is then more than `SLACK` faster, it becomes the pick. Once every candidate
+    has been observed the pick is the fastest observed. Pure bookkeeping: comm.py does the MPI.
+    """
+
+    SLACK = 1.05
+    FIRST_CHECK, CHECK_EVERY_MAX = 4, 4096
+
+    def __init__(self, trial: dict[str, float]) -> None:
+        self.trial = dict(trial)
+        self.times = dict(trial)              # seconds per call: trial figures, then observed ones
+        self.pick = min(self.times, key=self.times.get)
+        self.calls, self.next_check = 0, self.FIRST_CHECK
+        self.window_calls, self.window_s = 0, 0.0   # this rank's calls of the pick since the last check
+        self.changes: list[dict] = []
+
+    def record(self, seconds: float) -> bool:
+        """Counts one call of the pick; True when the ranks should now agree on its time per call."""
+        self.calls += 1
+        self.window_calls += 1
+        self.window_s += seconds
+        return self.calls == self.next_check
+
+    def mean_s(self) -> float:
+        return self.window_s / max(self.window_calls, 1)
+
+    def revise(self, observed: float) -> None:
+        """`observed`: the pick's seconds per call since the last check, agreed by all ranks."""
+        self.times[self.pick] = observed
+        best = min(self.times, key=self.times.get)
+        if observed > self.SLACK * self.times[best]:
+            self.changes.append({"call": self.calls, "from": self.pick, "to": best,
+                                 "observed_s": observed, "expected_s": self.times[best]})
+            self.pick = best
+        self.window_calls, self.window_s = 0, 0.0
+        self.next_check = min(4 * self.next_check, self.next_check + self.CHECK_EVERY_MAX)

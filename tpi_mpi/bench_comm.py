@@ -3,8 +3,8 @@
 Run under mpirun with 2 or more ranks. Everything goes through comm.MpiComm (no mpi4py here), so
 the numbers include what the model pays: its polling waits, its float32 sums, `--link-model`.
 
-Per message size and algorithm: warm-up calls, a barrier, then samples as many as fit `budget`
-seconds (5 at least, `repeats` at most). A sample is a block of back-to-back calls (up to 10, about
+Per message size and algorithm: warm-up calls, then samples as many as fit `budget` seconds (5 at
+least, `repeats` at most), taken in `rounds` turns over the algorithms, each turn after a barrier. A sample is a block of back-to-back calls (up to 10, about
 0.1 s), timed with perf_counter on every rank; its time per call is the slowest rank's block time
 over the calls. Timing single calls would charge a call the skew between ranks: a rank done early
 waits for its peers inside the next call, and the slowest rank of each call is always such a one.
@@ -112,9 +112,10 @@ def busy(seconds: float) -> None:
 class CommBench:
     """The measurements; every rank calls the same methods in the same order (they communicate)."""
 
-    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float) -> None:
+    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float, rounds: int) -> None:
         self.comm, self.rank, self.n = comm, comm.rank, comm.size
         self.repeats, self.warmup, self.budget, self.idle_s = max(repeats, 1), max(warmup, 1), budget, idle_s
+        self.rounds = max(rounds, 1)
 
     # -- agreeing across ranks, with MpiComm's broadcasts only --
     def from_rank0(self, value: float) -> float:
@@ -152,30 +153,40 @@ class CommBench:
         return {"kind": "pingpong", **percentiles(np.array(pooled)), "per_peer_median_s": per_peer,
                 "rank_cpu_per_wall": [round(c, 3) for c in cpu]}
 
-    def allreduce(self, size: Size, algorithm: str) -> dict:
+    def allreduce(self, size: Size, algorithms: list[str]) -> dict[str, dict]:
+        """Every algorithm on one size. The samples are taken in `rounds` turns over the algorithms,
+        so that a change of the machine's load in the meantime falls on all of them alike."""
         comm = self.comm
-        comm.mode = algorithm
         x = torch.zeros(size.elements)      # zeros: repeated in-place sums stay finite
-        for _ in range(self.warmup):        # auto times its candidates on the first call
-            t0 = time.perf_counter()
-            comm.allreduce(x)
-            warm = time.perf_counter() - t0
-        warm = float(self.slowest(np.array([warm]))[0])
-        block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
-        reps = self.count(block * warm)
-        times = np.empty(reps)
-        comm.barrier()
-        for i in range(reps):               # back to back, as the layers of a forward pass call it
-            t0 = time.perf_counter()
-            for _ in range(block):
+        plan = {}
+        for a in algorithms:
+            comm.mode = a
+            for _ in range(self.warmup):    # auto times its candidates on the first call
+                t0 = time.perf_counter()
                 comm.allreduce(x)
-            times[i] = (time.perf_counter() - t0) / block
-        times = self.slowest(times)
-        record = {"kind": "allreduce", "algorithm": algorithm, **percentiles(times), "calls_per_sample": block}
-        if algorithm == "auto":
-            record["chosen"] = comm.chosen.get(size.nbytes.bit_length())
-            record["auto_trials_s"] = getattr(comm, "trials", {}).get(size.nbytes)
-        return record
+                warm = time.perf_counter() - t0
+            warm = float(self.slowest(np.array([warm]))[0])
+            block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
+            plan[a] = block, max(2, -(-self.count(block * warm) // self.rounds))
+        samples: dict[str, list[float]] = {a: [] for a in algorithms}
+        for _ in range(self.rounds):
+            for a, (block, reps) in plan.items():
+                comm.mode = a
+                comm.barrier()
+                for _ in range(reps):       # back to back, as the layers of a forward pass call it
+                    t0 = time.perf_counter()
+                    for _ in range(block):
+                        comm.allreduce(x)
+                    samples[a].append((time.perf_counter() - t0) / block)
+        records = {}
+        for a, (block, _) in plan.items():
+            times = self.slowest(np.array(samples[a]))
+            records[a] = {"kind": "allreduce", "algorithm": a, **percentiles(times), "calls_per_sample": block,
+                          "rounds": self.rounds}
+            if a == "auto":
+                choice = comm.auto[size.nbytes.bit_length()]
+                records[a].update(chosen=choice.pick, auto_trials_s=choice.trial, auto_changes=choice.changes)
+        return records
 
     def idle_cpu(self, algorithm: str) -> dict:
         """Rank 0 computes, the others wait for it in an allreduce of one decode token."""
@@ -227,7 +238,7 @@ def row(size: Size, ping: dict | None, results: dict[str, dict]) -> str:
 # --- the command --------------------------------------------------------------------------------------
 
 def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algorithms: str, pingpong_only: bool,
-               repeats: int, warmup: int, budget: float, idle_seconds: float, hub: int, link_model: str | None,
+               repeats: int, warmup: int, budget: float, rounds: int, idle_seconds: float, hub: int, link_model: str | None,
                comm_timeout: float, threads: int, out: str | None) -> None:
     chosen = [a.strip() for a in algorithms.split(",") if a.strip()]
     bad = [a for a in chosen if a not in ALGORITHMS]
@@ -242,7 +253,7 @@ def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algori
     comm = make_comm("star", comm_timeout, hub, link_model)
     if not isinstance(comm, MpiComm):
         raise ConfigError("bench comm needs 2 ranks or more: mpirun -n 2 python -m tpi_mpi bench comm")
-    b = CommBench(comm, repeats, warmup, budget, idle_seconds)
+    b = CommBench(comm, repeats, warmup, budget, idle_seconds, rounds)
     netns = comm.gather_floats(float(os.stat("/proc/self/ns/net").st_ino))
     link = link_info(comm)
     base = {"bench": "comm", "ranks": comm.size, "hub": hub, "link": link, "threads": threads,
@@ -270,10 +281,8 @@ def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algori
         print(header(algos, True), flush=True)
     for size in todo:
         ping = emit(b.pingpong(size), size)
-        results = {}
-        for a in algos:
-            results[a] = emit({**b.allreduce(size, a), "idle_cpu_per_wall": idle.get(a, {}).get("idle_cpu_per_wall")},
-                              size)
+        results = {a: emit({**r, "idle_cpu_per_wall": idle.get(a, {}).get("idle_cpu_per_wall")}, size)
+                   for a, r in (b.allreduce(size, algos) if algos else {}).items()}
         if comm.rank == 0:
             print(row(size, ping, results), flush=True)
     if comm.rank == 0 and idle:

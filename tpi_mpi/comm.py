@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .allreduce import ALGORITHMS
+from .allreduce import ALGORITHMS, AutoChoice
 from .config import format_size
 from .errors import CommError, ConfigError
 
@@ -130,7 +130,7 @@ class MpiComm:
             raise CommError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}")
         self.mode, self.timeout, self.hub, self.link = mode, timeout, hub, link
         self.stats = CommStats()
-        self.chosen: dict[int, str] = {}     # auto: size class (bit length of the bytes) -> algorithm
+        self.auto: dict[int, AutoChoice] = {}   # size class (bit length of the bytes) -> auto's pick
         self._scratch: dict[tuple, np.ndarray] = {}
         record = os.environ.get("TPI_MPI_RECORD")
         self.recorder = Recorder(record, self.rank) if record else None
@@ -206,8 +206,10 @@ class MpiComm:
         buf = x.detach().float().contiguous()
         arr = buf.numpy()
         t0 = self._timed(0)
-        mode = self.mode if self.mode != "auto" else self._auto(arr)
-        self._run(mode, arr)
+        if self.mode == "auto":
+            self._run_auto(arr)
+        else:
+            self._run(self.mode, arr)
         self.stats.seconds += time.perf_counter() - t0
         return buf if x.dtype == torch.float32 else buf.to(x.dtype)
 
@@ -225,37 +227,48 @@ class MpiComm:
         else:
             ALGORITHMS[mode](self, arr)
 
-    def _auto(self, arr: np.ndarray) -> str:
-        """The fastest algorithm for this size class, timed on first use with this very size.
-        Every rank runs the same trials and takes the slowest rank's times, so all choose alike."""
+    def _run_auto(self, arr: np.ndarray) -> None:
+        """The current pick for this size class (see AutoChoice), timed so the pick can be revised.
+        Every rank makes the same calls in the same order, so all check, agree and switch alike."""
         size_class = arr.nbytes.bit_length()
-        if size_class not in self.chosen:
-            trial = np.zeros_like(arr)
-            repeats = 20 if arr.nbytes <= 1 << 16 else 5
-            times = np.zeros(len(AUTO_CANDIDATES))
-            saved = self.stats
-            self.stats = CommStats()          # trials are not traffic of the model
-            for i, mode in enumerate(AUTO_CANDIDATES):
-                self._run(mode, trial)        # warm-up: connections, buffers
-                self.barrier()
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    self._run(mode, trial)
-                times[i] = (time.perf_counter() - t0) / repeats
-            self.stats = saved
-            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
-            if self.recorder:
-                self.recorder.add("auto", times)
-            self.chosen[size_class] = AUTO_CANDIDATES[int(np.argmin(times))]
-            self.trials = getattr(self, "trials", {})
-            self.trials[arr.nbytes] = dict(zip(AUTO_CANDIDATES, times.tolist()))
-        return self.chosen[size_class]
+        choice = self.auto.get(size_class) or self._trial(arr)
+        t0 = time.perf_counter()
+        self._run(choice.pick, arr)
+        if choice.record(time.perf_counter() - t0):
+            # the quickest rank's mean: a rank that arrived early also timed its wait for the others
+            seen = np.array([choice.mean_s()])
+            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
+            choice.revise(float(seen[0]))
+
+    def _trial(self, arr: np.ndarray) -> AutoChoice:
+        """Times every candidate with this very size; all ranks take the slowest rank's times."""
+        trial = np.zeros_like(arr)
+        repeats = 20 if arr.nbytes <= 1 << 16 else 5
+        times = np.zeros(len(AUTO_CANDIDATES))
+        saved = self.stats
+        self.stats = CommStats()              # trials are not traffic of the model
+        for i, mode in enumerate(AUTO_CANDIDATES):
+            self._run(mode, trial)            # warm-up: connections, buffers
+            self.barrier()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                self._run(mode, trial)
+            times[i] = (time.perf_counter() - t0) / repeats
+        self.stats = saved
+        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
+        if self.recorder:
+            self.recorder.add("auto", times)
+        choice = self.auto[arr.nbytes.bit_length()] = AutoChoice(dict(zip(AUTO_CANDIDATES, times.tolist())))
+        return choice
 
     def describe(self) -> str:
-        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 1 MiB: ring)"."""
+        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring, revised
+        from recdouble)"."""
         if self.mode != "auto":
             return self.mode
-        picks = ", ".join(f"up to {format_size(1 << c)}: {m}" for c, m in sorted(self.chosen.items()))
+        picks = ", ".join(f"up to {format_size(1 << c)}: {a.pick}"
+                          + (f", revised from {a.changes[0]['from']}" if a.changes else "")
+                          for c, a in sorted(self.auto.items()))
         return f"auto ({picks})" if picks else "auto"
 
     def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor | None:

@@ -12,6 +12,28 @@ from mpi4py import MPI
 from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
 
 
+def check_auto_keeps_ranks_together() -> list[str]:
+    """auto revises its pick from the calls' times at calls 4, 16, 64: the ranks must still agree
+    on every pick and every sum (a rank that switched alone would deadlock or add wrongly)."""
+    comm = MpiComm("auto", timeout=30)
+    n, rank = comm.size, comm.rank
+    failures = []
+    for call in range(70):
+        for shape in [(1, 576), (16, 576)]:
+            got = comm.allreduce(torch.full(shape, float(rank + call)))
+            if not torch.equal(got, torch.full(shape, float(n * (n - 1) / 2 + n * call))):
+                failures.append(f"auto call {call} {shape}: wrong sum")
+    picks = np.array([list(comm.auto[c].times).index(comm.auto[c].pick) for c in sorted(comm.auto)], dtype=np.int64)
+    lo, hi = picks.copy(), picks.copy()
+    comm.world.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+    comm.world.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+    if not np.array_equal(lo, hi):
+        failures.append(f"auto: ranks picked differently ({picks.tolist()})")
+    if n > 1 and any(c.calls != 70 or c.next_check != 256 for c in comm.auto.values()):
+        failures.append("auto: the picks were not checked at calls 4, 16 and 64")
+    return failures
+
+
 def main() -> int:
     failures = []
     for mode in ALLREDUCE_MODES:
@@ -42,6 +64,7 @@ def main() -> int:
                 if err > tol:
                     failures.append(f"{mode} {shape} {dtype}: max error {err:g} > {tol:g}")
         comm.barrier()
+    failures += check_auto_keeps_ranks_together()
     for f in failures:
         print(f"rank {comm.rank}: {f}", file=sys.stderr)
     if comm.rank == 0 and not failures:
