@@ -34,27 +34,40 @@ def test_local_comm_is_the_identity():
     assert comm.agree(True) == -1 and comm.agree(False) == 0
 
 
-def test_auto_revises_a_pick_that_its_trial_flattered():
-    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006})
-    assert choice.pick == "recdouble"
+def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int]:
+    """`calls` real calls costing `seconds[algorithm]` each; returns the calls at which the ranks agreed."""
     checks = []
-    for call in range(1, 100):
-        if choice.record(0.012):
-            checks.append(call)
-            choice.revise(choice.mean_s())
-    # observed 12 ms: worse than ring's 8 ms trial, so ring; then worse than star's 10 ms, so star;
-    # then every candidate has been seen at 12 ms and star stays
-    assert checks == [4, 16, 64]
-    assert [(c["from"], c["to"]) for c in choice.changes] == [("recdouble", "ring"), ("ring", "star")]
-    assert choice.pick == "star" and choice.times == pytest.approx({"star": 0.012, "ring": 0.012, "recdouble": 0.012})
+    for _ in range(calls):
+        if choice.record(seconds[choice.pick]):
+            checks.append(choice.calls)
+            choice.revise(choice.mean_s(), choice.window_s)
+    return checks
 
 
-def test_auto_keeps_a_pick_within_its_slack():
-    choice = AutoChoice({"star": 0.010, "mpi": 0.0102})
-    for _ in range(4):
-        choice.record(0.0104)          # 4% slower than its trial, 2% slower than mpi's: keep star
-    choice.revise(choice.mean_s())
-    assert choice.pick == "star" and not choice.changes and choice.next_check == 16
+def test_auto_keeps_the_contender_fastest_on_real_calls():
+    # the trial ranks recdouble first, ring within 1.5x of it; star and mpi are not tried again
+    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006, "mpi": 0.020})
+    assert choice.pick == "recdouble"
+    checks = drive(choice, {"recdouble": 0.012, "ring": 0.009, "star": 0.001, "mpi": 0.001}, 100)
+    assert checks == [8, 16, 48]                 # recdouble's window, ring's window, then 4 windows
+    assert choice.observed == pytest.approx({"recdouble": 0.012, "ring": 0.009})
+    assert choice.pick == "ring" and choice.first_pick == "recdouble"
+
+
+def test_auto_switches_when_its_pick_slows_down_later():
+    choice = AutoChoice({"star": 0.010, "recdouble": 0.009})
+    drive(choice, {"recdouble": 0.009, "star": 0.010}, 16)      # both tried: recdouble stays
+    assert choice.pick == "recdouble" and not choice.changes
+    drive(choice, {"recdouble": 0.020, "star": 0.010}, 32)      # then recdouble's link gets slow
+    assert choice.pick == "star" and choice.changes == [{"call": 48, "from": "recdouble", "to": "star"}]
+
+
+def test_auto_lengthens_windows_too_short_to_judge():
+    choice = AutoChoice({"star": 1e-4, "recdouble": 1e-4})
+    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 600)
+    # 8 calls of 0.1 ms are not 20 ms: the window doubles until it is (256 calls = 25.6 ms), and
+    # the next contender gets a window as long
+    assert checks[:7] == [8, 16, 32, 64, 128, 256, 512] and list(choice.observed) == ["star", "recdouble"]
 
 
 def test_link_model_parses_delay_and_rate():

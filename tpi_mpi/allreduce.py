@@ -90,23 +90,29 @@ ALGORITHMS = {"star": star, "ring": ring, "recdouble": recdouble}
 class AutoChoice:
     """`--allreduce auto`'s pick for one message-size class.
 
-    A start-up trial of a few calls per candidate gives the first pick, but a short trial can
-    flatter an algorithm (a queue that has not filled yet, a neighbour's burst of load), so the pick
-    is revised from the calls the model really makes: at call 4, 16, 64, ... (x4, then every 4096)
-    the ranks agree on the pick's observed seconds per call, which replace its trial figure; if
-    another candidate is then more than `SLACK` faster, it becomes the pick. Once every candidate
-    has been observed the pick is the fastest observed. Pure bookkeeping: comm.py does the MPI.
+    A start-up trial (back-to-back calls of each candidate, no compute in between) ranks the
+    candidates. The real calls can rank them differently: a rank computing between calls, a link
+    that slows under sustained traffic. So the trial's best and every candidate within `CONTENDER`
+    of it then serve real calls in turn, a window each, and the fastest on real calls is kept; it
+    is re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) and replaced when
+    another contender was more than `SLACK` faster. A window ends after `WINDOW` calls once it has
+    lasted `MIN_WINDOW_S`, as all ranks agree (comm.py does the agreeing; this is bookkeeping).
     """
 
-    SLACK = 1.05
-    FIRST_CHECK, CHECK_EVERY_MAX = 4, 4096
+    CONTENDER, SLACK = 1.5, 1.05
+    WINDOW, MIN_WINDOW_S, CHECK_EVERY_MAX = 8, 0.02, 4096
 
     def __init__(self, trial: dict[str, float]) -> None:
         self.trial = dict(trial)
-        self.times = dict(trial)              # seconds per call: trial figures, then observed ones
-        self.pick = min(self.times, key=self.times.get)
-        self.calls, self.next_check = 0, self.FIRST_CHECK
-        self.window_calls, self.window_s = 0, 0.0   # this rank's calls of the pick since the last check
+        best = min(trial.values())
+        contenders = sorted((a for a, t in trial.items() if t <= self.CONTENDER * best), key=trial.get)
+        self.first_pick = self.pick = contenders[0]
+        self.to_try = contenders[1:]
+        self.exploring = True
+        self.observed: dict[str, float] = {}          # seconds per real call
+        self.calls, self.window = 0, self.WINDOW
+        self.next_check = self.window
+        self.window_calls, self.window_s = 0, 0.0    # this rank's calls of the pick since the last check
         self.changes: list[dict] = []
 
     def record(self, seconds: float) -> bool:
@@ -119,13 +125,24 @@ class AutoChoice:
     def mean_s(self) -> float:
         return self.window_s / max(self.window_calls, 1)
 
-    def revise(self, observed: float) -> None:
-        """`observed`: the pick's seconds per call since the last check, agreed by all ranks."""
-        self.times[self.pick] = observed
-        best = min(self.times, key=self.times.get)
-        if observed > self.SLACK * self.times[best]:
-            self.changes.append({"call": self.calls, "from": self.pick, "to": best,
-                                 "observed_s": observed, "expected_s": self.times[best]})
-            self.pick = best
+    def revise(self, observed: float, lasted: float) -> None:
+        """`observed`: the pick's seconds per call in this window, `lasted`: the window's seconds,
+        both agreed by all ranks."""
+        if lasted < self.MIN_WINDOW_S:                # too short to judge: go on as long again
+            self.window = 2 * self.window_calls
+            self.next_check = self.calls + self.window_calls
+            return
+        self.observed[self.pick] = observed
         self.window_calls, self.window_s = 0, 0.0
-        self.next_check = min(4 * self.next_check, self.next_check + self.CHECK_EVERY_MAX)
+        if self.to_try:                               # the next contender serves the next window
+            self.pick = self.to_try.pop(0)
+            self.next_check = self.calls + self.window
+            return
+        best = min(self.observed, key=self.observed.get)
+        if self.exploring:                            # every contender seen: the fastest stays
+            self.pick, self.exploring = best, False
+        elif observed > self.SLACK * self.observed[best]:
+            self.changes.append({"call": self.calls, "from": self.pick, "to": best})
+            self.pick = best
+        self.window = min(4 * self.window, self.CHECK_EVERY_MAX)
+        self.next_check = self.calls + self.window

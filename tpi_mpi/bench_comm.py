@@ -4,7 +4,8 @@ Run under mpirun with 2 or more ranks. Everything goes through comm.MpiComm (no 
 the numbers include what the model pays: its polling waits, its float32 sums, `--link-model`.
 
 Per message size and algorithm: warm-up calls, then samples as many as fit `budget` seconds (5 at
-least, `repeats` at most), taken in `rounds` turns over the algorithms, each turn after a barrier. A sample is a block of back-to-back calls (up to 10, about
+least, `repeats` at most), taken in `rounds` turns over the algorithms (each turn starting one
+algorithm later), each algorithm's part of a turn after a barrier. A sample is a block of back-to-back calls (up to 10, about
 0.1 s), timed with perf_counter on every rank; its time per call is the slowest rank's block time
 over the calls. Timing single calls would charge a call the skew between ranks: a rank done early
 waits for its peers inside the next call, and the slowest rank of each call is always such a one.
@@ -155,7 +156,7 @@ class CommBench:
 
     def allreduce(self, size: Size, algorithms: list[str]) -> dict[str, dict]:
         """Every algorithm on one size. The samples are taken in `rounds` turns over the algorithms,
-        so that a change of the machine's load in the meantime falls on all of them alike."""
+        so that a change of the machine's load or the link in the meantime falls on all of them alike."""
         comm = self.comm
         x = torch.zeros(size.elements)      # zeros: repeated in-place sums stay finite
         plan = {}
@@ -169,8 +170,10 @@ class CommBench:
             block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
             plan[a] = block, max(2, -(-self.count(block * warm) // self.rounds))
         samples: dict[str, list[float]] = {a: [] for a in algorithms}
-        for _ in range(self.rounds):
-            for a, (block, reps) in plan.items():
+        for turn in range(self.rounds):
+            # each turn starts one algorithm later, so none is always timed right after the same one
+            for a in algorithms[turn % len(algorithms):] + algorithms[:turn % len(algorithms)]:
+                block, reps = plan[a]
                 comm.mode = a
                 comm.barrier()
                 for _ in range(reps):       # back to back, as the layers of a forward pass call it
@@ -185,7 +188,8 @@ class CommBench:
                           "rounds": self.rounds}
             if a == "auto":
                 choice = comm.auto[size.nbytes.bit_length()]
-                records[a].update(chosen=choice.pick, auto_trials_s=choice.trial, auto_changes=choice.changes)
+                records[a].update(chosen=choice.pick, trial_pick=choice.first_pick, auto_trials_s=choice.trial,
+                                  auto_observed_s=choice.observed, auto_changes=choice.changes)
         return records
 
     def idle_cpu(self, algorithm: str) -> dict:

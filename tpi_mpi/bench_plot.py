@@ -102,7 +102,9 @@ def comm_tables(comm: dict) -> str:
                          (f"{fixed[a]:.2f}" if a in fixed else "-") for a in FIXED]
                 auto = got["auto"]
                 auto_ms = auto["median_s"] * 1e3 if auto else None
-                auto_cell = f"{auto_ms:.2f} ({auto.get('chosen')})" if auto else "-"
+                first = auto.get("trial_pick") if auto else None
+                pick = f"{auto['chosen']}, trial: {first}" if first and first != auto["chosen"] else auto and auto["chosen"]
+                auto_cell = f"{auto_ms:.2f} ({pick})" if auto else "-"
                 lines.append(f"| {n} | {measured} | {s} | " + " | ".join(cells) + f" | {auto_cell} | "
                              f"{ratio_text(auto_ms, best)} |")
     return "\n".join(lines)

@@ -235,10 +235,10 @@ class MpiComm:
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
-            # the quickest rank's mean: a rank that arrived early also timed its wait for the others
-            seen = np.array([choice.mean_s()])
+            # the quickest rank's figures: a rank that arrived early also timed its wait for the others
+            seen = np.array([choice.mean_s(), choice.window_s])
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
-            choice.revise(float(seen[0]))
+            choice.revise(float(seen[0]), float(seen[1]))
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
         """Times every candidate with this very size; all ranks take the slowest rank's times."""
@@ -262,12 +262,12 @@ class MpiComm:
         return choice
 
     def describe(self) -> str:
-        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring, revised
-        from recdouble)"."""
+        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring (trial:
+        recdouble))"."""
         if self.mode != "auto":
             return self.mode
-        picks = ", ".join(f"up to {format_size(1 << c)}: {a.pick}"
-                          + (f", revised from {a.changes[0]['from']}" if a.changes else "")
+        picks = ", ".join(f"up to {format_size(1 << c)}: {a.pick}" + (f" (trial: {a.first_pick})" if
+                                                                        a.pick != a.first_pick else "")
                           for c, a in sorted(self.auto.items()))
         return f"auto ({picks})" if picks else "auto"
 

@@ -9,12 +9,15 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
 
 
 def check_auto_keeps_ranks_together() -> list[str]:
-    """auto revises its pick from the calls' times at calls 4, 16, 64: the ranks must still agree
-    on every pick and every sum (a rank that switched alone would deadlock or add wrongly)."""
+    """auto tries its contenders on real calls and re-checks its pick: the ranks must agree on every
+    switch (a rank that switched alone would deadlock or add wrongly). Every candidate is made a
+    contender and windows may be short, so all four are tried within the first 32 calls."""
+    AutoChoice.CONTENDER, AutoChoice.MIN_WINDOW_S = float("inf"), 0.0
     comm = MpiComm("auto", timeout=30)
     n, rank = comm.size, comm.rank
     failures = []
@@ -23,14 +26,16 @@ def check_auto_keeps_ranks_together() -> list[str]:
             got = comm.allreduce(torch.full(shape, float(rank + call)))
             if not torch.equal(got, torch.full(shape, float(n * (n - 1) / 2 + n * call))):
                 failures.append(f"auto call {call} {shape}: wrong sum")
-    picks = np.array([list(comm.auto[c].times).index(comm.auto[c].pick) for c in sorted(comm.auto)], dtype=np.int64)
-    lo, hi = picks.copy(), picks.copy()
+    state = np.array([[list(c.trial).index(c.pick), len(c.observed), c.next_check] for _, c in sorted(comm.auto.items())],
+                     dtype=np.int64)
+    lo, hi = state.copy(), state.copy()
     comm.world.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
     comm.world.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
     if not np.array_equal(lo, hi):
-        failures.append(f"auto: ranks picked differently ({picks.tolist()})")
-    if n > 1 and any(c.calls != 70 or c.next_check != 256 for c in comm.auto.values()):
-        failures.append("auto: the picks were not checked at calls 4, 16 and 64")
+        failures.append(f"auto: ranks disagree on pick, tried candidates or next check: {state.tolist()}")
+    # windows of 8 calls: 4 candidates tried by call 32, then checks at 64 and 192
+    if n > 1 and any(len(c.observed) != 4 or c.next_check != 192 for c in comm.auto.values()):
+        failures.append(f"auto: expected all 4 candidates tried and the next check at call 192: {state.tolist()}")
     return failures
 
 
