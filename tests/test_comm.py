@@ -64,10 +64,11 @@ def test_auto_switches_when_its_pick_slows_down_later():
 
 def test_auto_lengthens_windows_too_short_to_judge():
     choice = AutoChoice({"star": 1e-4, "recdouble": 1e-4})
-    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 600)
-    # 8 calls of 0.1 ms are not 20 ms: the window doubles until it is (256 calls = 25.6 ms), and
+    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 1100)
+    # 8 calls of 0.1 ms are not 50 ms: the window doubles until it is (512 calls = 51.2 ms), and
     # the next contender gets a window as long
-    assert checks[:7] == [8, 16, 32, 64, 128, 256, 512] and list(choice.observed) == ["star", "recdouble"]
+    assert checks[:8] == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert list(choice.observed) == ["star", "recdouble"] and not choice.exploring
 
 
 def test_link_model_parses_delay_and_rate():

@@ -100,7 +100,7 @@ class AutoChoice:
     """
 
     CONTENDER, SLACK = 1.5, 1.05
-    WINDOW, MIN_WINDOW_S, CHECK_EVERY_MAX = 8, 0.02, 4096
+    WINDOW, MIN_WINDOW_S, CHECK_EVERY_MAX = 8, 0.05, 4096
 
     def __init__(self, trial: dict[str, float]) -> None:
         self.trial = dict(trial)

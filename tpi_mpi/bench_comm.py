@@ -9,7 +9,9 @@ algorithm later), each algorithm's part of a turn after a barrier. A sample is a
 0.1 s), timed with perf_counter on every rank; its time per call is the slowest rank's block time
 over the calls. Timing single calls would charge a call the skew between ranks: a rank done early
 waits for its peers inside the next call, and the slowest rank of each call is always such a one.
-The table shows the median over samples, the JSON lines p10 and p90 too.
+The table shows the median over samples, the JSON lines p10 and p90 too. `auto` is timed once it
+has settled (tried its contenders on real calls); the calls and seconds that took, its start-up
+trial included, are in the JSON lines (settle_calls, settle_s).
 
 Ping-pong: rank 0 and each other rank in turn, one-way = round trip / 2.
 Idle CPU: rank 0 computes for `idle_s` seconds while the others wait in an allreduce; their CPU
@@ -159,13 +161,17 @@ class CommBench:
         so that a change of the machine's load or the link in the meantime falls on all of them alike."""
         comm = self.comm
         x = torch.zeros(size.elements)      # zeros: repeated in-place sums stay finite
-        plan = {}
+        plan, settle = {}, None
         for a in algorithms:
             comm.mode = a
+            first = time.perf_counter()
             for _ in range(self.warmup):    # auto times its candidates on the first call
                 t0 = time.perf_counter()
                 comm.allreduce(x)
                 warm = time.perf_counter() - t0
+            if a == "auto":                 # time the pick it settles on; report what settling took
+                calls = self.settle_auto(x)
+                settle = calls, float(self.slowest(np.array([time.perf_counter() - first]))[0])
             warm = float(self.slowest(np.array([warm]))[0])
             block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
             plan[a] = block, max(2, -(-self.count(block * warm) // self.rounds))
@@ -188,9 +194,17 @@ class CommBench:
                           "rounds": self.rounds}
             if a == "auto":
                 choice = comm.auto[size.nbytes.bit_length()]
-                records[a].update(chosen=choice.pick, trial_pick=choice.first_pick, auto_trials_s=choice.trial,
+                records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick, trial_pick=choice.first_pick, auto_trials_s=choice.trial,
                                   auto_observed_s=choice.observed, auto_changes=choice.changes)
         return records
+
+    def settle_auto(self, x: torch.Tensor) -> int:
+        """Calls auto until it has tried its contenders on real calls (see AutoChoice); returns its
+        calls so far, the trial's excluded. The ranks agree on every window, so they stop together."""
+        choice = self.comm.auto[(4 * x.numel()).bit_length()]
+        while choice.exploring:
+            self.comm.allreduce(x)
+        return choice.calls
 
     def idle_cpu(self, algorithm: str) -> dict:
         """Rank 0 computes, the others wait for it in an allreduce of one decode token."""
