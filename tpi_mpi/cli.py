@@ -331,14 +331,18 @@ def bench_generate(prompt_tokens, new_tokens, warmup, out, **kw) -> None:
 @click.option("--memory-cap", help="Per-rank cgroup memory limit (page cache included), e.g. 2GiB.")
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)
 @click.option("--new-tokens", type=int, default=8, show_default=True)
+@click.option("--disk-rate", help="Give each rank a disk of its own this fast: its reads are limited to this "
+              "many bytes per second (cgroup blkio), e.g. 200MB.")
+@click.option("--hf", help="The same model as a Hugging Face folder (for a synthetic model: bench synthetic-hf): "
+              "also run transformers fully loaded and transformers + accelerate disk offload under the same limits.")
 @click.option("--out", help="Append the JSON records to this file.")
-def bench_memory(model, ranks, windows, memory_cap, prompt_tokens, new_tokens, out) -> None:
+def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, new_tokens, hf, out) -> None:
     """Windows 1, 2, 4 and all: TTFT, s/token, peak RSS, bytes read per token, read time hidden.
     Runs mpirun itself (do not launch it under mpirun)."""
     from .bench import bench_memory as run
 
     run(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, prompt_tokens,
-        new_tokens, out)
+        new_tokens, out, hf, parse_size(disk_rate) if disk_rate else None)
 
 
 @bench.command("comm")
@@ -353,7 +357,7 @@ def bench_memory(model, ranks, windows, memory_cap, prompt_tokens, new_tokens, o
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--budget", type=float, default=2.0, show_default=True,
               help="Seconds of timed samples per point (at least 5 samples).")
-@click.option("--rounds", type=int, default=3, show_default=True,
+@click.option("--rounds", type=int, default=5, show_default=True,
               help="Turns over the algorithms that the samples of each size are split into.")
 @click.option("--idle-seconds", type=float, default=0.5, show_default=True,
               help="Rank 0 computes this long while the others wait, for their idle CPU; 0 = skip.")
@@ -390,12 +394,33 @@ def bench_serve(url, requests, clients, max_tokens, api_key, out) -> None:
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--new-tokens", type=int, default=32, show_default=True)
 @click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--offload", is_flag=True, help="transformers + accelerate: the layers that do not fit in memory "
+              "(--memory-cap, or what is available) are read from disk at every forward pass.")
+@click.option("--memory-cap", help="Run in a cgroup with this memory limit (page cache included), e.g. 2GiB.")
+@click.option("--disk-rate", help="Limit reads from the model's disk to this many bytes per second, e.g. 200MB.")
 @click.option("--out", help="Append the JSON record to this file.")
-def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup, out) -> None:
+def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup, offload, memory_cap, disk_rate,
+                       out) -> None:
     """The same timings with transformers in a single process (the baseline)."""
     from .bench import bench_transformers as run
 
-    run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out)
+    run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out, offload,
+        parse_size(memory_cap) if memory_cap else None, parse_size(disk_rate) if disk_rate else None)
+
+
+@bench.command("synthetic-hf")
+@click.argument("name")
+@click.option("--out", required=True, help="Folder to create.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def bench_synthetic_hf(name, out, quiet) -> None:
+    """A synthetic model (prepare --synthetic NAME) as a Hugging Face folder, for bench transformers."""
+    from .synthetic import write_hf_checkpoint
+
+    progress = None
+    if not quiet:
+        from tqdm import tqdm
+        progress = lambda **kw: tqdm(file=sys.stderr, **kw)   # noqa: E731
+    click.echo(f"wrote {write_hf_checkpoint(name, out, progress)}", err=True)
 
 
 @cli.command()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -87,6 +90,57 @@ class SyntheticSource:
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
         return {"tokenizer.json": tok.to_str().encode(),
                 "tokenizer_config.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>"}).encode()}
+
+
+LAYER_TENSORS = ("q.weight", "k.weight", "v.weight", "o.weight", "gate.weight", "up.weight", "down.weight",
+                 "attn_norm.weight", "mlp_norm.weight")
+
+
+def hf_config(m: ModelConfig) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.dim,
+            "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+            "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim, "vocab_size": m.vocab_size,
+            "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "max_position_embeddings": m.max_seq_len,
+            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": m.bos_id,
+            "eos_token_id": m.eos_ids[0], "torch_dtype": "float32"}
+
+
+def write_hf_checkpoint(name: str, out: str | Path, progress=None) -> Path:
+    """The synthetic model `name` as a Hugging Face folder (config.json, one safetensors file per
+    layer and an index, tokenizer), holding the very weights `prepare --synthetic` writes: the
+    reference for `bench transformers`. Written in a staging folder, renamed when complete."""
+    from safetensors.torch import save_file
+
+    from .prepare import _remove_abandoned, hf_name
+
+    src = SyntheticSource(name)
+    m, out = src.config, Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists: remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    files = [[("embed.weight", None)], *([(t, i) for t in LAYER_TENSORS] for i in range(m.n_layers)),
+             [("norm.weight", None), ("head.weight", None)]]
+    bar = progress(total=len(files), desc="synthetic checkpoint", unit="file") if progress else None
+    try:
+        weight_map = {}
+        for k, tensors in enumerate(files):
+            file = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+            save_file({hf_name(t, i): src.read(t, i) for t, i in tensors}, staging / file)
+            weight_map |= {hf_name(t, i): file for t, i in tensors}
+            bar and bar.update()
+        bar and bar.close()
+        (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        for file, data in src.tokenizer_blobs().items():
+            (staging / file).write_bytes(data)
+        (staging / "config.json").write_text(json.dumps(hf_config(m), indent=1))   # last: marks it complete
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def _seed(*parts) -> int:
