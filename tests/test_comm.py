@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int
     for _ in range(calls):
         if choice.record(seconds[choice.pick]):
             checks.append(choice.calls)
-            choice.revise(choice.mean_s(), choice.window_s)
+            choice.revise(np.array(choice.window_times))
     return checks
 
 

@@ -96,7 +96,8 @@ class AutoChoice:
     of it then serve real calls in turn, a window each, and the fastest on real calls is kept; it
     is re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) and replaced when
     another contender was more than `SLACK` faster. A window ends after `WINDOW` calls once it has
-    lasted `MIN_WINDOW_S`, as all ranks agree (comm.py does the agreeing; this is bookkeeping).
+    lasted `MIN_WINDOW_S`. A call's time is the quickest rank's: a rank that arrived early also timed
+    its wait for the others. comm.py does the agreeing; this is bookkeeping.
     """
 
     CONTENDER, SLACK = 1.5, 1.05
@@ -112,28 +113,24 @@ class AutoChoice:
         self.observed: dict[str, float] = {}          # seconds per real call
         self.calls, self.window = 0, self.WINDOW
         self.next_check = self.window
-        self.window_calls, self.window_s = 0, 0.0    # this rank's calls of the pick since the last check
+        self.window_times: list[float] = []         # this rank's seconds per call of the pick since the last check
         self.changes: list[dict] = []
 
     def record(self, seconds: float) -> bool:
-        """Counts one call of the pick; True when the ranks should now agree on its time per call."""
+        """Counts one call of the pick; True when the ranks should now agree on its times."""
         self.calls += 1
-        self.window_calls += 1
-        self.window_s += seconds
+        self.window_times.append(seconds)
         return self.calls == self.next_check
 
-    def mean_s(self) -> float:
-        return self.window_s / max(self.window_calls, 1)
-
-    def revise(self, observed: float, lasted: float) -> None:
-        """`observed`: the pick's seconds per call in this window, `lasted`: the window's seconds,
-        both agreed by all ranks."""
+    def revise(self, times: np.ndarray) -> None:
+        """`times`: the pick's seconds for each call of this window, agreed by all ranks."""
+        window_calls, lasted = len(times), float(np.sum(times))
         if lasted < self.MIN_WINDOW_S:                # too short to judge: go on as long again
-            self.window = 2 * self.window_calls
-            self.next_check = self.calls + self.window_calls
+            self.window = 2 * window_calls
+            self.next_check = self.calls + window_calls
             return
-        self.observed[self.pick] = observed
-        self.window_calls, self.window_s = 0, 0.0
+        self.window_times = []
+        observed = self.observed[self.pick] = lasted / window_calls
         if self.to_try:                               # the next contender serves the next window
             self.pick = self.to_try.pop(0)
             self.next_check = self.calls + self.window

@@ -235,10 +235,10 @@ class MpiComm:
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
-            # the quickest rank's figures: a rank that arrived early also timed its wait for the others
-            seen = np.array([choice.mean_s(), choice.window_s])
+            # per call, the quickest rank's time: a rank that arrived early also timed its wait for the others
+            seen = np.array(choice.window_times)
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
-            choice.revise(float(seen[0]), float(seen[1]))
+            choice.revise(seen)
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
         """Times every candidate with this very size; all ranks take the slowest rank's times."""
