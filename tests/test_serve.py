@@ -23,7 +23,7 @@ pytest.importorskip("starlette", reason="the serve extra is not installed (pip i
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai package is not installed (test extra)")
 
-from tpi_mpi.serve import ApiError, StopFilter, chat_messages, completion_prompt, parse_sampling, parse_stops  # noqa: E402
+from tpi_mpi.openai_api import ApiError, StopFilter, chat_messages, completion_prompt, parse_sampling, parse_stops  # noqa: E402
 
 KEY = "test-key-123"
 PROMPT = "Once upon a time"

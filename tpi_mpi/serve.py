@@ -40,13 +40,13 @@ from starlette.routing import Route
 
 from .errors import ConfigError, TpiError
 from .generate import Root, run_generation
+from .openai_api import (ApiError, StopFilter, chat_messages, completion_prompt, flag_field, number_field,
+                         parse_max_tokens, parse_sampling, parse_stops)
 from .sampling import SamplingConfig
 
 MAX_BODY = 1 << 20           # bytes of request body accepted
 DRAIN_BODY = 16 << 20        # an oversized body is read this far before the 413, so the client sees it
-MAX_STOPS = 4                # as OpenAI
 BUILTIN_MODEL_ID = "smollm2-135m-instruct"
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 POLL_S = 0.5                 # how often the idle main thread checks that the HTTP thread still runs
 
 
@@ -63,146 +63,6 @@ class ServeConfig:
 def model_id(model: str | None) -> str:
     """The name /v1/models gives: the model's folder or file name."""
     return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
-
-
-class ApiError(Exception):
-    """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# --- request fields: pure functions --------------------------------------------------------------
-
-def _number(body: dict, key: str, default, kind=float):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, not {json.dumps(value)}",
-                       param=key)
-    return kind(value)
-
-
-def _flag(body: dict, key: str) -> bool:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"{key} must be true or false, not {json.dumps(value)}", param=key)
-    return bool(value)
-
-
-def parse_sampling(body: dict) -> SamplingConfig:
-    """OpenAI's defaults (temperature 1, top_p 1), top_k off; the CLI's checks on the values."""
-    temperature = _number(body, "temperature", 1.0)
-    top_p = _number(body, "top_p", 1.0)
-    top_k = _number(body, "top_k", 0, int)
-    seed = _number(body, "seed", None, int)
-    try:
-        return SamplingConfig(temperature, top_k, top_p, seed)
-    except ConfigError as e:
-        name, _, rest = str(e).removeprefix("--").partition(" ")     # "--top-p 2.0: must be ..."
-        key = name.replace("-", "_")
-        raise ApiError(400, f"{key} {rest}", param=key) from None
-
-
-def parse_max_tokens(body: dict, keys: tuple[str, ...] = ("max_tokens",)) -> int | None:
-    for key in keys:
-        n = _number(body, key, None, int)
-        if n is not None:
-            if n < 1:
-                raise ApiError(400, f"{key} {n}: must be at least 1", param=key)
-            return n
-    return None
-
-
-def parse_stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, "stop must be a string or an array of strings", param="stop")
-    if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"stop has {len(stops)} strings: at most {MAX_STOPS}", param="stop")
-    return [s for s in stops if s]
-
-
-def _text_content(content, i: int) -> str:
-    """A message's content: a string, or parts of type "text" (OpenAI's array form)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-            raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
-
-
-def chat_messages(body: dict) -> list[dict]:
-    """`messages` as the chat template wants them: [{"role", "content": str}], developer -> system."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty array of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in CHAT_ROLES:
-            raise ApiError(400, f"messages[{i}].role {json.dumps(role)}: use one of {', '.join(CHAT_ROLES)}",
-                           param="messages")
-        out.append({"role": CHAT_ROLES[role], "content": _text_content(m.get("content"), i)})
-    return out
-
-
-def completion_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string (or an array of one string)", param="prompt")
-    if not prompt.strip():
-        raise ApiError(400, "the prompt is empty: give some text", param="prompt")
-    return prompt
-
-
-class StopFilter:
-    """Cuts the text at the first stop string and holds back a tail that may begin one, so that a
-    stream never shows a stop string, nor part of one (OpenAI leaves it out of the text)."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending, self.text, self.stopped = "", "", False
-
-    def push(self, delta: str) -> str:
-        if self.stopped:
-            return ""
-        buf = self.pending + delta
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = buf[:min(hits)], "", True
-        else:
-            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
-                        if buf.endswith(s[:k])), default=0)
-            out, self.pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
-        self.text += out
-        return out
-
-    def finish(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        self.text += out
-        return out
 
 
 # --- jobs: from the HTTP thread to the main thread -----------------------------------------------
@@ -434,7 +294,7 @@ class Api:
         return await self._answer(request, body, job, chat=False)
 
     def _job(self, body: dict, ids: list[int], prefix: str, max_keys: tuple[str, ...]) -> Job:
-        if _number(body, "n", 1, int) != 1:
+        if number_field(body, "n", 1, int) != 1:
             raise ApiError(400, "n must be 1: one answer per request", param="n")
         if len(ids) >= self.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is {self.context}: "
@@ -442,11 +302,11 @@ class Api:
                            code="context_length_exceeded")
         max_tokens = parse_max_tokens(body, max_keys) or self.cfg.max_tokens
         return Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
-                   max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=_flag(body, "ignore_eos"),
+                   max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=flag_field(body, "ignore_eos"),
                    loop=asyncio.get_running_loop())
 
     async def _answer(self, request: Request, body: dict, job: Job, chat: bool) -> Response:
-        stream = _flag(body, "stream")
+        stream = flag_field(body, "stream")
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         self.engine.submit(job)
