@@ -101,7 +101,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     wait_ms = 1000 * max(per_rank["wait_s"]) / steps
     record = {
         "runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
-        "allreduce": s.comm.describe(), "window": s.windows[0], "windows": s.windows,
+        "allreduce": s.comm.describe(), "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
         "head_on": s.shard.manifest["head_on"], "threads": s.threads,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,
@@ -321,9 +321,9 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
             if rec is None:
                 continue
             pr = rec["per_rank"]
-            depth = ranks and (None if w == "all" else int(w))
-            bound = [b + 1.25 * ((depth or 0) + 1) * blk + kv + res if depth else None
-                     for b, blk, kv, res in zip(pr["baseline_mib"], pr["block_mib"], pr["kv_mib"], pr["resident_mib"])]
+            bound = [b + 1.25 * (depth + 1) * blk + kv + res + pin if depth != "all" else None
+                     for depth, b, blk, kv, res, pin in zip(rec["windows"], pr["baseline_mib"], pr["block_mib"],
+                                                           pr["kv_mib"], pr["resident_mib"], pr["pinned_mib"])]
             steps = max(new_tokens - 1, 1)
             # the time reading a token's bytes takes: each rank from its own disk at --disk-rate, or
             # all ranks from this machine's one disk
@@ -332,10 +332,10 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
             rec.update(runner="bench memory", memory_cap=cap, disk_rate=disk_rate, rss_bound_mib=bound,
                        disk_GB_s=bandwidth / 1e9, read_s_per_token=read_s,
                        s_per_token_over_read_time=rec["s_per_token"] / read_s if read_s else None,
-                       rss_within_bound=None if depth is None else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
+                       rss_within_bound=None if None in bound else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
             records.append(rec)
             append_json(out, rec)
-    print(f"{'window':>6} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'hidden':>7} "
+    print(f"{'window':>8} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'hidden':>7} "
           f"{'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / read time':>19}")
     for rec in records:
         hidden = [h for h in rec["read_hidden"] if h is not None]
@@ -344,7 +344,8 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         bound = rec["rss_bound_mib"][0]
         bound_text = f"{bound:.0f}" if bound else "-"
         ratio = rec["s_per_token_over_read_time"]
-        print(f"{str(rec['window']):>6} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
+        label = f"{rec['window']}" + (f"+{rec['resident_blocks'][0]}" if rec["window"] != "all" and rec["resident_blocks"][0] else "")
+        print(f"{label:>8} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
               f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>19}")
     if hf and records:
         compare_with_transformers(hf, min(records, key=lambda r: r["s_per_token"]), cap, disk_rate, prompt_tokens,
@@ -372,7 +373,8 @@ def compare_with_transformers(hf: str, ours: dict, cap: int | None, disk_rate: i
     size = sum(f.stat().st_size for f in Path(hf).glob("*.safetensors"))
     base = [sys.executable, "-m", "tpi_mpi", "bench", "transformers", "--model", hf, "--prompt-tokens",
             str(prompt_tokens), "--new-tokens", str(new_tokens), "--warmup", "0"]
-    rows = [("tpi_mpi", f"{ours['ranks']} ranks, window {ours['window']}", ours)]
+    pinned = f" (+{ours['resident_blocks'][0]} resident)" if ours["window"] != "all" and ours["resident_blocks"][0] else ""
+    rows = [("tpi_mpi", f"{ours['ranks']} ranks, window {ours['window']}{pinned}", ours)]
     drop_cached(model_files(hf))
     if size < 0.8 * available_memory():
         rows.append(("transformers", "fully loaded, no cap", _run_for_record(base, "transformers")))

@@ -149,13 +149,15 @@ def run_options(f):
                      "[default: the built-in SmolLM2-135M-Instruct]."),
         click.option("--allreduce", type=click.Choice(ALLREDUCE_MODES), default="auto", show_default=True,
                      help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
-                          "recdouble: recursive doubling; auto: the fastest, timed on first use per message size."),
+                          "recdouble: recursive doubling; auto: timed at start-up per message size, then checked "
+                          "on the real calls."),
         click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank."),
         click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit: each message received costs "
                      "delay + bytes/rate (slept in the comm layer; no root needed)."),
         click.option("--window", default="auto", show_default=True,
                      help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
-                          "the shard resident; 'auto' picks the largest that fits the memory budget."),
+                          "the shard resident; 'auto' fits the memory budget: the whole shard if it fits, else "
+                          "a window of up to 4 blocks and, with what is left, the first blocks kept resident."),
         click.option("--memory-budget", help="Memory per rank for --window auto, e.g. 1.5GiB "
                      "[default: 80% of the memory available]."),
         click.option("--context", type=int, default=4096, show_default=True,

@@ -27,7 +27,7 @@ from .prepare import DTYPES, HEAD_PLACES, cache_key, prepare, source_fingerprint
 from .sampling import SamplingConfig, sample
 from .ship import ship
 from .text import Streamer, TextCodec
-from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, current_rss, plan_window
+from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, block_file, current_rss, plan_window
 
 CMD_FORWARD, CMD_STOP, CMD_RESET_STATS, CMD_IDLE = 1, 2, 3, 4
 HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
@@ -175,7 +175,8 @@ class Session:
             self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, comm.size)
             self.m = self.shard.model
             self.dtype = DTYPES[self.shard.dtype_name]
-            self.window = WeightWindow(self.shard, self._choose_window(baseline), progress=self._progress())
+            depth, pinned = self._choose_window(baseline)
+            self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned)
             self.model = Transformer(self.m, self.shard.shards, self.rank, comm, self.window, self.dtype)
             self.model.load_resident(self.shard.read("common.safetensors")[1])
             if self.rank == 0:
@@ -185,10 +186,13 @@ class Session:
         # reading a whole shard from a slow disk can take minutes: be patient, but not forever
         on_all_ranks(comm, load, timeout=max(600.0, cfg.comm_timeout))
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
+        pinned = comm.gather_floats(self.window.pinned)
         if self.rank == 0:
             self.windows = ["all" if w < 0 else int(w) for w in windows]
+            self.pinned = [int(p) for p in pinned]
             if cfg.window == "auto":
-                self.log(f"weight window per rank (blocks in memory): {', '.join(map(str, self.windows))} "
+                per_rank = ", ".join(str(w) if w == "all" else f"{w} (+{p} resident)" for w, p in zip(self.windows, self.pinned))
+                self.log(f"weight window per rank (blocks in memory): {per_rank} "
                          f"({'--memory-budget ' + format_size(cfg.memory_budget) if cfg.memory_budget else '80% of available memory'})")
         self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
         self.cpu_at_reset = time.process_time()
@@ -198,7 +202,7 @@ class Session:
         if cfg.window != "auto":
             if cfg.memory_budget:
                 raise ConfigError("give --window or --memory-budget, not both")
-            return cfg.window
+            return cfg.window, 0
         budget = cfg.memory_budget or int(0.8 * available_memory())
         return plan_window(self.shard, budget, min(cfg.context, self.m.max_seq_len), baseline)
 
@@ -237,6 +241,8 @@ class Session:
             "baseline_mib": self.baseline / 2**20,
             "block_mib": self.shard.block_bytes() / 2**20,
             "resident_mib": self.shard.files["common.safetensors"]["size"] / 2**20,
+            # blocks kept in memory beside a streaming window (all of them when resident)
+            "pinned_mib": sum(self.shard.files[block_file(i, k)]["size"] for i, k in self.window.resident) / 2**20,
             "kv_mib": sum(layer.attn.cache.k.nbytes * 2 for layer in self.model.layers
                           if layer.attn.cache.k is not None) / 2**20,
         }

@@ -136,9 +136,10 @@ class EmbeddingTable:
 
 
 class WeightWindow:
-    """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory."""
+    """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory;
+    with `pinned`, the first `pinned` blocks stay resident and only the others stream."""
 
-    def __init__(self, shard: Shard, depth: int | None = None, progress=None) -> None:
+    def __init__(self, shard: Shard, depth: int | None = None, progress=None, pinned: int = 0) -> None:
         if depth is not None and depth < 1:
             raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
         self.shard, self.depth = shard, depth
@@ -147,15 +148,18 @@ class WeightWindow:
         self.read_s = 0.0          # loader thread reading (and, on the first pass, hashing)
         self.bytes_read = 0
         self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}
-        if depth is None or depth >= len(self.order):
-            self.depth = None
-            bar = progress(total=len(self.order), desc="load", unit="block") if progress else None
-            for i, k in self.order:
-                self.resident[(i, k)] = shard.read(block_file(i, k))[1]
-                self.bytes_read += shard.files[block_file(i, k)]["size"]
-                bar and bar.update()
-            bar and bar.close()
+        if depth is None or pinned + depth >= len(self.order):
+            self.depth, pinned = None, len(self.order)
+        self.pinned = pinned
+        bar = progress(total=pinned, desc="load", unit="block") if progress and pinned else None
+        for i, k in self.order[:pinned]:
+            self.resident[(i, k)] = shard.read(block_file(i, k))[1]
+            self.bytes_read += shard.files[block_file(i, k)]["size"]
+            bar and bar.update()
+        bar and bar.close()
+        if self.depth is None:
             return
+        self.streamed = self.order[pinned:]
         self._verified: set[str] = set()     # checksums are checked on the first pass only
         size = shard.block_bytes()
         self._free: queue.Queue = queue.Queue()
@@ -172,7 +176,7 @@ class WeightWindow:
             buf = self._free.get()                   # blocks while the window is full
             if buf is None or self._stop.is_set():
                 return
-            layer, kind = self.order[step % len(self.order)]
+            layer, kind = self.streamed[step % len(self.streamed)]
             name = block_file(layer, kind)
             try:
                 t0 = time.perf_counter()
@@ -189,7 +193,7 @@ class WeightWindow:
     @contextmanager
     def use(self, layer: int, kind: str, module):
         """Bind block (layer, kind) to `module` for the duration of the `with`."""
-        if self.depth is None:
+        if (layer, kind) in self.resident:
             bind(module, self.resident[(layer, kind)])
             yield
             return
@@ -258,18 +262,24 @@ def kv_cache_bytes(shard: Shard, context: int) -> int:
     return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * DTYPES[shard.dtype_name].itemsize
 
 
-def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> int | None:
-    """The largest window whose peak fits `budget` bytes (None: the whole shard fits resident).
+MAX_WINDOW = 4   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
+
+
+def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple[int | None, int]:
+    """(window, resident blocks) whose peak fits `budget` bytes; (None, all) when the whole shard
+    fits. The window is the largest that fits, up to MAX_WINDOW; what the budget leaves beside it
+    keeps the first blocks of a pass resident, so that only the others are read every token.
 
     Peak = baseline (the process before weights) + resident tensors (norms, head rows)
-    + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache.
+    + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache
+    + the resident blocks.
     """
     resident = shard.files["common.safetensors"]["size"]     # norms and head rows; embeddings stay on disk
-    blocks = [info["size"] for name, info in shard.files.items() if name.startswith("layer")]
-    block = max(blocks)
+    sizes = [shard.files[block_file(i, k)]["size"] for i in range(shard.model.n_layers) for k in KINDS]
+    block = max(sizes)
     fixed = baseline + resident + kv_cache_bytes(shard, context)
-    if fixed + sum(blocks) + block <= budget:
-        return None
+    if fixed + sum(sizes) + block <= budget:
+        return None, len(sizes)
     window = (budget - fixed) // block - 1
     if window < 1:
         from .config import format_size
@@ -277,4 +287,9 @@ def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> int |
         raise ShardError(f"a memory budget of {format_size(budget)} is too small for rank {shard.rank}: "
                          f"it needs at least {format_size(fixed + 2 * block)} (window 1, context {context}); "
                          f"add ranks, prepare with a smaller --dtype, or shorten the context")
-    return int(window)
+    window = min(int(window), MAX_WINDOW)
+    spare, pinned = budget - fixed - (window + 1) * block, 0
+    while pinned < len(sizes) and sizes[pinned] <= spare:
+        spare -= sizes[pinned]
+        pinned += 1
+    return window, pinned
