@@ -315,7 +315,9 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         for w in windows:
             cmd = ["mpirun", "--oversubscribe", "-n", str(ranks), "sh", "-c", join, "sh", sys.executable, "-m",
                    "tpi_mpi", "bench", "generate", "--model", model, "--window", w, "--allreduce", "star",
-                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--quiet"]
+                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--warmup", "1",
+                   # the KV cache this run needs, as transformers grows its own: the rest of the memory holds weights
+                   "--context", str(prompt_tokens + new_tokens + 8), "--quiet"]
             drop_cached(model_files(model))
             rec = _run_for_record(cmd, f"window {w}")
             if rec is None:

@@ -157,7 +157,7 @@ def run_options(f):
         click.option("--window", default="auto", show_default=True,
                      help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
                           "the shard resident; 'auto' fits the memory budget: the whole shard if it fits, else "
-                          "a window of up to 4 blocks and, with what is left, the first blocks kept resident."),
+                          "a window of up to 2 blocks and, with what is left, the first blocks kept resident."),
         click.option("--memory-budget", help="Memory per rank for --window auto, e.g. 1.5GiB "
                      "[default: 80% of the memory available]."),
         click.option("--context", type=int, default=4096, show_default=True,

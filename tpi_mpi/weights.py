@@ -262,7 +262,7 @@ def kv_cache_bytes(shard: Shard, context: int) -> int:
     return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * DTYPES[shard.dtype_name].itemsize
 
 
-MAX_WINDOW = 4   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
+MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
 
 
 def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple[int | None, int]:
