@@ -32,7 +32,7 @@ generate)
             for a in ${ALGOS:-star mpi ring recdouble auto}; do
                 timeout 300 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
                     python -m tpi_mpi bench generate --threads 1 --allreduce "$a" --prompt-tokens 16 \
-                    --new-tokens 8 --warmup 2 --quiet --out "$out/generate.jsonl" \
+                    --new-tokens 16 --warmup 2 --quiet --out "$out/generate.jsonl" \
                     || echo "FAILED: bench generate, $n ranks, $d ms, $a" >&2
             done
         done

@@ -67,7 +67,8 @@ def index_generate(records: list[dict]) -> dict:
 
 def auto_choice(description: str) -> str:
     """'auto (up to 4.00 KiB: star, up to 64.00 KiB: ring)' -> '<=4 KiB star, <=64 KiB ring'."""
-    inner = description[len("auto"):].strip(" ()")
+    inner = description.removeprefix("auto").strip()
+    inner = inner[1:-1] if inner.startswith("(") else inner
     return inner.replace("up to ", "<=").replace(".00 ", " ").replace(": ", " ") or "-"
 
 
