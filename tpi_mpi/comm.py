@@ -238,6 +238,8 @@ class MpiComm:
             # per call, the quickest rank's time: a rank that arrived early also timed its wait for the others
             seen = np.array(choice.window_times)
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
+            if self.recorder:
+                self.recorder.add("auto", seen)
             choice.revise(seen)
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
