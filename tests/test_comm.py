@@ -41,7 +41,7 @@ def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int
     for _ in range(calls):
         if choice.record(seconds[choice.pick]):
             checks.append(choice.calls)
-            choice.revise(np.array(choice.window_times))
+            choice.revise(float(np.mean(choice.window_times)), float(np.sum(choice.window_times)))
     return checks
 
 

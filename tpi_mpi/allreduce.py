@@ -96,8 +96,10 @@ class AutoChoice:
     of it then serve real calls in turn, a window each, and the fastest on real calls is kept; it
     is re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) and replaced when
     another contender was more than `SLACK` faster. A window ends after `WINDOW` calls once it has
-    lasted `MIN_WINDOW_S`. A call's time is the quickest rank's: a rank that arrived early also timed
-    its wait for the others. comm.py does the agreeing; this is bookkeeping.
+    lasted `MIN_WINDOW_S`. A window's time per call is the quickest rank's mean: a rank that arrived
+    early also timed its waits for the others. (Each call's quickest rank instead was tried and
+    flattered algorithms whose ranks finish at different times: recursive doubling's 4-rank prefill
+    looked 1.7x faster than it was.) comm.py does the agreeing; this is bookkeeping.
     """
 
     CONTENDER, SLACK = 1.5, 1.05
@@ -122,15 +124,16 @@ class AutoChoice:
         self.window_times.append(seconds)
         return self.calls == self.next_check
 
-    def revise(self, times: np.ndarray) -> None:
-        """`times`: the pick's seconds for each call of this window, agreed by all ranks."""
-        window_calls, lasted = len(times), float(np.sum(times))
+    def revise(self, observed: float, lasted: float) -> None:
+        """`observed`: the pick's seconds per call in this window, `lasted`: the window's seconds,
+        both agreed by all ranks."""
+        window_calls = len(self.window_times)
         if lasted < self.MIN_WINDOW_S:                # too short to judge: go on as long again
             self.window = 2 * window_calls
             self.next_check = self.calls + window_calls
             return
         self.window_times = []
-        observed = self.observed[self.pick] = lasted / window_calls
+        self.observed[self.pick] = observed
         if self.to_try:                               # the next contender serves the next window
             self.pick = self.to_try.pop(0)
             self.next_check = self.calls + self.window

@@ -235,12 +235,13 @@ class MpiComm:
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
-            # per call, the quickest rank's time: a rank that arrived early also timed its wait for the others
-            seen = np.array(choice.window_times)
+            # the quickest rank's mean: a rank that arrived early also timed its waits for the others
+            mine = np.array(choice.window_times)
+            seen = np.array([mine.mean(), mine.sum()])
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
             if self.recorder:
                 self.recorder.add("auto", seen)
-            choice.revise(seen)
+            choice.revise(float(seen[0]), float(seen[1]))
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
         """Times every candidate with this very size; all ranks take the slowest rank's times."""
