@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import torch
-from mpi4py import MPI
+from mpi_check import report, same_on_all_ranks
 
 from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
@@ -28,10 +28,7 @@ def check_auto_keeps_ranks_together() -> list[str]:
                 failures.append(f"auto call {call} {shape}: wrong sum")
     state = np.array([[list(c.trial).index(c.pick), len(c.observed), c.next_check] for _, c in sorted(comm.auto.items())],
                      dtype=np.int64)
-    lo, hi = state.copy(), state.copy()
-    comm.world.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
-    comm.world.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
-    if not np.array_equal(lo, hi):
+    if not same_on_all_ranks(comm.world, state):
         failures.append(f"auto: ranks disagree on pick, tried candidates or next check: {state.tolist()}")
     # windows of 8 calls: 4 candidates tried by call 32, then checks at 64 and 192
     if n > 1 and any(len(c.observed) != 4 or c.next_check != 192 for c in comm.auto.values()):
@@ -59,10 +56,7 @@ def main() -> int:
                     failures.append(f"{mode} {shape} {dtype}: got {got.dtype} {tuple(got.shape)}")
                     continue
                 # every rank must hold the very same bits, whatever the algorithm
-                lo, hi = got.float().numpy().copy(), got.float().numpy().copy()
-                comm.world.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
-                comm.world.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
-                if not np.array_equal(lo, hi):
+                if not same_on_all_ranks(comm.world, got.float().numpy()):
                     failures.append(f"{mode} {shape} {dtype}: ranks hold different results")
                 tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(np.abs(expected).max()))
                 err = float(np.abs(got.float().numpy() - expected).max())
@@ -70,11 +64,7 @@ def main() -> int:
                     failures.append(f"{mode} {shape} {dtype}: max error {err:g} > {tol:g}")
         comm.barrier()
     failures += check_auto_keeps_ranks_together()
-    for f in failures:
-        print(f"rank {comm.rank}: {f}", file=sys.stderr)
-    if comm.rank == 0 and not failures:
-        print(f"allreduce ok on {comm.size} ranks: {', '.join(ALLREDUCE_MODES)}")
-    return 1 if failures else 0
+    return report(comm.rank, failures, f"allreduce ok on {comm.size} ranks: {', '.join(ALLREDUCE_MODES)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+from mpi_check import report
 
 from tpi_mpi.comm import MpiComm, SimulatedLink
 
@@ -34,11 +35,7 @@ def main() -> int:
             failures.append(f"{mode}: {took * 1e3:.2f} ms on a {DELAY * 1e3:g} ms link, less than {hops} hops")
         if rank == 0:
             print(f"{mode}: {took * 1e3:.2f} ms")
-    for f in failures:
-        print(f"rank {plain.rank}: {f}", file=sys.stderr)
-    if plain.rank == 0 and not failures:
-        print(f"link model ok on {plain.size} ranks")
-    return 1 if failures else 0
+    return report(plain.rank, failures, f"link model ok on {plain.size} ranks")
 
 
 if __name__ == "__main__":
