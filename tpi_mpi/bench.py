@@ -149,7 +149,6 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     path = Path(model)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    offload_dir = tempfile.TemporaryDirectory(prefix="tpi-offload-")
     in_memory = None
     if offload:
         try:
@@ -160,6 +159,8 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
         # read while one computes) and room for activations and the KV cache
         layer = decoder_layer_bytes(path, torch_dtype)
         in_memory = max(0, (cap or available_memory()) - int(peak_rss_mib() * 2**20) - 2 * layer - (256 << 20))
+        # only used for weights that are not safetensors already; removed when this process ends
+        offload_dir = tempfile.TemporaryDirectory(prefix="tpi-offload-")
         kw.update(device_map="auto", max_memory={"cpu": in_memory}, offload_folder=offload_dir.name)
     t0 = time.perf_counter()
     m = transformers.AutoModelForCausalLM.from_pretrained(path.parent if "gguf_file" in kw else path,
@@ -195,7 +196,6 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
         "transformers": transformers.__version__, "host": platform.node(), "cpus": os.cpu_count(),
         "commit": git_commit(), "time": time.strftime("%FT%T"),
     }
-    offload_dir.cleanup()
     print_row(record)
     append_json(out, record)
 
@@ -346,12 +346,17 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         bound = rec["rss_bound_mib"][0]
         bound_text = f"{bound:.0f}" if bound else "-"
         ratio = rec["s_per_token_over_read_time"]
-        label = f"{rec['window']}" + (f"+{rec['resident_blocks'][0]}" if rec["window"] != "all" and rec["resident_blocks"][0] else "")
-        print(f"{label:>8} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
+        print(f"{window_label(rec):>8} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
               f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>19}")
     if hf and records:
         compare_with_transformers(hf, min(records, key=lambda r: r["s_per_token"]), cap, disk_rate, prompt_tokens,
                                   new_tokens, out)
+
+
+def window_label(rec: dict) -> str:
+    """Rank 0's window in a bench generate record, with the blocks kept resident beside it: "2+7"."""
+    resident = rec["resident_blocks"][0] if rec["window"] != "all" else 0
+    return f"{rec['window']}+{resident}" if resident else str(rec["window"])
 
 
 def _run_for_record(cmd: list[str], label: str) -> dict | None:
@@ -375,8 +380,7 @@ def compare_with_transformers(hf: str, ours: dict, cap: int | None, disk_rate: i
     size = sum(f.stat().st_size for f in Path(hf).glob("*.safetensors"))
     base = [sys.executable, "-m", "tpi_mpi", "bench", "transformers", "--model", hf, "--prompt-tokens",
             str(prompt_tokens), "--new-tokens", str(new_tokens), "--warmup", "0"]
-    pinned = f" (+{ours['resident_blocks'][0]} resident)" if ours["window"] != "all" and ours["resident_blocks"][0] else ""
-    rows = [("tpi_mpi", f"{ours['ranks']} ranks, window {ours['window']}{pinned}", ours)]
+    rows = [("tpi_mpi", f"{ours['ranks']} ranks, window {window_label(ours)}", ours)]
     drop_cached(model_files(hf))
     if size < 0.8 * available_memory():
         rows.append(("transformers", "fully loaded, no cap", _run_for_record(base, "transformers")))

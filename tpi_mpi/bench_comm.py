@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .allreduce import AutoChoice
 from .bench import append_json, git_commit, link_info
 from .comm import MpiComm, make_comm
 from .config import format_size, parse_size
@@ -170,7 +171,7 @@ class CommBench:
                 comm.allreduce(x)
                 warm = time.perf_counter() - t0
             if a == "auto":                 # time the pick it settles on; report what settling took
-                calls = self.settle_auto(x)
+                calls = self.settle_auto(comm.auto_choice(size.nbytes), x)
                 settle = calls, float(self.slowest(np.array([time.perf_counter() - first]))[0])
             warm = float(self.slowest(np.array([warm]))[0])
             block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
@@ -193,15 +194,16 @@ class CommBench:
             records[a] = {"kind": "allreduce", "algorithm": a, **percentiles(times), "calls_per_sample": block,
                           "rounds": self.rounds}
             if a == "auto":
-                choice = comm.auto[size.nbytes.bit_length()]
-                records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick, trial_pick=choice.first_pick, auto_trials_s=choice.trial,
+                choice = comm.auto_choice(size.nbytes)
+                records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
+                                  trial_pick=choice.first_pick, auto_trials_s=choice.trial,
                                   auto_observed_s=choice.observed, auto_changes=choice.changes)
         return records
 
-    def settle_auto(self, x: torch.Tensor) -> int:
-        """Calls auto until it has tried its contenders on real calls (see AutoChoice); returns its
-        calls so far, the trial's excluded. The ranks agree on every window, so they stop together."""
-        choice = self.comm.auto[(4 * x.numel()).bit_length()]
+    def settle_auto(self, choice: AutoChoice, x: torch.Tensor) -> int:
+        """Calls auto with `x` until `choice`, its pick for x's size, has tried its contenders on real
+        calls; returns its calls so far, the trial's excluded. The ranks agree on every window, so
+        they stop together."""
         while choice.exploring:
             self.comm.allreduce(x)
         return choice.calls

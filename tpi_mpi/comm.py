@@ -130,7 +130,7 @@ class MpiComm:
             raise CommError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}")
         self.mode, self.timeout, self.hub, self.link = mode, timeout, hub, link
         self.stats = CommStats()
-        self.auto: dict[int, AutoChoice] = {}   # size class (bit length of the bytes) -> auto's pick
+        self.auto: dict[int, AutoChoice] = {}   # size class (see _size_class) -> auto's pick
         self._scratch: dict[tuple, np.ndarray] = {}
         record = os.environ.get("TPI_MPI_RECORD")
         self.recorder = Recorder(record, self.rank) if record else None
@@ -230,8 +230,7 @@ class MpiComm:
     def _run_auto(self, arr: np.ndarray) -> None:
         """The current pick for this size class (see AutoChoice), timed so the pick can be revised.
         Every rank makes the same calls in the same order, so all check, agree and switch alike."""
-        size_class = arr.nbytes.bit_length()
-        choice = self.auto.get(size_class) or self._trial(arr)
+        choice = self.auto_choice(arr.nbytes) or self._trial(arr)
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
@@ -261,8 +260,12 @@ class MpiComm:
         self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
         if self.recorder:
             self.recorder.add("auto", times)
-        choice = self.auto[arr.nbytes.bit_length()] = AutoChoice(dict(zip(AUTO_CANDIDATES, times.tolist())))
+        choice = self.auto[_size_class(arr.nbytes)] = AutoChoice(dict(zip(AUTO_CANDIDATES, times.tolist())))
         return choice
+
+    def auto_choice(self, nbytes: int) -> AutoChoice | None:
+        """auto's pick for messages of `nbytes` (None before the first such message)."""
+        return self.auto.get(_size_class(nbytes))
 
     def describe(self) -> str:
         """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring (trial:
@@ -326,6 +329,11 @@ class MpiComm:
         n = local.Get_size()
         local.Free()
         return n
+
+
+def _size_class(nbytes: int) -> int:
+    """auto picks per power of two of the message size: its bit length."""
+    return nbytes.bit_length()
 
 
 _active: MpiComm | None = None
