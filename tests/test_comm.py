@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import mpi_env, mpirun_cmd, run_tpi
+from tpi_mpi import comm as tpi_comm
 from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import LocalComm, SimulatedLink
 from tpi_mpi.errors import ConfigError
@@ -26,6 +27,19 @@ def test_allreduce_modes_equal_numpy_sum(n):
                        timeout=120, env=mpi_env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert f"allreduce ok on {n} ranks" in r.stdout
+
+
+def test_pieces_are_views_covering_the_buffer(monkeypatch):
+    monkeypatch.setattr(tpi_comm, "PIECE_BYTES", 100)            # 25 float32 values a piece
+    buf = np.zeros((5, 11), dtype=np.float32)                   # 55 values: 25 + 25 + 5
+    pieces = tpi_comm._pieces(buf)
+    assert [p.size for p in pieces] == [25, 25, 5]
+    for i, p in enumerate(pieces):
+        p[...] = i + 1                                          # a receive into a piece fills the buffer
+    assert np.array_equal(buf.reshape(-1), np.repeat([1, 2, 3], [25, 25, 5]).astype(np.float32))
+    assert [p.size for p in tpi_comm._pieces(np.zeros(0, dtype=np.float32))] == [0]
+    with pytest.raises(ValueError, match="contiguous"):
+        tpi_comm._pieces(buf[:, ::2])
 
 
 def test_local_comm_is_the_identity():

@@ -32,6 +32,14 @@ ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
 TAG_PING, TAG_PONG = 31, 32
+# Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
+# has answered a handshake, and that answer queues in the one TCP stream between the two ranks
+# behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
+# waits for the other (2 ranks, 5 ms, 300 Mbit/s, 2 MiB each way: ~137 ms instead of ~68).
+# So messages go in pieces of at most PIECE_BYTES, all under a raised eager limit: no handshake.
+# A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
+PIECE_BYTES = 4 << 20
+_OMPI_EAGER_LIMIT = str(8 << 20)
 
 
 @dataclass
@@ -119,6 +127,7 @@ class MpiComm:
 
     def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
                  link: SimulatedLink | None = None) -> None:
+        os.environ.setdefault("OMPI_MCA_btl_tcp_eager_limit", _OMPI_EAGER_LIMIT)   # read by MPI_Init
         from mpi4py import MPI
 
         if mode not in ALLREDUCE_MODES:
@@ -165,12 +174,18 @@ class MpiComm:
     def exchange(self, sends: list, recvs: list, tag: int, what: str, recv_tag: int | None = None,
                  grace: float = 0.0, patient: bool = False) -> None:
         """Post every receive, then every send, and wait for all of them (`patient`: without a
-        time limit)."""
-        rreqs = [self.world.Irecv(buf, source=src, tag=tag if recv_tag is None else recv_tag) for buf, src in recvs]
-        sreqs = [self.world.Isend(buf, dest=dst, tag=tag) for buf, dst in sends]
+        time limit). Buffers go in pieces (see PIECE_BYTES); MPI keeps messages between two ranks
+        with one tag in order, so piece i lands in piece i."""
+        rtag = tag if recv_tag is None else recv_tag
+        rreqs, peers = [], []
+        for buf, src in recvs:
+            for piece in _pieces(buf):
+                rreqs.append(self.world.Irecv(piece, source=src, tag=rtag))
+                peers.append(src)
+        sreqs = [self.world.Isend(piece, dest=dst, tag=tag) for buf, dst in sends for piece in _pieces(buf)]
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
         self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace,
-                   peers=[src for _, src in recvs] + [None] * len(sreqs))
+                   peers=peers + [None] * len(sreqs))
         if self.link and recvs:
             time.sleep(self.link.cost(sum(buf.nbytes for buf, _ in recvs)))
         if self.recorder:
@@ -329,6 +344,15 @@ class MpiComm:
         n = local.Get_size()
         local.Free()
         return n
+
+
+def _pieces(buf: np.ndarray) -> list[np.ndarray]:
+    """Views of a contiguous buffer of at most PIECE_BYTES each (an empty buffer: itself)."""
+    if not buf.flags.c_contiguous:      # reshape would copy, and a receive would fill the copy
+        raise ValueError("MPI buffers must be contiguous")
+    flat = buf.reshape(-1)
+    step = max(1, PIECE_BYTES // max(flat.itemsize, 1))
+    return [flat[i:i + step] for i in range(0, max(flat.size, 1), step)]
 
 
 def _size_class(nbytes: int) -> int:

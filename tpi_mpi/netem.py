@@ -308,8 +308,8 @@ def _git_commit() -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per link and size. ideal: delay + bytes/rate, the link alone (for messages above
-    Open MPI's TCP eager limit, 64 KiB, its rendezvous handshake adds two more delays)."""
+    """One line per link and size. ideal: delay + bytes/rate, the link alone (MpiComm sends every
+    message eagerly, see comm.PIECE_BYTES: no handshake delays)."""
     lines = [f"{'delay ms':>8} {'Mbit/s':>7} {'ranks':>5} {'bytes':>8} | {'one-way ms':>10} "
              f"{'ideal ms':>8} {'peer range ms':>15} {'eff. Mbit/s':>11} | {'rank CPU':>8}"]
     for row in rows:

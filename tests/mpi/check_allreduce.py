@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from mpi_check import report, same_on_all_ranks
 
+from tpi_mpi import comm as tpi_comm
 from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
 
@@ -36,6 +37,29 @@ def check_auto_keeps_ranks_together() -> list[str]:
     return failures
 
 
+def check_sums(comm: MpiComm, mode: str, shapes: list[tuple]) -> list[str]:
+    n, rank = comm.size, comm.rank
+    failures = []
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            # every rank can rebuild every rank's buffer from its seed
+            parts = [torch.from_numpy(np.random.default_rng(1000 * r + len(shape)).standard_normal(shape)
+                                      .astype(np.float32)).to(dtype) for r in range(n)]
+            expected = np.sum([p.float().numpy() for p in parts], axis=0, dtype=np.float32)
+            got = comm.allreduce(parts[rank].clone())
+            if got.dtype != dtype or got.shape != parts[rank].shape:
+                failures.append(f"{mode} {shape} {dtype}: got {got.dtype} {tuple(got.shape)}")
+                continue
+            # every rank must hold the very same bits, whatever the algorithm
+            if not same_on_all_ranks(comm.world, got.float().numpy()):
+                failures.append(f"{mode} {shape} {dtype}: ranks hold different results")
+            tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(np.abs(expected).max()))
+            err = float(np.abs(got.float().numpy() - expected).max())
+            if err > tol:
+                failures.append(f"{mode} {shape} {dtype}: max error {err:g} > {tol:g}")
+    return failures
+
+
 def main() -> int:
     failures = []
     for mode in ALLREDUCE_MODES:
@@ -45,24 +69,14 @@ def main() -> int:
         total = comm.allreduce(torch.full((3,), float(rank)))
         if not torch.equal(total, torch.full((3,), n * (n - 1) / 2)):
             failures.append(f"{mode}: sum of ranks gave {total.tolist()}")
-        for shape in [(1,), (7,), (1, 576), (5, 333), (64, 1024)]:
-            for dtype in (torch.float32, torch.bfloat16):
-                # every rank can rebuild every rank's buffer from its seed
-                parts = [torch.from_numpy(np.random.default_rng(1000 * r + len(shape)).standard_normal(shape)
-                                          .astype(np.float32)).to(dtype) for r in range(n)]
-                expected = np.sum([p.float().numpy() for p in parts], axis=0, dtype=np.float32)
-                got = comm.allreduce(parts[rank].clone())
-                if got.dtype != dtype or got.shape != parts[rank].shape:
-                    failures.append(f"{mode} {shape} {dtype}: got {got.dtype} {tuple(got.shape)}")
-                    continue
-                # every rank must hold the very same bits, whatever the algorithm
-                if not same_on_all_ranks(comm.world, got.float().numpy()):
-                    failures.append(f"{mode} {shape} {dtype}: ranks hold different results")
-                tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(np.abs(expected).max()))
-                err = float(np.abs(got.float().numpy() - expected).max())
-                if err > tol:
-                    failures.append(f"{mode} {shape} {dtype}: max error {err:g} > {tol:g}")
+        failures += check_sums(comm, mode, [(1,), (7,), (1, 576), (5, 333), (64, 1024)])
         comm.barrier()
+    # large buffers travel in pieces: make pieces of 100 bytes, so that odd sizes end in a partial one
+    default_piece, tpi_comm.PIECE_BYTES = tpi_comm.PIECE_BYTES, 100
+    for mode in ("star", "ring", "recdouble"):
+        comm = MpiComm(mode, timeout=30)
+        failures += [f"in pieces of 100 bytes: {f}" for f in check_sums(comm, mode, [(7,), (5, 333)])]
+    tpi_comm.PIECE_BYTES = default_piece
     failures += check_auto_keeps_ranks_together()
     return report(comm.rank, failures, f"allreduce ok on {comm.size} ranks: {', '.join(ALLREDUCE_MODES)}")
 
