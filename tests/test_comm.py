@@ -64,9 +64,26 @@ def test_auto_keeps_the_contender_fastest_on_real_calls():
     choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006, "mpi": 0.020})
     assert choice.pick == "recdouble"
     checks = drive(choice, {"recdouble": 0.012, "ring": 0.009, "star": 0.001, "mpi": 0.001}, 100)
-    assert checks == [8, 16, 48]                 # recdouble's window, ring's window, then 4 windows
+    # recdouble's window, ring's, ring beat the trial's pick: one more each, then 4 windows
+    assert checks == [8, 16, 24, 32, 64]
     assert choice.observed == pytest.approx({"recdouble": 0.012, "ring": 0.009})
     assert choice.pick == "ring" and choice.first_pick == "recdouble"
+
+
+def test_auto_keeps_the_trials_pick_when_a_contender_was_fast_only_once():
+    choice = AutoChoice({"ring": 0.154, "recdouble": 0.206})
+    drive(choice, {"ring": 0.158, "recdouble": 0.141}, 16)     # recdouble caught in a fast phase
+    assert choice.exploring and choice.challenger == "recdouble"
+    drive(choice, {"ring": 0.160, "recdouble": 0.220}, 16)     # and then at its usual speed
+    assert choice.explored["ring"] == pytest.approx([0.158, 0.160])
+    assert choice.explored["recdouble"] == pytest.approx([0.141, 0.220])
+    assert choice.pick == "ring" and not choice.exploring
+
+
+def test_auto_keeps_the_trials_pick_on_a_tie():
+    choice = AutoChoice({"star": 0.0068, "recdouble": 0.0080})
+    drive(choice, {"star": 0.0080, "recdouble": 0.0079}, 16)   # within 5%: no second look
+    assert choice.pick == "star" and not choice.exploring and choice.challenger is None
 
 
 def test_auto_switches_when_its_pick_slows_down_later():

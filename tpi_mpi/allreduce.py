@@ -93,13 +93,17 @@ class AutoChoice:
     A start-up trial (back-to-back calls of each candidate, no compute in between) ranks the
     candidates. The real calls can rank them differently: a rank computing between calls, a link
     that slows under sustained traffic. So the trial's best and every candidate within `CONTENDER`
-    of it then serve real calls in turn, a window each, and the fastest on real calls is kept; it
-    is re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) and replaced when
-    another contender was more than `SLACK` faster. A window ends after `WINDOW` calls once it has
-    lasted `MIN_WINDOW_S`. A window's time per call is the quickest rank's mean: a rank that arrived
-    early also timed its waits for the others. (Each call's quickest rank instead was tried and
-    flattered algorithms whose ranks finish at different times: recursive doubling's 4-rank prefill
-    looked 1.7x faster than it was.) comm.py does the agreeing; this is bookkeeping.
+    of it then serve real calls in turn, a window each. A contender more than `SLACK` faster than
+    the trial's best must show it twice: the two get one more window each, and the faster on the
+    mean of their windows is kept (one window can catch a link in a passing fast phase: 4 ranks,
+    5 ms, 2 MiB, recursive doubling once ran at 141 ms a call and then at 193-237, the trial's
+    206, while the ring stayed at 154-176). The pick is then re-checked at growing intervals (x4,
+    up to every `CHECK_EVERY_MAX` calls) and replaced when another contender was more than `SLACK`
+    faster. A window ends after `WINDOW` calls once it has lasted `MIN_WINDOW_S`. A window's time
+    per call is the quickest rank's mean: a rank that arrived early also timed its waits for the
+    others. (Each call's quickest rank instead was tried and flattered algorithms whose ranks finish
+    at different times: recursive doubling's 4-rank prefill looked 1.7x faster than it was.)
+    comm.py does the agreeing; this is bookkeeping.
     """
 
     CONTENDER, SLACK = 1.5, 1.05
@@ -113,6 +117,8 @@ class AutoChoice:
         self.to_try = contenders[1:]
         self.exploring = True
         self.observed: dict[str, float] = {}          # seconds per real call
+        self.explored: dict[str, list[float]] = {}    # each contender's windows while exploring
+        self.challenger: str | None = None           # a contender that beat the trial's best once
         self.calls, self.window = 0, self.WINDOW
         self.next_check = self.window
         self.window_times: list[float] = []         # this rank's seconds per call of the pick since the last check
@@ -133,14 +139,24 @@ class AutoChoice:
             self.next_check = self.calls + window_calls
             return
         self.window_times = []
+        if self.exploring:                            # judged on the mean of its windows
+            self.explored.setdefault(self.pick, []).append(observed)
+            observed = sum(self.explored[self.pick]) / len(self.explored[self.pick])
         self.observed[self.pick] = observed
         if self.to_try:                               # the next contender serves the next window
             self.pick = self.to_try.pop(0)
             self.next_check = self.calls + self.window
             return
         best = min(self.observed, key=self.observed.get)
-        if self.exploring:                            # every contender seen: the fastest stays
-            self.pick, self.exploring = best, False
+        if self.exploring:                            # every contender seen
+            incumbent, challenger = self.first_pick, self.challenger or best
+            overruled = self.observed[challenger] * self.SLACK < self.observed[incumbent]
+            if overruled and self.challenger is None:  # once more each, the trial's best first
+                self.challenger = challenger
+                self.pick, self.to_try = incumbent, [challenger]
+                self.next_check = self.calls + self.window
+                return
+            self.pick, self.exploring = (challenger if overruled else incumbent), False
         elif observed > self.SLACK * self.observed[best]:
             self.changes.append({"call": self.calls, "from": self.pick, "to": best})
             self.pick = best
