@@ -6,7 +6,7 @@
 #
 # comm:     star, mpi, ring, recdouble and auto at 0, 1, 2 and 5 ms one way, 300 Mbit/s, on
 #           RANKS ranks (default "2 4 8"), decode (1x576, 1x4096) and prefill (128x4096) messages
-# generate: end-to-end s/token of the built-in SmolLM2-135M for every --allreduce ALGOS (default
+# generate: end-to-end s/token (48 new tokens) of the built-in SmolLM2-135M for every --allreduce ALGOS (default
 #           all five), on the links DELAYS (default "0 2 5") and RANKS (default "2 4")
 # simulate: bench comm as in `comm`, on 2 and 4 ranks, with --link-model instead of the emulator
 #           (the comm layer sleeps each message's modelled time), into simulated.jsonl
@@ -32,7 +32,7 @@ generate)
             for a in ${ALGOS:-star mpi ring recdouble auto}; do
                 timeout 300 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
                     python -m tpi_mpi bench generate --threads 1 --allreduce "$a" --prompt-tokens 16 \
-                    --new-tokens 16 --warmup 2 --quiet --out "$out/generate.jsonl" \
+                    --new-tokens 48 --warmup 2 --quiet --out "$out/generate.jsonl" \
                     || echo "FAILED: bench generate, $n ranks, $d ms, $a" >&2
             done
         done
