@@ -4,11 +4,14 @@ Run under mpirun with 2 or more ranks. Everything goes through comm.MpiComm (no 
 the numbers include what the model pays: its polling waits, its float32 sums, `--link-model`.
 
 Per message size and algorithm: warm-up calls, then samples as many as fit `budget` seconds (5 at
-least, `repeats` at most), taken in `rounds` turns over the algorithms (each turn starting one
-algorithm later), each algorithm's part of a turn after a barrier. A sample is a block of back-to-back calls (up to 10, about
-0.1 s), timed with perf_counter on every rank; its time per call is the slowest rank's block time
-over the calls. Timing single calls would charge a call the skew between ranks: a rank done early
-waits for its peers inside the next call, and the slowest rank of each call is always such a one.
+least, `repeats` at most). The samples are taken one per algorithm at a time, in a new random order
+each time (the same on every rank), each after a barrier: whatever one algorithm leaves behind
+(ranks out of step, a link's state) falls on all of them alike. (Turns of several samples per
+algorithm, in rotating order, timed auto and its own pick up to 12% apart, in both directions.)
+A sample is a block of back-to-back calls (up to 10, about 0.1 s), timed with perf_counter on
+every rank; its time per call is the slowest rank's block time over the calls. Timing single calls
+would charge a call the skew between ranks: a rank done early waits for its peers inside the next
+call, and the slowest rank of each call is always such a one.
 The table shows the median over samples, the JSON lines p10 and p90 too. `auto` is timed once it
 has settled (tried its contenders on real calls); the calls and seconds that took, its start-up
 trial included, are in the JSON lines (settle_calls, settle_s).
@@ -116,10 +119,9 @@ def busy(seconds: float) -> None:
 class CommBench:
     """The measurements; every rank calls the same methods in the same order (they communicate)."""
 
-    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float, rounds: int) -> None:
+    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float) -> None:
         self.comm, self.rank, self.n = comm, comm.rank, comm.size
         self.repeats, self.warmup, self.budget, self.idle_s = max(repeats, 1), max(warmup, 1), budget, idle_s
-        self.rounds = max(rounds, 1)
 
     # -- agreeing across ranks, with MpiComm's broadcasts only --
     def from_rank0(self, value: float) -> float:
@@ -158,8 +160,7 @@ class CommBench:
                 "rank_cpu_per_wall": [round(c, 3) for c in cpu]}
 
     def allreduce(self, size: Size, algorithms: list[str]) -> dict[str, dict]:
-        """Every algorithm on one size. The samples are taken in `rounds` turns over the algorithms,
-        so that a change of the machine's load or the link in the meantime falls on all of them alike."""
+        """Every algorithm on one size, its samples interleaved with the others' in random order."""
         comm = self.comm
         x = torch.zeros(size.elements)      # zeros: repeated in-place sums stay finite
         plan, settle = {}, None
@@ -175,24 +176,23 @@ class CommBench:
                 settle = calls, float(self.slowest(np.array([time.perf_counter() - first]))[0])
             warm = float(self.slowest(np.array([warm]))[0])
             block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
-            plan[a] = block, max(2, -(-self.count(block * warm) // self.rounds))
+            plan[a] = block, self.count(block * warm)
         samples: dict[str, list[float]] = {a: [] for a in algorithms}
-        for turn in range(self.rounds):
-            # each turn starts one algorithm later, so none is always timed right after the same one
-            for a in algorithms[turn % len(algorithms):] + algorithms[:turn % len(algorithms)]:
-                block, reps = plan[a]
-                comm.mode = a
+        order = np.random.default_rng(size.elements)          # the same seed, so the same order, on every rank
+        while due := [a for a in algorithms if len(samples[a]) < plan[a][1]]:
+            for a in order.permutation(due):
+                block = plan[a][0]
+                comm.mode = str(a)
                 comm.barrier()
-                for _ in range(reps):       # back to back, as the layers of a forward pass call it
-                    t0 = time.perf_counter()
-                    for _ in range(block):
-                        comm.allreduce(x)
-                    samples[a].append((time.perf_counter() - t0) / block)
+                t0 = time.perf_counter()
+                for _ in range(block):      # back to back, as the layers of a forward pass call it
+                    comm.allreduce(x)
+                samples[a].append((time.perf_counter() - t0) / block)
         records = {}
         for a, (block, _) in plan.items():
             times = self.slowest(np.array(samples[a]))
             records[a] = {"kind": "allreduce", "algorithm": a, **percentiles(times), "calls_per_sample": block,
-                          "rounds": self.rounds}
+                          "order": "shuffled per sample"}
             if a == "auto":
                 choice = comm.auto_choice(size.nbytes)
                 records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
@@ -259,7 +259,7 @@ def row(size: Size, ping: dict | None, results: dict[str, dict]) -> str:
 # --- the command --------------------------------------------------------------------------------------
 
 def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algorithms: str, pingpong_only: bool,
-               repeats: int, warmup: int, budget: float, rounds: int, idle_seconds: float, hub: int, link_model: str | None,
+               repeats: int, warmup: int, budget: float, idle_seconds: float, hub: int, link_model: str | None,
                comm_timeout: float, threads: int, out: str | None) -> None:
     chosen = [a.strip() for a in algorithms.split(",") if a.strip()]
     bad = [a for a in chosen if a not in ALGORITHMS]
@@ -274,7 +274,7 @@ def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algori
     comm = make_comm("star", comm_timeout, hub, link_model)
     if not isinstance(comm, MpiComm):
         raise ConfigError("bench comm needs 2 ranks or more: mpirun -n 2 python -m tpi_mpi bench comm")
-    b = CommBench(comm, repeats, warmup, budget, idle_seconds, rounds)
+    b = CommBench(comm, repeats, warmup, budget, idle_seconds)
     netns = comm.gather_floats(float(os.stat("/proc/self/ns/net").st_ino))
     link = link_info(comm)
     base = {"bench": "comm", "ranks": comm.size, "hub": hub, "link": link, "threads": threads,

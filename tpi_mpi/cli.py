@@ -359,8 +359,6 @@ def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, ne
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--budget", type=float, default=2.0, show_default=True,
               help="Seconds of timed samples per point (at least 5 samples).")
-@click.option("--rounds", type=int, default=5, show_default=True,
-              help="Turns over the algorithms that the samples of each size are split into.")
 @click.option("--idle-seconds", type=float, default=0.5, show_default=True,
               help="Rank 0 computes this long while the others wait, for their idle CPU; 0 = skip.")
 @click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank.")

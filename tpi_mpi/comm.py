@@ -37,6 +37,7 @@ TAG_PING, TAG_PONG = 31, 32
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
 # waits for the other (2 ranks, 5 ms, 300 Mbit/s, 2 MiB each way: ~137 ms instead of ~68).
 # So messages go in pieces of at most PIECE_BYTES, all under a raised eager limit: no handshake.
+# The price: a piece that arrives before its receive is posted waits in a buffer of the receiver.
 # A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
 PIECE_BYTES = 4 << 20
 _OMPI_EAGER_LIMIT = str(8 << 20)
