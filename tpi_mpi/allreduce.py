@@ -91,9 +91,10 @@ class AutoChoice:
     """`--allreduce auto`'s pick for one message-size class.
 
     A start-up trial (the candidates in turns of a few back-to-back calls, no compute in between,
-    each judged on its median turn: MpiComm._trial) ranks the candidates. The real calls can rank them differently: a rank computing between calls, a link
-    that slows under sustained traffic. So the trial's best and every candidate within `CONTENDER`
-    of it then serve real calls in turn, a window each. A contender more than `SLACK` faster than
+    each judged on its median turn: MpiComm._trial) ranks the candidates. The real calls can rank
+    them differently: a rank computing between calls, a link that slows under sustained traffic.
+    So the trial's best and every candidate within `CONTENDER` of it then serve real calls in turn,
+    a window each. A contender more than `SLACK` faster than
     the trial's best must show it twice: the two get one more window each, and the faster on the
     mean of their windows is kept (one window can catch a link in a passing fast phase: 4 ranks,
     5 ms, 2 MiB, recursive doubling once ran at 141 ms a call and then at 193-237, the trial's

@@ -180,9 +180,10 @@ class CommBench:
         samples: dict[str, list[float]] = {a: [] for a in algorithms}
         order = np.random.default_rng(size.elements)          # the same seed, so the same order, on every rank
         while due := [a for a in algorithms if len(samples[a]) < plan[a][1]]:
-            for a in order.permutation(due):
+            for j in order.permutation(len(due)):
+                a = due[j]
                 block = plan[a][0]
-                comm.mode = str(a)
+                comm.mode = a
                 comm.barrier()
                 t0 = time.perf_counter()
                 for _ in range(block):      # back to back, as the layers of a forward pass call it

@@ -40,7 +40,7 @@ TAG_PING, TAG_PONG = 31, 32
 # The price: a piece that arrives before its receive is posted waits in a buffer of the receiver.
 # A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
 PIECE_BYTES = 4 << 20
-_OMPI_EAGER_LIMIT = str(8 << 20)
+_OMPI_EAGER_LIMIT = str(2 * PIECE_BYTES)     # a piece and its headers, with room to spare
 
 
 @dataclass
