@@ -35,7 +35,8 @@ TAG_PING, TAG_PONG = 31, 32
 # Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
 # has answered a handshake, and that answer queues in the one TCP stream between the two ranks
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
-# waits for the other (2 ranks, 5 ms, 300 Mbit/s, 2 MiB each way: ~137 ms instead of ~68).
+# waits for the other (2 ranks, 5 ms, 300 Mbit/s, 2 MiB each way: 165 ms a call instead of 69,
+# docs/allreduce-results.md).
 # So messages go in pieces of at most PIECE_BYTES, all under a raised eager limit: no handshake.
 # The price: a piece that arrives before its receive is posted waits in a buffer of the receiver.
 # A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
