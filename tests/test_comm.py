@@ -61,12 +61,12 @@ def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int
 
 def test_auto_keeps_the_contender_fastest_on_real_calls():
     # the trial ranks recdouble first, ring within 1.5x of it; star and mpi are not tried again
-    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006, "mpi": 0.020})
+    choice = AutoChoice({"star": 0.10, "ring": 0.08, "recdouble": 0.06, "mpi": 0.20})
     assert choice.pick == "recdouble"
-    checks = drive(choice, {"recdouble": 0.012, "ring": 0.009, "star": 0.001, "mpi": 0.001}, 100)
+    checks = drive(choice, {"recdouble": 0.12, "ring": 0.09, "star": 0.01, "mpi": 0.01}, 100)
     # recdouble's window, ring's, ring beat the trial's pick: one more each, then 4 windows
     assert checks == [8, 16, 24, 32, 64]
-    assert choice.observed == pytest.approx({"recdouble": 0.012, "ring": 0.009})
+    assert choice.observed == pytest.approx({"recdouble": 0.12, "ring": 0.09})
     assert choice.pick == "ring" and choice.first_pick == "recdouble"
 
 
@@ -81,25 +81,38 @@ def test_auto_keeps_the_trials_pick_when_a_contender_was_fast_only_once():
 
 
 def test_auto_keeps_the_trials_pick_on_a_tie():
-    choice = AutoChoice({"star": 0.0068, "recdouble": 0.0080})
-    drive(choice, {"star": 0.0080, "recdouble": 0.0079}, 16)   # within 5%: no second look
+    choice = AutoChoice({"star": 0.068, "recdouble": 0.080})
+    drive(choice, {"star": 0.080, "recdouble": 0.079}, 16)     # within 5%: no second look
     assert choice.pick == "star" and not choice.exploring and choice.challenger is None
 
 
-def test_auto_switches_when_its_pick_slows_down_later():
-    choice = AutoChoice({"star": 0.010, "recdouble": 0.009})
-    drive(choice, {"recdouble": 0.009, "star": 0.010}, 16)      # both tried: recdouble stays
-    assert choice.pick == "recdouble" and not choice.changes
-    drive(choice, {"recdouble": 0.020, "star": 0.010}, 32)      # then recdouble's link gets slow
-    assert choice.pick == "star" and choice.changes == [{"call": 48, "from": "recdouble", "to": "star"}]
+def test_auto_switches_when_its_pick_stays_slow_later():
+    choice = AutoChoice({"star": 0.10, "recdouble": 0.09})
+    drive(choice, {"recdouble": 0.09, "star": 0.10}, 16)       # both tried: recdouble stays
+    assert choice.pick == "recdouble" and not choice.changes and choice.next_check == 48
+    drive(choice, {"recdouble": 0.20, "star": 0.10}, 32)       # its link gets slow: a rematch at 48
+    assert choice.rematches == 1 and choice.exploring and choice.pick == "star"
+    drive(choice, {"recdouble": 0.20, "star": 0.10}, 24)       # star's window, then one more each
+    assert choice.pick == "star" and choice.changes == [{"call": 72, "from": "recdouble", "to": "star"}]
+    assert not choice.exploring and choice.next_check == 72 + 128
+
+
+def test_auto_keeps_its_pick_after_one_slow_window():
+    choice = AutoChoice({"star": 0.10, "recdouble": 0.09})
+    drive(choice, {"recdouble": 0.09, "star": 0.10}, 16)
+    drive(choice, {"recdouble": 0.20, "star": 0.10}, 32)       # one slow window: a rematch at 48
+    drive(choice, {"recdouble": 0.09, "star": 0.10}, 24)       # star 0.10, recdouble back to 0.09
+    assert choice.explored["recdouble"] == pytest.approx([0.20, 0.09])
+    assert choice.explored["star"] == pytest.approx([0.10, 0.10])
+    assert choice.pick == "recdouble" and not choice.exploring and not choice.changes
 
 
 def test_auto_lengthens_windows_too_short_to_judge():
     choice = AutoChoice({"star": 1e-4, "recdouble": 1e-4})
-    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 1100)
-    # 8 calls of 0.1 ms are not 50 ms: the window doubles until it is (512 calls = 51.2 ms), and
+    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 4200)
+    # 8 calls of 0.1 ms are not 200 ms: the window doubles until it is (2048 calls = 204.8 ms), and
     # the next contender gets a window as long
-    assert checks[:8] == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert checks[:10] == [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
     assert list(choice.observed) == ["star", "recdouble"] and not choice.exploring
 
 

@@ -199,7 +199,7 @@ class CommBench:
                 records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
                                   trial_pick=choice.first_pick, auto_trials_s=choice.trial,
                                   auto_observed_s=choice.observed, auto_windows_s=choice.explored,
-                                  auto_changes=choice.changes)
+                                  auto_rematches=choice.rematches, auto_changes=choice.changes)
         return records
 
     def settle_auto(self, choice: AutoChoice, x: torch.Tensor) -> int:
