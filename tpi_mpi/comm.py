@@ -31,7 +31,7 @@ from .errors import CommError, ConfigError
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
-TAG_PING, TAG_PONG = 31, 32
+TAG_PING, TAG_PONG, TAG_LOGITS = 31, 32, 33
 # Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
 # has answered a handshake, and that answer queues in the one TCP stream between the two ranks
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
@@ -301,20 +301,16 @@ class MpiComm:
         return f"auto ({picks})" if picks else "auto"
 
     def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor | None:
-        """Concatenate every rank's (T, counts[r]) float32 block along dim 1 on rank 0."""
-        T = local.shape[0]
+        """Concatenate every rank's (T, counts[r]) float32 block along dim 1 on rank 0. Point to
+        point rather than MPI_Gatherv: a rank that never sends its block is then named."""
         send = local.contiguous().numpy()
-        t0 = self._timed(send.nbytes if self.rank != 0 else 0)   # rank 0's own block stays put
+        t0 = self._timed(0)                   # exchange counts the bytes; rank 0's own block stays put
         if self.rank == 0:
-            flat = np.empty(T * sum(counts), dtype=np.float32)
-            sizes = [T * c for c in counts]
-            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-            self._wait([self.world.Igatherv(send, [flat, sizes, displs, self.MPI.FLOAT], root=0)],
-                       "gathering logits")
-            blocks = np.split(flat, np.cumsum(sizes)[:-1])
-            out = torch.from_numpy(np.concatenate([b.reshape(T, c) for b, c in zip(blocks, counts)], axis=1))
+            blocks = [send] + [np.empty((send.shape[0], c), dtype=np.float32) for c in counts[1:]]
+            self.exchange([], [(b, r) for r, b in enumerate(blocks) if r], TAG_LOGITS, "gathering logits")
+            out = torch.from_numpy(np.concatenate(blocks, axis=1))
         else:
-            self._wait([self.world.Igatherv(send, None, root=0)], "sending logits to rank 0")
+            self.exchange([(send, 0)], [], TAG_LOGITS, "sending logits to rank 0")
             out = None
         self.stats.seconds += time.perf_counter() - t0
         return out
