@@ -27,10 +27,29 @@ def mpirun_cmd(n: int) -> list[str]:
     return [exe, "--oversubscribe", "-n", str(n)]
 
 
+# Open MPI's launcher now and then fails before any rank starts (mpirun exits 213: "The PMIx
+# server's listener thread failed to start"; other projects' CI sees it too, e.g. lfortran#8610).
+# Such a run says nothing about tpi_mpi, so it is started once more.
+LAUNCHER_FAILURE = "PMIx server's listener thread failed to start"
+
+
+def launcher_failed(stderr: str | bytes | None) -> bool:
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    return LAUNCHER_FAILURE in text
+
+
+def run_mpi(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, **kw) for an mpirun command line, run again if the launcher failed."""
+    r = subprocess.run(cmd, **kw)
+    if r.returncode != 0 and launcher_failed(r.stderr):
+        r = subprocess.run(cmd, **kw)
+    return r
+
+
 def run_tpi(args: list[str], n: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python -m tpi_mpi ARGS`, under mpirun when n > 1."""
     cmd = (mpirun_cmd(n) if n > 1 else []) + [sys.executable, "-m", "tpi_mpi", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env(), stdin=subprocess.DEVNULL)
+    return run_mpi(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env(), stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")

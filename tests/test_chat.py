@@ -1,9 +1,8 @@
 """Multi-turn chat: the KV cache kept across turns gives the same answers as a fresh prefill."""
 
-import subprocess
 import sys
 
-from conftest import mpi_env, mpirun_cmd, run_tpi
+from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
 from tpi_mpi.chat import Chat, chat_loop, common_prefix
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.generate import Root, RunConfig, Session, run_generation
@@ -52,8 +51,8 @@ def test_chat_from_piped_stdin_under_mpirun(checkpoints, tmp_path):
     model = checkpoints("llama")
     cmd = mpirun_cmd(2) + [sys.executable, "-m", "tpi_mpi", "chat", "--model", str(model), "--cache-dir",
                            str(tmp_path / "c"), "--temperature", "0", "--max-new-tokens", "6", "--quiet"]
-    r = subprocess.run(cmd, input="Hello there\nWhat did I say?\n/exit\n", capture_output=True, text=True,
-                       timeout=120, env=mpi_env())
+    r = run_mpi(cmd, input="Hello there\nWhat did I say?\n/exit\n", capture_output=True, text=True,
+                timeout=120, env=mpi_env())
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2      # one answer per message
     (tmp_path / "msgs.txt").write_text("Hello there\nWhat did I say?\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mpi_env, mpirun_cmd, run_tpi
+from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
 from tpi_mpi import comm as tpi_comm
 from tpi_mpi.allreduce import AutoChoice
 from tpi_mpi.comm import LocalComm, SimulatedLink
@@ -23,8 +23,8 @@ LINK_SCRIPT = Path(__file__).parent / "mpi" / "check_link_model.py"
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_allreduce_modes_equal_numpy_sum(n):
-    r = subprocess.run(mpirun_cmd(n) + [sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                       timeout=120, env=mpi_env(), stdin=subprocess.DEVNULL)
+    r = run_mpi(mpirun_cmd(n) + [sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                timeout=120, env=mpi_env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert f"allreduce ok on {n} ranks" in r.stdout
 
@@ -127,8 +127,8 @@ def test_link_model_parses_delay_and_rate():
 
 @pytest.mark.mpi
 def test_link_model_charges_two_hops_for_a_star_and_changes_no_result():
-    r = subprocess.run(mpirun_cmd(2) + [sys.executable, str(LINK_SCRIPT)], capture_output=True, text=True,
-                       timeout=120, env=mpi_env(), stdin=subprocess.DEVNULL)
+    r = run_mpi(mpirun_cmd(2) + [sys.executable, str(LINK_SCRIPT)], capture_output=True, text=True,
+                timeout=120, env=mpi_env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert "link model ok on 2 ranks" in r.stdout
 

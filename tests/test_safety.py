@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpi_env, mpirun_cmd, run_tpi
+from conftest import ROOT, launcher_failed, mpi_env, mpirun_cmd, run_mpi, run_tpi
 
 PACKAGE = ROOT / "tpi_mpi"
 
@@ -57,7 +57,7 @@ def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
     cmd = mpirun_cmd(3) + ["-x", "TPI_MPI_RECORD", sys.executable, "-m", "tpi_mpi", "generate", "--model", str(model),
                            "--cache-dir", str(tmp_path / "c"), "--prompt", prompt, "--temperature", "0",
                            "--max-new-tokens", "8", "--ignore-eos", "--json", "--quiet", "--allreduce", "auto"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    r = run_mpi(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     ids = out["prompt_ids"] + out["generated_ids"]
@@ -89,16 +89,24 @@ def _long_run(checkpoints, tmp_path, n=2, extra=()):
     cmd = mpirun_cmd(n) + [sys.executable, "-m", "tpi_mpi", "generate", "--model", str(model), "--cache-dir",
                            str(tmp_path / "c"), "--prompt", "Once upon a time", "--max-new-tokens", "8000",
                            "--ignore-eos", "--temperature", "0", "--quiet", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mpi_env(),
-                            start_new_session=True)
-    os.set_blocking(proc.stdout.fileno(), False)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:          # wait until tokens stream: generation is under way
-        if proc.stdout.read(64):
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.1)
-    return proc, str(tmp_path / "c")
+    for attempt in (1, 2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mpi_env(),
+                                start_new_session=True)
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:      # wait until tokens stream: generation is under way
+            if proc.stdout.read(64):
+                return proc, str(tmp_path / "c")
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("no tokens within 120 s")
+        err = proc.stderr.read().decode()
+        if attempt == 2 or not launcher_failed(err):   # see conftest.LAUNCHER_FAILURE
+            pytest.fail(err)
 
 
 def _rank_pids(marker: str) -> dict[int, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mpi_env, mpirun_cmd, run_tpi
+from conftest import launcher_failed, mpi_env, mpirun_cmd, run_tpi
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -124,13 +124,21 @@ class Server:
         env.pop("TPI_MPI_API_KEY", None)
         if key:
             env["TPI_MPI_API_KEY"] = key                      # the environment variable, not --api-key
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT, env=env)
+        self.cmd, self.env, self.relaunched = cmd, env, False
+        self.start()
         self.pids: dict[int, int | None] = {}
+
+    def start(self) -> None:
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+                                         env=self.env)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None and not self.relaunched and launcher_failed(self.log.read_text()):
+                self.relaunched = True                        # see conftest.LAUNCHER_FAILURE
+                self.start()
             assert self.proc.poll() is None, f"the server exited: {self.log.read_text()}"
             try:
                 if self.request("GET", "/health")[0] == 200:
