@@ -49,11 +49,16 @@ def test_local_comm_is_the_identity():
     assert comm.agree(True) == -1 and comm.agree(False) == 0
 
 
-def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int]:
-    """`calls` real calls costing `seconds[algorithm]` each; returns the calls at which the ranks agreed."""
+def drive(choice: AutoChoice, seconds: dict, calls: int) -> list[int]:
+    """`calls` real calls costing `seconds[algorithm]` each, or, for a list, its i-th item in the
+    algorithm's i-th window of the current match (the last item after that); returns the calls at
+    which the ranks agreed."""
     checks = []
     for _ in range(calls):
-        if choice.record(seconds[choice.pick]):
+        cost = seconds[choice.pick]
+        if isinstance(cost, list):
+            cost = cost[min(len(choice.explored.get(choice.pick, [])), len(cost) - 1)]
+        if choice.record(cost):
             checks.append(choice.calls)
             choice.revise(float(np.mean(choice.window_times)), float(np.sum(choice.window_times)))
     return checks
@@ -61,59 +66,69 @@ def drive(choice: AutoChoice, seconds: dict[str, float], calls: int) -> list[int
 
 def test_auto_keeps_the_contender_fastest_on_real_calls():
     # the trial ranks recdouble first, ring within 1.5x of it; star and mpi are not tried again
-    choice = AutoChoice({"star": 0.10, "ring": 0.08, "recdouble": 0.06, "mpi": 0.20})
-    assert choice.pick == "recdouble"
-    checks = drive(choice, {"recdouble": 0.12, "ring": 0.09, "star": 0.01, "mpi": 0.01}, 100)
-    # recdouble's window, ring's, ring beat the trial's pick: one more each, then 4 windows
-    assert checks == [8, 16, 24, 32, 64]
-    assert choice.observed == pytest.approx({"recdouble": 0.12, "ring": 0.09})
-    assert choice.pick == "ring" and choice.first_pick == "recdouble"
+    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006, "mpi": 0.020})
+    assert choice.pick == "recdouble" and choice.players == ["recdouble", "ring"]
+    rounds = AutoChoice.ROUNDS
+    checks = drive(choice, {"recdouble": 0.012, "ring": 0.009, "star": 0.001, "mpi": 0.001}, 1000)
+    # windows of 8 calls (96 or 72 ms), two per round, then checks 4 and 16 windows later
+    assert checks[:2 * rounds + 2] == [8 * i for i in range(1, 2 * rounds + 1)] + [16 * rounds + 32, 16 * rounds + 160]
+    assert choice.explored == {"recdouble": [pytest.approx(0.012)] * rounds, "ring": [pytest.approx(0.009)] * rounds}
+    assert choice.observed == pytest.approx({"recdouble": 0.012, "ring": 0.009})
+    assert choice.pick == "ring" and choice.first_pick == "recdouble" and not choice.changes
 
 
-def test_auto_keeps_the_trials_pick_when_a_contender_was_fast_only_once():
+def test_auto_plays_the_rounds_in_alternating_order():
+    choice = AutoChoice({"star": 0.010, "ring": 0.011, "recdouble": 0.012})
+    order = []
+    while choice.exploring:
+        order.append(choice.pick)
+        drive(choice, {"star": 0.010, "ring": 0.010, "recdouble": 0.010}, 8)
+    assert order[:9] == ["star", "ring", "recdouble", "recdouble", "ring", "star", "star", "ring", "recdouble"]
+    assert len(order) == 3 * AutoChoice.ROUNDS
+
+
+def test_auto_is_not_swayed_by_a_few_fast_windows():
+    # recdouble caught in a fast phase in 2 of its windows, at its usual speed in the others
     choice = AutoChoice({"ring": 0.154, "recdouble": 0.206})
-    drive(choice, {"ring": 0.158, "recdouble": 0.141}, 16)     # recdouble caught in a fast phase
-    assert choice.exploring and choice.challenger == "recdouble"
-    drive(choice, {"ring": 0.160, "recdouble": 0.220}, 16)     # and then at its usual speed
-    assert choice.explored["ring"] == pytest.approx([0.158, 0.160])
-    assert choice.explored["recdouble"] == pytest.approx([0.141, 0.220])
-    assert choice.pick == "ring" and not choice.exploring
+    drive(choice, {"ring": 0.158, "recdouble": [0.141, 0.139, 0.220]}, 8 * 2 * AutoChoice.ROUNDS)
+    assert not choice.exploring and choice.pick == "ring"
+    assert choice.observed == pytest.approx({"ring": 0.158, "recdouble": 0.220})
 
 
 def test_auto_keeps_the_trials_pick_on_a_tie():
-    choice = AutoChoice({"star": 0.068, "recdouble": 0.080})
-    drive(choice, {"star": 0.080, "recdouble": 0.079}, 16)     # within 5%: no second look
-    assert choice.pick == "star" and not choice.exploring and choice.challenger is None
+    choice = AutoChoice({"star": 0.0068, "recdouble": 0.0080})
+    drive(choice, {"star": 0.0080, "recdouble": 0.0079}, 8 * 2 * AutoChoice.ROUNDS)   # within 5%
+    assert choice.pick == "star" and not choice.exploring
 
 
 def test_auto_switches_when_its_pick_stays_slow_later():
-    choice = AutoChoice({"star": 0.10, "recdouble": 0.09})
-    drive(choice, {"recdouble": 0.09, "star": 0.10}, 16)       # both tried: recdouble stays
-    assert choice.pick == "recdouble" and not choice.changes and choice.next_check == 48
-    drive(choice, {"recdouble": 0.20, "star": 0.10}, 32)       # its link gets slow: a rematch at 48
-    assert choice.rematches == 1 and choice.exploring and choice.pick == "star"
-    drive(choice, {"recdouble": 0.20, "star": 0.10}, 24)       # star's window, then one more each
-    assert choice.pick == "star" and choice.changes == [{"call": 72, "from": "recdouble", "to": "star"}]
-    assert not choice.exploring and choice.next_check == 72 + 128
+    match = 8 * 2 * AutoChoice.ROUNDS
+    choice = AutoChoice({"star": 0.010, "recdouble": 0.009})
+    drive(choice, {"recdouble": 0.009, "star": 0.010}, match)      # both tried: recdouble stays
+    assert choice.pick == "recdouble" and not choice.exploring and choice.next_check == match + 32
+    drive(choice, {"recdouble": 0.020, "star": 0.010}, 32)         # its link gets slow: a rematch
+    assert choice.rematches == 1 and choice.exploring and choice.players == ["recdouble", "star"]
+    drive(choice, {"recdouble": 0.020, "star": 0.010}, match)
+    assert choice.pick == "star" and not choice.exploring
+    assert choice.changes == [{"call": 2 * match + 32, "from": "recdouble", "to": "star"}]
 
 
 def test_auto_keeps_its_pick_after_one_slow_window():
-    choice = AutoChoice({"star": 0.10, "recdouble": 0.09})
-    drive(choice, {"recdouble": 0.09, "star": 0.10}, 16)
-    drive(choice, {"recdouble": 0.20, "star": 0.10}, 32)       # one slow window: a rematch at 48
-    drive(choice, {"recdouble": 0.09, "star": 0.10}, 24)       # star 0.10, recdouble back to 0.09
-    assert choice.explored["recdouble"] == pytest.approx([0.20, 0.09])
-    assert choice.explored["star"] == pytest.approx([0.10, 0.10])
-    assert choice.pick == "recdouble" and not choice.exploring and not choice.changes
+    match = 8 * 2 * AutoChoice.ROUNDS
+    choice = AutoChoice({"star": 0.010, "recdouble": 0.009})
+    drive(choice, {"recdouble": 0.009, "star": 0.010}, match)
+    drive(choice, {"recdouble": 0.020, "star": 0.010}, 32)         # one slow window: a rematch
+    drive(choice, {"recdouble": 0.009, "star": 0.010}, match)      # and recdouble is back to 9 ms
+    assert choice.rematches == 1 and choice.pick == "recdouble" and not choice.exploring and not choice.changes
 
 
 def test_auto_lengthens_windows_too_short_to_judge():
     choice = AutoChoice({"star": 1e-4, "recdouble": 1e-4})
-    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 4200)
-    # 8 calls of 0.1 ms are not 200 ms: the window doubles until it is (2048 calls = 204.8 ms), and
-    # the next contender gets a window as long
-    assert checks[:10] == [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-    assert list(choice.observed) == ["star", "recdouble"] and not choice.exploring
+    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 2000)
+    # 8 calls of 0.1 ms are not 50 ms: the window doubles until it is (512 calls = 51.2 ms), and
+    # the contenders' later windows are as long (round 2 starts with recdouble, which ended round 1)
+    assert checks[:9] == [8, 16, 32, 64, 128, 256, 512, 1024, 1536]
+    assert {a: len(w) for a, w in choice.explored.items()} == {"star": 1, "recdouble": 2}
 
 
 def test_link_model_parses_delay_and_rate():

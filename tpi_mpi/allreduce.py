@@ -93,40 +93,44 @@ class AutoChoice:
     A start-up trial (the candidates in turns of a few back-to-back calls, no compute in between,
     each judged on its median turn: MpiComm._trial) ranks the candidates. The real calls can rank
     them differently: a rank computing between calls, a link that slows under sustained traffic.
-    So the trial's best and every candidate within `CONTENDER` of it then serve real calls in turn,
-    a window each: a match. A contender more than `SLACK` faster than the incumbent (the trial's
-    best) must show it twice: the two get one more window each, and it wins only if it is again more
-    than `SLACK` faster (one window can catch a link in a passing fast phase: 4 ranks, 5 ms, 2 MiB,
-    recursive doubling once ran at 141 ms a call and then at 193-237, the trial's 206, while the
-    ring stayed at 154-176). The pick is then re-checked at growing intervals (x4, up to every
-    `CHECK_EVERY_MAX` calls); when it was more than `SLACK` slower than another contender's last
-    figure, that contender and the pick play a rematch by the same rules, so a switch, too, takes two
-    winning windows (switching on one slow window once dropped recursive doubling for a star 12% slower).
-    A window ends after `WINDOW` calls once it has lasted `MIN_WINDOW_S` (windows of 50 ms varied
-    by +-20% on a 2-core host). A window's time per call is the quickest rank's mean: a rank that
-    arrived early also timed its waits for the others. (Each call's quickest rank instead was tried
-    and flattered algorithms whose ranks finish at different times: recursive doubling's 4-rank
-    prefill looked 1.7x faster than it was.) comm.py does the agreeing; this is bookkeeping.
+    So the trial's best and every candidate within `CONTENDER` of it then play a match on real
+    calls: `ROUNDS` rounds in which each serves one window, in alternating order, each judged on its
+    median window. A contender replaces the incumbent (the trial's best) only if it is more than
+    `SLACK` faster. One window is a poor judge: on a 2-core host a window of 50 ms varies by +-20%,
+    and deciding on one or two windows chose the slower of star and recursive doubling (9-20% apart)
+    in 2 of 36 rows in each of two benchmark runs; one window once caught recursive doubling at
+    141 ms a call, its usual 193-237.
+    The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls);
+    when it was more than `SLACK` slower than another contender's median, the two play a rematch.
+    A window ends after `WINDOW` calls once it has lasted `MIN_WINDOW_S`. A window's time per call
+    is the quickest rank's mean: a rank that arrived early also timed its waits for the others.
+    (Each call's quickest rank instead was tried and flattered algorithms whose ranks finish at
+    different times: recursive doubling's 4-rank prefill looked 1.7x faster than it was.) comm.py
+    does the agreeing; this is bookkeeping.
     """
 
     CONTENDER, SLACK = 1.5, 1.05
-    WINDOW, MIN_WINDOW_S, CHECK_EVERY_MAX = 8, 0.2, 4096
+    WINDOW, MIN_WINDOW_S, ROUNDS, CHECK_EVERY_MAX = 8, 0.05, 12, 4096
 
     def __init__(self, trial: dict[str, float]) -> None:
         self.trial = dict(trial)
         best = min(trial.values())
         contenders = sorted((a for a, t in trial.items() if t <= self.CONTENDER * best), key=trial.get)
-        self.first_pick = self.pick = self.incumbent = contenders[0]
-        self.to_try = contenders[1:]
-        self.exploring = True                         # a match is on
-        self.observed: dict[str, float] = {}          # seconds per real call, each contender's latest figure
-        self.explored: dict[str, list[float]] = {}    # the windows of the current match
-        self.challenger: str | None = None           # a contender that beat the incumbent once
+        self.first_pick = contenders[0]
+        self.observed: dict[str, float] = {}          # seconds per real call: each contender's median window
         self.calls, self.window, self.check_every = 0, self.WINDOW, self.WINDOW
-        self.next_check = self.window
         self.window_times: list[float] = []         # this rank's seconds per call of the pick since the last check
         self.changes: list[dict] = []
         self.rematches = 0
+        self._start_match(contenders)
+
+    def _start_match(self, players: list[str]) -> None:
+        """players[0] is the incumbent."""
+        self.players, self.exploring = players, True
+        self.explored: dict[str, list[float]] = {p: [] for p in players}   # the match's windows
+        self.queue = list(players)
+        self.pick = self.queue.pop(0)
+        self.next_check = self.calls + self.window
 
     def record(self, seconds: float) -> bool:
         """Counts one call of the pick; True when the ranks should now agree on its times."""
@@ -144,34 +148,34 @@ class AutoChoice:
             self.next_check = self.calls + window_calls
             return
         self.window_times = []
-        if self.exploring:
-            self.explored.setdefault(self.pick, []).append(observed)
-        self.observed[self.pick] = observed
-        if self.to_try:                               # the next contender serves the next window
-            self.pick = self.to_try.pop(0)
+        if not self.exploring:                        # a re-check
+            others = [a for a in self.observed if a != self.pick]
+            best = min(others, key=self.observed.get, default=None)
+            if best is not None and observed > self.SLACK * self.observed[best]:
+                self.rematches += 1
+                self._start_match([self.pick, best])
+                return
+            self._next_check()
+            return
+        self.explored[self.pick].append(observed)
+        rounds = len(self.explored[self.pick])
+        if not self.queue and rounds < self.ROUNDS:   # a new round, in the other order
+            self.queue = list(self.players if rounds % 2 == 0 else reversed(self.players))
+        if self.queue:
+            self.pick = self.queue.pop(0)
             self.next_check = self.calls + self.window
             return
-        if self.exploring:                            # every player of the match seen
-            incumbent = self.incumbent
-            challenger = self.challenger or min(self.explored, key=self.observed.get)
-            overruled = self.observed[challenger] * self.SLACK < self.observed[incumbent]
-            if overruled and self.challenger is None:  # once more each, the incumbent first
-                self.challenger = challenger
-                self.pick, self.to_try = incumbent, [challenger]
-                self.next_check = self.calls + self.window
-                return
-            self.pick, self.exploring, self.challenger = (challenger if overruled else incumbent), False, None
-            if self.rematches and overruled:
-                self.changes.append({"call": self.calls, "from": incumbent, "to": challenger})
-            self.check_every = max(self.check_every, self.window)
-        else:
-            best = min(self.observed, key=self.observed.get)
-            if observed > self.SLACK * self.observed[best]:   # a rematch, the pick's window its first
-                self.rematches += 1
-                self.exploring, self.incumbent = True, self.pick
-                self.explored = {self.pick: [observed]}
-                self.pick = best
-                self.next_check = self.calls + self.window
-                return
+        medians = {a: float(np.median(w)) for a, w in self.explored.items()}
+        self.observed.update(medians)
+        incumbent = self.players[0]
+        best = min(medians, key=medians.get)
+        self.pick = best if medians[best] * self.SLACK < medians[incumbent] else incumbent
+        if self.rematches and self.pick != incumbent:
+            self.changes.append({"call": self.calls, "from": incumbent, "to": self.pick})
+        self.exploring = False
+        self.check_every = max(self.check_every, self.window)
+        self._next_check()
+
+    def _next_check(self) -> None:
         self.check_every = min(4 * self.check_every, self.CHECK_EVERY_MAX)
         self.next_check = self.calls + self.check_every

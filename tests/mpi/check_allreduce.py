@@ -17,8 +17,8 @@ from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
 def check_auto_keeps_ranks_together() -> list[str]:
     """auto tries its contenders on real calls and re-checks its pick: the ranks must agree on every
     switch (a rank that switched alone would deadlock or add wrongly). Every candidate is made a
-    contender and windows may be short, so all four are tried within the first 32 calls."""
-    AutoChoice.CONTENDER, AutoChoice.MIN_WINDOW_S = float("inf"), 0.0
+    contender, windows may be short and a match is 2 rounds, so all four have played by call 64."""
+    AutoChoice.CONTENDER, AutoChoice.MIN_WINDOW_S, AutoChoice.ROUNDS = float("inf"), 0.0, 2
     comm = MpiComm("auto", timeout=30)
     n, rank = comm.size, comm.rank
     failures = []
@@ -31,14 +31,9 @@ def check_auto_keeps_ranks_together() -> list[str]:
                      dtype=np.int64)
     if not same_on_all_ranks(comm.world, state):
         failures.append(f"auto: ranks disagree on pick, tried candidates or next check: {state.tolist()}")
-    # windows of 8 calls: 4 candidates tried by call 32, then checks at 64 and 192; a contender that
-    # beat the trial's pick gets a second look first (two more windows), then checks at 80 and 208;
-    # a check at 64 that found the pick slow starts a rematch, whose first window ends at 72
-    def expected_check(c: AutoChoice) -> int:
-        return 72 if c.rematches else 80 if max(map(len, c.explored.values())) == 2 else 192
-    if n > 1 and any(len(c.observed) != 4 or c.next_check != expected_check(c) for c in comm.auto.values()):
-        failures.append(f"auto: expected all 4 candidates tried and the next check at call 192 (80 after a "
-                        f"second look, 72 in a rematch): {state.tolist()}")
+    # windows of 8 calls: 4 candidates x 2 rounds end the match at call 64, the first check is at 96
+    if n > 1 and any(len(c.observed) != 4 or c.exploring or c.next_check != 96 for c in comm.auto.values()):
+        failures.append(f"auto: expected all 4 candidates tried and the next check at call 96: {state.tolist()}")
     return failures
 
 
