@@ -94,19 +94,25 @@ class AutoChoice:
     each judged on its median turn: MpiComm._trial) ranks the candidates. The real calls can rank
     them differently: a rank computing between calls, a link that slows under sustained traffic.
     So the trial's best and every candidate within `CONTENDER` of it then play a match on real
-    calls: `ROUNDS` rounds in which each serves one window, in alternating order, each judged on its
-    median window. A contender replaces the incumbent (the trial's best) only if it is more than
-    `SLACK` faster. One window is a poor judge: on a 2-core host a window of 50 ms varies by +-20%,
-    and deciding on one or two windows chose the slower of star and recursive doubling (9-20% apart)
-    in 2 of 36 rows in each of two benchmark runs; one window once caught recursive doubling at
-    141 ms a call, its usual 193-237.
-    The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls);
-    when it was more than `SLACK` slower than another contender's median, the two play a rematch.
-    A window ends after `WINDOW` calls once it has lasted `MIN_WINDOW_S`. A window's time per call
-    is the quickest rank's mean: a rank that arrived early also timed its waits for the others.
-    (Each call's quickest rank instead was tried and flattered algorithms whose ranks finish at
-    different times: recursive doubling's 4-rank prefill looked 1.7x faster than it was.) comm.py
-    does the agreeing; this is bookkeeping.
+    calls: `ROUNDS` rounds in which each serves one window, every other round in reverse order,
+    each judged on its median window. A contender replaces the incumbent (the trial's best) only if
+    it is more than `SLACK` faster. One window is a poor judge: on a 2-core host a window of 50 ms
+    varies by +-20%, and deciding on one or two windows chose the slower of star and recursive
+    doubling (9-20% apart) in 2 of 36 rows in each of two benchmark runs; one window once caught
+    recursive doubling at 141 ms a call, its usual 193-237.
+
+    The first window is as long as `WINDOW` calls or, if those last less than `MIN_WINDOW_S`, as
+    many calls as do; every window after it has as many calls, so each rank knows when a window ends
+    and the ranks agree only once the match is over (agreeing costs one MPI_Allreduce: at 4 ranks
+    and 5 ms, 24 ms against 105 ms for a window of 8 decode calls).
+    The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) on
+    the median of its window-long stretches; when that was more than `SLACK` slower than another
+    contender's median, the two play a rematch. (The mean of the whole interval, against medians,
+    started rematches for nothing: a few slow calls raise a mean.) A window's time per call is the
+    quickest rank's mean: a rank that arrived early also timed its waits for the others. (Each call's
+    quickest rank instead was tried and flattered algorithms whose ranks finish at different times:
+    recursive doubling's 4-rank prefill looked 1.7x faster than it was.) comm.py does the agreeing
+    (the minimum over ranks of `figures()`); this is bookkeeping.
     """
 
     CONTENDER, SLACK = 1.5, 1.05
@@ -118,37 +124,63 @@ class AutoChoice:
         contenders = sorted((a for a, t in trial.items() if t <= self.CONTENDER * best), key=trial.get)
         self.first_pick = contenders[0]
         self.observed: dict[str, float] = {}          # seconds per real call: each contender's median window
+        self.explored: dict[str, list[float]] = {}    # the last match's windows
         self.calls, self.window, self.check_every = 0, self.WINDOW, self.WINDOW
-        self.window_times: list[float] = []         # this rank's seconds per call of the pick since the last check
+        self.sized = False                            # the window's length in calls is settled
+        self.times: list[float] = []                 # this rank's seconds per call of the pick since the last window
         self.changes: list[dict] = []
         self.rematches = 0
         self._start_match(contenders)
 
     def _start_match(self, players: list[str]) -> None:
         """players[0] is the incumbent."""
-        self.players, self.exploring = players, True
-        self.explored: dict[str, list[float]] = {p: [] for p in players}   # the match's windows
-        self.queue = list(players)
-        self.pick = self.queue.pop(0)
-        self.next_check = self.calls + self.window
+        self.players, self.exploring = players, len(players) > 1
+        self.sized = self.sized or not self.exploring   # a lone contender has no windows to size
+        self.schedule = [p for r in range(self.ROUNDS) for p in (players if r % 2 == 0 else players[::-1])]
+        self.played: list[float] = []                # this rank's mean per window, in schedule order
+        self.pick = players[0]
+        self.next_check = self.calls + (self.window if self.exploring else self.check_every)
 
     def record(self, seconds: float) -> bool:
-        """Counts one call of the pick; True when the ranks should now agree on its times."""
+        """Counts one call of the pick; True when the ranks should now agree on `figures()`."""
         self.calls += 1
-        self.window_times.append(seconds)
-        return self.calls == self.next_check
+        self.times.append(seconds)
+        if not (self.exploring and self.sized):
+            return self.calls == self.next_check
+        if len(self.times) < self.window:
+            return False
+        self.played.append(sum(self.times) / len(self.times))   # a window ends on every rank at once
+        self.times = []
+        if len(self.played) < len(self.schedule):
+            self.pick = self.schedule[len(self.played)]
+            return False
+        return True                                   # the match is over
 
-    def revise(self, observed: float, lasted: float) -> None:
-        """`observed`: the pick's seconds per call in this window, `lasted`: the window's seconds,
-        both agreed by all ranks."""
-        window_calls = len(self.window_times)
-        if lasted < self.MIN_WINDOW_S:                # too short to judge: go on as long again
-            if self.exploring:
-                self.window = 2 * window_calls
-            self.next_check = self.calls + window_calls
+    def figures(self) -> np.ndarray:
+        """What this rank has seen since the ranks last agreed."""
+        times = np.array(self.times)
+        if not self.sized:                            # the first window: its mean and length
+            return np.array([times.mean(), times.sum()])
+        if self.exploring:                            # every window of the match
+            return np.array(self.played)
+        return times.reshape(-1, self.window).mean(axis=1)   # a re-check: window-long stretches
+
+    def revise(self, agreed: np.ndarray) -> None:
+        """`agreed`: figures() of the quickest rank, each."""
+        if not self.sized:
+            mean, lasted = agreed
+            if lasted < self.MIN_WINDOW_S:            # too short to judge: go on as long again
+                self.window = 2 * len(self.times)
+                self.next_check = self.calls + len(self.times)
+                return
+            self.sized, self.times = True, []
+            self.played.append(float(mean))
+            self.pick = self.schedule[1]
             return
-        self.window_times = []
+        self.times = []
         if not self.exploring:                        # a re-check
+            observed = float(np.median(agreed))
+            self.observed[self.pick] = observed
             others = [a for a in self.observed if a != self.pick]
             best = min(others, key=self.observed.get, default=None)
             if best is not None and observed > self.SLACK * self.observed[best]:
@@ -157,15 +189,8 @@ class AutoChoice:
                 return
             self._next_check()
             return
-        self.explored[self.pick].append(observed)
-        rounds = len(self.explored[self.pick])
-        if not self.queue and rounds < self.ROUNDS:   # a new round, in the other order
-            self.queue = list(self.players if rounds % 2 == 0 else reversed(self.players))
-        if self.queue:
-            self.pick = self.queue.pop(0)
-            self.next_check = self.calls + self.window
-            return
-        medians = {a: float(np.median(w)) for a, w in self.explored.items()}
+        self.explored = {p: [float(t) for q, t in zip(self.schedule, agreed) if q == p] for p in self.players}
+        medians = {p: float(np.median(w)) for p, w in self.explored.items()}
         self.observed.update(medians)
         incumbent = self.players[0]
         best = min(medians, key=medians.get)
@@ -177,5 +202,5 @@ class AutoChoice:
         self._next_check()
 
     def _next_check(self) -> None:
-        self.check_every = min(4 * self.check_every, self.CHECK_EVERY_MAX)
+        self.check_every = min(4 * self.check_every, max(self.CHECK_EVERY_MAX, self.window))
         self.next_check = self.calls + self.check_every

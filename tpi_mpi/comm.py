@@ -251,13 +251,12 @@ class MpiComm:
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
-            # the quickest rank's mean: a rank that arrived early also timed its waits for the others
-            mine = np.array(choice.window_times)
-            seen = np.array([mine.mean(), mine.sum()])
+            # the quickest rank's: a rank that arrived early also timed its waits for the others
+            seen = choice.figures()
             self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
             if self.recorder:
                 self.recorder.add("auto", seen)
-            choice.revise(float(seen[0]), float(seen[1]))
+            choice.revise(seen)
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
         """Times every candidate with this very size; all ranks take the slowest rank's times. The
