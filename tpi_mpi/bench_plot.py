@@ -21,13 +21,13 @@ STYLE = {"star": ("tab:red", "o"), "mpi": ("tab:blue", "s"), "ring": ("tab:green
          "recdouble": ("tab:purple", "D"), "auto": ("black", "x")}
 
 
-
 def _label(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("one-way delay (ms), 300 Mbit/s")
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+
 
 def read(path: str | None) -> list[dict]:
     if not path or not Path(path).exists():
