@@ -108,11 +108,10 @@ class AutoChoice:
     The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) on
     the median of its window-long stretches; when that was more than `SLACK` slower than another
     contender's median, the two play a rematch. (The mean of the whole interval, against medians,
-    started rematches for nothing: a few slow calls raise a mean.) A window's time per call is the
-    quickest rank's mean: a rank that arrived early also timed its waits for the others. (Each call's
-    quickest rank instead was tried and flattered algorithms whose ranks finish at different times:
-    recursive doubling's 4-rank prefill looked 1.7x faster than it was.) comm.py does the agreeing
-    (the minimum over ranks of `figures()`); this is bookkeeping.
+    started rematches for nothing: a few slow calls raise a mean.) A window's time per call is its
+    mean over ranks, which comm.py agrees on (`figures()` averaged over ranks); this is bookkeeping.
+    (The quickest rank's window flattered algorithms whose ranks take turns being early; each call's
+    quickest rank made recursive doubling's 4-rank prefill look 1.7x faster than it was.)
     """
 
     CONTENDER, SLACK = 1.5, 1.05
@@ -166,7 +165,7 @@ class AutoChoice:
         return times.reshape(-1, self.window).mean(axis=1)   # a re-check: window-long stretches
 
     def revise(self, agreed: np.ndarray) -> None:
-        """`agreed`: figures() of the quickest rank, each."""
+        """`agreed`: figures(), averaged over ranks."""
         if not self.sized:
             mean, lasted = agreed
             if lasted < self.MIN_WINDOW_S:            # too short to judge: go on as long again

@@ -9,9 +9,14 @@ each time (the same on every rank), each after a barrier: whatever one algorithm
 (ranks out of step, a link's state) falls on all of them alike. (Turns of several samples per
 algorithm, in rotating order, timed auto and its own pick up to 12% apart, in both directions.)
 A sample is a block of back-to-back calls (up to 10, about 0.1 s), timed with perf_counter on
-every rank; its time per call is the slowest rank's block time over the calls. Timing single calls
-would charge a call the skew between ranks: a rank done early waits for its peers inside the next
-call, and the slowest rank of each call is always such a one.
+every rank; its time per call is the mean over ranks of their block times, over the calls. Timing
+single calls would charge a call the skew between ranks: a rank done early waits for its peers
+inside the next call. The slowest rank's block is no better: ranks take turns being early (at 2
+ranks and 5 ms recursive doubling's two ranks swap every call), so after the barrier one rank of an
+odd-length block carries a whole one-way delay more: blocks of 7 calls timed 13% slower than blocks
+of 8, and auto (7-call blocks) 11% slower than the recursive doubling it ran (8). The mean counts
+each rank's lead once, whatever the block's length; the JSON lines keep the slowest rank's median
+(slowest_rank_median_s) beside it.
 The table shows the median over samples, the JSON lines p10 and p90 too. `auto` is timed once it
 has settled (tried its contenders on real calls); the calls and seconds that took, its start-up
 trial included, are in the JSON lines (settle_calls, settle_s).
@@ -128,13 +133,18 @@ class CommBench:
         buf = np.array([value], dtype=np.float64)
         return float(self.comm.bcast(buf, root=0)[0])
 
-    def slowest(self, mine: np.ndarray) -> np.ndarray:
-        """Element-wise maximum over ranks of each rank's timings, on every rank."""
-        out = mine.astype(np.float64)
+    def over_ranks(self, mine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Element-wise mean and maximum over ranks of each rank's timings, on every rank."""
+        total, top = np.zeros(mine.shape), np.full(mine.shape, -np.inf)
         for r in range(self.n):
-            buf = out.copy() if r == self.rank else np.empty_like(out)
-            np.maximum(out, self.comm.bcast(buf, root=r), out=out)
-        return out
+            buf = mine.astype(np.float64) if r == self.rank else np.empty(mine.shape)
+            theirs = self.comm.bcast(buf, root=r)
+            total += theirs
+            np.maximum(top, theirs, out=top)
+        return total / self.n, top
+
+    def slowest(self, mine: np.ndarray) -> np.ndarray:
+        return self.over_ranks(mine)[1]
 
     def count(self, sample_s: float) -> int:
         """Samples that fit the budget, from one sample's expected seconds (rank 0 decides)."""
@@ -191,9 +201,10 @@ class CommBench:
                 samples[a].append((time.perf_counter() - t0) / block)
         records = {}
         for a, (block, _) in plan.items():
-            times = self.slowest(np.array(samples[a]))
+            times, slowest = self.over_ranks(np.array(samples[a]))
             records[a] = {"kind": "allreduce", "algorithm": a, **percentiles(times), "calls_per_sample": block,
-                          "order": "shuffled per sample"}
+                          "order": "shuffled per sample", "over_ranks": "mean",
+                          "slowest_rank_median_s": float(np.median(slowest))}
             if a == "auto":
                 choice = comm.auto_choice(size.nbytes)
                 records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
@@ -294,7 +305,7 @@ def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algori
 
     if comm.rank == 0:
         print(f"bench comm: {comm.size} ranks, {describe_link(link)}; load average "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; median ms per call, slowest rank", flush=True)
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; median ms per call, mean over ranks", flush=True)
     algos = [] if pingpong_only else chosen
     idle = {}
     if idle_seconds > 0:

@@ -251,15 +251,21 @@ class MpiComm:
         t0 = time.perf_counter()
         self._run(choice.pick, arr)
         if choice.record(time.perf_counter() - t0):
-            # the quickest rank's: a rank that arrived early also timed its waits for the others
-            seen = choice.figures()
-            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, seen, op=self.MPI.MIN)], "agreeing on an allreduce")
-            if self.recorder:
-                self.recorder.add("auto", seen)
-            choice.revise(seen)
+            choice.revise(self._mean_over_ranks(choice.figures()))
+
+    def _mean_over_ranks(self, times: np.ndarray) -> np.ndarray:
+        """Every rank's timings of the same calls, averaged over ranks. Not the slowest or the quickest
+        rank: ranks take turns being early (at 2 ranks and 5 ms, recursive doubling's two ranks swap
+        every call), so the slowest rank of an odd run of calls carries one delay more (7 calls timed
+        13% slower than 8) and the quickest one less; the mean counts each rank's lead once."""
+        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.SUM)], "agreeing on an allreduce")
+        times /= self.size
+        if self.recorder:
+            self.recorder.add("auto", times)
+        return times
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
-        """Times every candidate with this very size; all ranks take the slowest rank's times. The
+        """Times every candidate with this very size (the mean over ranks, see _mean_over_ranks). The
         candidates take turns, a few calls each, and each keeps its median turn: a hiccup during
         one candidate's calls once made recursive doubling look 4x slower than it was (2 ranks, 2 ms,
         12.9 ms a call instead of 3), and a candidate ranked out here is never tried again."""
@@ -278,10 +284,7 @@ class MpiComm:
                     self._run(mode, trial)
                 times[r, i] = (time.perf_counter() - t0) / calls
         self.stats = saved
-        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.MAX)], "agreeing on an allreduce")
-        if self.recorder:
-            self.recorder.add("auto", times)
-        median = np.median(times, axis=0)
+        median = np.median(self._mean_over_ranks(times), axis=0)
         choice = self.auto[_size_class(arr.nbytes)] = AutoChoice(dict(zip(AUTO_CANDIDATES, median.tolist())))
         return choice
 
