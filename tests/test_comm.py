@@ -181,3 +181,31 @@ def test_bench_comm_on_a_simulated_link(tmp_path):
     assert len(star) == 2 and all(rec["median_s"] >= 0.010 for rec in star)
     ping = [rec for rec in records if rec["kind"] == "pingpong"]
     assert all(rec["median_s"] >= 0.005 for rec in ping)
+
+
+@pytest.mark.mpi
+def test_bench_generate_compares_algorithms_switched_on_every_rank(checkpoints, tmp_path):
+    """One job, algorithms switched between generations: on a simulated 10 ms link a star (two hops
+    per allreduce) must cost about twice recursive doubling's one hop at 2 ranks; had a worker not
+    switched with rank 0, the two would wait on different messages until the comm timeout."""
+    out = tmp_path / "generate.jsonl"
+    r = run_tpi(["bench", "generate", "--model", str(checkpoints("llama")), "--cache-dir", str(tmp_path / "cache"),
+                 "--compare", "star,recdouble,auto", "--rounds", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--warmup", "1", "--link-model", "10ms,1000mbit", "--comm-timeout", "20", "--quiet",
+                 "--out", str(out)], n=2, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "auto / best fixed (recdouble)" in r.stdout
+    records = {rec["allreduce"].split(" ")[0]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"star", "recdouble", "auto"}
+    assert all(len(rec["round_s_per_token"]) == 2 and rec["compared"] == ["star", "recdouble", "auto"]
+               for rec in records.values())
+    layers = 2                                       # the checkpoint's decoder layers: 2 allreduces each
+    assert records["star"]["s_per_token"] >= 2 * layers * 2 * 0.010
+    assert records["recdouble"]["s_per_token"] < 0.75 * records["star"]["s_per_token"]
+    assert records["auto"]["allreduce"].startswith("auto (")
+
+
+def test_bench_generate_compare_refuses_an_unknown_algorithm():
+    r = run_tpi(["bench", "generate", "--compare", "star,fastest"])
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].endswith("list algorithms from auto,star,mpi,ring,recdouble")

@@ -6,8 +6,9 @@
 #
 # comm:     star, mpi, ring, recdouble and auto at 0, 1, 2 and 5 ms one way, 300 Mbit/s, on
 #           RANKS ranks (default "2 4 8"), decode (1x576, 1x4096) and prefill (128x4096) messages
-# generate: end-to-end s/token (48 new tokens) of the built-in SmolLM2-135M for every --allreduce ALGOS (default
-#           all five), on the links DELAYS (default "0 2 5") and RANKS (default "2 4")
+# generate: end-to-end s/token of the built-in SmolLM2-135M with the allreduce algorithms ALGOS (default all
+#           five) compared in one job per link (bench generate --compare: 6 rounds of 12 new tokens each,
+#           algorithms in random order), on the links DELAYS (default "0 2 5") and RANKS (default "2 4")
 # simulate: bench comm as in `comm`, on 2 and 4 ranks, with --link-model instead of the emulator
 #           (the comm layer sleeps each message's modelled time), into simulated.jsonl
 # Each run is bounded by `timeout`; a failed run is reported and the others go on.
@@ -29,12 +30,10 @@ comm)
 generate)
     for n in ${RANKS:-2 4}; do
         for d in ${DELAYS:-0 2 5}; do
-            for a in ${ALGOS:-star mpi ring recdouble auto}; do
-                timeout 300 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
-                    python -m tpi_mpi bench generate --threads 1 --allreduce "$a" --prompt-tokens 16 \
-                    --new-tokens 48 --warmup 2 --quiet --out "$out/generate.jsonl" \
-                    || echo "FAILED: bench generate, $n ranks, $d ms, $a" >&2
-            done
+            timeout 900 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
+                python -m tpi_mpi bench generate --threads 1 --compare "${ALGOS:-star,mpi,ring,recdouble,auto}" \
+                --rounds 6 --prompt-tokens 16 --new-tokens 12 --warmup 2 --quiet --out "$out/generate.jsonl" \
+                || echo "FAILED: bench generate, $n ranks, $d ms" >&2
         done
     done ;;
 simulate)

@@ -122,6 +122,74 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     append_json(out, record)
 
 
+def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt_tokens: int, new_tokens: int,
+                      warmup: int, out: str | None) -> None:
+    """End-to-end s/token of several allreduce algorithms in one job: `rounds` rounds of one
+    generation per algorithm, in a new random order each round; each algorithm's figure is its
+    median round. One job per algorithm, run one after another, met the host's drift instead: on
+    2 cores running 4 ranks and the link emulator, rank 0's compute per token ranged over 52-86 ms
+    for the same model and algorithm between runs minutes apart, more than the algorithms differ.
+    auto keeps what it learnt from round to round, as it would over a long chat; its first round
+    (its trial and match, after the warm-up) is in the JSON line (first_round_s_per_token)."""
+    s = Session(cfg)
+    try:
+        if s.comm.size < 2:
+            raise ConfigError("--compare needs 2 ranks or more: run under mpirun -n 2 (or more)")
+        if s.rank == 0:
+            prompt = synthetic_prompt(s.m.vocab_size, prompt_tokens)
+            order = np.random.default_rng(0)
+
+            def work(root: Root) -> dict[str, list[dict]]:
+                for a in algorithms:            # warm-up: connections and buffers of every algorithm
+                    root.set_allreduce(a)
+                    run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)
+                runs: dict[str, list[dict]] = {a: [] for a in algorithms}
+                for _ in range(rounds):
+                    for j in order.permutation(len(algorithms)):
+                        root.set_allreduce(algorithms[j])
+                        g = run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True,
+                                           after_prefill=root.reset_stats)
+                        runs[algorithms[j]].append(rank0_figures(s, g))
+                return runs
+
+            runs = Root(s).run(work)
+        else:
+            follow(s)
+    finally:
+        s.close()
+    if s.rank != 0:
+        return
+    base = {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
+            "window": s.windows[0], "threads": s.threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "compared": algorithms, "rounds": rounds, "order": "shuffled per round", "counters": "rank 0",
+            "link": link_info(s.comm),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "host": platform.node(), "cpus": os.cpu_count(),
+            "commit": git_commit(), "time": time.strftime("%FT%T")}
+    records = {}
+    for i, (a, rs) in enumerate(runs.items()):
+        s.comm.mode = a                           # for describe(): auto's picks per message size
+        med = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        records[a] = {**base, "allreduce": s.comm.describe(), **med,
+                      "prefill_tok_s": prompt_tokens / med["ttft_s"], "tokens_per_s": 1 / med["s_per_token"],
+                      **{f"round_{k}": [r[k] for r in rs] for k in rs[0]},
+                      "first_round_s_per_token": rs[0]["s_per_token"]}
+        print_row(records[a], header=i == 0)
+        append_json(out, records[a])
+    fixed = {a: r["s_per_token"] for a, r in records.items() if a != "auto"}
+    if "auto" in records and fixed:
+        best = min(fixed, key=fixed.get)
+        print(f"auto / best fixed ({best}): {records['auto']['s_per_token'] / fixed[best]:.2f} "
+              f"(medians of {rounds} rounds of {new_tokens} tokens)", flush=True)
+
+
+def rank0_figures(s: Session, g) -> dict[str, float]:
+    """One generation's decode, as rank 0 saw it (its counters were reset after the prefill)."""
+    steps = len(g.step_s)
+    return {"s_per_token": g.s_per_token, "ttft_s": g.ttft_s,
+            "compute_ms": 1000 * (s.forward_s - s.comm.stats.seconds - s.window.wait_s) / steps,
+            "comm_ms": 1000 * s.comm.stats.seconds / steps}
+
+
 def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens: int, warmup: int,
                        dtype: str, out: str | None, offload: bool = False, cap: int | None = None,
                        disk_rate: int | None = None) -> None:

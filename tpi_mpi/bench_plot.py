@@ -221,12 +221,18 @@ def main(comm_jsonl: str, out_png: str | None, generate_jsonl: str | None, table
         plot(comm, gen, out_png)
         print(f"wrote {out_png}", file=sys.stderr)
     if tables:
-        print("Allreduce, ms per call (median, slowest rank; bold: the best fixed algorithm):\n")
+        ranks_view = "mean over ranks" if all(r.get("over_ranks") == "mean" for k, r in comm.items()
+                                               if k[0] == "allreduce") else "slowest rank"
+        print(f"Allreduce, ms per call (median, {ranks_view}; bold: the best fixed algorithm):\n")
         print(comm_tables(comm))
         print("\nIdle CPU of a waiting rank while rank 0 computes (CPU seconds per wall second):\n")
         print(idle_table(comm))
         if gen:
-            print("\nEnd to end, s per decode token (bold: the best fixed algorithm; a point run twice: the mean):\n")
+            rounds = {r.get("rounds") for r in gen.values()}
+            how = (f"the median of {rounds.pop()} rounds, algorithms interleaved in one job" if len(rounds) == 1
+                   and None not in rounds else "one job per algorithm")
+            print(f"\nEnd to end, s per decode token ({how}; bold: the best fixed algorithm; a point run twice: "
+                  f"the mean):\n")
             print(generate_table(gen))
 
 

@@ -316,14 +316,28 @@ def bench() -> None:
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--new-tokens", type=int, default=32, show_default=True)
 @click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--compare", help="Allreduce algorithms to compare in this one job, e.g. star,recdouble,auto: "
+              "--rounds rounds of one generation each, in random order; one row (median round) each.")
+@click.option("--rounds", type=int, default=6, show_default=True, help="Rounds for --compare.")
 @click.option("--out", help="Append the JSON record to this file.")
-def bench_generate(prompt_tokens, new_tokens, warmup, out, **kw) -> None:
+def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, out, **kw) -> None:
     """Prefill and decode timings of tpi_mpi (run under mpirun)."""
     from .bench import bench_generate as run
+    from .bench import compare_allreduce
 
     if new_tokens < 2:
         raise ConfigError("--new-tokens must be at least 2 to time a decode step")
-    run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
+    if compare is None:
+        run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
+        return
+    algorithms = list(dict.fromkeys(a.strip() for a in compare.split(",") if a.strip()))
+    bad = [a for a in algorithms if a not in ALLREDUCE_MODES]
+    if bad or not algorithms:
+        raise ConfigError(f"--compare {compare!r}: list algorithms from {','.join(ALLREDUCE_MODES)}")
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: must be at least 1")
+    compare_allreduce(run_config({**kw, "allreduce": algorithms[0]}), algorithms, rounds, prompt_tokens, new_tokens,
+                      warmup, out)
 
 
 @bench.command("memory")

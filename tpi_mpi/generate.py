@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .comm import CommStats, make_comm
+from .comm import ALLREDUCE_MODES, CommStats, make_comm
 from .config import ParallelConfig, format_size, normalized_ratio, parse_ratio
 from .errors import CommError, ConfigError, TpiError
 from .model import Transformer
@@ -29,8 +29,8 @@ from .ship import ship
 from .text import Streamer, TextCodec
 from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, block_file, current_rss, plan_window
 
-CMD_FORWARD, CMD_STOP, CMD_RESET_STATS, CMD_IDLE = 1, 2, 3, 4
-HEADER = 4                    # int64 [command, position, n_tokens, all_logits]
+CMD_FORWARD, CMD_STOP, CMD_RESET_STATS, CMD_IDLE, CMD_ALLREDUCE = 1, 2, 3, 4, 5
+HEADER = 4                    # int64 [command, position, n_tokens, all_logits]; CMD_ALLREDUCE: [cmd, mode]
 PATH_BYTES = 4096
 
 
@@ -277,6 +277,12 @@ class Root:
         self.s.comm.bcast(self.header)
         self.s.reset_stats()
 
+    def set_allreduce(self, mode: str) -> None:
+        """Switch every rank to another allreduce algorithm (benchmarks compare them in one job)."""
+        self.header[:] = (CMD_ALLREDUCE, ALLREDUCE_MODES.index(mode), 0, 0)
+        self.s.comm.bcast(self.header)
+        self.s.comm.mode = mode
+
     def idle(self) -> None:
         """Tell the workers the next step may be long in coming (rank 0 waits for a person or a
         client): they wait for it without a time limit. Otherwise a silent rank 0 is an error."""
@@ -320,6 +326,9 @@ def follow(s: Session) -> None:
             return
         if cmd == CMD_RESET_STATS:
             s.reset_stats()
+            continue
+        if cmd == CMD_ALLREDUCE:
+            s.comm.mode = ALLREDUCE_MODES[pos]
             continue
         h = torch.empty(T, s.m.dim, dtype=s.dtype)
         s.comm.bcast(h.view(torch.uint8).numpy())
