@@ -152,8 +152,9 @@ def test_killed_rank_ends_every_rank_promptly(checkpoints, tmp_path, victim):
 
 
 @pytest.mark.mpi
-def test_frozen_worker_is_named_after_the_comm_timeout(checkpoints, tmp_path):
-    proc, marker = _long_run(checkpoints, tmp_path, extra=["--comm-timeout", "3", "--allreduce", "star"])
+@pytest.mark.parametrize("allreduce", ["star", "mpi"])   # point to point; an MPI collective, named by a roll call
+def test_frozen_worker_is_named_after_the_comm_timeout(checkpoints, tmp_path, allreduce):
+    proc, marker = _long_run(checkpoints, tmp_path, extra=["--comm-timeout", "3", "--allreduce", allreduce])
     pids = _rank_pids(marker)
     os.kill(pids[1], signal.SIGSTOP)
     try:

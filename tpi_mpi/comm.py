@@ -31,7 +31,8 @@ from .errors import CommError, ConfigError
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
-TAG_PING, TAG_PONG, TAG_LOGITS = 31, 32, 33
+TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL = 31, 32, 33, 34
+ROLL_CALL_S = 2.0           # how long a timed-out collective waits for its peers to answer a roll call
 # Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
 # has answered a handshake, and that answer queues in the one TCP stream between the two ranks
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
@@ -163,9 +164,23 @@ class MpiComm:
             pause = min(pause * 2, _MAX_PAUSE if waited < 1.0 else _IDLE_PAUSE)
             if timeout is not None and waited > timeout:
                 silent = [p for r, p in zip(reqs, peers or []) if p is not None and not r.Test()]
+                if peers is None:             # a collective: MPI does not say whom it waits for
+                    silent = self._roll_call()
                 who = f"rank {', '.join(map(str, silent))} sent nothing" if silent else "a peer rank did not answer"
                 raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
                                 f"(raise --comm-timeout if it is only slow)")
+
+    def _roll_call(self) -> list[int]:
+        """The ranks that send nothing within ROLL_CALL_S, asked when a collective timed out. Every
+        live rank in it times out at about the same moment and answers; a dead or frozen one cannot."""
+        here = np.array([self.rank], dtype=np.int64)
+        answers = {r: np.empty(1, dtype=np.int64) for r in range(self.size) if r != self.rank}
+        reqs = {r: self.world.Irecv(buf, source=r, tag=TAG_ROLL) for r, buf in answers.items()}
+        self._roll_sends = [self.world.Isend(here, dest=r, tag=TAG_ROLL) for r in answers]   # the job is ending
+        end = time.monotonic() + ROLL_CALL_S
+        while time.monotonic() < end and not all(req.Test() for req in reqs.values()):
+            time.sleep(0.01)
+        return [r for r, req in reqs.items() if not req.Test()]
 
     def _timed(self, nbytes: int):
         self.stats.calls += 1
