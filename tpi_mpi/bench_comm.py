@@ -220,8 +220,8 @@ class CommBench:
 
     def settle_auto(self, choice: AutoChoice, x: torch.Tensor) -> int:
         """Calls auto with `x` until `choice`, its pick for x's size, has tried its contenders on real
-        calls; returns its calls so far, the trial's excluded. The ranks agree on every window, so
-        they stop together."""
+        calls; returns its calls so far, the trial's excluded. The ranks agree when the match ends,
+        at the same call on each, so they stop together."""
         while choice.exploring:
             self.comm.allreduce(x)
         return choice.calls
