@@ -169,13 +169,14 @@ def test_link_model_charges_two_hops_for_a_star_and_changes_no_result():
 @pytest.mark.mpi
 def test_bench_comm_on_a_simulated_link(tmp_path):
     out = tmp_path / "comm.jsonl"
-    r = run_tpi(["bench", "comm", "--sizes", "1x576,8", "--algorithms", "star,auto", "--repeats", "5",
-                 "--warmup", "1", "--idle-seconds", "0.1", "--link-model", "5ms,1000mbit", "--out", str(out)],
-                n=2, timeout=120)
+    r = run_tpi(["bench", "comm", "--sizes", "1x576,8", "--algorithms", "star,auto", "--repeats", "8",
+                 "--min-repeats", "6", "--budget", "0.001", "--warmup", "1", "--idle-seconds", "0.1",
+                 "--link-model", "5ms,1000mbit", "--out", str(out)], n=2, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "auto chose" in r.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert {rec["kind"] for rec in records} == {"pingpong", "allreduce", "idle_cpu"}
+    assert all(rec["repeats"] == 6 for rec in records if rec["kind"] != "idle_cpu")   # the budget fits none
     assert all(rec["link"] == {"kind": "simulated", "delay_ms": 5.0, "rate_mbit": 1000.0} for rec in records)
     star = [rec for rec in records if rec.get("algorithm") == "star" and rec["kind"] == "allreduce"]
     assert len(star) == 2 and all(rec["median_s"] >= 0.010 for rec in star)

@@ -22,8 +22,8 @@ comm)
     for n in ${RANKS:-2 4 8}; do
         for d in 0 1 2 5; do
             timeout 600 python -m tpi_mpi.netem run --ranks "$n" --delay-ms "$d" --rate-mbit 300 -- \
-                python -m tpi_mpi bench comm --sizes 1x576,1x4096,128x4096 --repeats 100 --warmup 2 \
-                --budget 4 --idle-seconds 0.5 --comm-timeout 120 --out "$out/comm.jsonl" \
+                python -m tpi_mpi bench comm --sizes 1x576,1x4096,128x4096 --repeats 100 --min-repeats 20 \
+                --warmup 2 --budget 4 --idle-seconds 0.5 --comm-timeout 120 --out "$out/comm.jsonl" \
                 || echo "FAILED: bench comm, $n ranks, $d ms" >&2
         done
     done ;;

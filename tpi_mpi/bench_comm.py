@@ -4,10 +4,11 @@ Run under mpirun with 2 or more ranks. Everything goes through comm.MpiComm (no 
 the numbers include what the model pays: its polling waits, its float32 sums, `--link-model`.
 
 Per message size and algorithm: warm-up calls, then samples, as many of each algorithm as fit
-`budget` seconds per algorithm on average (5 at least, `repeats` at most). The samples are taken in
-rounds of one per algorithm, in a new random order each round (the same on every rank), each after
-a barrier: whatever one algorithm leaves behind (ranks out of step, a link's state) falls on all of
-them alike. (Turns of several samples per algorithm, in rotating order, timed auto and its own
+`budget` seconds per algorithm on average (`min_repeats` at least, `repeats` at most; a median of
+8 samples of an 8-rank 2 MiB allreduce, p10-p90 205-344 ms, is not precise to 10%, so
+tools/allreduce_edge.sh asks for 20 at least). The samples are taken in rounds of one per
+algorithm, in a new random order each round (the same on every rank), each after a barrier:
+whatever one algorithm leaves behind (ranks out of step, a link's state) falls on all of them alike. (Turns of several samples per algorithm, in rotating order, timed auto and its own
 pick up to 12% apart, in both directions.)
 A sample is a block of back-to-back calls (up to 10, about 0.1 s), timed with perf_counter on
 every rank; its time per call is the mean over ranks of their block times, over the calls. Timing
@@ -51,7 +52,6 @@ from .errors import ConfigError
 # one decode token of SmolLM2-135M (hidden 576) up to a 2048-token prefill of hidden 8192, about x4 a step
 DEFAULT_SIZES = "1x576,1x2048,1x8192,8x4096,32x4096,128x4096,512x4096,2048x4096,2048x8192"
 ALGORITHMS = ("star", "mpi", "ring", "recdouble", "auto")
-MIN_REPEATS = 5
 BLOCK_S, MAX_BLOCK = 0.1, 10          # an allreduce sample: back-to-back calls lasting about BLOCK_S
 
 
@@ -125,9 +125,11 @@ def busy(seconds: float) -> None:
 class CommBench:
     """The measurements; every rank calls the same methods in the same order (they communicate)."""
 
-    def __init__(self, comm: MpiComm, repeats: int, warmup: int, budget: float, idle_s: float) -> None:
+    def __init__(self, comm: MpiComm, repeats: int, min_repeats: int, warmup: int, budget: float,
+                 idle_s: float) -> None:
         self.comm, self.rank, self.n = comm, comm.rank, comm.size
         self.repeats, self.warmup, self.budget, self.idle_s = max(repeats, 1), max(warmup, 1), budget, idle_s
+        self.min_repeats = min(max(min_repeats, 1), self.repeats)
 
     # -- agreeing across ranks, with MpiComm's broadcasts only --
     def from_rank0(self, value: float) -> float:
@@ -149,7 +151,8 @@ class CommBench:
 
     def count(self, sample_s: float) -> int:
         """Samples that fit the budget, from one sample's expected seconds (rank 0 decides)."""
-        return int(self.from_rank0(max(MIN_REPEATS, min(self.repeats, int(self.budget / max(sample_s, 1e-6))))))
+        fit = int(self.budget / max(sample_s, 1e-6))
+        return int(self.from_rank0(max(self.min_repeats, min(self.repeats, fit))))
 
     # -- measurements --
     def pingpong(self, size: Size) -> dict:
@@ -276,8 +279,8 @@ def row(size: Size, ping: dict | None, results: dict[str, dict]) -> str:
 # --- the command --------------------------------------------------------------------------------------
 
 def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algorithms: str, pingpong_only: bool,
-               repeats: int, warmup: int, budget: float, idle_seconds: float, hub: int, link_model: str | None,
-               comm_timeout: float, threads: int, out: str | None) -> None:
+               repeats: int, min_repeats: int, warmup: int, budget: float, idle_seconds: float, hub: int,
+               link_model: str | None, comm_timeout: float, threads: int, out: str | None) -> None:
     chosen = [a.strip() for a in algorithms.split(",") if a.strip()]
     bad = [a for a in chosen if a not in ALGORITHMS]
     if bad:
@@ -291,7 +294,7 @@ def bench_comm(sizes: str | None, model: str | None, prefill_tokens: int, algori
     comm = make_comm("star", comm_timeout, hub, link_model)
     if not isinstance(comm, MpiComm):
         raise ConfigError("bench comm needs 2 ranks or more: mpirun -n 2 python -m tpi_mpi bench comm")
-    b = CommBench(comm, repeats, warmup, budget, idle_seconds)
+    b = CommBench(comm, repeats, min_repeats, warmup, budget, idle_seconds)
     netns = comm.gather_floats(float(os.stat("/proc/self/ns/net").st_ino))
     link = link_info(comm)
     base = {"bench": "comm", "ranks": comm.size, "hub": hub, "link": link, "threads": threads,

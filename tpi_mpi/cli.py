@@ -370,9 +370,10 @@ def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, ne
 @click.option("--algorithms", default="star,mpi,ring,recdouble,auto", show_default=True)
 @click.option("--pingpong-only", is_flag=True, help="Only the ping-pong latencies.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed samples per point, at most.")
+@click.option("--min-repeats", type=int, default=5, show_default=True, help="Timed samples per point, at least.")
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--budget", type=float, default=2.0, show_default=True,
-              help="Seconds of timed samples per point (at least 5 samples).")
+              help="Seconds of timed samples per point (within --min-repeats and --repeats).")
 @click.option("--idle-seconds", type=float, default=0.5, show_default=True,
               help="Rank 0 computes this long while the others wait, for their idle CPU; 0 = skip.")
 @click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank.")
