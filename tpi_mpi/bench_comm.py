@@ -8,8 +8,9 @@ Per message size and algorithm: warm-up calls, then samples, as many of each alg
 8 samples of an 8-rank 2 MiB allreduce, p10-p90 205-344 ms, is not precise to 10%, so
 tools/allreduce_edge.sh asks for 20 at least). The samples are taken in rounds of one per
 algorithm, in a new random order each round (the same on every rank), each after a barrier:
-whatever one algorithm leaves behind (ranks out of step, a link's state) falls on all of them alike. (Turns of several samples per algorithm, in rotating order, timed auto and its own
-pick up to 12% apart, in both directions.)
+whatever one algorithm leaves behind (ranks out of step, a link's state) falls on all of them
+alike. (Turns of several samples per algorithm, in rotating order, timed auto and its own pick up
+to 12% apart, in both directions.)
 A sample is a block of back-to-back calls (up to 10, about 0.1 s), timed with perf_counter on
 every rank; its time per call is the mean over ranks of their block times, over the calls. Timing
 single calls would charge a call the skew between ranks: a rank done early waits for its peers
@@ -18,7 +19,9 @@ ranks and 5 ms recursive doubling's two ranks swap every call), so after the bar
 odd-length block carries a whole one-way delay more: blocks of 7 calls timed 13% slower than blocks
 of 8, and auto (7-call blocks) 11% slower than the recursive doubling it ran (8). The mean counts
 each rank's lead once, whatever the block's length; the JSON lines keep the slowest rank's median
-(slowest_rank_median_s) beside it.
+(slowest_rank_median_s) beside it. Its one bias: a block of a single call (the 2 MiB sizes) ends
+on each rank when that rank has the total, and the star's hub has it one transfer before the
+others (2 ranks, 0 ms, 2 MiB: the star at 87 ms by the mean, 116 by the slowest rank).
 The table shows the median over samples, the JSON lines p10 and p90 too. `auto` is timed once it
 has settled (tried its contenders on real calls); the calls and seconds that took, its start-up
 trial included, are in the JSON lines (settle_calls, settle_s).
@@ -211,7 +214,7 @@ class CommBench:
         for a, (block, _) in plan.items():
             times, slowest = self.over_ranks(np.array(samples[a]))
             records[a] = {"kind": "allreduce", "algorithm": a, **percentiles(times), "calls_per_sample": block,
-                          "order": "shuffled per sample", "over_ranks": "mean",
+                          "order": "shuffled per round", "over_ranks": "mean",
                           "slowest_rank_median_s": float(np.median(slowest))}
             if a == "auto":
                 choice = comm.auto_choice(size.nbytes)
