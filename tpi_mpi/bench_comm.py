@@ -17,14 +17,15 @@ running two ranks and the link forwarder on 2 cores: their p10-p90 spanned 0.43-
 median of 0.58, and auto, on recursive doubling, timed 13% slower than recursive doubling. A block
 is timed with perf_counter on every rank; its time per call is the mean over ranks of their block
 times, over the calls. Timing single calls would charge a call the skew between ranks: a rank done
-early waits for its peers inside the next call. The slowest rank's block is no better: ranks take turns being early (at 2
-ranks and 5 ms recursive doubling's two ranks swap every call), so after the barrier one rank of an
-odd-length block carries a whole one-way delay more: blocks of 7 calls timed 13% slower than blocks
-of 8, and auto (7-call blocks) 11% slower than the recursive doubling it ran (8). The mean counts
-each rank's lead once, whatever the block's length; the JSON lines keep the slowest rank's median
-(slowest_rank_median_s) beside it. Its one bias: a block of a single call (the 2 MiB sizes) ends
-on each rank when that rank has the total, and the star's hub has it one transfer before the
-others (2 ranks, 0 ms, 2 MiB: the star at 87 ms by the mean, 116 by the slowest rank).
+early waits for its peers inside the next call. The slowest rank's block is no better: ranks take
+turns being early (at 2 ranks and 5 ms recursive doubling's two ranks swap every call), so after
+the barrier one rank of an odd-length block carries a whole one-way delay more: blocks of 7 calls
+timed 13% slower than blocks of 8, and auto (7-call blocks) 11% slower than the recursive doubling
+it ran (8). The mean counts each rank's lead once, whatever the block's length; the JSON lines
+keep the slowest rank's median (slowest_rank_median_s) beside it. Its one bias: a block of one
+call (2 MiB) ends on each rank when that rank has the total, and the star's hub has it one
+transfer before the others (2 ranks, 0 ms, 2 MiB: the star at 87 ms by the mean, 116 by the
+slowest rank).
 The table shows the median over samples, the JSON lines p10 and p90 too. `auto` is timed once it
 has settled (tried its contenders on real calls); the calls and seconds that took, its start-up
 trial included, are in the JSON lines (settle_calls, settle_s).

@@ -146,7 +146,8 @@ def generate_table(gen: dict) -> str:
                      if a in fixed else "-" for a in FIXED]
             auto = got["auto"]
             loads = [r["load_avg"][0] for r in got.values() if r and r.get("load_avg")]
-            load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+            lo, hi = (f"{min(loads):.1f}", f"{max(loads):.1f}") if loads else ("-", "-")
+            load = lo if lo == hi else f"{lo}-{hi}"
             if auto:
                 tail = (f"{auto['s_per_token']:.3f}{runs_note(auto)} | {ratio_text(auto['s_per_token'], best)} | "
                         f"{auto_choice(auto['allreduce'])}")
