@@ -335,7 +335,8 @@ class MpiComm:
     def bcast(self, buf: np.ndarray, root: int = 0, timeout: float | None | bool = True) -> np.ndarray:
         """Broadcast a contiguous array in place (every rank passes one of the same size)."""
         t0 = self._timed(buf.nbytes if self.rank == root else 0)
-        self._wait([self.world.Ibcast(buf, root=root)], f"waiting for a broadcast from rank {root}", timeout)
+        what = "broadcasting" if self.rank == root else f"waiting for a broadcast from rank {root}"
+        self._wait([self.world.Ibcast(buf, root=root)], what, timeout)
         if self.recorder and self.rank != root:
             self.recorder.add("bcast", buf)
         self.stats.seconds += time.perf_counter() - t0
