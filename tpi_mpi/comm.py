@@ -272,12 +272,15 @@ class MpiComm:
         """Every rank's timings of the same calls, averaged over ranks. Not the slowest or the quickest
         rank: ranks take turns being early (at 2 ranks and 5 ms, recursive doubling's two ranks swap
         every call), so the slowest rank of an odd run of calls carries one delay more (7 calls timed
-        13% slower than 8) and the quickest one less; the mean counts each rank's lead once."""
-        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, times, op=self.MPI.SUM)], "agreeing on an allreduce")
-        times /= self.size
+        13% slower than 8) and the quickest one less; the mean counts each rank's lead once.
+        Summed as integer nanoseconds: exact in any order, so every rank gets the same bits and
+        makes the same choice (a float sum may round differently from rank to rank)."""
+        ns = np.rint(times * 1e9).astype(np.int64)
+        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, ns, op=self.MPI.SUM)], "agreeing on an allreduce")
+        mean = ns / (self.size * 1e9)
         if self.recorder:
-            self.recorder.add("auto", times)
-        return times
+            self.recorder.add("auto", mean)
+        return mean
 
     def _trial(self, arr: np.ndarray) -> AutoChoice:
         """Times every candidate with this very size (the mean over ranks, see _mean_over_ranks). The
