@@ -100,10 +100,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     comm_ms = 1000 * max(per_rank["comm_s"]) / steps
     wait_ms = 1000 * max(per_rank["wait_s"]) / steps
     record = {
-        "runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
-        "allreduce": s.comm.describe(), "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
-        "head_on": s.shard.manifest["head_on"], "threads": s.threads,
-        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        **run_fields(s, cfg, prompt_tokens, new_tokens), "allreduce": s.comm.describe(),
         "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,
         "tokens_per_s": 1 / g.s_per_token if g.s_per_token else None,
         # rank 0's view of a forward pass, split: communication includes waiting for slower peers
@@ -115,11 +112,19 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         "cpu_per_wall": [c / (g.s_per_token * steps) for c in per_rank["cpu_s"]],
         "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
-        "link": link_info(s.comm), "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "host": platform.node(), "cpus": os.cpu_count(), "commit": git_commit(), "time": time.strftime("%FT%T"),
     }
     print_row(record)
     append_json(out, record)
+
+
+def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
+    """What a `bench generate` JSON line says of its run: model, layout, link, host, commit."""
+    return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
+            "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
+            "head_on": s.shard.manifest["head_on"], "threads": s.threads,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "host": platform.node(), "cpus": os.cpu_count(),
+            "commit": git_commit(), "time": time.strftime("%FT%T")}
 
 
 def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt_tokens: int, new_tokens: int,
@@ -159,12 +164,8 @@ def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt
         s.close()
     if s.rank != 0:
         return
-    base = {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
-            "window": s.windows[0], "threads": s.threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "compared": algorithms, "rounds": rounds, "order": "shuffled per round", "counters": "rank 0",
-            "link": link_info(s.comm),
-            "load_avg": [round(x, 2) for x in os.getloadavg()], "host": platform.node(), "cpus": os.cpu_count(),
-            "commit": git_commit(), "time": time.strftime("%FT%T")}
+    base = {**run_fields(s, cfg, prompt_tokens, new_tokens), "compared": algorithms, "rounds": rounds,
+            "order": "shuffled per round", "counters": "rank 0"}
     records = {}
     for i, (a, rs) in enumerate(runs.items()):
         s.comm.mode = a                           # for describe(): auto's picks per message size
