@@ -70,12 +70,12 @@ MATCH = 8 * 2 * AutoChoice.ROUNDS       # calls in a match of two, windows of 8 
 
 def test_auto_keeps_the_contender_fastest_on_real_calls():
     # the trial ranks recdouble first, ring within 1.5x of it; star and mpi are not tried again
-    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.006, "mpi": 0.020})
+    choice = AutoChoice({"star": 0.010, "ring": 0.008, "recdouble": 0.0065, "mpi": 0.020})
     assert choice.pick == "recdouble" and choice.players == ["recdouble", "ring"]
     checks = drive(choice, {"recdouble": 0.012, "ring": 0.009, "star": 0.001, "mpi": 0.001}, 1000)
-    # the first window (8 calls, 96 ms) is long enough; the ranks agree again when the match is
-    # over, then at checks 4 and 16 windows later
-    assert checks[:4] == [8, MATCH, MATCH + 32, MATCH + 160]
+    # windows of 8 calls (52 ms at the trial's 6.5 ms): the ranks agree when the match is over,
+    # then at checks 4 and 16 windows later
+    assert choice.window == 8 and checks[:3] == [MATCH, MATCH + 32, MATCH + 160]
     rounds = AutoChoice.ROUNDS
     assert choice.explored == {"recdouble": [pytest.approx(0.012)] * rounds, "ring": [pytest.approx(0.009)] * rounds}
     assert choice.observed == pytest.approx({"recdouble": 0.012, "ring": 0.009})
@@ -140,13 +140,22 @@ def test_auto_rechecks_on_the_median_stretch_not_the_mean():
     assert choice.pick == "recdouble" and not choice.exploring and choice.rematches == 0
 
 
-def test_auto_lengthens_windows_too_short_to_judge():
+def test_auto_sizes_windows_from_the_trial():
     choice = AutoChoice({"star": 1e-4, "recdouble": 1e-4})
-    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 13000)
-    # 8 calls of 0.1 ms are not 50 ms: the first window doubles until it is (512 calls = 51.2 ms),
-    # and every window after it is as long
-    assert checks[:8] == [8, 16, 32, 64, 128, 256, 512, 512 * 2 * AutoChoice.ROUNDS]
+    checks = drive(choice, {"star": 1e-4, "recdouble": 1e-4}, 23000)
+    # 8 calls of 0.1 ms are not 50 ms: a window is 500 calls; re-checks cover whole windows
+    assert choice.window == 500 and checks[:4] == [1000 * AutoChoice.ROUNDS, 1000 * AutoChoice.ROUNDS + 2000,
+                                                   1000 * AutoChoice.ROUNDS + 6000, 1000 * AutoChoice.ROUNDS + 10000]
     assert {a: len(w) for a, w in choice.explored.items()} == {"star": AutoChoice.ROUNDS, "recdouble": AutoChoice.ROUNDS}
+
+
+def test_a_stalled_first_window_does_not_shorten_the_match():
+    # 4 ranks, 0 ms, 1x576: the trial's 1.48 ms a call sets windows of 34 calls (50 ms), however
+    # long the first one takes (49 ms a call once made 8-call windows count as long enough)
+    choice = AutoChoice({"recdouble": 0.00148, "star": 0.00190})
+    drive(choice, {"recdouble": [0.049, 0.0015], "star": 0.0019}, 34 * 2 * AutoChoice.ROUNDS)
+    assert choice.window == 34 and not choice.exploring and choice.pick == "recdouble"
+    assert choice.explored["recdouble"][:2] == [pytest.approx(0.049), pytest.approx(0.0015)]
 
 
 def test_link_model_parses_delay_and_rate():

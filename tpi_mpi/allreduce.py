@@ -14,6 +14,8 @@ recvs (buffer, source) pairs that all complete before it returns. Each algorithm
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TAG_PART, TAG_SUM, TAG_RING, TAG_RD = 11, 12, 13, 14
@@ -101,10 +103,12 @@ class AutoChoice:
     doubling (9-20% apart) in 2 of 36 rows in each of two benchmark runs; one window once caught
     recursive doubling at 141 ms a call, its usual 193-237.
 
-    The first window is as long as `WINDOW` calls or, if those last less than `MIN_WINDOW_S`, as
-    many calls as do; every window after it has as many calls, so each rank knows when a window ends
-    and the ranks agree only once the match is over (agreeing costs one MPI_Allreduce: at 4 ranks
-    and 5 ms, 24 ms against 105 ms for a window of 8 decode calls).
+    A window is as many calls as last `MIN_WINDOW_S` at the fastest contender's trial time (at least
+    `WINDOW`), so each rank knows when a window ends and the ranks agree only once the match is over
+    (agreeing costs one MPI_Allreduce: at 4 ranks and 5 ms, 24 ms against 105 ms for a window of 8
+    decode calls). The trial's times are already agreed; sizing windows from the match's first
+    window instead let one stalled window (49 ms a call against the usual 1.5) set 8-call windows,
+    too short to tell star from recursive doubling at 4 ranks and 0 ms.
     The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) on
     the median of its window-long stretches; when that was more than `SLACK` slower than another
     contender's median, the two play a rematch. (The mean of the whole interval, against medians,
@@ -124,8 +128,8 @@ class AutoChoice:
         self.first_pick = contenders[0]
         self.observed: dict[str, float] = {}          # seconds per real call: each contender's median window
         self.explored: dict[str, list[float]] = {}    # the last match's windows
-        self.calls, self.window, self.check_every = 0, self.WINDOW, self.WINDOW
-        self.sized = False                            # the window's length in calls is settled
+        self.window = max(self.WINDOW, math.ceil(self.MIN_WINDOW_S / best)) if best > 0 else self.WINDOW
+        self.calls, self.check_every = 0, self.window
         self.times: list[float] = []                 # this rank's seconds per call of the pick since the last window
         self.changes: list[dict] = []
         self.rematches = 0
@@ -134,48 +138,30 @@ class AutoChoice:
     def _start_match(self, players: list[str]) -> None:
         """players[0] is the incumbent."""
         self.players, self.exploring = players, len(players) > 1
-        self.sized = self.sized or not self.exploring   # a lone contender has no windows to size
         self.schedule = [p for r in range(self.ROUNDS) for p in (players if r % 2 == 0 else players[::-1])]
         self.played: list[float] = []                # this rank's mean per window, in schedule order
         self.pick = players[0]
-        self.next_check = self.calls + (self.window if self.exploring else self.check_every)
+        self.next_check = self.calls + (self.window * len(self.schedule) if self.exploring else self.check_every)
 
     def record(self, seconds: float) -> bool:
         """Counts one call of the pick; True when the ranks should now agree on `figures()`."""
         self.calls += 1
         self.times.append(seconds)
-        if not (self.exploring and self.sized):
-            return self.calls == self.next_check
-        if len(self.times) < self.window:
-            return False
-        self.played.append(sum(self.times) / len(self.times))   # a window ends on every rank at once
-        self.times = []
-        if len(self.played) < len(self.schedule):
-            self.pick = self.schedule[len(self.played)]
-            return False
-        return True                                   # the match is over
+        if self.exploring and len(self.times) == self.window:
+            self.played.append(sum(self.times) / self.window)   # a window ends on every rank at once
+            self.times = []
+            if len(self.played) < len(self.schedule):
+                self.pick = self.schedule[len(self.played)]
+        return self.calls == self.next_check
 
     def figures(self) -> np.ndarray:
         """What this rank has seen since the ranks last agreed."""
-        times = np.array(self.times)
-        if not self.sized:                            # the first window: its mean and length
-            return np.array([times.mean(), times.sum()])
         if self.exploring:                            # every window of the match
             return np.array(self.played)
-        return times.reshape(-1, self.window).mean(axis=1)   # a re-check: window-long stretches
+        return np.array(self.times).reshape(-1, self.window).mean(axis=1)   # a re-check: window-long stretches
 
     def revise(self, agreed: np.ndarray) -> None:
         """`agreed`: figures(), averaged over ranks."""
-        if not self.sized:
-            mean, lasted = agreed
-            if lasted < self.MIN_WINDOW_S:            # too short to judge: go on as long again
-                self.window = 2 * len(self.times)
-                self.next_check = self.calls + len(self.times)
-                return
-            self.sized, self.times = True, []
-            self.played.append(float(mean))
-            self.pick = self.schedule[1]
-            return
         self.times = []
         if not self.exploring:                        # a re-check
             observed = float(np.median(agreed))
@@ -197,9 +183,9 @@ class AutoChoice:
         if self.rematches and self.pick != incumbent:
             self.changes.append({"call": self.calls, "from": incumbent, "to": self.pick})
         self.exploring = False
-        self.check_every = max(self.check_every, self.window)
         self._next_check()
 
     def _next_check(self) -> None:
-        self.check_every = min(4 * self.check_every, max(self.CHECK_EVERY_MAX, self.window))
+        longest = self.window * max(1, self.CHECK_EVERY_MAX // self.window)   # whole windows
+        self.check_every = min(4 * self.check_every, longest)
         self.next_check = self.calls + self.check_every
