@@ -2,6 +2,7 @@
 simulated link of --link-model."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,9 @@ def test_bench_comm_on_a_simulated_link(tmp_path):
     assert len(star) == 2 and all(rec["median_s"] >= 0.010 for rec in star)
     ping = [rec for rec in records if rec["kind"] == "pingpong"]
     assert all(rec["median_s"] >= 0.005 for rec in ping)
+    auto = [rec for rec in records if rec.get("algorithm") == "auto" and rec["kind"] == "allreduce"]
+    assert len(auto) == 2 and all(rec["auto_window_calls"] == max(8, math.ceil(0.05 / min(rec["auto_trials_s"].values())))
+                                  for rec in auto)     # 50 ms at the trial's best
 
 
 @pytest.mark.mpi

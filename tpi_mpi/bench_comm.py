@@ -224,8 +224,9 @@ class CommBench:
                 choice = comm.auto_choice(size.nbytes)
                 records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
                                   trial_pick=choice.first_pick, auto_trials_s=choice.trial,
-                                  auto_observed_s=choice.observed, auto_windows_s=choice.explored,
-                                  auto_rematches=choice.rematches, auto_changes=choice.changes)
+                                  auto_observed_s=choice.observed, auto_window_calls=choice.window,
+                                  auto_windows_s=choice.explored, auto_rematches=choice.rematches,
+                                  auto_changes=choice.changes)
         return records
 
     def settle_auto(self, choice: AutoChoice, x: torch.Tensor) -> int:
