@@ -355,7 +355,7 @@ def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, out, **kw
 def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, new_tokens, hf, out) -> None:
     """Windows 1, 2, 4 and all: TTFT, s/token, peak RSS, bytes read per token, read time hidden.
     Runs mpirun itself (do not launch it under mpirun)."""
-    from .bench import bench_memory as run
+    from .bench_memory import bench_memory as run
 
     run(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, prompt_tokens,
         new_tokens, out, hf, parse_size(disk_rate) if disk_rate else None)
@@ -417,7 +417,7 @@ def bench_serve(url, requests, clients, max_tokens, api_key, out) -> None:
 def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup, offload, memory_cap, disk_rate,
                        out) -> None:
     """The same timings with transformers in a single process (the baseline)."""
-    from .bench import bench_transformers as run
+    from .bench_memory import bench_transformers as run
 
     run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out, offload,
         parse_size(memory_cap) if memory_cap else None, parse_size(disk_rate) if disk_rate else None)
