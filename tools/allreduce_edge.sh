@@ -41,7 +41,7 @@ simulate)
     for n in 2 4; do
         for d in 0 1 2 5; do
             timeout 300 mpirun --oversubscribe -n "$n" python -m tpi_mpi bench comm --link-model "${d}ms,300mbit" \
-                --sizes 1x576,1x4096,128x4096 --repeats 20 --warmup 2 --budget 1 --idle-seconds 0 \
+                --sizes 1x576,1x4096,128x4096 --repeats 20 --min-repeats 20 --warmup 2 --budget 1 --idle-seconds 0 \
                 --out "$out/simulated.jsonl" || echo "FAILED: simulated bench comm, $n ranks, $d ms" >&2
         done
     done ;;
