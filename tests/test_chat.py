@@ -2,10 +2,15 @@
 
 import sys
 
+import pytest
+
 from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
 from tpi_mpi.chat import Chat, chat_loop, common_prefix
 from tpi_mpi.config import ParallelConfig
-from tpi_mpi.generate import Root, RunConfig, Session, run_generation
+from tpi_mpi.config import RunConfig
+from tpi_mpi.generate import run_generation
+from tpi_mpi.startup import Session
+from tpi_mpi.steps import Root
 from tpi_mpi.prepare import prepare
 from tpi_mpi.sampling import SamplingConfig
 
@@ -47,6 +52,7 @@ def test_full_context_is_reported_not_fatal(checkpoints, tmp_path, capsys):
         s.close()
 
 
+@pytest.mark.mpi
 def test_chat_from_piped_stdin_under_mpirun(checkpoints, tmp_path):
     model = checkpoints("llama")
     cmd = mpirun_cmd(2) + [sys.executable, "-m", "tpi_mpi", "chat", "--model", str(model), "--cache-dir",

@@ -13,7 +13,7 @@ import torch
 
 from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
 from tpi_mpi import comm as tpi_comm
-from tpi_mpi.allreduce import AutoChoice
+from tpi_mpi.allreduce_auto import AutoChoice
 from tpi_mpi.comm import LocalComm, SimulatedLink
 from tpi_mpi.errors import ConfigError
 

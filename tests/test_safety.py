@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, launcher_failed, mpi_env, mpirun_cmd, run_mpi, run_tpi
+from tpi_mpi.steps import Cmd, Header
 
 PACKAGE = ROOT / "tpi_mpi"
 
 
 def test_no_pickle_anywhere_in_the_package():
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -41,8 +42,8 @@ def test_only_buffer_methods_of_mpi4py():
             owner = ast.unparse(node.func.value)
             if owner in ("self.world", "MPI.COMM_WORLD", "local") and node.func.attr in pickling:
                 pytest.fail(f"comm.py calls {owner}.{node.func.attr}, which pickles")
-    for path in PACKAGE.glob("*.py"):
-        if path.name == "comm.py":
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "comm.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -50,6 +51,7 @@ def test_only_buffer_methods_of_mpi4py():
                 assert not any(n.startswith("mpi4py") for n in names), f"{path.name} imports mpi4py: only comm.py may"
 
 
+@pytest.mark.mpi
 def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
     model = checkpoints("llama")
     prompt = "The quick brown fox jumps over the lazy dog"
@@ -69,11 +71,13 @@ def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
         records = [json.loads(line) for line in (tmp_path / "rec" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert records, "nothing recorded"
         for rec in records:
-            if rec["dtype"] == "int64":     # control: the 4-field step header, or a start-up vote
-                assert rec["shape"] in ([4], [1]), rec
-                if rec["shape"] == [4]:
-                    cmd_id, pos, n, flag = np.frombuffer(data[rec["offset"]:rec["offset"] + 32], dtype=np.int64)
-                    assert cmd_id in (1, 2, 3, 4) and 0 <= pos < 256 and 0 <= n < 256 and flag in (0, 1), rec
+            if rec["dtype"] == "int64":     # control: the step header, or a start-up vote
+                assert rec["shape"] in ([Header.SIZE], [1]), rec
+                if rec["shape"] == [Header.SIZE]:
+                    raw = np.frombuffer(data[rec["offset"]:rec["offset"] + 8 * Header.SIZE], dtype=np.int64)
+                    h = Header.unpack(raw)          # fields: command, position, tokens, three flags
+                    assert h.cmd in (Cmd.FORWARD, Cmd.STOP, Cmd.RESET_STATS, Cmd.IDLE) and 0 <= h.pos < 256 and 0 <= h.n_tokens < 256 \
+                        and set(raw[3:].tolist()) <= {0, 1}, rec
             elif rec["dtype"] == "uint8" and rec["op"] == "bcast":   # the prepared folder's path, or hidden states
                 assert rec["shape"] == [4096] or rec["shape"][-1] == 4 * dim, rec
             elif rec["dtype"] == "uint8":   # start-up shipping: this rank's manifest (and shard files if missing)
@@ -201,6 +205,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(checkpoints, tmp_pa
     assert (out / "rank1" / "manifest.json").exists()
 
 
+@pytest.mark.mpi
 def test_prepared_folder_for_another_ratio_or_source_version(checkpoints, tmp_path):
     import shutil
 

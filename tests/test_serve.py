@@ -24,6 +24,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 openai = pytest.importorskip("openai", reason="the openai package is not installed (test extra)")
 
 from tpi_mpi.openai_api import ApiError, StopFilter, chat_messages, completion_prompt, parse_sampling, parse_stops  # noqa: E402
+from tpi_mpi.sampling import SamplingConfig  # noqa: E402
 
 KEY = "test-key-123"
 PROMPT = "Once upon a time"
@@ -47,7 +48,7 @@ def test_stop_filter_holds_back_a_possible_stop_and_cuts_at_it():
 
 
 def test_parse_sampling_uses_openai_defaults_and_the_cli_checks():
-    assert parse_sampling({}) == parse_sampling({"temperature": None, "top_p": 1})
+    assert parse_sampling({}) == parse_sampling({"temperature": None}) == SamplingConfig.DEFAULT   # the CLI's defaults
     assert parse_sampling({"temperature": 0, "seed": 3}).seed == 3
     for body, param in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 2}, "top_p"),
                         ({"temperature": "hot"}, "temperature"), ({"top_k": 1.5}, "top_k"), ({"seed": True}, "seed")]:

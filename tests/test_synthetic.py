@@ -13,7 +13,10 @@ from conftest import run_tpi
 from tpi_mpi import synthetic
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.errors import ConfigError
-from tpi_mpi.generate import Root, RunConfig, Session, run_generation
+from tpi_mpi.config import RunConfig
+from tpi_mpi.generate import run_generation
+from tpi_mpi.startup import Session
+from tpi_mpi.steps import Root
 from tpi_mpi.prepare import prepare
 from tpi_mpi.sampling import SamplingConfig
 

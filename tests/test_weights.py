@@ -8,10 +8,14 @@ import pytest
 from conftest import run_tpi
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.errors import ShardError
-from tpi_mpi.generate import Root, RunConfig, Session, run_generation
+from tpi_mpi.config import RunConfig
+from tpi_mpi.generate import run_generation
+from tpi_mpi.startup import Session
+from tpi_mpi.steps import Root
 from tpi_mpi.prepare import prepare
 from tpi_mpi.sampling import SamplingConfig
-from tpi_mpi.weights import Shard, WeightWindow, block_file
+from tpi_mpi.shard_format import block_file
+from tpi_mpi.weights import Shard, WeightWindow
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,7 @@ def test_window_zero_is_refused(prepared):
         WeightWindow(Shard(prepared / "rank0", 0, 1), 0)
 
 
+@pytest.mark.mpi
 def test_windowed_run_under_mpirun_matches_resident(checkpoints, tmp_path):
     model = checkpoints("llama")
     outs = []
@@ -135,10 +140,10 @@ def test_plan_window_keeps_blocks_resident_beyond_the_largest_useful_window(prep
 
 
 def test_resident_blocks_beside_a_window_give_the_resident_results(prepared, monkeypatch):
-    import tpi_mpi.generate
+    import tpi_mpi.startup
 
     ref, _ = generate(prepared, None)
-    monkeypatch.setattr(tpi_mpi.generate, "plan_window", lambda *a: (1, 4))   # window 1, 4 of 6 blocks resident
+    monkeypatch.setattr(tpi_mpi.startup, "plan_window", lambda *a: (1, 4))   # window 1, 4 of 6 blocks resident
     got, w = generate(prepared, "auto")
     assert got.generated_ids == ref.generated_ids
     np.testing.assert_array_equal(got.prompt_logits, ref.prompt_logits)
@@ -150,6 +155,7 @@ def test_resident_blocks_beside_a_window_give_the_resident_results(prepared, mon
     assert 12 * streamed <= w.bytes_read - once < 13 * streamed
 
 
+@pytest.mark.mpi
 def test_memory_budget_below_the_minimum_is_a_clear_error(checkpoints, tmp_path):
     r = run_tpi(["generate", "--model", str(checkpoints("llama")), "--cache-dir", str(tmp_path / "c"),
                  "--prompt", "hi", "--memory-budget", "10MB", "--quiet"], n=2)

@@ -46,7 +46,7 @@ simulate)
         done
     done ;;
 plot)
-    python -m tpi_mpi.bench_plot "$out/comm.jsonl" docs/allreduce-edge.png --generate "$out/generate.jsonl" ;;
+    python -m tpi_mpi.bench.plot "$out/comm.jsonl" docs/allreduce-edge.png --generate "$out/generate.jsonl" ;;
 *)
     echo "usage: $0 comm|generate|simulate|plot [OUT_DIR]" >&2; exit 2 ;;
 esac

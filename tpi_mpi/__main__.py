@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from .errors import TpiError
+from .errors import PeerFailed, TpiError
 
 
 def _env_rank() -> int:
@@ -26,7 +26,6 @@ def _env_rank() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     from .cli import cli
-    from .generate import PeerFailed
 
     rank = _env_rank()
     debug = "--debug" in (argv if argv is not None else sys.argv)
@@ -43,20 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     except PeerFailed:                         # the failing rank reports; the others just leave
         _leave(1, reporter=False)
     except Exception as e:
-        from .comm import active_comm
+        from .comm import abort_job
 
         if debug:
             traceback.print_exc()
         if getattr(e, "coordinated", False):   # every rank knows about it: exit, no abort
             print(f"tpi_mpi: error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
-        comm = active_comm()
-        if comm is None or comm.size == 1:     # before any communication, all ranks fail alike
+        if not _mpi_running():                 # before any communication, all ranks fail alike
             if rank == 0:
                 print(f"tpi_mpi: error: {_describe(e)}", file=sys.stderr, flush=True)
             _leave(1, reporter=rank == 0)
         print(f"tpi_mpi: rank {rank}: error: {_describe(e)}", file=sys.stderr, flush=True)
-        comm.abort(1)
+        abort_job(1)
+
+
+def _mpi_running() -> bool:
+    """Whether MPI was started with peers (an error after that happened on this rank alone)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and mpi.Is_initialized() and mpi.COMM_WORLD.Get_size() > 1
 
 
 def _leave(code: int, reporter: bool) -> None:

@@ -1,8 +1,12 @@
-"""Allreduce algorithms written over point-to-point exchanges, all summing float32 buffers in place.
+"""Allreduce algorithms composed from comm.py's transport, all summing float32 buffers in place, and
+`Allreduce`, the `comm.allreduce` the model calls: one algorithm (or auto's pick) over tensors.
 
-No mpi4py here: `p` is comm.py's `MpiComm`, which offers `rank`, `size`, `scratch(shape, n)` and
-`exchange(sends, recvs, tag, what, recv_tag=None, grace=0)`, where sends are (buffer, dest) and
-recvs (buffer, source) pairs that all complete before it returns. Each algorithm leaves the same bits on every rank.
+No mpi4py here: `p` is comm.py's `MpiComm`, which offers `rank`, `size`, `stats`, `scratch(shape, n)`,
+`sum_mpi(buf)` and `exchange(sends, recvs, tag, what, recv_tag=None, grace=0)`, where sends are
+(buffer, dest) and recvs (buffer, source) pairs that all complete before it returns. Each algorithm
+leaves the same bits on every rank.
+
+- mpi: MPI_Allreduce, whatever algorithm the MPI library picks.
 
 - star: every rank sends to a hub, which adds in rank order and sends the total back. Two hops
   whatever the rank count: the algorithm for links where latency dominates.
@@ -14,9 +18,14 @@ recvs (buffer, source) pairs that all complete before it returns. Each algorithm
 
 from __future__ import annotations
 
-import math
+import time
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from .allreduce_auto import AutoAllreduce
+from .config import ALLREDUCE_MODES
 
 TAG_PART, TAG_SUM, TAG_RING, TAG_RD = 11, 12, 13, 14
 
@@ -86,106 +95,50 @@ def recdouble(p, buf: np.ndarray) -> None:
         p.exchange([(buf, rank - 1)], [], TAG_RD, "recursive doubling: the result")
 
 
-ALGORITHMS = {"star": star, "ring": ring, "recdouble": recdouble}
+def mpi(p, buf: np.ndarray) -> None:
+    p.stats.bytes_sent += buf.nbytes
+    p.sum_mpi(buf)
+    if p.link:                            # as a ring would: 2 (n - 1) steps of 1/n of the buffer
+        time.sleep(2 * (p.size - 1) * p.link.cost(-(-buf.nbytes // p.size)))
+    p.record("allreduce", buf)
 
 
-class AutoChoice:
-    """`--allreduce auto`'s pick for one message-size class.
+ALGORITHMS = {"star": star, "mpi": mpi, "ring": ring, "recdouble": recdouble}
 
-    A start-up trial (the candidates in turns of a few back-to-back calls, no compute in between,
-    each judged on its median turn: MpiComm._trial) ranks the candidates. The real calls can rank
-    them differently: a rank computing between calls, a link that slows under sustained traffic.
-    So the trial's best and every candidate within `CONTENDER` of it then play a match on real
-    calls: `ROUNDS` rounds in which each serves one window, every other round in reverse order,
-    each judged on its median window. A contender replaces the incumbent (the trial's best) only if
-    it is more than `SLACK` faster. One window is a poor judge: on a 2-core host a window of 50 ms
-    varies by +-20%, and deciding on one or two windows chose the slower of star and recursive
-    doubling (9-20% apart) in 2 of 36 rows in each of two benchmark runs; one window once caught
-    recursive doubling at 141 ms a call, its usual 193-237.
 
-    A window is as many calls as last `MIN_WINDOW_S` at the fastest contender's trial time (at least
-    `WINDOW`), so each rank knows when a window ends and the ranks agree only once the match is over
-    (agreeing costs one MPI_Allreduce: at 4 ranks and 5 ms, 24 ms against 105 ms for a window of 8
-    decode calls). The trial's times are already agreed; sizing windows from the match's first
-    window instead let one stalled window (49 ms a call against the usual 1.5) set 8-call windows,
-    too short to tell star from recursive doubling at 4 ranks and 0 ms.
-    The pick is then re-checked at growing intervals (x4, up to every `CHECK_EVERY_MAX` calls) on
-    the median of its window-long stretches; when that was more than `SLACK` slower than another
-    contender's median, the two play a rematch. (The mean of the whole interval, against medians,
-    started rematches for nothing: a few slow calls raise a mean.) A window's time per call is its
-    mean over ranks, which comm.py agrees on (`figures()` averaged over ranks); this is bookkeeping.
-    (The quickest rank's window flattered algorithms whose ranks take turns being early; each call's
-    quickest rank made recursive doubling's 4-rank prefill look 1.7x faster than it was.)
-    """
+class Allreduce:
+    """`comm.allreduce(x)`: the sum of `x` over all ranks by algorithm `mode` (switchable between
+    calls, the same on every rank), added in float32 and returned in x's dtype."""
 
-    CONTENDER, SLACK = 1.5, 1.05
-    WINDOW, MIN_WINDOW_S, ROUNDS, CHECK_EVERY_MAX = 8, 0.05, 12, 4096
+    def __init__(self, p, mode: str = "auto", hub: int = 0) -> None:
+        if mode not in ALLREDUCE_MODES:
+            raise ValueError(f"allreduce mode {mode!r}: use one of {', '.join(ALLREDUCE_MODES)}")
+        self.p, self.mode, self.hub = p, mode, hub
+        self.auto = AutoAllreduce(p, self.run)
 
-    def __init__(self, trial: dict[str, float]) -> None:
-        self.trial = dict(trial)
-        best = min(trial.values())
-        contenders = sorted((a for a, t in trial.items() if t <= self.CONTENDER * best), key=trial.get)
-        self.first_pick = contenders[0]
-        self.observed: dict[str, float] = {}          # seconds per real call: each contender's median window
-        self.explored: dict[str, list[float]] = {}    # the last match's windows
-        self.window = max(self.WINDOW, math.ceil(self.MIN_WINDOW_S / best)) if best > 0 else self.WINDOW
-        self.calls, self.check_every = 0, self.window
-        self.times: list[float] = []                 # this rank's seconds per call of the pick since the last window
-        self.changes: list[dict] = []
-        self.rematches = 0
-        self._start_match(contenders)
+    def __call__(self, x: Tensor) -> Tensor:
+        buf = x.detach().float().contiguous()
+        arr = buf.numpy()
+        stats = self.p.stats
+        stats.calls += 1
+        t0 = time.perf_counter()
+        if self.mode == "auto":
+            self.auto.run(arr)
+        else:
+            self.run(self.mode, arr)
+        stats.seconds += time.perf_counter() - t0
+        return buf if x.dtype == torch.float32 else buf.to(x.dtype)
 
-    def _start_match(self, players: list[str]) -> None:
-        """players[0] is the incumbent."""
-        self.players, self.exploring = players, len(players) > 1
-        self.schedule = [p for r in range(self.ROUNDS) for p in (players if r % 2 == 0 else players[::-1])]
-        self.played: list[float] = []                # this rank's mean per window, in schedule order
-        self.pick = players[0]
-        self.next_check = self.calls + (self.window * len(self.schedule) if self.exploring else self.check_every)
+    def run(self, mode: str, arr: np.ndarray) -> None:
+        """One allreduce of `arr` in place with algorithm `mode` (not auto)."""
+        if mode == "star":
+            star(self.p, arr, self.hub)
+        else:
+            ALGORITHMS[mode](self.p, arr)
 
-    def record(self, seconds: float) -> bool:
-        """Counts one call of the pick; True when the ranks should now agree on `figures()`."""
-        self.calls += 1
-        self.times.append(seconds)
-        if self.exploring and len(self.times) == self.window:
-            self.played.append(sum(self.times) / self.window)   # a window ends on every rank at once
-            self.times = []
-            if len(self.played) < len(self.schedule):
-                self.pick = self.schedule[len(self.played)]
-        return self.calls == self.next_check
+    def describe(self) -> str:
+        """The algorithm in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring (trial:
+        recdouble))"."""
+        return self.mode if self.mode != "auto" else self.auto.describe()
 
-    def figures(self) -> np.ndarray:
-        """What this rank has seen since the ranks last agreed."""
-        if self.exploring:                            # every window of the match
-            return np.array(self.played)
-        return np.array(self.times).reshape(-1, self.window).mean(axis=1)   # a re-check: window-long stretches
 
-    def revise(self, agreed: np.ndarray) -> None:
-        """`agreed`: figures(), averaged over ranks."""
-        self.times = []
-        if not self.exploring:                        # a re-check
-            observed = float(np.median(agreed))
-            self.observed[self.pick] = observed
-            others = [a for a in self.observed if a != self.pick]
-            best = min(others, key=self.observed.get, default=None)
-            if best is not None and observed > self.SLACK * self.observed[best]:
-                self.rematches += 1
-                self._start_match([self.pick, best])
-                return
-            self._next_check()
-            return
-        self.explored = {p: [float(t) for q, t in zip(self.schedule, agreed) if q == p] for p in self.players}
-        medians = {p: float(np.median(w)) for p, w in self.explored.items()}
-        self.observed.update(medians)
-        incumbent = self.players[0]
-        best = min(medians, key=medians.get)
-        self.pick = best if medians[best] * self.SLACK < medians[incumbent] else incumbent
-        if self.rematches and self.pick != incumbent:
-            self.changes.append({"call": self.calls, "from": incumbent, "to": self.pick})
-        self.exploring = False
-        self._next_check()
-
-    def _next_check(self) -> None:
-        longest = self.window * max(1, self.CHECK_EVERY_MAX // self.window)   # whole windows
-        self.check_every = min(4 * self.check_every, longest)
-        self.next_check = self.calls + self.check_every

@@ -10,7 +10,8 @@ import sys
 from typing import Iterable, TextIO
 
 from .errors import ConfigError
-from .generate import Root, run_generation
+from .generate import run_generation
+from .steps import Root
 from .sampling import SamplingConfig
 
 HELP = "type a message; /reset starts a new conversation, /exit (or end of input) leaves"

@@ -1,5 +1,11 @@
 """All communication between ranks; the only module that imports mpi4py.
 
+`Comm` is the interface the rest of tpi_mpi talks to. Two implementations declare it: `LocalComm`
+(the world of one) and `MpiComm` (MPI_COMM_WORLD). This module owns the transport: buffers, waits,
+timeouts and the roll call that names a silent rank. The allreduce algorithms are composed from
+its point-to-point `exchange` in allreduce.py (auto's choice among them in allreduce_auto.py);
+`comm.allreduce` is that composition.
+
 Everything moves as raw buffers (the capitalised mpi4py methods on contiguous NumPy arrays),
 never as pickled objects. Every wait polls a non-blocking request and sleeps between polls, so a
 rank waiting for its peers leaves the core to the ranks that compute (4 ranks on 2 cores is a
@@ -17,19 +23,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .allreduce import ALGORITHMS, AutoChoice
-from .config import format_size
-from .errors import CommError, ConfigError
+from .allreduce import Allreduce
+from .errors import CommError, ConfigError, PeerFailed
 
-ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
-AUTO_CANDIDATES = ("star", "mpi", "ring", "recdouble")
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
 TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL = 31, 32, 33, 34
 ROLL_CALL_S = 2.0           # how long a timed-out collective waits for its peers to answer a roll call
@@ -87,14 +93,45 @@ class SimulatedLink:
         return f"{self.delay * 1e3:g}ms,{self.rate / 1e6:g}mbit"
 
 
-class LocalComm:
+class Comm(Protocol):
+    """What the model, the step protocol and start-up ask of a communicator. Buffers are contiguous
+    NumPy arrays; `timeout` True means the comm's own --comm-timeout, None no limit."""
+    rank: int
+    size: int
+    stats: CommStats
+    link: SimulatedLink | None
+    mode: str                         # the allreduce algorithm in use
+
+    def allreduce(self, x: Tensor) -> Tensor:
+        """Sum of `x` over all ranks, added in float32, returned in x's dtype."""
+
+    def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor | None:
+        """Every rank's (T, counts[r]) float32 block side by side on rank 0; None elsewhere."""
+
+    def bcast(self, buf: np.ndarray, root: int = 0, timeout: float | None | bool = True) -> np.ndarray:
+        """`buf` from `root` to every rank, in place."""
+
+    def gather_floats(self, value: float) -> list[float] | None:
+        """Every rank's `value` on rank 0; None elsewhere."""
+
+    def agree(self, ok: bool, timeout: float | None = None) -> int:
+        """The lowest rank that is not ok, or -1 when every rank is (a start-up vote)."""
+
+    def barrier(self) -> None: ...
+
+    def ranks_on_this_host(self) -> int: ...
+
+    def describe(self) -> str:
+        """The allreduce in use, for people."""
+
+
+class LocalComm(Comm):
     """A world of one rank: nothing to exchange."""
 
-    rank, size = 0, 1
+    rank, size, link, mode = 0, 1, None, "none"
 
     def __init__(self) -> None:
         self.stats = CommStats()
-        self.mode = "none"
 
     def describe(self) -> str:
         return "none"
@@ -105,47 +142,56 @@ class LocalComm:
     def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor:
         return local
 
-    def bcast(self, buf: np.ndarray, root: int = 0, timeout=True) -> np.ndarray:
+    def bcast(self, buf: np.ndarray, root: int = 0, timeout: float | None | bool = True) -> np.ndarray:
         return buf
 
     def gather_floats(self, value: float) -> list[float]:
         return [value]
 
     def agree(self, ok: bool, timeout: float | None = None) -> int:
-        """The lowest rank that is not ok, or -1 when every rank is."""
         return -1 if ok else 0
 
     def barrier(self) -> None:
         pass
 
-    def abort(self, code: int = 1) -> None:
-        os._exit(code)
-
     def ranks_on_this_host(self) -> int:
         return 1
 
 
-class MpiComm:
-    """MPI_COMM_WORLD with buffer-only collectives and a selectable allreduce."""
+class MpiComm(Comm):
+    """MPI_COMM_WORLD with buffer-only collectives; `allreduce` is allreduce.py's algorithm `mode`
+    composed from this comm's exchanges."""
 
     def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
                  link: SimulatedLink | None = None) -> None:
         os.environ.setdefault("OMPI_MCA_btl_tcp_eager_limit", _OMPI_EAGER_LIMIT)   # read by MPI_Init
         from mpi4py import MPI
 
-        if mode not in ALLREDUCE_MODES:
-            raise ValueError(f"allreduce mode {mode!r}: use one of {', '.join(ALLREDUCE_MODES)}")
         self.MPI = MPI
         self.world = MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
-        if not 0 <= hub < self.size:
-            raise CommError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}")
-        self.mode, self.timeout, self.hub, self.link = mode, timeout, hub, link
+        if not 0 <= hub < self.size:          # every rank finds this alike: rank 0 alone says so
+            error = ConfigError(f"--hub {hub}: choose a rank from 0 to {self.size - 1}") if self.rank == 0 \
+                else PeerFailed("rank 0 reports a bad --hub")
+            error.coordinated = True
+            raise error
+        self.timeout, self.link = timeout, link
         self.stats = CommStats()
-        self.auto: dict[int, AutoChoice] = {}   # size class (see _size_class) -> auto's pick
         self._scratch: dict[tuple, np.ndarray] = {}
         record = os.environ.get("TPI_MPI_RECORD")
         self.recorder = Recorder(record, self.rank) if record else None
+        self.allreduce = Allreduce(self, mode, hub)
+
+    @property
+    def mode(self) -> str:
+        return self.allreduce.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.allreduce.mode = mode
+
+    def describe(self) -> str:
+        return self.allreduce.describe()
 
     # -- waiting without spinning -------------------------------------------------------------
     def _wait(self, reqs: list, what: str, timeout: float | None | bool = True, peers: list[int] | None = None) -> None:
@@ -205,9 +251,8 @@ class MpiComm:
                    peers=peers + [None] * len(sreqs))
         if self.link and recvs:
             time.sleep(self.link.cost(sum(buf.nbytes for buf, _ in recvs)))
-        if self.recorder:
-            for buf, _ in recvs:
-                self.recorder.add("p2p", buf)
+        for buf, _ in recvs:
+            self.record("p2p", buf)
 
     def pingpong(self, peer: int, buf: np.ndarray, repeats: int) -> list[float]:
         """`repeats` round trips of `buf` between this rank and `peer`, which calls it naming this
@@ -232,94 +277,25 @@ class MpiComm:
             self._scratch[key] = np.empty((n, *shape), dtype=np.float32)
         return list(self._scratch[key])
 
-    # -- collectives ---------------------------------------------------------------------------
-    def allreduce(self, x: Tensor) -> Tensor:
-        """Sum of `x` over all ranks, added in float32, returned in x's dtype."""
-        buf = x.detach().float().contiguous()
-        arr = buf.numpy()
-        t0 = self._timed(0)
-        if self.mode == "auto":
-            self._run_auto(arr)
-        else:
-            self._run(self.mode, arr)
-        self.stats.seconds += time.perf_counter() - t0
-        return buf if x.dtype == torch.float32 else buf.to(x.dtype)
+    def sum_mpi(self, arr: np.ndarray, what: str = "in MPI_Allreduce") -> None:
+        """MPI_Allreduce(SUM) in place: the `mpi` algorithm, and auto's agreement on timings."""
+        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], what)
 
-    def _run(self, mode: str, arr: np.ndarray) -> None:
-        if mode == "mpi":
-            self.stats.bytes_sent += arr.nbytes
-            self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)], "in MPI_Allreduce")
-            if self.link:                     # as a ring would: 2 (n - 1) steps of 1/n of the buffer
-                steps = 2 * (self.size - 1)
-                time.sleep(steps * self.link.cost(-(-arr.nbytes // self.size)))
-            if self.recorder:
-                self.recorder.add("allreduce", arr)
-        elif mode == "star":
-            ALGORITHMS["star"](self, arr, self.hub)
-        else:
-            ALGORITHMS[mode](self, arr)
+    @contextmanager
+    def uncounted(self):
+        """Traffic that is not the model's (auto's trials): kept out of `stats`."""
+        saved, self.stats = self.stats, CommStats()
+        try:
+            yield
+        finally:
+            self.stats = saved
 
-    def _run_auto(self, arr: np.ndarray) -> None:
-        """The current pick for this size class (see AutoChoice), timed so the pick can be revised.
-        Every rank makes the same calls in the same order, so all check, agree and switch alike."""
-        choice = self.auto_choice(arr.nbytes) or self._trial(arr)
-        t0 = time.perf_counter()
-        self._run(choice.pick, arr)
-        if choice.record(time.perf_counter() - t0):
-            choice.revise(self._mean_over_ranks(choice.figures()))
-
-    def _mean_over_ranks(self, times: np.ndarray) -> np.ndarray:
-        """Every rank's timings of the same calls, averaged over ranks. Not the slowest or the quickest
-        rank: ranks take turns being early (at 2 ranks and 5 ms, recursive doubling's two ranks swap
-        every call), so the slowest rank of an odd run of calls carries one delay more (7 calls timed
-        13% slower than 8) and the quickest one less; the mean counts each rank's lead once.
-        Summed as integer nanoseconds: exact in any order, so every rank gets the same bits and
-        makes the same choice (a float sum may round differently from rank to rank)."""
-        ns = np.rint(times * 1e9).astype(np.int64)
-        self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, ns, op=self.MPI.SUM)], "agreeing on an allreduce")
-        mean = ns / (self.size * 1e9)
+    def record(self, op: str, buf: np.ndarray) -> None:
+        """Keep a received buffer for TPI_MPI_RECORD (see Recorder)."""
         if self.recorder:
-            self.recorder.add("auto", mean)
-        return mean
+            self.recorder.add(op, buf)
 
-    def _trial(self, arr: np.ndarray) -> AutoChoice:
-        """Times every candidate with this very size (the mean over ranks, see _mean_over_ranks). The
-        candidates take turns, a few calls each, and each keeps its median turn: a hiccup during
-        one candidate's calls once made recursive doubling look 4x slower than it was (2 ranks, 2 ms,
-        12.9 ms a call instead of 3), and a candidate ranked out here is never tried again."""
-        trial = np.zeros_like(arr)
-        rounds, calls = (4, 5) if arr.nbytes <= 1 << 16 else (3, 2)
-        times = np.zeros((rounds, len(AUTO_CANDIDATES)))
-        saved = self.stats
-        self.stats = CommStats()              # trials are not traffic of the model
-        for mode in AUTO_CANDIDATES:
-            self._run(mode, trial)            # warm-up: connections, buffers
-        for r in range(rounds):
-            for i, mode in enumerate(AUTO_CANDIDATES):
-                self.barrier()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    self._run(mode, trial)
-                times[r, i] = (time.perf_counter() - t0) / calls
-        self.stats = saved
-        median = np.median(self._mean_over_ranks(times), axis=0)
-        choice = self.auto[_size_class(arr.nbytes)] = AutoChoice(dict(zip(AUTO_CANDIDATES, median.tolist())))
-        return choice
-
-    def auto_choice(self, nbytes: int) -> AutoChoice | None:
-        """auto's pick for messages of `nbytes` (None before the first such message)."""
-        return self.auto.get(_size_class(nbytes))
-
-    def describe(self) -> str:
-        """The allreduce in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring (trial:
-        recdouble))"."""
-        if self.mode != "auto":
-            return self.mode
-        picks = ", ".join(f"up to {format_size(1 << c)}: {a.pick}" + (f" (trial: {a.first_pick})" if
-                                                                        a.pick != a.first_pick else "")
-                          for c, a in sorted(self.auto.items()))
-        return f"auto ({picks})" if picks else "auto"
-
+    # -- collectives ---------------------------------------------------------------------------
     def gather_columns(self, local: Tensor, counts: list[int]) -> Tensor | None:
         """Concatenate every rank's (T, counts[r]) float32 block along dim 1 on rank 0. Point to
         point rather than MPI_Gatherv: a rank that never sends its block is then named."""
@@ -340,8 +316,8 @@ class MpiComm:
         t0 = self._timed(buf.nbytes if self.rank == root else 0)
         what = "broadcasting" if self.rank == root else f"waiting for a broadcast from rank {root}"
         self._wait([self.world.Ibcast(buf, root=root)], what, timeout)
-        if self.recorder and self.rank != root:
-            self.recorder.add("bcast", buf)
+        if self.rank != root:
+            self.record("bcast", buf)
         self.stats.seconds += time.perf_counter() - t0
         return buf
 
@@ -354,15 +330,11 @@ class MpiComm:
         """The lowest rank that is not ok, or -1 when every rank is (a start-up vote)."""
         mine = np.array([self.size if ok else self.rank], dtype=np.int64)
         self._wait([self.world.Iallreduce(self.MPI.IN_PLACE, mine, op=self.MPI.MIN)], "agreeing on start-up", timeout)
-        if self.recorder:
-            self.recorder.add("agree", mine)
+        self.record("agree", mine)
         return -1 if mine[0] == self.size else int(mine[0])
 
     def barrier(self) -> None:
         self._wait([self.world.Ibarrier()], "at a barrier")
-
-    def abort(self, code: int = 1) -> None:
-        self.world.Abort(code)
 
     def ranks_on_this_host(self) -> int:
         local = self.world.Split_type(self.MPI.COMM_TYPE_SHARED)
@@ -380,31 +352,23 @@ def _pieces(buf: np.ndarray) -> list[np.ndarray]:
     return [flat[i:i + step] for i in range(0, max(flat.size, 1), step)]
 
 
-def _size_class(nbytes: int) -> int:
-    """auto picks per power of two of the message size: its bit length."""
-    return nbytes.bit_length()
-
-
-_active: MpiComm | None = None
-
-
-def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_model: str | None = None):
+def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_model: str | None = None) -> Comm:
     """MpiComm when launched by mpirun with more than one rank, else LocalComm.
     `link_model` ('2ms,300mbit'): charge each message that link's time (SimulatedLink)."""
-    global _active
     link = SimulatedLink.parse(link_model) if link_model else None
     if not _launched_by_mpi():
         return LocalComm()
     comm = MpiComm(mode, timeout, hub, link)
-    if comm.size == 1:
-        return LocalComm()
-    _active = comm
-    return comm
+    return LocalComm() if comm.size == 1 else comm
 
 
-def active_comm() -> MpiComm | None:
-    """The multi-rank communicator in use, if any (the entry point aborts through it)."""
-    return _active
+def abort_job(code: int = 1) -> None:
+    """End every rank of the job at once (MPI_Abort) if MPI is running with peers; else return.
+    Asked of MPI itself, so no module needs to remember the comm in use."""
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() \
+            and mpi4py.COMM_WORLD.Get_size() > 1:
+        mpi4py.COMM_WORLD.Abort(code)
 
 
 def _launched_by_mpi() -> bool:

@@ -1,7 +1,8 @@
-"""Model and run configuration: frozen dataclasses, checked once, the same way on every rank.
+"""Model, parallel and run configuration: frozen dataclasses, checked once, the same way on every rank.
 
 `ModelConfig.from_hf` is the one place that maps Hugging Face config keys onto ours. Anything in
 a config.json that would change the math and that we do not implement is refused by name.
+`RunConfig` holds a run's options (the command line's), checked when it is made.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, Sequence
 from .errors import ConfigError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_format.DTYPES maps them to torch)
+HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
 
 
 @dataclass(frozen=True)
@@ -209,3 +213,60 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's options, the same on every rank (every rank parses the same command line)."""
+    model: str | None = None            # None = the built-in SmolLM2-135M-Instruct
+    allreduce: str = "auto"
+    hub: int = 0                        # the star allreduce's hub rank
+    window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
+    memory_budget: int | None = None    # bytes per rank for "auto" (default: 80% of what is available)
+    context: int = 4096                 # tokens of KV cache the budget reserves (capped at the model's)
+    cache_dir: str | None = None
+    ratio: tuple[float, ...] = ()       # empty = even
+    dtype: str = "auto"
+    head_on: str = "split"
+    threads: int = 0                    # 0 = cores on this host / ranks on this host
+    comm_timeout: float = 60.0
+    link_model: str | None = None       # "2ms,300mbit": charge each message that link's time (comm.py)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.allreduce not in ALLREDUCE_MODES:
+            raise ConfigError(f"--allreduce {self.allreduce!r}: use one of {', '.join(ALLREDUCE_MODES)}")
+        if self.dtype not in ("auto", *DTYPE_NAMES):
+            raise ConfigError(f"--dtype {self.dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
+        if self.head_on not in HEAD_PLACES:
+            raise ConfigError(f"--head-on {self.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
+        if not (self.window in (None, "auto") or isinstance(self.window, int) and self.window >= 1):
+            raise ConfigError(f"--window {self.window!r}: give a number of blocks (at least 1), 'all' or 'auto'")
+        if self.memory_budget is not None and self.window != "auto":
+            raise ConfigError("give --window or --memory-budget, not both")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConfigError(f"--memory-budget {self.memory_budget}: must be positive")
+        if self.context < 1:
+            raise ConfigError(f"--context {self.context}: must be at least 1")
+        if self.threads < 0:
+            raise ConfigError(f"--threads {self.threads}: must be 0 (automatic) or more")
+        if not self.comm_timeout > 0:
+            raise ConfigError(f"--comm-timeout {self.comm_timeout:g}: must be positive")
+        if self.ratio:
+            ParallelConfig(len(self.ratio), self.ratio)     # positive, finite parts
+
+    def parallel(self, world: int) -> ParallelConfig:
+        return ParallelConfig(world, self.ratio)
+
+
+def parse_window(text: str) -> int | None | str:
+    """'auto', 'all' (None: the whole shard resident) or a number of blocks."""
+    if text in ("all", "auto"):
+        return None if text == "all" else "auto"
+    try:
+        w = int(text)
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: give a number of blocks (at least 1), 'all' or 'auto'") from None
+    if w < 1:
+        raise ConfigError(f"--window {w}: the window must hold at least 1 block (or 'all')")
+    return w

@@ -15,3 +15,7 @@ class ShardError(TpiError):
 
 class CommError(TpiError):
     """A rank that died, froze or broke the protocol."""
+
+
+class PeerFailed(TpiError):
+    """Another rank failed and reports why itself; this one leaves quietly."""

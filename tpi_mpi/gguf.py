@@ -344,10 +344,6 @@ class GGUFSource:
             raise ShardError(f"tensor {name} is missing from {self.source}")
         return name
 
-    def has(self, ours: str, layer: int) -> bool:
-        proj, kind = ours.split(".")
-        return f"blk.{layer}.{LAYER_NAMES[proj]}.{kind}" in self.tensors
-
     def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor in the Hugging Face layout, or just rows [a, b) or columns [a, b) of it."""

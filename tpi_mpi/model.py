@@ -79,7 +79,6 @@ class KVCache:
 
     def __init__(self) -> None:
         self.k = self.v = None
-        self.length = 0
 
     def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         n_kv, T, d = k.shape
@@ -91,7 +90,6 @@ class KVCache:
                 grown_k[:, :pos], grown_v[:, :pos] = self.k[:, :pos], self.v[:, :pos]
             self.k, self.v = grown_k, grown_v
         self.k[:, pos:end], self.v[:, pos:end] = k, v
-        self.length = end
         return self.k[:, :end], self.v[:, :end]
 
 

@@ -1,4 +1,5 @@
-"""OpenAI request bodies to tpi_mpi's types: pure functions, and the error in OpenAI's shape.
+"""OpenAI request bodies to tpi_mpi's types: pure functions, the error in OpenAI's shape, and the
+body read in / events written out.
 
 Used by serve.py's HTTP side; no threads and no model here, so each rule is tested on its own.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .errors import ConfigError
@@ -54,10 +56,13 @@ def flag_field(body: dict, key: str) -> bool:
 
 
 def parse_sampling(body: dict) -> SamplingConfig:
-    """OpenAI's defaults (temperature 1, top_p 1), top_k off; the CLI's checks on the values."""
-    temperature = number_field(body, "temperature", 1.0)
-    top_p = number_field(body, "top_p", 1.0)
-    top_k = number_field(body, "top_k", 0, int)
+    """A field the request omits takes the command line's default (SamplingConfig.DEFAULT: temperature
+    0.8, top_k 40, top_p 0.95), as llama-server applies its own: OpenAI's temperature 1 with no top-k
+    makes a small model ramble. The CLI's checks on the values."""
+    d = SamplingConfig.DEFAULT
+    temperature = number_field(body, "temperature", d.temperature)
+    top_p = number_field(body, "top_p", d.top_p)
+    top_k = number_field(body, "top_k", d.top_k, int)
     seed = number_field(body, "seed", None, int)
     try:
         return SamplingConfig(temperature, top_k, top_p, seed)
@@ -152,3 +157,39 @@ class StopFilter:
         out, self.pending = ("" if self.stopped else self.pending), ""
         self.text += out
         return out
+
+
+# --- the HTTP body in, server-sent events out ---------------------------------------------------
+
+MAX_BODY = 1 << 20           # bytes of request body accepted
+DRAIN_BODY = 16 << 20        # an oversized body is read this far before the 413, so the client sees it
+
+
+def sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object; 413 past MAX_BODY (read on up to DRAIN_BODY so the client,
+    still sending, receives the answer instead of a reset connection)."""
+    body, size = bytearray(), 0
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DRAIN_BODY:
+        raise ApiError(413, f"the body has {declared} bytes: at most {MAX_BODY}", code="body_too_large",
+                       headers={"Connection": "close"})
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY:
+            body += chunk
+        elif size > DRAIN_BODY:
+            break
+    if size > MAX_BODY:
+        raise ApiError(413, f"the body has {size}{'+' if size > DRAIN_BODY else ''} bytes: at most {MAX_BODY}",
+                       code="body_too_large")
+    try:
+        data = json.loads(body)
+    except ValueError as e:                      # UnicodeDecodeError is a ValueError too
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return data

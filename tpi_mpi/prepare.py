@@ -1,13 +1,4 @@
-"""Source checkpoint -> one folder of shards per rank, written atomically.
-
-Layout of a prepared folder (each rank needs only its own `rankN/`):
-
-    rankN/manifest.json            model config, world size, ratio, this rank's slices,
-                                   every file's size and sha256, the source fingerprint
-    rankN/layer007.attn.safetensors  q/k/v (column slices) and o (row slice) of layer 7
-    rankN/layer007.mlp.safetensors   gate/up (column slices) and down (row slice)
-    rankN/common.safetensors       norms and this rank's rows of the output head (resident)
-    rank0/embed.safetensors        the embedding table: rank 0 only, like the tokenizer files
+"""Source checkpoint -> one folder of shards per rank (the format of shard_format.py), written atomically.
 
 Tensors are read one at a time (each through its own `safe_open`, so no mapping outlives one
 tensor) and every file is hashed from the bytes written: a checkpoint larger than RAM splits
@@ -31,15 +22,8 @@ from safetensors.torch import save_file
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import RankShard, plan_shards
-from .ship import STAMP, file_sha256
-
-FORMAT = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "chat_template.json")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-HEAD_PLACES = ("split", "rank0")
+from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP,
+                           TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256)
 
 
 def hf_name(ours: str, layer: int | None = None) -> str:
@@ -61,6 +45,7 @@ class HFSource:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self.path = self.folder.resolve()          # recorded in the manifest
         if not self.folder.is_dir():
             raise ConfigError(f"model path {self.folder} is not a folder: give a Hugging Face model folder "
                               f"or a folder made by `tpi_mpi prepare`")
@@ -121,9 +106,6 @@ class HFSource:
                 t = sl[:]
         return t.contiguous()
 
-    def has(self, ours: str, layer: int) -> bool:
-        return hf_name(ours, layer) in self.where
-
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).exists()]
 
@@ -132,17 +114,16 @@ class HFSource:
         return {f.name: f.read_bytes() for f in self.tokenizer_files()}
 
     def fingerprint(self) -> str:
-        """Cheap identity of the source: config and tokenizer bytes, weight files' names, sizes,
-        modification times and headers (hashing a 140 GB checkpoint on every run is not cheap)."""
+        """Cheap identity of the source by content: config and tokenizer bytes, and each weight file's
+        name and content identity (its header and samples; hashing a 140 GB checkpoint on every run
+        is not cheap)."""
         h = hashlib.sha256()
         for f in [self.folder / "config.json", *self.tokenizer_files()]:
             h.update(f.name.encode() + f.read_bytes())
         for f in self.files:
-            st = f.stat()
             with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = fh.read(min(n, 100_000_000))
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:".encode() + header)
+                header_bytes = 8 + int.from_bytes(fh.read(8), "little")
+            h.update(f"{f.name}:{content_identity(f, min(header_bytes, 100_000_000))}".encode())
         return h.hexdigest()
 
 
@@ -221,12 +202,6 @@ def _remove_abandoned(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
-    ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
-    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{FORMAT}".encode()).hexdigest()
-    return f"w{par.world}-{dtype}-{head_on}-{digest[:16]}"
-
-
 def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
             head_on: str = "split", progress=None) -> Path:
     """Split `src_path` (a path, or a source object such as SyntheticSource) into `out`; returns
@@ -252,38 +227,36 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
         steps = m.n_layers * 2 * par.world + 2 * par.world
         bar = progress(total=steps, desc="prepare", unit="block") if progress else None
         for i in range(m.n_layers):
-            for kind in ("attn", "mlp"):
+            for kind in KINDS:
                 for s in shards:
-                    name = f"layer{i:03d}.{kind}.safetensors"
+                    name = block_file(i, kind)
                     tensors = _block_tensors(src, m, s, i, kind, torch_dtype)
                     files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors)
                     del tensors
                     bar and bar.update()
         for s in shards:
-            files[s.rank]["common.safetensors"] = _save_atomic(
-                staging / f"rank{s.rank}" / "common.safetensors", _common_tensors(src, m, s, torch_dtype))
+            files[s.rank][COMMON] = _save_atomic(staging / f"rank{s.rank}" / COMMON,
+                                                 _common_tensors(src, m, s, torch_dtype))
             bar and bar.update()
         rank0 = staging / "rank0"
-        files[0]["embed.safetensors"] = _save_atomic(
-            rank0 / "embed.safetensors", {"embed.weight": src.read("embed.weight").to(torch_dtype)})
+        files[0][EMBED] = _save_atomic(rank0 / EMBED, {"embed.weight": src.read("embed.weight").to(torch_dtype)})
         for name, data in src.tokenizer_blobs().items():
             files[0][name] = _save_atomic(rank0 / name, data=data)
         bar and bar.update(par.world)
         bar and bar.close()
+        source_path = str(src.path)
+        created = time.strftime("%Y-%m-%dT%H:%M:%S")
         for s in shards:
-            manifest = {
-                "format": FORMAT, "rank": s.rank, "world_size": par.world,
-                "ratio": list(normalized_ratio(par.parts)), "dtype": DTYPE_NAMES[torch_dtype],
-                "head_on": head_on, "model": m.to_json(), "shards": [x.to_json() for x in shards],
-                "source": {"path": str(getattr(src, "path", None) or Path(src_path).resolve()), "fingerprint": fingerprint},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files[s.rank],
-            }
+            manifest = Manifest(rank=s.rank, world_size=par.world, ratio=normalized_ratio(par.parts),
+                                dtype=DTYPE_NAMES[torch_dtype], head_on=head_on, model=m, shards=tuple(shards),
+                                source_path=source_path, source_fingerprint=fingerprint, created=created,
+                                files=files[s.rank])
             # the hashes just computed, so a rank on a shared filesystem need not hash again (ship.py)
             stamps = {name: [info["size"], (staging / f"rank{s.rank}" / name).stat().st_mtime_ns, info["sha256"]]
                       for name, info in files[s.rank].items()}
             (staging / f"rank{s.rank}" / STAMP).write_text(json.dumps(stamps))
             # written last: a folder without a manifest is never taken for a prepared one
-            _save_atomic(staging / f"rank{s.rank}" / "manifest.json", data=json.dumps(manifest, indent=1).encode())
+            _save_atomic(staging / f"rank{s.rank}" / MANIFEST, data=manifest.to_bytes())
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

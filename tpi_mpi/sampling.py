@@ -25,6 +25,11 @@ class SamplingConfig:
             raise ConfigError(f"--top-p {self.top_p}: must be in (0, 1]")
 
 
+# what the command line samples with, and what serve applies to a request that sets no sampling
+# field (as llama-server applies its own defaults rather than OpenAI's temperature 1, top_p 1)
+SamplingConfig.DEFAULT = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95)
+
+
 def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
     """One token id from full-vocabulary float32 logits."""
     if cfg.temperature == 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import math
 import queue
 import socket
@@ -39,13 +38,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import ConfigError, TpiError
-from .generate import Root, run_generation
+from .generate import run_generation
 from .openai_api import (ApiError, StopFilter, chat_messages, completion_prompt, flag_field, number_field,
-                         parse_max_tokens, parse_sampling, parse_stops)
+                         parse_max_tokens, parse_sampling, parse_stops, read_json, sse)
 from .sampling import SamplingConfig
+from .steps import Root
 
-MAX_BODY = 1 << 20           # bytes of request body accepted
-DRAIN_BODY = 16 << 20        # an oversized body is read this far before the 413, so the client sees it
 BUILTIN_MODEL_ID = "smollm2-135m-instruct"
 POLL_S = 0.5                 # how often the idle main thread checks that the HTTP thread still runs
 
@@ -183,36 +181,6 @@ class Engine:
 
 # --- the HTTP side ---------------------------------------------------------------------------
 
-def _sse(data) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-async def _read_json(request: Request) -> dict:
-    """The body as a JSON object; 413 past MAX_BODY (read on up to DRAIN_BODY so the client,
-    still sending, receives the answer instead of a reset connection)."""
-    body, size = bytearray(), 0
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_BODY:
-        raise ApiError(413, f"the body has {declared} bytes: at most {MAX_BODY}", code="body_too_large",
-                       headers={"Connection": "close"})
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= MAX_BODY:
-            body += chunk
-        elif size > DRAIN_BODY:
-            break
-    if size > MAX_BODY:
-        raise ApiError(413, f"the body has {size}{'+' if size > DRAIN_BODY else ''} bytes: at most {MAX_BODY}",
-                       code="body_too_large")
-    try:
-        data = json.loads(body)
-    except ValueError as e:                      # UnicodeDecodeError is a ValueError too
-        raise ApiError(400, f"the body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return data
-
-
 async def _watch_disconnect(request: Request, job: Job) -> None:
     """Mark the job cancelled once the client has gone (while queued or while answered)."""
     while True:
@@ -278,7 +246,7 @@ class Api:
             {"id": self.cfg.model_id, "object": "model", "created": self.created, "owned_by": "tpi_mpi"}]})
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _read_json(request)
+        body = await read_json(request)
         messages = chat_messages(body)
         try:
             ids = await run_in_threadpool(self.codec.encode_chat, messages)
@@ -288,7 +256,7 @@ class Api:
         return await self._answer(request, body, job, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        body = await _read_json(request)
+        body = await read_json(request)
         ids = await run_in_threadpool(self.codec.encode, completion_prompt(body))
         job = self._job(body, ids, "cmpl", ("max_tokens",))
         return await self._answer(request, body, job, chat=False)
@@ -357,19 +325,19 @@ class Api:
 
         try:
             if chat:
-                yield _sse(chunk("", role=True))
+                yield sse(chunk("", role=True))
             item = first
             while item[0] == "text":
-                yield _sse(chunk(item[1]))
+                yield sse(chunk(item[1]))
                 item = await job.events.get()
             if item[0] == "error":               # the status is sent already: OpenAI's in-stream error
-                yield _sse(item[1].body())
+                yield sse(item[1].body())
                 return
             done = item[1]
-            yield _sse(chunk(None, done["finish_reason"]) | {"usage": done["usage"]})
+            yield sse(chunk(None, done["finish_reason"]) | {"usage": done["usage"]})
             if include_usage:
-                yield _sse(chunk(None) | {"choices": [], "usage": done["usage"]})
-            yield _sse("[DONE]")
+                yield sse(chunk(None) | {"choices": [], "usage": done["usage"]})
+            yield sse("[DONE]")
         finally:                                 # normal end, or the client has gone
             job.cancelled = True
             watcher.cancel()

@@ -18,34 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ShardError
+from .shard_format import CHUNK, MANIFEST, STAMP, Manifest, file_sha256
 
-CHUNK = 8 << 20
 TAG_MANIFEST, TAG_WANTED, TAG_DATA = 21, 22, 23
-STAMP = ".verified.json"
 
 
-def file_sha256(path: Path, drop_cache: bool = False) -> str:
-    """sha256 of a file, read in chunks (a block can be hundreds of MB); `drop_cache` then tells
-    the OS its pages are no longer needed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-        if drop_cache:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return h.hexdigest()
-
-
-def checked_names(manifest: dict, where: Path) -> list[str]:
-    """The manifest's file names, refusing any that would reach outside its folder."""
-    names = list(manifest["files"])
-    for name in names:
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise ShardError(f"{where} names {name!r}, outside its folder: refusing it; prepare the model again")
-    return names
-
-
-def stale_files(folder: Path, manifest: dict) -> list[str]:
+def stale_files(folder: Path, manifest: Manifest) -> list[str]:
     """Names of the manifest's files that `folder` lacks or holds with other contents."""
     stamp_path = folder / STAMP
     try:
@@ -53,8 +31,7 @@ def stale_files(folder: Path, manifest: dict) -> list[str]:
     except (OSError, ValueError):
         stamps = {}
     wanted, fresh = [], {}
-    for name in checked_names(manifest, folder / "manifest.json"):
-        info = manifest["files"][name]
+    for name, info in manifest.files.items():
         path = folder / name
         try:
             st = path.stat()
@@ -101,8 +78,8 @@ def ship(comm, root: Path, my_root: Path, progress=None, log=print) -> None:
     if comm.rank == 0:
         for r in range(1, comm.size):
             folder = root / f"rank{r}"
-            manifest = (folder / "manifest.json").read_bytes()
-            checked_names(json.loads(manifest), folder / "manifest.json")
+            manifest = (folder / MANIFEST).read_bytes()
+            Manifest.from_bytes(manifest, folder / MANIFEST)        # checked before it is sent
             _send_bytes(comm, np.frombuffer(manifest, dtype=np.uint8), r, TAG_MANIFEST, f"sending rank {r} its manifest")
             wanted = json.loads(_recv_bytes(comm, r, TAG_WANTED, f"asking rank {r} what it lacks").tobytes())
             if not wanted:
@@ -120,21 +97,20 @@ def ship(comm, root: Path, my_root: Path, progress=None, log=print) -> None:
         return
     # the manifest may be a while in coming: rank 0 serves the ranks before this one first
     raw = _recv_bytes(comm, 0, TAG_MANIFEST, "waiting for the manifest from rank 0", patient=True).tobytes()
-    manifest = json.loads(raw)
     folder = my_root / f"rank{comm.rank}"
+    manifest = Manifest.from_bytes(raw, f"rank 0's {MANIFEST} for rank {comm.rank}")
     folder.mkdir(parents=True, exist_ok=True)
     wanted = stale_files(folder, manifest)
-    if wanted and (folder / "manifest.json").exists():
-        (folder / "manifest.json").unlink()     # the folder is not valid until every file is
+    if wanted and (folder / MANIFEST).exists():
+        (folder / MANIFEST).unlink()            # the folder is not valid until every file is
     _send_bytes(comm, np.frombuffer(json.dumps(wanted).encode(), dtype=np.uint8), 0, TAG_WANTED, "telling rank 0")
     stamps = {}
     for name in wanted:
-        info = manifest["files"][name]
-        stamps[name] = _receive_file(comm, folder / name, info)
+        stamps[name] = _receive_file(comm, folder / name, manifest.files[name])
     if wanted:
-        tmp = folder / "manifest.json.tmp"
+        tmp = folder / (MANIFEST + ".tmp")
         tmp.write_bytes(raw)
-        tmp.rename(folder / "manifest.json")
+        tmp.rename(folder / MANIFEST)
         old = json.loads((folder / STAMP).read_text()) if (folder / STAMP).exists() else {}
         _write_stamp(folder, old | stamps)
 

@@ -9,8 +9,6 @@ does file I/O only, never MPI; its errors travel through the queue to the main t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import queue
 import threading
@@ -21,51 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
 from .errors import ShardError
-from .parallel import RankShard, bind, unbind
-from .prepare import DTYPES, FORMAT, SAFETENSORS_DTYPES
-from .ship import file_sha256
-
-KINDS = ("attn", "mlp")
-
-
-def block_file(layer: int, kind: str) -> str:
-    return f"layer{layer:03d}.{kind}.safetensors"
-
-
-def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Read a safetensors file into `buf` (a reused uint8 tensor) or a new one; returns the buffer
-    and views into it. Checks the sha256 when given. The file's pages are dropped from the page
-    cache afterwards, so the memory a block uses is the buffer and nothing hidden."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if buf is None:
-            buf = torch.empty(size, dtype=torch.uint8)
-        view = buf.numpy()[:size]
-        done = 0
-        while done < size:
-            n = f.readinto(memoryview(view)[done:])
-            if not n:
-                raise ShardError(f"{path} ended after {done} of {size} bytes")
-            done += n
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    if sha256 and hashlib.sha256(view).hexdigest() != sha256:
-        raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; "
-                         f"prepare the model again (or delete the folder to let the cache rebuild it)")
-    try:
-        n = int.from_bytes(view[:8].tobytes(), "little")
-        header = json.loads(view[8:8 + n].tobytes())
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            raw = buf[8 + n + start: 8 + n + end]
-            tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise ShardError(f"{path} is not a valid safetensors file ({e}): prepare the model again") from None
-    return buf, tensors
+from .parallel import bind, unbind
+from .shard_format import COMMON, EMBED, KINDS, Manifest, block_file, file_sha256, read_safetensors
 
 
 class Shard:
@@ -73,27 +29,17 @@ class Shard:
 
     def __init__(self, folder: str | Path, rank: int, world: int) -> None:
         self.folder = Path(folder)
-        path = self.folder / "manifest.json"
-        try:
-            self.manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ShardError(f"{path} is missing: {self.folder} is not a prepared shard for rank {rank}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ShardError(f"{path} is not valid JSON: prepare the model again") from None
-        mf = self.manifest
-        if mf.get("format") != FORMAT:
-            raise ShardError(f"{path} has format {mf.get('format')}, this tpi_mpi reads {FORMAT}: prepare the model again")
-        if mf["world_size"] != world:
-            raise ShardError(f"{self.folder.parent} was prepared for {mf['world_size']} ranks, not {world}: "
-                             f"run with -n {mf['world_size']} or prepare it again with --world-size {world}")
-        if mf["rank"] != rank:
-            raise ShardError(f"{path} belongs to rank {mf['rank']}, not rank {rank}")
+        self.manifest = mf = Manifest.load(self.folder)
+        if mf.world_size != world:
+            raise ShardError(f"{self.folder.parent} was prepared for {mf.world_size} ranks, not {world}: "
+                             f"run with -n {mf.world_size} or prepare it again with --world-size {world}")
+        if mf.rank != rank:
+            raise ShardError(f"{self.folder / 'manifest.json'} belongs to rank {mf.rank}, not rank {rank}")
         self.rank, self.world = rank, world
-        self.model = ModelConfig.from_json(mf["model"])
-        self.shards = [RankShard(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                       for s in mf["shards"]]
-        self.dtype_name = mf["dtype"]
-        self.files: dict[str, dict] = mf["files"]
+        self.model = mf.model
+        self.shards = list(mf.shards)
+        self.dtype = mf.torch_dtype
+        self.files: dict[str, dict] = mf.files
         for name, info in self.files.items():
             p = self.path(name)
             if not p.exists():
@@ -114,7 +60,7 @@ class Shard:
         return read_safetensors(self.path(name), buf, self.files[name]["sha256"] if verify else None)
 
     def block_bytes(self) -> int:
-        return max(self.files[block_file(i, k)]["size"] for i in range(self.model.n_layers) for k in KINDS)
+        return max(self.files[name]["size"] for name in self.manifest.block_files())
 
 
 class EmbeddingTable:
@@ -124,8 +70,8 @@ class EmbeddingTable:
     def __init__(self, shard: Shard) -> None:
         from safetensors import safe_open
 
-        path = shard.path("embed.safetensors")
-        info = shard.files["embed.safetensors"]
+        path = shard.path(EMBED)
+        info = shard.files[EMBED]
         if file_sha256(path, drop_cache=True) != info["sha256"]:
             raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; prepare the model again")
         self._file = safe_open(path, framework="pt")
@@ -147,7 +93,7 @@ class WeightWindow:
         self.wait_s = 0.0          # main thread blocked on the loader
         self.read_s = 0.0          # loader thread reading (and, on the first pass, hashing)
         self.bytes_read = 0
-        self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}
+        self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}   # blocks kept in memory
         if depth is None or pinned + depth >= len(self.order):
             self.depth, pinned = None, len(self.order)
         self.pinned = pinned
@@ -211,6 +157,10 @@ class WeightWindow:
             unbind(module, tensors)
             self._free.put(buf)
 
+    def resident_bytes(self) -> int:
+        """File bytes of the blocks kept in memory (all of them when the shard is resident)."""
+        return sum(self.shard.files[block_file(i, k)]["size"] for i, k in self.resident)
+
     def close(self) -> None:
         if self.depth is not None:
             self._stop.set()
@@ -259,7 +209,7 @@ def _cgroup_folders() -> list[Path]:
 
 def kv_cache_bytes(shard: Shard, context: int) -> int:
     m, s = shard.model, shard.shards[shard.rank]
-    return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * DTYPES[shard.dtype_name].itemsize
+    return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * shard.dtype.itemsize
 
 
 MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
@@ -274,8 +224,8 @@ def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple
     + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache
     + the resident blocks.
     """
-    resident = shard.files["common.safetensors"]["size"]     # norms and head rows; embeddings stay on disk
-    sizes = [shard.files[block_file(i, k)]["size"] for i in range(shard.model.n_layers) for k in KINDS]
+    resident = shard.files[COMMON]["size"]                   # norms and head rows; embeddings stay on disk
+    sizes = [shard.files[name]["size"] for name in shard.manifest.block_files()]
     block = max(sizes)
     fixed = baseline + resident + kv_cache_bytes(shard, context)
     if fixed + sum(sizes) + block <= budget:

@@ -10,8 +10,9 @@ import torch
 from mpi_check import report, same_on_all_ranks
 
 from tpi_mpi import comm as tpi_comm
-from tpi_mpi.allreduce import AutoChoice
-from tpi_mpi.comm import ALLREDUCE_MODES, MpiComm
+from tpi_mpi.allreduce_auto import AutoChoice
+from tpi_mpi.comm import MpiComm
+from tpi_mpi.config import ALLREDUCE_MODES
 
 
 def check_auto_keeps_ranks_together() -> list[str]:
@@ -27,12 +28,12 @@ def check_auto_keeps_ranks_together() -> list[str]:
             got = comm.allreduce(torch.full(shape, float(rank + call)))
             if not torch.equal(got, torch.full(shape, float(n * (n - 1) / 2 + n * call))):
                 failures.append(f"auto call {call} {shape}: wrong sum")
-    state = np.array([[list(c.trial).index(c.pick), len(c.observed), c.next_check] for _, c in sorted(comm.auto.items())],
+    state = np.array([[list(c.trial).index(c.pick), len(c.observed), c.next_check] for _, c in sorted(comm.allreduce.auto.choices.items())],
                      dtype=np.int64)
     if not same_on_all_ranks(comm.world, state):
         failures.append(f"auto: ranks disagree on pick, tried candidates or next check: {state.tolist()}")
     # windows of 8 calls: 4 candidates x 2 rounds end the match at call 64, the first check is at 96
-    if n > 1 and any(len(c.observed) != 4 or c.exploring or c.next_check != 96 for c in comm.auto.values()):
+    if n > 1 and any(len(c.observed) != 4 or c.exploring or c.next_check != 96 for c in comm.allreduce.auto.choices.values()):
         failures.append(f"auto: expected all 4 candidates tried and the next check at call 96: {state.tolist()}")
     return failures
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import append_json, git_commit, print_row, synthetic_prompt
-from .config import format_size
-from .errors import ConfigError
-from .generate import peak_rss_mib
-from .weights import available_memory
+from .generate import append_json, git_commit, print_row, synthetic_prompt
+from ..config import format_size
+from ..errors import ConfigError
+from ..startup import peak_rss_mib
+from ..weights import available_memory
 
 
 def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens: int, warmup: int,

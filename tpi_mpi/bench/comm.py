@@ -50,11 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allreduce import AutoChoice
-from .bench import append_json, git_commit, link_info
-from .comm import MpiComm, make_comm
-from .config import format_size, parse_size
-from .errors import ConfigError
+from ..allreduce_auto import AutoChoice
+from .generate import append_json, git_commit, link_info
+from ..comm import MpiComm, make_comm
+from ..config import format_size, parse_size
+from ..errors import ConfigError
 
 # one decode token of SmolLM2-135M (hidden 576) up to a 2048-token prefill of hidden 8192, about x4 a step
 DEFAULT_SIZES = "1x576,1x2048,1x8192,8x4096,32x4096,128x4096,512x4096,2048x4096,2048x8192"
@@ -101,7 +101,7 @@ def hidden_size(path: str) -> int:
     if (p / "config.json").exists():
         return int(json.loads((p / "config.json").read_text())["hidden_size"])
     if p.suffix == ".gguf" and p.exists():
-        from .gguf import config_from_gguf, read_header
+        from ..gguf import config_from_gguf, read_header
 
         meta, tensors = read_header(p)
         return config_from_gguf(meta, {t.name: t for t in tensors}, str(p)).dim
@@ -193,7 +193,7 @@ class CommBench:
                 comm.allreduce(x)
                 warm = time.perf_counter() - t0
             if a == "auto":                 # time the pick it settles on; report what settling took
-                calls = self.settle_auto(comm.auto_choice(size.nbytes), x)
+                calls = self.settle_auto(comm.allreduce.auto.choice(size.nbytes), x)
                 settle = calls, float(self.slowest(np.array([time.perf_counter() - first]))[0])
             warm = float(self.slowest(np.array([warm]))[0])
             block = int(self.from_rank0(min(MAX_BLOCK, max(1, round(BLOCK_S / max(warm, 1e-6))))))
@@ -221,7 +221,7 @@ class CommBench:
                           "order": "shuffled per round", "over_ranks": "mean",
                           "slowest_rank_median_s": float(np.median(slowest))}
             if a == "auto":
-                choice = comm.auto_choice(size.nbytes)
+                choice = comm.allreduce.auto.choice(size.nbytes)
                 records[a].update(settle_calls=settle[0], settle_s=settle[1], chosen=choice.pick,
                                   trial_pick=choice.first_pick, auto_trials_s=choice.trial,
                                   auto_observed_s=choice.observed, auto_window_calls=choice.window,

@@ -1,6 +1,6 @@
 """The allreduce-on-edge-links figure and tables, from `bench comm` and `bench generate` JSON lines.
 
-    python -m tpi_mpi.bench_plot COMM.jsonl docs/allreduce-edge.png [--generate GEN.jsonl] [--tables]
+    python -m tpi_mpi.bench.plot COMM.jsonl docs/allreduce-edge.png [--generate GEN.jsonl] [--tables]
 
 Bench-only: needs matplotlib (pip install 'tpi_mpi[bench]'), imported only to draw. The figure has
 one panel per rank count and message size (ms per allreduce against one-way delay, median with

@@ -1,7 +1,7 @@
 """Benchmarks: timed runs that print a table row and append one JSON line per run.
 
 Never imported by tests. `bench generate` runs under mpirun like `generate`; `bench serve` loads a
-running server. The memory benchmark and the transformers reference are in bench_memory.py.
+running server. The memory benchmark and the transformers reference are in bench/memory.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .generate import Root, RunConfig, Session, follow, run_generation
-from .sampling import SamplingConfig
+from ..errors import ConfigError
+from ..config import RunConfig
+from ..generate import run_generation
+from ..startup import Session
+from ..steps import Root, run_steps
+from ..sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -38,7 +41,7 @@ def link_info(comm) -> dict:
         return {"kind": "emulated", "delay_ms": float(env.get("TPI_NETEM_DELAY_MS", "nan")),
                 "rate_mbit": float(env.get("TPI_NETEM_RATE_MBIT", "nan")),
                 "backend": env.get("TPI_NETEM_BACKEND"), "run": env["TPI_NETEM_RUN"]}
-    link = getattr(comm, "link", None)
+    link = comm.link
     if link:
         return {"kind": "simulated", "delay_ms": link.delay * 1e3, "rate_mbit": link.rate / 1e6}
     return {"kind": "none"}
@@ -71,24 +74,16 @@ def print_row(record: dict, header: bool = True) -> None:
 
 def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: int, out: str | None) -> None:
     """Time prefill and decode on every rank; rank 0 prints the row and writes the JSON line."""
-    s = Session(cfg)
-    try:
-        if s.rank == 0:
-            prompt = synthetic_prompt(s.m.vocab_size, prompt_tokens)
+    def work(root: Root):
+        prompt = synthetic_prompt(root.s.m.vocab_size, prompt_tokens)
+        run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)   # warm-up
+        # counters cover the decode steps only; prefill is timed as TTFT
+        return run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True, after_prefill=root.reset_stats)
 
-            def work(root: Root):
-                run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)   # warm-up
-                # counters cover the decode steps only; prefill is timed as TTFT
-                return run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True,
-                                      after_prefill=root.reset_stats)
-
-            g = Root(s).run(work)
-        else:
-            follow(s)
-        steps = new_tokens - 1     # decode steps counted after prefill
+    with Session(cfg) as s:
+        g = run_steps(s, work)
         per_rank = s.gather_stats()
-    finally:
-        s.close()
+    steps = new_tokens - 1     # decode steps counted after prefill
     if s.rank != 0:
         return
     comm_ms = 1000 * max(per_rank["comm_s"]) / steps
@@ -96,7 +91,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     record = {
         **run_fields(s, cfg, prompt_tokens, new_tokens), "allreduce": s.comm.describe(),
         "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,
-        "tokens_per_s": 1 / g.s_per_token if g.s_per_token else None,
+        "tokens_per_s": g.tokens_per_s or None,
         # rank 0's view of a forward pass, split: communication includes waiting for slower peers
         "compute_ms": 1000 * per_rank["forward_s"][0] / steps - 1000 * per_rank["comm_s"][0] / steps
         - 1000 * per_rank["wait_s"][0] / steps,
@@ -113,9 +108,9 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
 
 def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
     """What a `bench generate` JSON line says of its run: model, layout, link, host, commit."""
-    return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.dtype_name, "ranks": s.comm.size,
+    return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.manifest.dtype, "ranks": s.comm.size,
             "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
-            "head_on": s.shard.manifest["head_on"], "threads": s.threads,
+            "head_on": s.shard.manifest.head_on, "threads": s.threads,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),
             "load_avg": [round(x, 2) for x in os.getloadavg()], "host": platform.node(), "cpus": os.cpu_count(),
             "commit": git_commit(), "time": time.strftime("%FT%T")}
@@ -130,32 +125,24 @@ def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt
     for the same model and algorithm between runs minutes apart, more than the algorithms differ.
     auto keeps what it learnt from round to round, as it would over a long chat; its first round
     (its trial and match, after the warm-up) is in the JSON line (first_round_s_per_token)."""
-    s = Session(cfg)
-    try:
+    def work(root: Root) -> dict[str, list[dict]]:
+        prompt = synthetic_prompt(root.s.m.vocab_size, prompt_tokens)
+        order = np.random.default_rng(0)
+        for a in algorithms:            # warm-up: connections and buffers of every algorithm
+            root.set_allreduce(a)
+            run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)
+        runs: dict[str, list[dict]] = {a: [] for a in algorithms}
+        for _ in range(rounds):
+            for j in order.permutation(len(algorithms)):
+                root.set_allreduce(algorithms[j])
+                g = run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True, after_prefill=root.reset_stats)
+                runs[algorithms[j]].append(rank0_figures(root.s, g))
+        return runs
+
+    with Session(cfg) as s:
         if s.comm.size < 2:
             raise ConfigError("--compare needs 2 ranks or more: run under mpirun -n 2 (or more)")
-        if s.rank == 0:
-            prompt = synthetic_prompt(s.m.vocab_size, prompt_tokens)
-            order = np.random.default_rng(0)
-
-            def work(root: Root) -> dict[str, list[dict]]:
-                for a in algorithms:            # warm-up: connections and buffers of every algorithm
-                    root.set_allreduce(a)
-                    run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)
-                runs: dict[str, list[dict]] = {a: [] for a in algorithms}
-                for _ in range(rounds):
-                    for j in order.permutation(len(algorithms)):
-                        root.set_allreduce(algorithms[j])
-                        g = run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True,
-                                           after_prefill=root.reset_stats)
-                        runs[algorithms[j]].append(rank0_figures(s, g))
-                return runs
-
-            runs = Root(s).run(work)
-        else:
-            follow(s)
-    finally:
-        s.close()
+        runs = run_steps(s, work)
     if s.rank != 0:
         return
     base = {**run_fields(s, cfg, prompt_tokens, new_tokens), "compared": algorithms, "rounds": rounds,

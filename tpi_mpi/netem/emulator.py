@@ -40,7 +40,7 @@ from pathlib import Path
 
 import click
 
-from .netem_switch import PREFIX, Link, LinkModel, Switch, check_host, ip, netem_available, plug_in
+from .switch import PREFIX, Link, LinkModel, Switch, check_host, ip, netem_available, plug_in
 
 SUBNET = "10.77.0.0/24"          # private, and only ever configured inside our own namespaces
 MAX_RANKS = 64
@@ -442,6 +442,3 @@ def main() -> None:
         print(f"netem: error: {e}", file=sys.stderr)
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()

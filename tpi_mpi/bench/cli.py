@@ -1,0 +1,139 @@
+"""`python -m tpi_mpi bench ...`: the benchmarks' commands (attached to the main command line)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..config import ALLREDUCE_MODES, DTYPE_NAMES, parse_size
+from ..errors import ConfigError
+from ..options import progress_bar, run_config, run_options
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: print a table row and append a JSON line (--out)."""
+
+
+@bench.command("generate")
+@run_options
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--compare", help="Allreduce algorithms to compare in this one job, e.g. star,recdouble,auto: "
+              "--rounds rounds of one generation each, in random order; one row (median round) each.")
+@click.option("--rounds", type=int, default=6, show_default=True, help="Rounds for --compare.")
+@click.option("--out", help="Append the JSON record to this file.")
+def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, out, **kw) -> None:
+    """Prefill and decode timings of tpi_mpi (run under mpirun)."""
+    from .generate import bench_generate as run
+    from .generate import compare_allreduce
+
+    if new_tokens < 2:
+        raise ConfigError("--new-tokens must be at least 2 to time a decode step")
+    if compare is None:
+        run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
+        return
+    algorithms = list(dict.fromkeys(a.strip() for a in compare.split(",") if a.strip()))
+    bad = [a for a in algorithms if a not in ALLREDUCE_MODES]
+    if bad or not algorithms:
+        raise ConfigError(f"--compare {compare!r}: list algorithms from {','.join(ALLREDUCE_MODES)}")
+    if rounds < 1:
+        raise ConfigError(f"--rounds {rounds}: must be at least 1")
+    compare_allreduce(run_config({**kw, "allreduce": algorithms[0]}), algorithms, rounds, prompt_tokens, new_tokens,
+                      warmup, out)
+
+
+@bench.command("memory")
+@click.option("--model", "-m", required=True, help="A prepared folder (python -m tpi_mpi prepare ...).")
+@click.option("--ranks", "-n", type=int, required=True, help="The folder's world size.")
+@click.option("--windows", default="1,2,4,all", show_default=True)
+@click.option("--memory-cap", help="Per-rank cgroup memory limit (page cache included), e.g. 2GiB.")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--new-tokens", type=int, default=8, show_default=True)
+@click.option("--disk-rate", help="Give each rank a disk of its own this fast: its reads are limited to this "
+              "many bytes per second (cgroup blkio), e.g. 200MB.")
+@click.option("--hf", help="The same model as a Hugging Face folder (for a synthetic model: bench synthetic-hf): "
+              "also run transformers fully loaded and transformers + accelerate disk offload under the same limits.")
+@click.option("--out", help="Append the JSON records to this file.")
+def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, new_tokens, hf, out) -> None:
+    """Windows 1, 2, 4 and all: TTFT, s/token, peak RSS, bytes read per token, read time hidden.
+    Runs mpirun itself (do not launch it under mpirun)."""
+    from .memory import bench_memory as run
+
+    run(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, prompt_tokens,
+        new_tokens, out, hf, parse_size(disk_rate) if disk_rate else None)
+
+
+@bench.command("comm")
+@click.option("--sizes", help="Message sizes: TOKENSxHIDDEN float32 values or bytes (8, 1MiB), comma separated "
+              "[default: 1x576 up to 2048x8192, about x4 a step].")
+@click.option("--model", "-m", help="Also this model's sizes: one decode token and --prefill-tokens "
+              "(prepared folder, Hugging Face folder or .gguf).")
+@click.option("--prefill-tokens", type=int, default=128, show_default=True)
+@click.option("--algorithms", default="star,mpi,ring,recdouble,auto", show_default=True)
+@click.option("--pingpong-only", is_flag=True, help="Only the ping-pong latencies.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed samples per point, at most.")
+@click.option("--min-repeats", type=int, default=5, show_default=True, help="Timed samples per point, at least.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--budget", type=float, default=2.0, show_default=True,
+              help="Seconds of timed samples per point (within --min-repeats and --repeats).")
+@click.option("--idle-seconds", type=float, default=0.5, show_default=True,
+              help="Rank 0 computes this long while the others wait, for their idle CPU; 0 = skip.")
+@click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank.")
+@click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit (see generate --help).")
+@click.option("--comm-timeout", type=float, default=60.0, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--out", help="Append one JSON line per measurement to this file.")
+def bench_comm(**kw) -> None:
+    """Ping-pong latency and every allreduce algorithm per message size (run under mpirun)."""
+    from .comm import bench_comm as run
+
+    run(**kw)
+
+
+@bench.command("serve")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="A tpi_mpi serve on this machine.")
+@click.option("--requests", type=int, default=16, show_default=True, help="Per level of concurrency (at most 1000).")
+@click.option("--clients", default="1,4", show_default=True, help="Levels of concurrency.")
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--api-key", envvar="TPI_MPI_API_KEY")
+@click.option("--out", help="Append the JSON records to this file.")
+def bench_serve(url, requests, clients, max_tokens, api_key, out) -> None:
+    """Requests per minute and p50/p95 latency against a running server (localhost only)."""
+    from .generate import bench_serve as run
+
+    run(url, requests, tuple(int(c) for c in clients.split(",")), max_tokens, api_key=api_key, out=out)
+
+
+@bench.command("transformers")
+@click.option("--model", "-m", required=True, help="Hugging Face folder or .gguf file.")
+@click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="fp32", show_default=True)
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--warmup", type=int, default=4, show_default=True)
+@click.option("--offload", is_flag=True, help="transformers + accelerate: the layers that do not fit in memory "
+              "(--memory-cap, or what is available) are read from disk at every forward pass.")
+@click.option("--memory-cap", help="Run in a cgroup with this memory limit (page cache included), e.g. 2GiB.")
+@click.option("--disk-rate", help="Limit reads from the model's disk to this many bytes per second, e.g. 200MB.")
+@click.option("--out", help="Append the JSON record to this file.")
+def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup, offload, memory_cap, disk_rate,
+                       out) -> None:
+    """The same timings with transformers in a single process (the baseline)."""
+    from .memory import bench_transformers as run
+
+    run(model, threads, prompt_tokens, new_tokens, warmup, dtype, out, offload,
+        parse_size(memory_cap) if memory_cap else None, parse_size(disk_rate) if disk_rate else None)
+
+
+@bench.command("synthetic-hf")
+@click.argument("name")
+@click.option("--out", required=True, help="Folder to create.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def bench_synthetic_hf(name, out, quiet) -> None:
+    """A synthetic model (prepare --synthetic NAME) as a Hugging Face folder, for bench transformers."""
+    from ..synthetic import write_hf_checkpoint
+
+    click.echo(f"wrote {write_hf_checkpoint(name, out, progress_bar(quiet))}", err=True)

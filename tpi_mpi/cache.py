@@ -1,0 +1,123 @@
+"""Where prepared models live: the cache of shard folders, keyed by the source's content.
+
+`locate` is rank 0's first step of every run: the prepared folder for `--model`, preparing it into
+the cache on first use. A cache hit reads no tensor and parses no checkpoint: the key is the
+source's fingerprint (its content: sizes, headers, samples; see prepare.source_fingerprint), the
+world size, the ratio, the dtype, the head placement and the shard format. `entries` and `clear`
+back the `cache` command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ParallelConfig, RunConfig, normalized_ratio
+from .errors import ConfigError, ShardError
+from .parallel import plan_shards
+from .prepare import open_source, prepare, source_fingerprint
+from .shard_format import FORMAT, MANIFEST, Manifest
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tpi_mpi"
+
+
+def cache_dir(cfg: RunConfig, rank: int) -> Path:
+    """--cache-dir may hold "{rank}": a cache of its own per rank, as on hosts that share no disk."""
+    return Path((cfg.cache_dir or str(default_cache_dir())).format(rank=rank)).expanduser()
+
+
+def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
+    ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
+    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{FORMAT}".encode()).hexdigest()
+    return f"w{par.world}-{dtype}-{head_on}-{digest[:16]}"
+
+
+def model_path(cfg: RunConfig) -> Path:
+    if cfg.model is None:
+        from .gguf import builtin_model_path
+
+        return builtin_model_path()
+    return Path(cfg.model).expanduser()
+
+
+def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
+    """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it into
+    the cache on first use. Everything that can refuse the run does so before work is announced."""
+    path = model_path(cfg)
+    if (path / "rank0" / MANIFEST).exists():
+        check_prepared(path, cfg, world)
+        return path
+    if (path / MANIFEST).exists():
+        raise ConfigError(f"{path} is one rank's folder: give its parent, which holds rank0/, rank1/, ...")
+    if not path.exists():
+        raise ConfigError(f"model path {path} does not exist: check the path")
+    par = cfg.parallel(world)
+    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on)
+    out = cache_dir(cfg, 0) / f"{path.resolve().name}-{key}"
+    if not (out / "rank0" / MANIFEST).exists():
+        src = open_source(path)
+        plan_shards(src.config, par, cfg.head_on)       # refuses a split that cannot be made
+        log(f"preparing {path} for {world} rank(s) into {out}")
+        prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress)
+    return out
+
+
+def rank_root(cfg: RunConfig, root: Path, rank: int) -> Path:
+    """Where this rank keeps its copy of the prepared model found by rank 0 at `root`."""
+    if root.parent == cache_dir(cfg, 0):
+        return cache_dir(cfg, rank) / root.name
+    return root
+
+
+def check_prepared(path: Path, cfg: RunConfig, world: int) -> None:
+    """A prepared folder given by hand must match this run and still match its source."""
+    mf = Manifest.load(path / "rank0")
+    if mf.world_size != world:
+        raise ConfigError(f"{path} was prepared for {mf.world_size} ranks, not {world}: run with "
+                          f"-n {mf.world_size}, or give the original model to prepare it for {world}")
+    if cfg.ratio and normalized_ratio(cfg.parallel(world).parts) != mf.ratio:
+        raise ConfigError(f"{path} was prepared with ratio {','.join(f'{r:g}' for r in mf.ratio)}, not "
+                          f"{','.join(f'{r:g}' for r in cfg.ratio)}: drop --ratio or prepare the model again with it")
+    src = Path(mf.source_path)
+    if src.exists() and source_fingerprint(src) != mf.source_fingerprint:
+        raise ConfigError(f"{path} was prepared from an older version of {src}: prepare it again")
+
+
+@dataclass(frozen=True)
+class Entry:
+    folder: Path
+    bytes: int
+    source: str
+    world_size: int
+    dtype: str
+
+
+def entries(folder: Path) -> list[Entry]:
+    """The prepared models in a cache folder (a rank's copy holds only its own rankN/)."""
+    out = []
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []:
+        manifests = sorted(d.glob(f"rank*/{MANIFEST}"))
+        if not manifests:
+            continue
+        try:
+            mf = Manifest.load(manifests[0].parent)
+            source, world, dtype = mf.source_path, mf.world_size, mf.dtype
+        except ShardError:
+            source, world, dtype = "(damaged manifest)", 0, "?"
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        out.append(Entry(d, size, source, world, dtype))
+    return out
+
+
+def clear(folder: Path) -> list[Entry]:
+    """Remove every prepared model from a cache folder; returns what was removed."""
+    gone = entries(folder)
+    for e in gone:
+        shutil.rmtree(e.folder)
+    return gone

@@ -1,0 +1,65 @@
+"""The command-line options every command that runs the model shares, and the RunConfig they make."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, RunConfig, parse_ratio, parse_size, parse_window
+
+DEFAULT_PROMPT = "In two sentences: why do several small computers working together beat one?"
+
+
+def run_options(f):
+    """Options shared by every command that runs the model."""
+    options = [
+        click.option("--model", "-m", help="Hugging Face model folder, .gguf file or prepared folder "
+                     "[default: the built-in SmolLM2-135M-Instruct]."),
+        click.option("--allreduce", type=click.Choice(ALLREDUCE_MODES), default="auto", show_default=True,
+                     help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
+                          "recdouble: recursive doubling; auto: timed at start-up per message size, then checked "
+                          "on the real calls."),
+        click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank."),
+        click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit: each message received costs "
+                     "delay + bytes/rate (slept in the comm layer; no root needed)."),
+        click.option("--window", default="auto", show_default=True,
+                     help="Weight blocks (one layer's attention or MLP) held in memory at once; 'all' keeps "
+                          "the shard resident; 'auto' fits the memory budget: the whole shard if it fits, else "
+                          "a window of up to 2 blocks and, with what is left, the first blocks kept resident."),
+        click.option("--memory-budget", help="Memory per rank for --window auto, e.g. 1.5GiB "
+                     "[default: 80% of the memory available]."),
+        click.option("--context", type=int, default=4096, show_default=True,
+                     help="Tokens of KV cache the memory budget reserves (capped at the model's context)."),
+        click.option("--cache-dir", help="Where prepared shards are cached [default: ~/.cache/tpi_mpi]."),
+        click.option("--ratio", help="Share of each rank when preparing, e.g. 3,1,1,1."),
+        click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True),
+        click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True),
+        click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
+        click.option("--comm-timeout", type=float, default=60.0, show_default=True,
+                     help="Seconds to wait for a peer rank before giving up."),
+        click.option("--quiet", is_flag=True, help="No progress or status lines on stderr."),
+        # read by the entry point from the command line; accepted here too, so it may follow the command
+        click.option("--debug", is_flag=True, hidden=True, expose_value=False),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_config(kw: dict) -> RunConfig:
+    budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
+    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
+                     memory_budget=budget, context=kw["context"], cache_dir=kw["cache_dir"],
+                     ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"],
+                     threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
+                     link_model=kw["link_model"])
+
+
+def progress_bar(quiet: bool):
+    """A tqdm factory for progress bars on stderr, or None when quiet."""
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(file=sys.stderr, **kw)

@@ -1,0 +1,177 @@
+"""The on-disk format of a prepared model: file names, dtypes, the manifest, reading and hashing.
+
+A prepared folder holds one folder per rank (each rank needs only its own `rankN/`):
+
+    rankN/manifest.json              model config, world size, ratio, every rank's slices,
+                                     every file's size and sha256, the source fingerprint
+    rankN/layer007.attn.safetensors  q/k/v (column slices) and o (row slice) of layer 7
+    rankN/layer007.mlp.safetensors   gate/up (column slices) and down (row slice)
+    rankN/common.safetensors         norms and this rank's rows of the output head (resident)
+    rank0/embed.safetensors          the embedding table: rank 0 only, like the tokenizer files
+
+`Manifest.load` is the one place a manifest is parsed and checked. prepare.py writes this
+format, ship.py copies it between hosts, weights.py reads it block by block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .errors import ShardError
+from .parallel import RankShard
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+COMMON = "common.safetensors"
+EMBED = "embed.safetensors"
+STAMP = ".verified.json"        # hashes already checked on this host, by size and modification time
+KINDS = ("attn", "mlp")         # the two blocks of a layer, in execution order
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+CHUNK = 8 << 20                 # bytes per read when hashing or shipping
+
+
+def block_file(layer: int, kind: str) -> str:
+    return f"layer{layer:03d}.{kind}.safetensors"
+
+
+def file_sha256(path: Path, drop_cache: bool = False) -> str:
+    """sha256 of a file, read in chunks (a block can be hundreds of MB); `drop_cache` then tells
+    the OS its pages are no longer needed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+        if drop_cache:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return h.hexdigest()
+
+
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+def content_identity(path: Path, head_bytes: int) -> str:
+    """A cheap identity of a large file by its content, not its modification time: the size, the sha256
+    of its first `head_bytes` (a checkpoint's header: names, shapes, offsets) and of SAMPLES pieces
+    spread over the rest, which tell apart two fine-tunes with the same header. Reads well under
+    a MB whatever the size, so a new environment finds the cache its files were prepared into."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}:".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(head_bytes))
+        for i in range(SAMPLES):
+            f.seek(head_bytes + (size - head_bytes) * i // SAMPLES)
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Read a safetensors file into `buf` (a reused uint8 tensor) or a new one; returns the buffer
+    and views into it. Checks the sha256 when given. The file's pages are dropped from the page
+    cache afterwards, so the memory a block uses is the buffer and nothing hidden."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if buf is None:
+            buf = torch.empty(size, dtype=torch.uint8)
+        view = buf.numpy()[:size]
+        done = 0
+        while done < size:
+            n = f.readinto(memoryview(view)[done:])
+            if not n:
+                raise ShardError(f"{path} ended after {done} of {size} bytes")
+            done += n
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if sha256 and hashlib.sha256(view).hexdigest() != sha256:
+        raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; "
+                         f"prepare the model again (or delete the folder to let the cache rebuild it)")
+    try:
+        n = int.from_bytes(view[:8].tobytes(), "little")
+        header = json.loads(view[8:8 + n].tobytes())
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            raw = buf[8 + n + start: 8 + n + end]
+            tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ShardError(f"{path} is not a valid safetensors file ({e}): prepare the model again") from None
+    return buf, tensors
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One rank's manifest.json. `files` maps a file name to {"size": bytes, "sha256": hex}."""
+    rank: int
+    world_size: int
+    ratio: tuple[float, ...]          # normalized: fractions summing to 1
+    dtype: str                        # a DTYPES key
+    head_on: str
+    model: ModelConfig
+    shards: tuple[RankShard, ...]     # every rank's slices
+    source_path: str
+    source_fingerprint: str
+    created: str
+    files: dict[str, dict]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ShardError(f"{path} is missing: {folder} is not a prepared shard folder") from None
+        return cls.from_bytes(raw, path)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: Path | str) -> Manifest:
+        try:
+            d = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ShardError(f"{where} is not valid JSON: prepare the model again") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ShardError(f"{where} has format {d.get('format') if isinstance(d, dict) else None}, "
+                             f"this tpi_mpi reads {FORMAT}: prepare the model again")
+        try:
+            mf = cls(rank=int(d["rank"]), world_size=int(d["world_size"]), ratio=tuple(d["ratio"]),
+                     dtype=d["dtype"], head_on=d["head_on"], model=ModelConfig.from_json(d["model"]),
+                     shards=tuple(RankShard(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                                  for s in d["shards"]),
+                     source_path=d["source"]["path"], source_fingerprint=d["source"]["fingerprint"],
+                     created=d.get("created", ""), files=dict(d["files"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardError(f"{where} is damaged ({type(e).__name__}: {e}): prepare the model again") from None
+        if mf.dtype not in DTYPES:
+            raise ShardError(f"{where} names dtype {mf.dtype!r}: prepare the model again")
+        for name in mf.files:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ShardError(f"{where} names {name!r}, outside its folder: refusing it; prepare the model again")
+        return mf
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "format": FORMAT, "rank": self.rank, "world_size": self.world_size, "ratio": list(self.ratio),
+            "dtype": self.dtype, "head_on": self.head_on, "model": self.model.to_json(),
+            "shards": [s.to_json() for s in self.shards],
+            "source": {"path": self.source_path, "fingerprint": self.source_fingerprint},
+            "created": self.created, "files": self.files,
+        }, indent=1).encode()
+
+    def block_files(self) -> list[str]:
+        """The streamed blocks' file names, in execution order."""
+        return [block_file(i, k) for i in range(self.model.n_layers) for k in KINDS]

@@ -1,0 +1,173 @@
+"""Bringing a rank up: comm, the prepared shards (located or prepared by rank 0, shipped to the
+others), the model at this rank's shard shapes, and its weight window. `Session` is everything one
+rank holds for a run; what happens next, step by step, is steps.py's.
+
+Each start-up step is a vote (`on_all_ranks`): a step that fails on one rank fails on every rank
+at once, with the failing rank's own message, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cache
+from .comm import CommStats, make_comm
+from .config import RunConfig, format_size
+from .errors import PeerFailed, TpiError
+from .model import Transformer
+from .ship import ship
+from .shard_format import COMMON
+from .text import TextCodec
+from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, current_rss, plan_window
+
+PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
+
+
+def on_all_ranks(comm, fn, timeout: float | None = None):
+    """Run a start-up step everywhere; if it failed anywhere, the lowest failing rank raises its own
+    error (one message for the whole job) and every other rank raises PeerFailed. `timeout`: how
+    long the fastest rank waits for the slowest (None: preparing a model may take any time)."""
+    try:
+        result, error = fn(), None
+    except TpiError as e:
+        result, error = None, e
+    bad = comm.agree(error is None, timeout)
+    if bad < 0:
+        return result
+    if comm.rank != bad:
+        error = PeerFailed(f"rank {bad} failed")
+    error.coordinated = True      # every rank knows: exit quietly, no MPI_Abort needed
+    raise error
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM rather than ru_maxrss, which keeps the peak of
+    the process that forked us across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Session:
+    """Everything one rank holds for a run: comm, shard, model, weight window; text and embeddings on
+    rank 0. Use as a context manager (the window's loader thread stops on exit)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
+        self.rank = comm.rank
+        self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
+        torch.set_num_threads(self.threads)
+
+        self.root = self._find_prepared()
+        # without a shared filesystem a rank gets its shard from rank 0 over MPI
+        self.local_root = cache.rank_root(cfg, self.root, self.rank)
+        ship(comm, self.root, self.local_root, progress=self._progress(), log=self.log)
+
+        self.baseline = current_rss()   # the process before any weights: the budget's start
+        # reading a whole shard from a slow disk can take minutes: be patient, but not forever
+        on_all_ranks(comm, self._load, timeout=max(600.0, cfg.comm_timeout))
+        windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
+        pinned = comm.gather_floats(self.window.pinned)
+        if self.rank == 0:
+            self.windows = ["all" if w < 0 else int(w) for w in windows]
+            self.pinned = [int(p) for p in pinned]
+            if cfg.window == "auto":
+                per_rank = ", ".join(str(w) if w == "all" else f"{w} (+{p} resident)" for w, p in zip(self.windows, self.pinned))
+                self.log(f"weight window per rank (blocks in memory): {per_rank} "
+                         f"({'--memory-budget ' + format_size(cfg.memory_budget) if cfg.memory_budget else '80% of available memory'})")
+        self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
+        self.cpu_at_reset = time.process_time()
+
+    def _find_prepared(self) -> Path:
+        """Rank 0 locates (or prepares) the model; every rank learns the folder's path."""
+        def locate() -> Path | None:
+            return cache.locate(self.cfg, self.comm.size, self.log, self._progress()) if self.rank == 0 else None
+
+        root = on_all_ranks(self.comm, locate)
+        buf = np.zeros(PATH_BYTES, dtype=np.uint8)
+        if self.rank == 0:
+            raw = str(root).encode()
+            buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        self.comm.bcast(buf)
+        return Path(bytes(buf).rstrip(b"\0").decode())
+
+    def _load(self) -> None:
+        cfg = self.cfg
+        self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
+        self.m, self.dtype = self.shard.model, self.shard.dtype
+        if cfg.window == "auto":
+            budget = cfg.memory_budget or int(0.8 * available_memory())
+            depth, pinned = plan_window(self.shard, budget, min(cfg.context, self.m.max_seq_len), self.baseline)
+        else:
+            depth, pinned = cfg.window, 0
+        self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned)
+        self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype)
+        self.model.load_resident(self.shard.read(COMMON)[1])
+        if self.rank == 0:
+            self.codec = TextCodec(self.shard.folder)
+            self.embed = EmbeddingTable(self.shard)
+
+    def reset_stats(self) -> None:
+        self.comm.stats = CommStats()
+        self.window.wait_s = self.window.read_s = 0.0
+        self.window.bytes_read = 0
+        self.forward_s = 0.0
+        self.cpu_at_reset = time.process_time()
+
+    def forward(self, h: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        logits = self.model(h, pos, all_logits)
+        self.forward_s += time.perf_counter() - t0
+        return logits
+
+    def _progress(self):
+        """A tqdm factory for rank 0's progress bars, or None when quiet."""
+        if self.rank != 0 or self.cfg.quiet:
+            return None
+        from tqdm import tqdm
+
+        return lambda **kw: tqdm(file=sys.stderr, **kw)
+
+    def gather_stats(self) -> dict[str, list[float]] | None:
+        """Every rank's counters since the last reset, as lists on rank 0 (None elsewhere)."""
+        mine = {
+            "forward_s": self.forward_s,             # inside the model: compute + communication + weight waits
+            "comm_s": self.comm.stats.seconds,       # communicating, including waiting for slower peers
+            "wait_s": self.window.wait_s,            # waiting for the weight loader
+            "sent_bytes": float(self.comm.stats.bytes_sent),
+            "read_bytes": float(self.window.bytes_read),
+            "read_s": self.window.read_s,
+            "cpu_s": time.process_time() - self.cpu_at_reset,   # all threads: a waiting rank must not spin
+            "peak_rss_mib": peak_rss_mib(),
+            "baseline_mib": self.baseline / 2**20,
+            "block_mib": self.shard.block_bytes() / 2**20,
+            "resident_mib": self.shard.files[COMMON]["size"] / 2**20,
+            # blocks kept in memory beside a streaming window (all of them when resident)
+            "pinned_mib": self.window.resident_bytes() / 2**20,
+            "kv_mib": sum(layer.attn.cache.k.nbytes * 2 for layer in self.model.layers
+                          if layer.attn.cache.k is not None) / 2**20,
+        }
+        return {k: self.comm.gather_floats(v) for k, v in mine.items()}
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and not self.cfg.quiet:
+            print(f"tpi_mpi: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.window.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""The step protocol: how rank 0 drives the other ranks, one control header at a time.
+
+Rank 0 (`Root`) owns the tokenizer, the embedding table, sampling and the text. Every step starts
+with a `Header` broadcast as a small int64 array; a forward step then broadcasts the hidden
+states. The other ranks (`follow`) only ever receive headers and float hidden states, run their
+slice of every layer, and send back partial sums and their share of the logits.
+
+`run_steps(session, work)` is the one place where ranks branch: rank 0 runs `work(root)`, the
+others follow until rank 0 releases them, failed or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from .config import ALLREDUCE_MODES
+from .errors import CommError, PeerFailed
+
+
+class Cmd(IntEnum):
+    FORWARD = 1          # run the model on the hidden states that follow
+    STOP = 2             # the run is over
+    RESET_STATS = 3      # zero the timing counters (benchmarks, after warm-up)
+    IDLE = 4             # the next step may be long in coming: wait for it without a time limit
+    SET_ALLREDUCE = 5    # switch the allreduce algorithm (benchmarks compare them in one job)
+
+
+@dataclass
+class Header:
+    """One step's control message; each field has one meaning, whatever the command."""
+    cmd: Cmd
+    pos: int = 0                 # FORWARD: position of the first token
+    n_tokens: int = 0            # FORWARD: tokens (rows of hidden states) in this step
+    all_logits: bool = False     # FORWARD: logits at every position, not only the last
+    failed: bool = False         # STOP: rank 0 failed; the workers exit non-zero too
+    allreduce: int = 0           # SET_ALLREDUCE: index into ALLREDUCE_MODES
+
+    SIZE = 6                     # int64 fields on the wire
+
+    def pack(self) -> np.ndarray:
+        return np.array([int(v) for v in astuple(self)], dtype=np.int64)
+
+    @classmethod
+    def unpack(cls, buf: np.ndarray) -> Header:
+        cmd, pos, n_tokens, all_logits, failed, allreduce = (int(v) for v in buf)
+        return cls(Cmd(cmd), pos, n_tokens, bool(all_logits), bool(failed), allreduce)
+
+
+class Root:
+    """Rank 0's side of the steps: embed, send the header and hidden states, run its own slice."""
+
+    def __init__(self, s) -> None:
+        self.s = s
+
+    def _send(self, header: Header) -> None:
+        self.s.comm.bcast(header.pack())
+
+    def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32, full vocabulary) of the last token, or of every token with `all_logits`."""
+        s = self.s
+        self._send(Header(Cmd.FORWARD, pos=pos, n_tokens=len(ids), all_logits=all_logits))
+        h = s.embed[ids]                                                     # (T, dim)
+        s.comm.bcast(h.view(torch.uint8).numpy())
+        return s.forward(h, pos, all_logits)
+
+    def reset_stats(self) -> None:
+        """Zero the timing counters on every rank (benchmarks call this after warm-up)."""
+        self._send(Header(Cmd.RESET_STATS))
+        self.s.reset_stats()
+
+    def set_allreduce(self, mode: str) -> None:
+        """Switch every rank to another allreduce algorithm (benchmarks compare them in one job)."""
+        self._send(Header(Cmd.SET_ALLREDUCE, allreduce=ALLREDUCE_MODES.index(mode)))
+        self.s.comm.mode = mode
+
+    def idle(self) -> None:
+        """Tell the workers the next step may be long in coming (rank 0 waits for a person or a
+        client): they wait for it without a time limit. Otherwise a silent rank 0 is an error."""
+        self._send(Header(Cmd.IDLE))
+
+    def stop(self, failed: bool = False) -> None:
+        """Release the workers; `failed` makes them exit non-zero too (rank 0 reports the error)."""
+        self._send(Header(Cmd.STOP, failed=failed))
+
+    def run(self, work):
+        """Run `work(self)` on rank 0, then stop the workers, failed or not."""
+        try:
+            result = work(self)
+        except CommError:
+            raise                 # a peer is gone: nobody to tell; the entry point aborts the job
+        except BaseException as e:
+            self.stop(failed=True)
+            e.coordinated = True
+            raise
+        self.stop()
+        return result
+
+
+def follow(s) -> None:
+    """A worker's whole life: obey rank 0's headers until told to stop."""
+    buf = np.zeros(Header.SIZE, dtype=np.int64)
+    patient = True                               # before the first step rank 0 may be tokenizing a long prompt
+    while True:
+        s.comm.bcast(buf, timeout=None if patient else True)
+        header = Header.unpack(buf)
+        patient = header.cmd == Cmd.IDLE
+        if header.cmd == Cmd.STOP:
+            if header.failed:
+                e = PeerFailed("rank 0 failed")
+                e.coordinated = True
+                raise e
+            return
+        if header.cmd == Cmd.RESET_STATS:
+            s.reset_stats()
+        elif header.cmd == Cmd.SET_ALLREDUCE:
+            s.comm.mode = ALLREDUCE_MODES[header.allreduce]
+        elif header.cmd == Cmd.FORWARD:
+            h = torch.empty(header.n_tokens, s.m.dim, dtype=s.dtype)
+            s.comm.bcast(h.view(torch.uint8).numpy())
+            s.forward(h, header.pos, header.all_logits)
+
+
+def run_steps(s, work):
+    """Rank 0 runs `work(root)` and gets its result; every other rank follows until released and
+    gets None. Every command that runs the model goes through here."""
+    if s.rank == 0:
+        return Root(s).run(work)
+    follow(s)
+    return None
