@@ -5,6 +5,7 @@ converter writes them, for slicing, the q/k permutation, splits and what the imp
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -208,10 +209,18 @@ def test_fingerprint_parses_nothing_and_matches_the_source(tmp_path, monkeypatch
     assert fp == src.fingerprint() and len(fp) == 64
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    touched = fingerprint_gguf(path)
-    assert touched != fp and touched == GGUFSource(path).fingerprint()
+    assert fingerprint_gguf(path) == fp                   # keyed on content, not on the modification time
+    copy = tmp_path / "elsewhere" / "tiny.gguf"           # as in a new environment's package
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    assert fingerprint_gguf(copy) == fp
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01                                      # one byte of tensor data changed
+    path.write_bytes(bytes(data))
+    changed = fingerprint_gguf(path)
+    assert changed != fp and changed == GGUFSource(path).fingerprint()
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert fingerprint_gguf(path) != touched
+    assert fingerprint_gguf(path) != changed
 
 
 def test_tokenizer_files_beside_the_gguf_win(tmp_path):

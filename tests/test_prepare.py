@@ -118,3 +118,25 @@ def test_prepare_memory_stays_far_below_the_checkpoint_size(tmp_path):
     assert grown < size / 4, (grown, size)
     prepared = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*.safetensors"))
     assert prepared >= size * 0.99
+
+
+def test_source_fingerprint_is_keyed_on_content_not_time(checkpoints, tmp_path):
+    """A copy in a new place (a new environment) finds the same cache; a fine-tune with the very
+    same header and size does not."""
+    import os
+    import shutil
+
+    from tpi_mpi.prepare import source_fingerprint
+
+    src = checkpoints("llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    weights = copy / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert source_fingerprint(copy) == source_fingerprint(src)
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.down_proj.weight"] += 1e-3      # same names, shapes and size: new weights
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == (src / "model.safetensors").stat().st_size
+    assert source_fingerprint(copy) != source_fingerprint(src)

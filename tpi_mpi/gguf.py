@@ -33,6 +33,7 @@ from gguf.quants import dequantize
 from .config import ModelConfig
 from .errors import ConfigError, ShardError
 from .gguf_tokenizer import build_tokenizer, tokenizer_config
+from .shard_format import content_identity
 
 IMPORTER = 1       # bump when the conversion changes: it is part of the fingerprint, so caches go stale
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -176,17 +177,15 @@ def tokenizer_files_beside(path: Path) -> list[Path]:
 
 
 def fingerprint_gguf(path: str | Path) -> str:
-    """Cheap identity of a GGUF model, without parsing it (the run path calls this on every start to
-    find the prepared cache): per part its name, size, modification time and the sha256 of its first
-    FINGERPRINT_HEAD bytes (all of SmolLM2's header; a longer header is still covered by size and time),
-    then the tokenizer files beside it and the importer version."""
+    """Cheap identity of a GGUF model by content, without parsing it (the run path calls this on every
+    start to find the prepared cache): per part its name and content identity (size, the first
+    FINGERPRINT_HEAD bytes: all of SmolLM2's header, and samples of the rest), then the tokenizer
+    files beside it and the importer version. Not the modification time: a copy of the same file,
+    as a new environment's package, finds the same cache."""
     path = Path(path).absolute()
     h = hashlib.sha256(f"gguf-importer-{IMPORTER}\n".encode())
     for f in split_parts(path):
-        st = f.stat()
-        with open(f, "rb") as fh:
-            head = hashlib.sha256(fh.read(FINGERPRINT_HEAD)).hexdigest()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{head}\n".encode())
+        h.update(f"{f.name}:{content_identity(f, FINGERPRINT_HEAD)}\n".encode())
     for f in tokenizer_files_beside(path):
         h.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()

@@ -67,11 +67,12 @@ def content_identity(path: Path, head_bytes: int) -> str:
     spread over the rest, which tell apart two fine-tunes with the same header. Reads well under
     a MB whatever the size, so a new environment finds the cache its files were prepared into."""
     size = path.stat().st_size
+    head = min(head_bytes, size)
     h = hashlib.sha256(f"{size}:".encode())
     with open(path, "rb") as f:
-        h.update(f.read(head_bytes))
+        h.update(f.read(head))
         for i in range(SAMPLES):
-            f.seek(head_bytes + (size - head_bytes) * i // SAMPLES)
+            f.seek(head + (size - head) * i // SAMPLES)
             h.update(f.read(SAMPLE_BYTES))
     return h.hexdigest()
 
