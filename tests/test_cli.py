@@ -1,6 +1,7 @@
 """The command line end to end: cache reuse, chat prompts, and one clear line per bad input."""
 
 import json
+import shutil
 
 import pytest
 
@@ -13,6 +14,7 @@ def gen_args(model, cache, *extra):
     return ["generate", "--model", str(model), "--cache-dir", str(cache), "--temperature", "0", *extra]
 
 
+@pytest.mark.mpi
 def test_prepared_cache_is_reused_and_keyed_by_world_size(checkpoints, tmp_path):
     model, cache = checkpoints("llama"), tmp_path / "cache"
     first = run_tpi(gen_args(model, cache, "--prompt", "Hi", "--max-new-tokens", "3"), n=2)
@@ -27,6 +29,7 @@ def test_prepared_cache_is_reused_and_keyed_by_world_size(checkpoints, tmp_path)
     assert len(list(cache.iterdir())) == 2
 
 
+@pytest.mark.mpi
 def test_prepare_command_then_generate_from_the_prepared_folder(checkpoints, tmp_path):
     model = checkpoints("qwen2")
     r = run_tpi(["prepare", str(model), "--world-size", "2", "--out", str(tmp_path / "p"), "--quiet"])
@@ -38,6 +41,7 @@ def test_prepare_command_then_generate_from_the_prepared_folder(checkpoints, tmp
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.mpi
 def test_chat_prompt_uses_the_template_and_matches_transformers(checkpoints, tmp_path):
     model = checkpoints("llama")
     r = run_tpi(gen_args(model, tmp_path / "c", "--chat", "--system", "Be brief.", "--prompt", "Hello there",
@@ -55,19 +59,32 @@ def test_chat_prompt_uses_the_template_and_matches_transformers(checkpoints, tmp
 
 
 def test_text_streams_to_stdout_and_stops_at_eos(checkpoints, tmp_path):
-    model = checkpoints("llama")
-    r = run_tpi(gen_args(model, tmp_path / "c", "--prompt", "The quick", "--max-new-tokens", "40", "--json", "--quiet"))
+    # the random model never reaches its own EOS in 40 greedy tokens, so a copy of it names a token
+    # that greedy decoding does reach as a second end of sequence: generation must stop right there
+    src, prompt = checkpoints("llama"), "The quick"
+    greedy = reference_run(src, TextCodec(src).encode(prompt), 40)[1]
+    firsts = [i for i in range(1, 40) if greedy[i] not in greedy[:i] and greedy[i] != 3]
+    assert firsts, greedy
+    stop_at = firsts[min(2, len(firsts) - 1)]
+    model = tmp_path / "model"
+    shutil.copytree(src, model)
+    config = json.loads((model / "config.json").read_text())
+    config["eos_token_id"] = [3, greedy[stop_at]]
+    (model / "config.json").write_text(json.dumps(config))
+
+    r = run_tpi(gen_args(model, tmp_path / "c", "--prompt", prompt, "--max-new-tokens", "40", "--json", "--quiet"))
+    assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    eos = 3
-    ids = out["generated_ids"]
-    assert len(ids) == 40 or ids[-1] == eos
-    assert eos not in ids[:-1]
-    plain = run_tpi(gen_args(model, tmp_path / "c", "--prompt", "The quick", "--max-new-tokens", "40", "--quiet"))
+    assert out["generated_ids"] == greedy[:stop_at + 1]
+    plain = run_tpi(gen_args(model, tmp_path / "c", "--prompt", prompt, "--max-new-tokens", "40", "--quiet"))
     assert plain.returncode == 0 and plain.stdout.rstrip("\n") == out["text"]
-    assert TextCodec(model).decode(ids) == out["text"]
+    assert TextCodec(model).decode(out["generated_ids"]) == out["text"]
+    ignored = run_tpi(gen_args(model, tmp_path / "c", "--prompt", prompt, "--max-new-tokens", "40", "--json",
+                               "--quiet", "--ignore-eos"))
+    assert json.loads(ignored.stdout)["generated_ids"] == greedy
 
 
-@pytest.mark.parametrize("n,extra,message", [
+BAD_INPUT = [
     (1, ["--model", "/nonexistent/model"], "does not exist"),
     (2, ["--prompt", ""], "prompt is empty"),
     (2, ["--max-new-tokens", "0"], "--max-new-tokens 0"),
@@ -77,7 +94,11 @@ def test_text_streams_to_stdout_and_stops_at_eos(checkpoints, tmp_path):
     (2, ["--ratio", "1,1,1"], "--ratio has 3 parts for 2 ranks"),
     (2, ["--ratio", "1,0"], "positive"),
     (5, [], "5 ranks but the model has only 4 query heads"),
-])
+]
+
+
+@pytest.mark.parametrize("n,extra,message", [pytest.param(*c, marks=pytest.mark.mpi if c[0] > 1 else ())
+                                             for c in BAD_INPUT])
 def test_bad_input_ends_every_rank_with_one_line(checkpoints, tmp_path, n, extra, message):
     args = ["generate", "--model", str(checkpoints("mistral")), "--cache-dir", str(tmp_path / "c"),
             "--prompt", "hello", "--quiet", *extra]

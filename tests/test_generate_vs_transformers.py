@@ -29,7 +29,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,n,allreduce,ratio,opts", CASES,
+@pytest.mark.parametrize("name,n,allreduce,ratio,opts",
+                         [pytest.param(*c, marks=pytest.mark.mpi if c[1] > 1 else ()) for c in CASES],
                          ids=[f"{c[0]}-n{c[1]}-{c[2]}" + (f"-r{c[3]}" if c[3] else "") + ("-sharded" if c[4] else "")
                               for c in CASES])
 def test_logits_and_greedy_tokens_match_transformers(checkpoints, tmp_path, name, n, allreduce, ratio, opts):

@@ -3,8 +3,11 @@ and `ip netns` only): a ping-pong over a 5 ms link, run by `bench comm --pingpon
 tpi_mpi's comm layer, measures about 5 ms one way, and no namespace outlives its run, whether the
 command succeeds, fails or is interrupted."""
 
+import gzip
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +15,9 @@ import time
 
 import pytest
 
-from conftest import mpi_env
-from tpi_mpi import netem
-from tpi_mpi.netem_switch import Link, LinkModel
+from conftest import mpi_env, require_mpi_marker
+from tpi_mpi.netem import emulator as netem
+from tpi_mpi.netem.switch import Link, LinkModel
 
 
 def _netns_reason() -> str | None:
@@ -30,6 +33,7 @@ needs_netns = pytest.mark.skipif(_netns_reason() is not None, reason=f"netem can
 
 
 def _netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    require_mpi_marker(f"mpirun (python -m tpi_mpi.netem {args[0]})")      # run and calibrate start it
     return subprocess.run([sys.executable, "-m", "tpi_mpi.netem", *args], capture_output=True, text=True,
                           timeout=timeout, env=mpi_env(), stdin=subprocess.DEVNULL)
 
@@ -111,6 +115,7 @@ def test_failing_command_exit_code_and_teardown():
 @pytest.mark.mpi
 @needs_netns
 def test_interrupted_run_leaves_nothing():
+    require_mpi_marker("mpirun (python -m tpi_mpi.netem run)")
     proc = subprocess.Popen([sys.executable, "-m", "tpi_mpi.netem", "run", "--ranks", "2", "--", "sleep", "60"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=mpi_env(),
                             stdin=subprocess.DEVNULL)
@@ -127,7 +132,45 @@ def test_interrupted_run_leaves_nothing():
     assert _left_behind(run_id) == []
 
 
+def _kernel_has_netem() -> bool | None:
+    """What the kernel says about the netem qdisc, without trying it: True when it is loaded or built
+    in, False when the kernel was built without it, None when it is a module not loaded yet (whether
+    it may be loaded here is another matter) or no kernel config is readable."""
+    if os.path.exists("/sys/module/sch_netem"):
+        return True
+    for path in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
+        try:
+            with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if "CONFIG_NET_SCH_NETEM=y" in text:
+            return True
+        if "# CONFIG_NET_SCH_NETEM is not set" in text:
+            return False
+        return None
+    return None
+
+
 @needs_netns
-def test_netem_probe_cleans_up():
-    assert isinstance(netem.netem_available(), bool)
+def test_netem_probe_matches_the_kernel_and_picks_the_backend():
+    expected = _kernel_has_netem() if shutil.which("tc") else False
+    netem.netem_available.cache_clear()
+    available = netem.netem_available()
+    if expected is not None:                                # on this machine's kernel: known
+        assert available is expected
     assert not [n for n in netem.leftovers()[0] if n.endswith("-probe")]
+    # auto takes the netem qdisc where the probe found it, the switch's own delay otherwise
+    with netem.EdgeNet(2, Link(1, 300), log=lambda msg: None) as net:
+        assert net.backend == ("netem" if available else "forwarder")
+        if shutil.which("tc"):
+            qdiscs = subprocess.run(["tc", "-n", net.namespaces[1], "qdisc", "show"], capture_output=True,
+                                    text=True, check=True).stdout
+            assert ("netem" in qdiscs) == available, qdiscs
+    assert _left_behind(net.run_id) == []
+    if not available:                                       # asked for by name: refused, nothing made
+        forced = netem.EdgeNet(2, Link(1, 300), backend="netem", log=lambda msg: None)
+        with pytest.raises(RuntimeError, match="no netem qdisc"):
+            with forced:
+                pass
+        assert _left_behind(forced.run_id) == []

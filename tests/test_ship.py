@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_tpi
 
 
@@ -12,6 +14,7 @@ def _run(model, cache, n=3):
     return json.loads(r.stdout), r.stderr
 
 
+@pytest.mark.mpi
 def test_shards_are_shipped_checked_and_reshipped_when_corrupt(checkpoints, tmp_path):
     model = checkpoints("qwen2")
     reference, _ = _run(model, str(tmp_path / "shared"))
@@ -39,6 +42,7 @@ def test_shards_are_shipped_checked_and_reshipped_when_corrupt(checkpoints, tmp_
     assert block.stat().st_size == manifest["files"][block.name]["size"]
 
 
+@pytest.mark.mpi
 def test_manifest_naming_a_file_outside_its_folder_is_refused(checkpoints, tmp_path):
     from tpi_mpi.config import ParallelConfig
     from tpi_mpi.prepare import prepare
