@@ -219,7 +219,11 @@ def test_prepared_folder_for_another_ratio_or_source_version(checkpoints, tmp_pa
     assert r.returncode != 0 and "prepared with ratio 0.5,0.5, not 3,1" in r.stderr, r.stderr
     r = run_tpi(["generate", "--model", str(prepared), "--prompt", "hi", "--quiet"], n=3)
     assert r.returncode != 0 and "prepared for 2 ranks, not 3" in r.stderr, r.stderr
-    os.utime(src / "model.safetensors", (1, 1))     # the source changed since
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")   # the source changed since: new weights, same shapes
+    tensors["model.layers.1.mlp.down_proj.weight"] += 1e-3
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     r = run_tpi(["generate", "--model", str(prepared), "--prompt", "hi", "--quiet"], n=2)
     assert r.returncode != 0 and "prepared from an older version" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .errors import ShardError
 from .parallel import bind, unbind
-from .shard_format import COMMON, EMBED, KINDS, Manifest, block_file, file_sha256, read_safetensors
+from .shard_format import COMMON, EMBED, KINDS, MANIFEST, Manifest, block_file, file_sha256, read_safetensors
 
 
 class Shard:
@@ -34,7 +34,7 @@ class Shard:
             raise ShardError(f"{self.folder.parent} was prepared for {mf.world_size} ranks, not {world}: "
                              f"run with -n {mf.world_size} or prepare it again with --world-size {world}")
         if mf.rank != rank:
-            raise ShardError(f"{self.folder / 'manifest.json'} belongs to rank {mf.rank}, not rank {rank}")
+            raise ShardError(f"{self.folder / MANIFEST} belongs to rank {mf.rank}, not rank {rank}")
         self.rank, self.world = rank, world
         self.model = mf.model
         self.shards = list(mf.shards)
@@ -51,12 +51,12 @@ class Shard:
     def path(self, name: str) -> Path:
         p = (self.folder / name).resolve()
         if p.parent != self.folder.resolve():
-            raise ShardError(f"{self.folder / 'manifest.json'} names {name!r}, outside its folder: refusing to read it")
+            raise ShardError(f"{self.folder / MANIFEST} names {name!r}, outside its folder: refusing to read it")
         return p
 
     def read(self, name: str, buf: Tensor | None = None, verify: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         if name not in self.files:
-            raise ShardError(f"{self.folder / 'manifest.json'} lists no {name}: prepare the model again")
+            raise ShardError(f"{self.folder / MANIFEST} lists no {name}: prepare the model again")
         return read_safetensors(self.path(name), buf, self.files[name]["sha256"] if verify else None)
 
     def block_bytes(self) -> int:

@@ -55,6 +55,7 @@ from .generate import append_json, git_commit, link_info
 from ..comm import MpiComm, make_comm
 from ..config import format_size, parse_size
 from ..errors import ConfigError
+from ..shard_format import MANIFEST, Manifest
 
 # one decode token of SmolLM2-135M (hidden 576) up to a 2048-token prefill of hidden 8192, about x4 a step
 DEFAULT_SIZES = "1x576,1x2048,1x8192,8x4096,32x4096,128x4096,512x4096,2048x4096,2048x8192"
@@ -96,8 +97,8 @@ def parse_sizes(text: str) -> list[Size]:
 def hidden_size(path: str) -> int:
     """The hidden size of a prepared folder (its manifest), a Hugging Face folder or a .gguf file."""
     p = Path(path)
-    if (p / "rank0" / "manifest.json").exists():
-        return int(json.loads((p / "rank0" / "manifest.json").read_text())["model"]["dim"])
+    if (p / "rank0" / MANIFEST).exists():
+        return Manifest.load(p / "rank0").model.dim
     if (p / "config.json").exists():
         return int(json.loads((p / "config.json").read_text())["hidden_size"])
     if p.suffix == ".gguf" and p.exists():
