@@ -128,3 +128,19 @@ def test_info_predicts_the_prepared_sizes(checkpoints, tmp_path):
         on_disk = sum(v["size"] for k, v in files.items() if k.endswith(".safetensors"))
         predicted = float(row[4]) * {"KiB": 1024, "MiB": 2**20}[row[5]]
         assert abs(on_disk - predicted) / on_disk < 0.06, (rank, on_disk, predicted)   # headers aside
+
+
+def test_cache_command_lists_and_clears_prepared_models(checkpoints, tmp_path):
+    from tpi_mpi.config import format_size
+
+    cache = tmp_path / "cache"
+    r = run_tpi(gen_args(checkpoints("llama"), cache, "--prompt", "Hi", "--max-new-tokens", "2", "--quiet"))
+    assert r.returncode == 0, r.stderr
+    (prepared,) = [p for p in cache.iterdir()]
+    size = sum(f.stat().st_size for f in prepared.rglob("*") if f.is_file())
+    listed = run_tpi(["cache", "--cache-dir", str(cache)])
+    assert listed.returncode == 0 and prepared.name in listed.stdout and "1 rank(s)" in listed.stdout
+    assert f"1 prepared model(s), {format_size(size)}, in {cache}" in listed.stderr    # every file counted
+    cleared = run_tpi(["cache", "--cache-dir", str(cache), "--clear"])
+    assert cleared.returncode == 0 and "removed" in cleared.stdout and not prepared.exists()
+    assert "0 prepared model(s)" in run_tpi(["cache", "--cache-dir", str(cache)]).stderr
