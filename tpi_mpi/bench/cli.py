@@ -137,3 +137,25 @@ def bench_synthetic_hf(name, out, quiet) -> None:
     from ..synthetic import write_hf_checkpoint
 
     click.echo(f"wrote {write_hf_checkpoint(name, out, progress_bar(quiet))}", err=True)
+
+
+@bench.command("quant")
+@click.option("--shape", "shapes", multiple=True, default=("4096x2752", "2752x4096"), show_default=True,
+              help="ROWSxCOLS of the matrix (repeatable or comma separated); default: what one rank holds of a "
+              "7B model's MLP at 4 ranks, and its transpose.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch (and numba) threads.")
+@click.option("--repeats", type=int, default=15, show_default=True,
+              help="Timed calls per op, in 3 rounds of back-to-back calls.")
+@click.option("--out", help="Append one JSON line per measurement to this file.")
+def bench_quant(shapes, threads, repeats, out) -> None:
+    """Dequantize and matmul per GGML block type against float F.linear (one process, no MPI)."""
+    from .quant import bench_quant as run
+    from .quant import parse_shapes
+
+    try:
+        parsed = parse_shapes(shapes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if threads < 1 or repeats < 1:
+        raise ConfigError(f"--threads {threads} --repeats {repeats}: both must be at least 1")
+    run(parsed, threads, repeats, out)
