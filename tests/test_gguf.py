@@ -36,10 +36,16 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def q4_k_rows(rng, rows: int, cols: int) -> np.ndarray:
-    """Random Q4_K rows (144 bytes per 256 values; gguf can't quantize to K types) with finite scales."""
-    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
-    blocks[..., 0:4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)   # d, dmin
+K_SCALES = {Q.Q4_K: (144, 0), Q.Q5_K: (176, 0), Q.Q6_K: (210, 208)}   # bytes per block, where its fp16 d sits
+
+
+def k_quant_rows(rng, rows: int, cols: int, qtype=Q.Q4_K) -> np.ndarray:
+    """Random K-quant rows (gguf can't quantize to K types) with finite scales: d (and dmin, which
+    Q4_K and Q5_K keep right after d) set to small values."""
+    size, at = K_SCALES[qtype]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    scales = [0.01, 0.002] if qtype != Q.Q6_K else [0.01]
+    blocks[..., at:at + 2 * len(scales)] = np.array(scales, dtype=np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -73,8 +79,8 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
     for ours, shape in shapes.items():
         proj, kind = ours.split(".")
         data = rng.standard_normal(shape).astype(np.float32)
-        if len(shape) == 2 and qtype == Q.Q4_K:
-            data = q4_k_rows(rng, *shape)
+        if len(shape) == 2 and qtype in K_SCALES:
+            data = k_quant_rows(rng, *shape, qtype)
         elif len(shape) == 2:
             data = quantize(data, qtype)
         hf[ours] = dequantize(data, qtype if len(shape) == 2 else Q.F32).reshape(shape)

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from tpi_mpi import quant as Q
+from tpi_mpi import quant_numba as QN
 
 TYPES = list(Q.QTYPES)
 QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1"]
@@ -45,9 +46,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def matmul_path(path: str):
-    if path == "numba" and not Q.numba_available():
+    if path == "numba" and not QN.numba_available():
         pytest.skip("numba is not installed")
-    return {"auto": Q.matmul, "steps": Q.matmul_steps, "numba": Q.matmul_numba}[path]
+    return {"auto": Q.matmul, "steps": Q.matmul_steps, "numba": QN.matmul_numba}[path]
 
 
 def close_f32(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -199,11 +200,11 @@ def test_matmul_keeps_leading_dims_and_checks_features():
 
 def test_numba_reads_every_fp16_exactly():
     """The kernels convert the fp16 scales themselves: all 65536 bit patterns against numpy's."""
-    if not Q.numba_available():
+    if not QN.numba_available():
         pytest.skip("numba is not installed")
     bits = np.arange(65536, dtype=np.uint16)
     blocks = bits.view(np.uint8).reshape(1, -1, 2)
-    got = np.array([Q._half(blocks, 0, k, 0) for k in range(65536)], dtype=np.float32)
+    got = np.array([QN._half(blocks, 0, k, 0) for k in range(65536)], dtype=np.float32)
     ref = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(ref)
     assert np.array_equal(np.isnan(got), nan)

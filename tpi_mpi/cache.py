@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ParallelConfig, RunConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import plan_shards
-from .prepare import open_source, prepare, source_fingerprint
+from .prepare import ffn_unit, open_source, prepare, resolve_quant, source_fingerprint
 from .shard_format import FORMAT, MANIFEST, Manifest
 
 
@@ -32,10 +32,10 @@ def cache_dir(cfg: RunConfig, rank: int) -> Path:
     return Path((cfg.cache_dir or str(default_cache_dir())).format(rank=rank)).expanduser()
 
 
-def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str) -> str:
+def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str, quant: str) -> str:
     ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
-    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{FORMAT}".encode()).hexdigest()
-    return f"w{par.world}-{dtype}-{head_on}-{digest[:16]}"
+    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{quant}|{FORMAT}".encode()).hexdigest()
+    return f"w{par.world}-{dtype}-{quant}-{head_on}-{digest[:16]}"
 
 
 def model_path(cfg: RunConfig) -> Path:
@@ -58,13 +58,15 @@ def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
     if not path.exists():
         raise ConfigError(f"model path {path} does not exist: check the path")
     par = cfg.parallel(world)
-    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on)
+    quant = cfg.quant if cfg.quant != "auto" else "keep" if path.suffix == ".gguf" else "none"   # as resolve_quant
+    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on, quant)
     out = cache_dir(cfg, 0) / f"{path.resolve().name}-{key}"
     if not (out / "rank0" / MANIFEST).exists():
         src = open_source(path)
-        plan_shards(src.config, par, cfg.head_on)       # refuses a split that cannot be made
+        quant = resolve_quant(src, quant)
+        plan_shards(src.config, par, cfg.head_on, ffn_unit(src, quant, src.config))   # refuses a split that cannot be made
         log(f"preparing {path} for {world} rank(s) into {out}")
-        prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress)
+        prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress, quant=quant)
     return out
 
 
@@ -81,6 +83,9 @@ def check_prepared(path: Path, cfg: RunConfig, world: int) -> None:
     if mf.world_size != world:
         raise ConfigError(f"{path} was prepared for {mf.world_size} ranks, not {world}: run with "
                           f"-n {mf.world_size}, or give the original model to prepare it for {world}")
+    if cfg.quant not in ("auto", mf.quant):
+        raise ConfigError(f"{path} was prepared with --quant {mf.quant}, not {cfg.quant}: drop --quant or "
+                          f"prepare the model again with it")
     if cfg.ratio and normalized_ratio(cfg.parallel(world).parts) != mf.ratio:
         raise ConfigError(f"{path} was prepared with ratio {','.join(f'{r:g}' for r in mf.ratio)}, not "
                           f"{','.join(f'{r:g}' for r in cfg.ratio)}: drop --ratio or prepare the model again with it")

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import DTYPE_NAMES, HEAD_PLACES, ParallelConfig, format_size, parse_ratio
+from .config import DTYPE_NAMES, HEAD_PLACES, QUANT_MODES, ParallelConfig, format_size, parse_ratio
 from .errors import ConfigError
-from .options import DEFAULT_PROMPT, progress_bar, run_config, run_options
+from .options import DEFAULT_PROMPT, QUANT_HELP, progress_bar, run_config, run_options
 from .sampling import SamplingConfig
 
 
@@ -75,8 +75,9 @@ def _source(src: str | None, synthetic: str | None):
               help="Stored and compute dtype; auto keeps the checkpoint's.")
 @click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True,
               help="Output head split over ranks by vocabulary, or whole on rank 0.")
+@click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> None:
+def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet) -> None:
     """Split a Hugging Face model folder or .gguf file SRC into one shard folder per rank."""
     from .prepare import prepare as prepare_model
 
@@ -84,7 +85,7 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> No
     if source is None:
         raise ConfigError("give either a model SRC or --synthetic NAME")
     par = ParallelConfig(world_size, parse_ratio(ratio))
-    path = prepare_model(source, out, par, dtype, head_on, progress=progress_bar(quiet))
+    path = prepare_model(source, out, par, dtype, head_on, progress=progress_bar(quiet), quant=quant)
     click.echo(f"prepared {synthetic or src} for {world_size} rank(s) in {path}", err=True)
 
 
@@ -95,52 +96,79 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quiet) -> No
 @click.option("--ratio", help="Share of each rank, e.g. 3,1,1,1 (default: even).")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True)
 @click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True)
+@click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP)
 @click.option("--context", type=int, default=4096, show_default=True, help="Tokens of KV cache to plan for.")
-def info(src, synthetic, world_size, ratio, dtype, head_on, context) -> None:
-    """Architecture, size, and what each rank needs: bytes held and the minimum memory budget
-    (SRC: a model folder, .gguf file or prepared folder [default: the built-in model])."""
-    from .parallel import parameter_count, plan_shards, shard_bytes
+def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> None:
+    """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed and
+    the minimum memory budget, for each --quant (SRC: a model folder, .gguf file or prepared folder
+    [default: the built-in model])."""
+    from .parallel import FFN_UNIT, parameter_count, plan_shards, shard_bytes
+    from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
     from .shard_format import DTYPES, MANIFEST, Manifest
     from .weights import current_rss
 
-    source = _source(src, synthetic)
-    if source is None:
-        from .gguf import builtin_model_path
-
-        source = builtin_model_path()
-    if not isinstance(source, (str, Path)):                       # synthetic
-        m, stored = source.config, "fp32"
-    elif (Path(source) / "rank0" / MANIFEST).exists():            # an already prepared folder
+    source = _source(src, synthetic) or _builtin()
+    opened, prepared, modes = None, None, {}      # modes: --quant -> bytes per matrix value (None: floats)
+    if isinstance(source, (str, Path)) and (Path(source) / "rank0" / MANIFEST).exists():   # prepared
         mf = Manifest.load(Path(source) / "rank0")
-        m, stored = mf.model, mf.dtype
+        m, stored, quant, prepared = mf.model, mf.dtype, mf.quant, list(mf.shards)
         world_size, ratio = mf.world_size, ",".join(map(str, mf.ratio))
+        blocks = mf.block_files()
+        modes[quant] = (sum(mf.files[b]["size"] for b in blocks) / sum(mf.files[b].get("dequantized", mf.files[b]["size"])
+                        for b in blocks) * DTYPES[stored].itemsize) if quant != "none" else None
     else:
-        from .prepare import open_source
-
-        opened = open_source(source)
+        opened = open_source(source) if isinstance(source, (str, Path)) else source
         m, stored = opened.config, {v: k for k, v in DTYPES.items()}[opened.dtype]
+        quant = resolve_quant(opened, quant)
+        modes = {"none": None, **({"keep": opened.matrix_bytes()} if hasattr(opened, "matrix_bytes") else {}),
+                 **QUANT_BYTES}
     itemsize = DTYPES[stored if dtype == "auto" else dtype].itemsize
-    shards = plan_shards(m, ParallelConfig(world_size, parse_ratio(ratio)), head_on)
+    par = ParallelConfig(world_size, parse_ratio(ratio))
     ctx = min(context, m.max_seq_len)
     baseline = current_rss()    # this process after importing torch: about what a rank starts with
+
+    def plan(mode: str):
+        """Per rank: (shard, RankShard, block bytes, streamed bytes per token, min budget)."""
+        shards = prepared or plan_shards(m, par, head_on, ffn_unit(opened, mode, m) if opened else FFN_UNIT)
+        rows = []
+        for s in shards:
+            b = shard_bytes(m, s, itemsize, modes[mode])
+            dense = shard_bytes(m, s, itemsize)       # a quantized block computes one matrix dequantized at a time
+            kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
+            block = max(b["attn"], b["mlp"], max(dense["attn"], dense["mlp"]) // 2 if modes[mode] else 0)
+            streamed = m.n_layers * (b["attn"] + b["mlp"])
+            rows.append((streamed + b["common"] + b["embed"], s, block, streamed,
+                         baseline + b["common"] + 2 * block + kv))   # window 1, as plan_window counts
+        return rows
+
     n = parameter_count(m)
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
     click.echo(f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
                f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
-               f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {stored}")
+               f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {stored}, --quant {quant}")
     click.echo(f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
                f"{'KV cache':>10} {'min budget':>11}")
-    for s in shards:
-        b = shard_bytes(m, s, itemsize)
+    for shard, s, block, _, minimum in plan(quant):
         kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
-        shard = m.n_layers * (b["attn"] + b["mlp"]) + b["common"] + b["embed"]
-        block = max(b["attn"], b["mlp"])
-        minimum = baseline + b["common"] + 2 * block + kv   # window 1, as plan_window counts
         click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {s.ffn[0]:>5}-{s.ffn[1]:<5} "
                    f"{format_size(shard):>11} {format_size(block):>14} {format_size(kv):>10} {format_size(minimum):>11}")
     click.echo("heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1")
     click.echo(f"min budget = runtime baseline ({format_size(baseline)}) + resident tensors + 2 blocks + "
                f"KV cache for {ctx} tokens: --memory-budget below it is refused")
+    if len(modes) > 1:
+        click.echo(f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "
+                   f"{'min budget':>11}")
+        for mode, per in modes.items():
+            shard, _, _, streamed, minimum = max(plan(mode), key=lambda row: row[0])
+            click.echo(f"{mode:>33} {per or itemsize:>11.3f} {format_size(shard):>11} {format_size(streamed):>15} "
+                       f"{format_size(minimum):>11}")
+        click.echo("read per token: every block streamed once per token (a window smaller than the shard)")
+
+
+def _builtin() -> Path:
+    from .gguf import builtin_model_path
+
+    return builtin_model_path()
 
 
 @cli.command()

@@ -20,6 +20,9 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_format.DTYPES maps them to torch)
 HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
+# how weight matrices are stored: "keep" a GGUF's own types, "none" floats, or quantize floats at prepare;
+# "auto" is keep for a GGUF and none otherwise
+QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
 
 
 @dataclass(frozen=True)
@@ -222,12 +225,13 @@ class RunConfig:
     allreduce: str = "auto"
     hub: int = 0                        # the star allreduce's hub rank
     window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
-    memory_budget: int | None = None    # bytes per rank for "auto" (default: 80% of what is available)
+    memory_budget: int | None = None    # bytes per rank for "auto" (default: weights.default_budget)
     context: int = 4096                 # tokens of KV cache the budget reserves (capped at the model's)
     cache_dir: str | None = None
     ratio: tuple[float, ...] = ()       # empty = even
-    dtype: str = "auto"
+    dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
     head_on: str = "split"
+    quant: str = "auto"                 # see QUANT_MODES
     threads: int = 0                    # 0 = cores on this host / ranks on this host
     comm_timeout: float = 60.0
     link_model: str | None = None       # "2ms,300mbit": charge each message that link's time (comm.py)
@@ -240,6 +244,8 @@ class RunConfig:
             raise ConfigError(f"--dtype {self.dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
         if self.head_on not in HEAD_PLACES:
             raise ConfigError(f"--head-on {self.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
+        if self.quant not in QUANT_MODES:
+            raise ConfigError(f"--quant {self.quant!r}: use one of {', '.join(QUANT_MODES)}")
         if not (self.window in (None, "auto") or isinstance(self.window, int) and self.window >= 1):
             raise ConfigError(f"--window {self.window!r}: give a number of blocks (at least 1), 'all' or 'auto'")
         if self.memory_budget is not None and self.window != "auto":

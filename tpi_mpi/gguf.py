@@ -33,9 +33,10 @@ from gguf.quants import dequantize
 from .config import ModelConfig
 from .errors import ConfigError, ShardError
 from .gguf_tokenizer import build_tokenizer, tokenizer_config
+from .quant import QTYPES
 from .shard_format import content_identity
 
-IMPORTER = 1       # bump when the conversion changes: it is part of the fingerprint, so caches go stale
+IMPORTER = 2       # bump when the conversion changes (2: quantized matrices kept): it is part of the fingerprint, so caches go stale
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -134,6 +135,8 @@ def load_tensor(t: GGUFTensor, rows: tuple[int, int] | None = None,
     a, b = rows or (0, n_out)
     if a == b:                 # a rank with no rows of this tensor (e.g. the head kept on rank 0)
         return np.zeros((0, n_in), dtype=np.float32)
+    if cols and cols[0] == cols[1]:   # no columns (no MLP columns: fewer 256-wide units than ranks)
+        return np.zeros((b - a, 0), dtype=np.float32)
     assert 0 <= a < b <= n_out and (not cols or 0 <= cols[0] < cols[1] <= n_in), (t.name, rows, cols)
     raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset + a * t.row_bytes, shape=(b - a, t.row_bytes))
     cut = None
@@ -355,6 +358,40 @@ class GGUFSource:
         lo, hi = a // hd * hd, -(-b // hd) * hd
         w = unpermute_heads(load_tensor(t, (lo, hi), cols), hd)
         return torch.from_numpy(np.ascontiguousarray(w[a - lo:b - lo]))
+
+    def read_quantized(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
+                       cols: tuple[int, int] | None = None) -> tuple[torch.Tensor, str] | None:
+        """(raw blocks as uint8 (rows, bytes per row), GGML type) of a quantized matrix, or of its rows
+        [a, b) or columns [a, b), in the Hugging Face layout; None for a float matrix, no rows, or
+        columns cut between blocks (the caller stores those as floats)."""
+        t = self.tensors[self.name_of(ours, layer)]
+        qtype = Q(t.qtype).name
+        if qtype not in QTYPES or len(t.shape) != 2:
+            return None
+        block, size = GGML_QUANT_SIZES[Q(t.qtype)]
+        a, b = rows or (0, t.shape[0])
+        if a == b or cols and (cols[0] % block or cols[1] % block or cols[0] == cols[1]):
+            return None
+        permuted = self.config.arch in PERMUTED_ARCHS and ours.split(".")[0] in ("q", "k")
+        hd = self.config.head_dim
+        lo, hi = (a // hd * hd, -(-b // hd) * hd) if permuted else (a, b)    # the interleave stays in a head
+        raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset + lo * t.row_bytes,
+                        shape=(hi - lo, t.row_bytes))
+        if cols:
+            raw = raw.reshape(hi - lo, -1, size)[:, cols[0] // block:cols[1] // block].reshape(hi - lo, -1)
+        if permuted:
+            raw = unpermute_heads(raw, hd)[a - lo:b - lo]      # rows move whole: blocks stay intact
+        return torch.from_numpy(np.array(raw, dtype=np.uint8)), qtype
+
+    def matrix_bytes(self) -> float:
+        """Bytes per value over the file's weight matrices, in their own types (for `info`)."""
+        matrices = [t for t in self.tensors.values() if len(t.shape) == 2]
+        return sum(t.nbytes for t in matrices) / sum(math.prod(t.shape) for t in matrices)
+
+    def block_size(self, ours: str, layer: int | None = None) -> int:
+        """Values per quantization block of a matrix (1 for floats)."""
+        t = self.tensors[self.name_of(ours, layer)]
+        return 1 if t.qtype in FLOAT_TYPES else GGML_QUANT_SIZES[Q(t.qtype)][0]
 
     def tokenizer_blobs(self) -> dict[str, bytes]:
         """tokenizer.json and tokenizer_config.json built from the metadata, unless the files lie

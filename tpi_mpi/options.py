@@ -6,7 +6,11 @@ import sys
 
 import click
 
-from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, RunConfig, parse_ratio, parse_size, parse_window
+from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, QUANT_MODES, RunConfig, parse_ratio, parse_size, parse_window
+
+QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
+              "(floats, --dtype), or quantize floats to q8_0, q4_0 or q4_1 when preparing; auto: keep for a "
+              "GGUF, none otherwise.")
 
 DEFAULT_PROMPT = "In two sentences: why do several small computers working together beat one?"
 
@@ -28,13 +32,15 @@ def run_options(f):
                           "the shard resident; 'auto' fits the memory budget: the whole shard if it fits, else "
                           "a window of up to 2 blocks and, with what is left, the first blocks kept resident."),
         click.option("--memory-budget", help="Memory per rank for --window auto, e.g. 1.5GiB "
-                     "[default: 80% of the memory available]."),
+                     "[default: its share of 90% of the free memory (or of a cgroup limit), shared among the ranks on "
+                     "the host]."),
         click.option("--context", type=int, default=4096, show_default=True,
                      help="Tokens of KV cache the memory budget reserves (capped at the model's context)."),
         click.option("--cache-dir", help="Where prepared shards are cached [default: ~/.cache/tpi_mpi]."),
         click.option("--ratio", help="Share of each rank when preparing, e.g. 3,1,1,1."),
         click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True),
         click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True),
+        click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),
@@ -51,7 +57,7 @@ def run_config(kw: dict) -> RunConfig:
     budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"], cache_dir=kw["cache_dir"],
-                     ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"],
+                     ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
                      link_model=kw["link_model"])
 

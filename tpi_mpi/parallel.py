@@ -6,7 +6,8 @@ Terms, defined once (Megatron's): a torch `Linear` weight is (out_features, in_f
 that `comm.allreduce` adds up. Only `RowParallelLinear` and `VocabParallelHead` talk to `comm`.
 
 Weights are not parameters: the weight window (weights.py) binds tensors to `weight`/`bias`
-right before a block runs and unbinds them afterwards.
+right before a block runs and unbinds them afterwards. A weight may be a float tensor or a
+`QuantWeight` (a GGUF block format, quant.py); `linear` computes with either.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, ParallelConfig
+from .quant import QuantWeight, matmul
 
-FFN_UNIT = 32   # MLP columns move between ranks in multiples of this
+FFN_UNIT = 32   # MLP columns move between ranks in multiples of this (a quant block; 256 for K-quants)
 
 
 def split_by_ratio(total: int, ratio: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
@@ -69,14 +71,16 @@ class RankShard:
         return asdict(self)
 
 
-def plan_shards(m: ModelConfig, par: ParallelConfig, head_on: str = "split") -> list[RankShard]:
+def plan_shards(m: ModelConfig, par: ParallelConfig, head_on: str = "split", ffn_unit: int = FFN_UNIT) -> list[RankShard]:
     """Deal heads, MLP columns and vocabulary rows out to ranks by the ratio.
 
-    head_on="rank0" keeps the whole output head on rank 0 instead of splitting it.
+    head_on="rank0" keeps the whole output head on rank 0 instead of splitting it. `ffn_unit`: the
+    MLP columns a rank holds start at multiples of it, so that `down`, split along its input
+    columns, splits at whole quantization blocks (256 values for K-quants).
     """
     par.check(m)
     heads = split_by_ratio(m.n_heads, par.parts)
-    ffn = split_by_ratio(m.ffn_dim, par.parts, FFN_UNIT)
+    ffn = split_by_ratio(m.ffn_dim, par.parts, ffn_unit)
     if head_on == "rank0":
         vocab = [(0, m.vocab_size)] + [(m.vocab_size, m.vocab_size)] * (par.world - 1)
     else:
@@ -97,7 +101,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias: Tensor | None = None     # (out_local,)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -110,7 +114,7 @@ class RowParallelLinear(nn.Module):
         self.bias: Tensor | None = None     # (out,), added once after the sum
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.comm.allreduce(F.linear(x, self.weight))
+        y = self.comm.allreduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -127,8 +131,16 @@ class VocabParallelHead(nn.Module):
         self.weight: Tensor | None = None   # (vocab_local, dim)
 
     def forward(self, x: Tensor) -> Tensor | None:
-        local = F.linear(x, self.weight).float()
+        local = linear(x, self.weight).float()
         return self.comm.gather_columns(local, self.counts)
+
+
+def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
+    """x @ weight^T + bias, for a float or a quantized weight."""
+    if isinstance(weight, QuantWeight):
+        y = matmul(x, weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -144,16 +156,18 @@ def unbind(module: nn.Module, names) -> None:
         setattr(module.get_submodule(owner), attr, None)
 
 
-def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int) -> dict[str, int]:
+def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float | None = None) -> dict[str, int]:
     """Bytes of each kind of tensor a rank holds (before file headers): one attention block, one
-    MLP block, the resident rest (norms, head rows) and, on rank 0, the embedding table."""
+    MLP block, the resident rest (norms, head rows) and, on rank 0, the embedding table. Weight
+    matrices take `matrix_bytes` per value when quantized (18/32 for Q4_0), the rest `itemsize`."""
     hd = m.head_dim
+    per = itemsize if matrix_bytes is None else matrix_bytes
     q, kv, ffn = s.n_heads * hd, s.n_kv_heads * hd, s.ffn[1] - s.ffn[0]
-    attn = (2 * q * m.dim + 2 * kv * m.dim) + (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias
-    mlp = 3 * ffn * m.dim + (2 * ffn + m.dim) * m.mlp_bias
-    common = (2 * m.n_layers + 1) * m.dim + (s.vocab[1] - s.vocab[0]) * m.dim
-    embed = m.vocab_size * m.dim if s.rank == 0 else 0
-    return {k: v * itemsize for k, v in {"attn": attn, "mlp": mlp, "common": common, "embed": embed}.items()}
+    attn = (2 * q * m.dim + 2 * kv * m.dim) * per + ((q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias) * itemsize
+    mlp = 3 * ffn * m.dim * per + (2 * ffn + m.dim) * m.mlp_bias * itemsize
+    common = (2 * m.n_layers + 1) * m.dim * itemsize + (s.vocab[1] - s.vocab[0]) * m.dim * per
+    embed = m.vocab_size * m.dim * per if s.rank == 0 else 0
+    return {k: int(v) for k, v in {"attn": attn, "mlp": mlp, "common": common, "embed": embed}.items()}
 
 
 def parameter_count(m: ModelConfig) -> int:

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
-from .parallel import RankShard, plan_shards
+from .parallel import FFN_UNIT, RankShard, plan_shards
+from .quant import QTYPES, block_size, quantize
 from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP,
                            TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256)
 
@@ -148,7 +149,63 @@ def open_source(path: str | Path):
 
 # -- writing ------------------------------------------------------------------------------------
 
-def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dtype) -> dict[str, torch.Tensor]:
+QUANTIZE = ("q8_0", "q4_0", "q4_1")     # --quant modes that quantize floats here
+QUANT_BYTES = {mode: QTYPES[mode.upper()][1] / QTYPES[mode.upper()][0] for mode in QUANTIZE}   # per value
+
+
+def resolve_quant(src, mode: str) -> str:
+    """--quant auto -> keep for a GGUF (its own types), none for floats; keep needs a GGUF."""
+    keeps = hasattr(src, "read_quantized")
+    if mode == "auto":
+        return "keep" if keeps else "none"
+    if mode == "keep" and not keeps:
+        raise ConfigError(f"--quant keep keeps a GGUF's own types, and {getattr(src, 'path', src)} holds floats: "
+                          f"use --quant none, {', '.join(QUANTIZE)}")
+    return mode
+
+
+def ffn_unit(src, mode: str, m: ModelConfig) -> int:
+    """The MLP columns' split unit: kept K-quant `down` matrices split only at 256-value blocks."""
+    if mode != "keep":
+        return FFN_UNIT
+    return max([FFN_UNIT] + [src.block_size("down.weight", i) for i in range(m.n_layers)])
+
+
+def _matrix(src, mode: str, dtype, name: str, layer: int | None = None, rows=None, cols=None):
+    """(tensor, GGML type or None): a weight matrix's slice as it is stored. Kept in the GGUF's type when
+    the slice falls on whole blocks (rows always do; a column cut between blocks is stored as floats),
+    quantized here for QUANTIZE modes when its rows are whole blocks, else floats in `dtype`."""
+    if mode == "keep":
+        kept = src.read_quantized(name, layer, rows=rows, cols=cols)
+        if kept is not None:
+            return kept
+    w = src.read(name, layer, rows=rows, cols=cols)
+    if mode in QUANTIZE and w.numel() and w.shape[-1] % block_size(mode.upper()) == 0:
+        return quantize(w.float(), mode.upper()), mode.upper()
+    return w.to(dtype), None
+
+
+class Stored(dict):
+    """Tensors of one file to write, the GGML type of each quantized one and the bytes they all take
+    dequantized to `dtype` (both for the manifest)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.quant: dict[str, str] = {}
+        self.itemsize = dtype.itemsize
+
+    def add(self, name: str, stored: tuple[torch.Tensor, str | None]) -> None:
+        self[name], qtype = stored
+        if qtype:
+            self.quant[name] = qtype
+
+    def dequantized_bytes(self) -> int:
+        values = {name: QTYPES[self.quant[name]][0] * t.shape[1] // QTYPES[self.quant[name]][1] * t.shape[0]
+                  if name in self.quant else t.numel() for name, t in self.items()}
+        return sum(values.values()) * self.itemsize
+
+
+def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dtype, mode: str) -> Stored:
     hd = m.head_dim
     q_rows = (s.heads[0] * hd, s.heads[1] * hd)
     kv_rows = (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
@@ -163,15 +220,22 @@ def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dty
         spec = {"gate.weight": {"rows": s.ffn}, "up.weight": {"rows": s.ffn}, "down.weight": {"cols": s.ffn}}
         if m.mlp_bias:
             spec |= {"gate.bias": {"rows": s.ffn}, "up.bias": {"rows": s.ffn}, "down.bias": {}}
-    return {name: src.read(name, layer, **how).to(dtype) for name, how in spec.items()}
+    out = Stored(dtype)
+    for name, how in spec.items():
+        if name.endswith(".weight"):
+            out.add(name, _matrix(src, mode, dtype, name, layer, **how))
+        else:
+            out[name] = src.read(name, layer, **how).to(dtype)
+    return out
 
 
-def _common_tensors(src, m: ModelConfig, s: RankShard, dtype) -> dict[str, torch.Tensor]:
-    out = {"norm.weight": src.read("norm.weight").to(dtype)}
+def _common_tensors(src, m: ModelConfig, s: RankShard, dtype, mode: str) -> Stored:
+    out = Stored(dtype)
+    out["norm.weight"] = src.read("norm.weight").to(dtype)
     for i in range(m.n_layers):
         out[f"layers.{i}.attn_norm.weight"] = src.read("attn_norm.weight", i).to(dtype)
         out[f"layers.{i}.mlp_norm.weight"] = src.read("mlp_norm.weight", i).to(dtype)
-    out["head.weight"] = src.read("head.weight", rows=s.vocab).to(dtype)
+    out.add("head.weight", _matrix(src, mode, dtype, "head.weight", rows=s.vocab))
     return out
 
 
@@ -182,14 +246,17 @@ def _file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor] | None = None, data: bytes | None = None) -> dict:
+def _save_atomic(path: Path, tensors: Stored | None = None, data: bytes | None = None) -> dict:
     """Write tensors (as safetensors) or bytes under a temporary name, fsync, then rename."""
     tmp = path.with_name(path.name + ".tmp")
     if tensors is not None:
-        save_file(tensors, tmp)
+        save_file(dict(tensors), tmp)
     else:
         tmp.write_bytes(data)
     entry = _file_entry(tmp)
+    if tensors is not None and tensors.quant:
+        entry["quant"] = tensors.quant
+        entry["dequantized"] = tensors.dequantized_bytes()
     tmp.rename(path)
     return entry
 
@@ -203,13 +270,14 @@ def _remove_abandoned(out: Path) -> None:
 
 
 def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
-            head_on: str = "split", progress=None) -> Path:
-    """Split `src_path` (a path, or a source object such as SyntheticSource) into `out`; returns
-    `out`. Refuses to overwrite a folder that exists."""
+            head_on: str = "split", progress=None, quant: str = "auto") -> Path:
+    """Split `src_path` (a path, or a source object such as SyntheticSource) into `out`, storing the
+    matrices as `quant` says (config.QUANT_MODES); returns `out`. Refuses to overwrite a folder that exists."""
     out = Path(out)
     src = open_source(src_path) if isinstance(src_path, (str, Path)) else src_path
     m = src.config
-    shards = plan_shards(m, par, head_on)
+    quant = resolve_quant(src, quant)
+    shards = plan_shards(m, par, head_on, ffn_unit(src, quant, m))
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     torch_dtype = src.dtype if dtype == "auto" else DTYPES[dtype]
@@ -230,16 +298,18 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
             for kind in KINDS:
                 for s in shards:
                     name = block_file(i, kind)
-                    tensors = _block_tensors(src, m, s, i, kind, torch_dtype)
+                    tensors = _block_tensors(src, m, s, i, kind, torch_dtype, quant)
                     files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors)
                     del tensors
                     bar and bar.update()
         for s in shards:
             files[s.rank][COMMON] = _save_atomic(staging / f"rank{s.rank}" / COMMON,
-                                                 _common_tensors(src, m, s, torch_dtype))
+                                                 _common_tensors(src, m, s, torch_dtype, quant))
             bar and bar.update()
         rank0 = staging / "rank0"
-        files[0][EMBED] = _save_atomic(rank0 / EMBED, {"embed.weight": src.read("embed.weight").to(torch_dtype)})
+        embed = Stored(torch_dtype)
+        embed.add("embed.weight", _matrix(src, quant, torch_dtype, "embed.weight"))
+        files[0][EMBED] = _save_atomic(rank0 / EMBED, embed)
         for name, data in src.tokenizer_blobs().items():
             files[0][name] = _save_atomic(rank0 / name, data=data)
         bar and bar.update(par.world)
@@ -248,7 +318,7 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
         created = time.strftime("%Y-%m-%dT%H:%M:%S")
         for s in shards:
             manifest = Manifest(rank=s.rank, world_size=par.world, ratio=normalized_ratio(par.parts),
-                                dtype=DTYPE_NAMES[torch_dtype], head_on=head_on, model=m, shards=tuple(shards),
+                                dtype=DTYPE_NAMES[torch_dtype], head_on=head_on, quant=quant, model=m, shards=tuple(shards),
                                 source_path=source_path, source_fingerprint=fingerprint, created=created,
                                 files=files[s.rank])
             # the hashes just computed, so a rank on a shared filesystem need not hash again (ship.py)

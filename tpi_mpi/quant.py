@@ -6,23 +6,20 @@ gguf-py's gguf/quants.py operation by operation (same products, same order, no f
 multiply-add), so dequantize() in float32 equals gguf.quants.dequantize bit for bit, and
 quantize() equals gguf.quants.quantize byte for byte.
 
-matmul(x, w) = x @ W^T without the whole W in memory: for a few tokens, a numba kernel computes
-straight from the blocks when numba imports; otherwise W is dequantized a few rows at a time,
-each step multiplied while still in cache (docs/quant-kernels.md has the measurements). Either
-way the weights multiplied are exactly the dequantized ones; only the order of the float32 sum
-differs from F.linear's.
+matmul(x, w) = x @ W^T without the whole W in memory: for a few tokens, quant_numba.py's kernels
+compute straight from the blocks when numba imports; else W is dequantized a few rows at a time,
+each step multiplied while in cache (docs/quant-kernels.md). Either way the weights multiplied are
+exactly the dequantized ones; only the order of the float32 sum differs from F.linear's.
 
 This module owns the formats and their kernels only: no file I/O, no MPI, no model code.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,7 +53,8 @@ class _Scratch(threading.local):
         n = math.prod(shape)
         buf = self.bufs.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
-            buf = self.bufs[name] = torch.empty(n, dtype=dtype)
+            with torch.inference_mode(False):       # a normal tensor: writable in and out of inference mode
+                buf = self.bufs[name] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
 
@@ -368,6 +366,8 @@ def matmul(x: Tensor, w: QuantWeight) -> Tensor:
     numba kernel when numba imports, else matmul_steps."""
     if x.shape[-1] != w.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
+    from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
+
     x2 = x.reshape(-1, w.cols)
     if x2.shape[0] <= NUMBA_MAX_T and numba_available():
         y = matmul_numba(x2, w)
@@ -398,175 +398,3 @@ def matmul_steps(x: Tensor, w: QuantWeight) -> Tensor:
         else:
             torch.mm(ws, xc.t(), out=yt[r0:r1])
     return yt.t().to(x.dtype).contiguous()
-
-
-# ---- numba kernels (optional): x @ W^T straight from the blocks ------------------------------------
-# Plain Python, jitted on first use by _numba_kernels (so importing this module never imports numba).
-# Each takes one token x (cols,) and computes every weight exactly as the torch kernels above (same
-# float32 products; no fastmath, so no contraction into fused multiply-adds), then sums w * x in 32
-# or 64 float32 lanes that LLVM vectorizes, rows split across threads: y[r] = the sum of the lanes.
-# Only that order of the sum differs from BLAS.
-
-_prange = range          # numba.prange once numba is loaded
-_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)   # fp16 exponent -> its scale
-
-
-def _nb_half(b, r, k, at):
-    """The little-endian fp16 at bytes at, at + 1 of block (r, k), as float32 (exact: an 11-bit
-    integer times a power of two; a table, not ldexp, which costs a call per block)."""
-    h = (np.int32(b[r, k, at]) & 255) | ((np.int32(b[r, k, at + 1]) & 255) << 8)
-    e, m = (h >> 10) & 31, h & 1023
-    if e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(m | 1024 if e else m) * _POW2[e]
-    return -v if h & 0x8000 else v
-
-
-def _nb_scale_min(b, r, k, j):
-    """Sub-block j's 6-bit scale and min of a Q4_K/Q5_K block (as _scale_min_k4 above)."""
-    if j < 4:
-        return np.int32(b[r, k, 4 + j]) & 63, np.int32(b[r, k, 8 + j]) & 63
-    q, lo, hi = np.int32(b[r, k, 8 + j]), np.int32(b[r, k, j]), np.int32(b[r, k, 4 + j])
-    return (q & 15) | ((lo >> 6) << 4), (q >> 4) | ((hi >> 6) << 4)
-
-
-_half, _scale_min = _nb_half, _nb_scale_min               # jitted by _numba_kernels
-
-
-def _nb_q8_0(b, x, y):                                      # b: the int8 view of the blocks
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(32, np.float32)
-        for k in range(nb):
-            d = _half(b, r, k, 0)
-            for i in range(32):
-                acc[i] += (d * np.float32(b[r, k, 2 + i])) * x[32 * k + i]
-        y[r] = acc.sum()
-
-
-def _nb_q4_0(b, x, y):
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(32, np.float32)
-        for k in range(nb):
-            d = _half(b, r, k, 0)
-            for i in range(16):
-                byte = np.int32(b[r, k, 2 + i])
-                acc[i] += (d * np.float32((byte & 15) - 8)) * x[32 * k + i]
-                acc[16 + i] += (d * np.float32((byte >> 4) - 8)) * x[32 * k + 16 + i]
-        y[r] = acc.sum()
-
-
-def _nb_q4_1(b, x, y):
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(32, np.float32)
-        for k in range(nb):
-            d, m = _half(b, r, k, 0), _half(b, r, k, 2)
-            for i in range(16):
-                byte = np.int32(b[r, k, 4 + i])
-                acc[i] += (d * np.float32(byte & 15) + m) * x[32 * k + i]
-                acc[16 + i] += (d * np.float32(byte >> 4) + m) * x[32 * k + 16 + i]
-        y[r] = acc.sum()
-
-
-def _nb_q4_k(b, x, y):
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(64, np.float32)
-        for k in range(nb):
-            d, dmin = _half(b, r, k, 0), _half(b, r, k, 2)
-            for g in range(4):                          # sub-blocks 2g (low nibbles) and 2g + 1 (high)
-                sc0, mn0 = _scale_min(b, r, k, 2 * g)
-                sc1, mn1 = _scale_min(b, r, k, 2 * g + 1)
-                s0, m0, s1, m1 = d * np.float32(sc0), dmin * np.float32(mn0), d * np.float32(sc1), dmin * np.float32(mn1)
-                at = 256 * k + 64 * g
-                for i in range(32):
-                    byte = np.int32(b[r, k, 16 + 32 * g + i])
-                    acc[i] += (s0 * np.float32(byte & 15) - m0) * x[at + i]
-                    acc[32 + i] += (s1 * np.float32(byte >> 4) - m1) * x[at + 32 + i]
-        y[r] = acc.sum()
-
-
-def _nb_q5_k(b, x, y):
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(64, np.float32)
-        for k in range(nb):
-            d, dmin = _half(b, r, k, 0), _half(b, r, k, 2)
-            for g in range(4):
-                sc0, mn0 = _scale_min(b, r, k, 2 * g)
-                sc1, mn1 = _scale_min(b, r, k, 2 * g + 1)
-                s0, m0, s1, m1 = d * np.float32(sc0), dmin * np.float32(mn0), d * np.float32(sc1), dmin * np.float32(mn1)
-                at = 256 * k + 64 * g
-                for i in range(32):
-                    byte = np.int32(b[r, k, 48 + 32 * g + i])
-                    h = np.int32(b[r, k, 16 + i]) >> (2 * g)          # bits 2g, 2g + 1: the fifth bits
-                    acc[i] += (s0 * np.float32((byte & 15) | ((h & 1) << 4)) - m0) * x[at + i]
-                    acc[32 + i] += (s1 * np.float32((byte >> 4) | ((h & 2) << 3)) - m1) * x[at + 32 + i]
-        y[r] = acc.sum()
-
-
-def _nb_q6_k(b, x, y):
-    rows, nb = b.shape[:2]
-    for r in _prange(rows):
-        acc = np.zeros(32, np.float32)
-        for k in range(nb):
-            d = _half(b, r, k, 208)
-            for h in range(2):
-                for s in range(4):                      # as _q6_k: low bits from ql, high from qh
-                    shift, lo_at = np.uint32(4 * (s >> 1)), 64 * h + 32 * (s & 1)
-                    sc0, sc1 = np.int32(b[r, k, 192 + 8 * h + 2 * s]), np.int32(b[r, k, 193 + 8 * h + 2 * s])
-                    s0 = d * np.float32(sc0 - 256 if sc0 > 127 else sc0)          # int8 scales
-                    s1 = d * np.float32(sc1 - 256 if sc1 > 127 else sc1)
-                    at = 256 * k + 128 * h + 32 * s
-                    for i in range(32):                 # unsigned shifts and a select: vectorized
-                        lo = (np.uint32(b[r, k, lo_at + i]) >> shift) & np.uint32(15)
-                        hi = (np.uint32(b[r, k, 128 + 32 * h + i]) >> np.uint32(2 * s)) & np.uint32(3)
-                        sc = s0 if i < 16 else s1
-                        acc[i] += (sc * np.float32(np.int32(lo | (hi << np.uint32(4))) - 32)) * x[at + i]
-        y[r] = acc.sum()
-
-
-_NUMBA_SOURCES = {"Q8_0": _nb_q8_0, "Q4_0": _nb_q4_0, "Q4_1": _nb_q4_1, "Q4_K": _nb_q4_k, "Q5_K": _nb_q5_k,
-                  "Q6_K": _nb_q6_k}
-
-
-@functools.cache
-def _numba_kernels() -> dict | None:
-    try:
-        import numba
-    except ImportError:
-        return None
-    global _prange, _half, _scale_min                  # globals numba reads when it compiles the kernels
-    _prange = numba.prange
-    _half, _scale_min = (numba.njit(f, inline="always", cache=True) for f in (_nb_half, _nb_scale_min))
-    jit = numba.njit(parallel=True, fastmath=False, cache=True)
-    threads = torch.get_num_threads()
-    numba.get_num_threads()                             # starts numba's pool, which (sharing torch's
-    torch.set_num_threads(threads)                      # libgomp) resets torch's thread count: put it back
-    return {name: jit(fn) for name, fn in _NUMBA_SOURCES.items()}
-
-
-def numba_available() -> bool:
-    return _numba_kernels() is not None
-
-
-def matmul_numba(x: Tensor, w: QuantWeight) -> Tensor:
-    """x (T, cols) @ W^T with w.qtype's numba kernel, one call per token, on as many threads as
-    torch uses. Raises RuntimeError when numba is missing."""
-    kernels = _numba_kernels()
-    if kernels is None:
-        raise RuntimeError("matmul_numba needs numba (pip install numba)")
-    import numba
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    rows, cols = w.shape
-    b = _blocks(w.raw, w.qtype, cols)
-    y = torch.empty(x.shape[0], rows)
-    blocks = (b.view(torch.int8) if w.qtype == "Q8_0" else b).numpy()       # Q8_0's weights are int8
-    xs, ys = x.detach().float().contiguous().numpy(), y.numpy()     # no autograd through numba
-    for t in range(x.shape[0]):                         # a kernel per token: faster than a token loop inside
-        kernels[w.qtype](blocks, xs[t], ys[t])
-    return y.to(x.dtype)
-

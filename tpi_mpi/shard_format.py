@@ -3,11 +3,16 @@
 A prepared folder holds one folder per rank (each rank needs only its own `rankN/`):
 
     rankN/manifest.json              model config, world size, ratio, every rank's slices,
-                                     every file's size and sha256, the source fingerprint
+                                     every file's size and sha256 and the GGML type of each of
+                                     its quantized matrices, the source fingerprint
     rankN/layer007.attn.safetensors  q/k/v (column slices) and o (row slice) of layer 7
     rankN/layer007.mlp.safetensors   gate/up (column slices) and down (row slice)
     rankN/common.safetensors         norms and this rank's rows of the output head (resident)
     rank0/embed.safetensors          the embedding table: rank 0 only, like the tokenizer files
+
+A quantized matrix is stored as its raw GGML blocks: a uint8 tensor (rows, bytes per row) whose
+type ("Q4_K", ...) the manifest names; reading it gives a `QuantWeight` (quant.py). Rows are whole
+blocks, so a rank's slice of a matrix is cut at rows, or at columns on block boundaries.
 
 `Manifest.load` is the one place a manifest is parsed and checked. prepare.py writes this
 format, ship.py copies it between hosts, weights.py reads it block by block.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +33,9 @@ from torch import Tensor
 from .config import ModelConfig
 from .errors import ShardError
 from .parallel import RankShard
+from .quant import QTYPES, QuantWeight
 
-FORMAT = 1
+FORMAT = 2                      # 2: quantized matrices
 MANIFEST = "manifest.json"
 COMMON = "common.safetensors"
 EMBED = "embed.safetensors"
@@ -77,10 +84,12 @@ def content_identity(path: Path, head_bytes: int) -> str:
     return h.hexdigest()
 
 
-def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None,
+                     quant: dict[str, str] | None = None) -> tuple[Tensor, dict[str, Tensor | QuantWeight]]:
     """Read a safetensors file into `buf` (a reused uint8 tensor) or a new one; returns the buffer
-    and views into it. Checks the sha256 when given. The file's pages are dropped from the page
-    cache afterwards, so the memory a block uses is the buffer and nothing hidden."""
+    and views into it, a QuantWeight for each tensor `quant` names (name -> GGML type). Checks the
+    sha256 when given. The file's pages are dropped from the page cache afterwards, so the memory a
+    block uses is the buffer and nothing hidden."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if buf is None:
@@ -93,11 +102,28 @@ def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None =
                 raise ShardError(f"{path} ended after {done} of {size} bytes")
             done += n
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return buf, parse_safetensors(buf[:size], path, sha256, quant)
+
+
+def map_safetensors(path: Path, sha256: str | None = None,
+                    quant: dict[str, str] | None = None) -> dict[str, Tensor | QuantWeight]:
+    """A safetensors file's tensors as views into a private mapping of it: no copy, the pages are the
+    page cache's (read from disk once, then shared). The mapping lives as long as the tensors do."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)     # copy-on-write: writable views, no copy
+    mm.madvise(mmap.MADV_WILLNEED)                                  # read ahead now, not page by page
+    return parse_safetensors(torch.frombuffer(mm, dtype=torch.uint8), path, sha256, quant)
+
+
+def parse_safetensors(buf: Tensor, path: Path, sha256: str | None = None,
+                      quant: dict[str, str] | None = None) -> dict[str, Tensor | QuantWeight]:
+    """Views into `buf` (a whole safetensors file as uint8) by tensor name; see read_safetensors."""
+    view = buf.numpy()
+    n = int.from_bytes(view[:8].tobytes(), "little") if view.size >= 8 else 0
     if sha256 and hashlib.sha256(view).hexdigest() != sha256:
         raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; "
                          f"prepare the model again (or delete the folder to let the cache rebuild it)")
     try:
-        n = int.from_bytes(view[:8].tobytes(), "little")
         header = json.loads(view[8:8 + n].tobytes())
         tensors = {}
         for name, info in header.items():
@@ -105,20 +131,31 @@ def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None =
                 continue
             start, end = info["data_offsets"]
             raw = buf[8 + n + start: 8 + n + end]
-            tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+            if quant and name in quant:
+                tensors[name] = quant_weight(raw.view(info["shape"]), quant[name])
+            else:
+                tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ShardError(f"{path} is not a valid safetensors file ({e}): prepare the model again") from None
-    return buf, tensors
+    return tensors
+
+
+def quant_weight(raw: Tensor, qtype: str) -> QuantWeight:
+    """A stored (rows, bytes per row) uint8 matrix of GGML type `qtype` as the model uses it."""
+    values, nbytes = QTYPES[qtype]
+    return QuantWeight(raw, qtype, raw.shape[1] // nbytes * values)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """One rank's manifest.json. `files` maps a file name to {"size": bytes, "sha256": hex}."""
+    """One rank's manifest.json. `files` maps a file name to {"size": bytes, "sha256": hex} and, for
+    a file holding quantized matrices, "quant": {tensor name: GGML type}."""
     rank: int
     world_size: int
     ratio: tuple[float, ...]          # normalized: fractions summing to 1
     dtype: str                        # a DTYPES key
     head_on: str
+    quant: str                        # how matrices were stored: keep, none, q8_0, q4_0, q4_1
     model: ModelConfig
     shards: tuple[RankShard, ...]     # every rank's slices
     source_path: str
@@ -150,7 +187,7 @@ class Manifest:
                              f"this tpi_mpi reads {FORMAT}: prepare the model again")
         try:
             mf = cls(rank=int(d["rank"]), world_size=int(d["world_size"]), ratio=tuple(d["ratio"]),
-                     dtype=d["dtype"], head_on=d["head_on"], model=ModelConfig.from_json(d["model"]),
+                     dtype=d["dtype"], head_on=d["head_on"], quant=d["quant"], model=ModelConfig.from_json(d["model"]),
                      shards=tuple(RankShard(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
                                   for s in d["shards"]),
                      source_path=d["source"]["path"], source_fingerprint=d["source"]["fingerprint"],
@@ -159,15 +196,19 @@ class Manifest:
             raise ShardError(f"{where} is damaged ({type(e).__name__}: {e}): prepare the model again") from None
         if mf.dtype not in DTYPES:
             raise ShardError(f"{where} names dtype {mf.dtype!r}: prepare the model again")
-        for name in mf.files:
+        for name, info in mf.files.items():
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ShardError(f"{where} names {name!r}, outside its folder: refusing it; prepare the model again")
+            unknown = set(info.get("quant", {}).values()) - set(QTYPES)
+            if unknown:
+                raise ShardError(f"{where}: {name} holds matrices of type {', '.join(sorted(unknown))}, which this "
+                                 f"tpi_mpi does not read: prepare the model again")
         return mf
 
     def to_bytes(self) -> bytes:
         return json.dumps({
             "format": FORMAT, "rank": self.rank, "world_size": self.world_size, "ratio": list(self.ratio),
-            "dtype": self.dtype, "head_on": self.head_on, "model": self.model.to_json(),
+            "dtype": self.dtype, "head_on": self.head_on, "quant": self.quant, "model": self.model.to_json(),
             "shards": [s.to_json() for s in self.shards],
             "source": {"path": self.source_path, "fingerprint": self.source_fingerprint},
             "created": self.created, "files": self.files,

@@ -25,7 +25,8 @@ from .model import Transformer
 from .ship import ship
 from .shard_format import COMMON
 from .text import TextCodec
-from .weights import EmbeddingTable, Shard, WeightWindow, available_memory, current_rss, plan_window
+from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
+                      disk_read_bytes, plan_window, resident_dequantized, slot_bytes)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
 
@@ -57,6 +58,15 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_file_mib() -> float:
+    """The part of this process's resident memory that is mapped file pages (page cache, reclaimable)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 class Session:
     """Everything one rank holds for a run: comm, shard, model, weight window; text and embeddings on
     rank 0. Use as a context manager (the window's loader thread stops on exit)."""
@@ -74,6 +84,8 @@ class Session:
         ship(comm, self.root, self.local_root, progress=self._progress(), log=self.log)
 
         self.baseline = current_rss()   # the process before any weights: the budget's start
+        comm.agree(True, None)          # every rank is here, none has loaded weights: measure the free memory
+        self.budget = cfg.memory_budget or default_budget(comm.ranks_on_this_host())
         # reading a whole shard from a slow disk can take minutes: be patient, but not forever
         on_all_ranks(comm, self._load, timeout=max(600.0, cfg.comm_timeout))
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
@@ -84,9 +96,10 @@ class Session:
             if cfg.window == "auto":
                 per_rank = ", ".join(str(w) if w == "all" else f"{w} (+{p} resident)" for w, p in zip(self.windows, self.pinned))
                 self.log(f"weight window per rank (blocks in memory): {per_rank} "
-                         f"({'--memory-budget ' + format_size(cfg.memory_budget) if cfg.memory_budget else '80% of available memory'})")
+                         f"(--memory-budget {format_size(self.budget)}{'' if cfg.memory_budget else ': its share of the free memory'})")
         self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
         self.cpu_at_reset = time.process_time()
+        self.disk_at_reset = disk_read_bytes()
 
     def _find_prepared(self) -> Path:
         """Rank 0 locates (or prepares) the model; every rank learns the folder's path."""
@@ -105,14 +118,20 @@ class Session:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
         self.m, self.dtype = self.shard.model, self.shard.dtype
+        budget, context = self.budget, min(cfg.context, self.m.max_seq_len)
         if cfg.window == "auto":
-            budget = cfg.memory_budget or int(0.8 * available_memory())
-            depth, pinned = plan_window(self.shard, budget, min(cfg.context, self.m.max_seq_len), self.baseline)
+            depth, pinned = plan_window(self.shard, budget, context, self.baseline)
         else:
             depth, pinned = cfg.window, 0
-        self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned)
+        # quantized blocks that stay in memory are dequantized once if the budget holds them so; a window
+        # asked for where the budget holds the whole shard keeps the pages in the page cache
+        dequantize = depth is None and resident_dequantized(self.shard, budget, context, self.baseline)
+        cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
+        self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
+                                   dequantize=dequantize, cached=cached)
         self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype)
-        self.model.load_resident(self.shard.read(COMMON)[1])
+        common = self.shard.read(COMMON)[1]
+        self.model.load_resident(dequantized(common, self.dtype) if dequantize else common)
         if self.rank == 0:
             self.codec = TextCodec(self.shard.folder)
             self.embed = EmbeddingTable(self.shard)
@@ -123,6 +142,7 @@ class Session:
         self.window.bytes_read = 0
         self.forward_s = 0.0
         self.cpu_at_reset = time.process_time()
+        self.disk_at_reset = disk_read_bytes()
 
     def forward(self, h: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor | None:
         t0 = time.perf_counter()
@@ -145,12 +165,14 @@ class Session:
             "comm_s": self.comm.stats.seconds,       # communicating, including waiting for slower peers
             "wait_s": self.window.wait_s,            # waiting for the weight loader
             "sent_bytes": float(self.comm.stats.bytes_sent),
-            "read_bytes": float(self.window.bytes_read),
+            "read_bytes": float(self.window.bytes_read),                     # blocks the loader read or mapped
+            "disk_read_bytes": float(disk_read_bytes() - self.disk_at_reset),  # of which fetched from storage
             "read_s": self.window.read_s,
             "cpu_s": time.process_time() - self.cpu_at_reset,   # all threads: a waiting rank must not spin
             "peak_rss_mib": peak_rss_mib(),
+            "rss_file_mib": rss_file_mib(),          # of the resident set, mapped file pages (page cache)
             "baseline_mib": self.baseline / 2**20,
-            "block_mib": self.shard.block_bytes() / 2**20,
+            "block_mib": slot_bytes(self.shard) / 2**20,
             "resident_mib": self.shard.files[COMMON]["size"] / 2**20,
             # blocks kept in memory beside a streaming window (all of them when resident)
             "pinned_mib": self.window.resident_bytes() / 2**20,

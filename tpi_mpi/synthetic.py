@@ -33,9 +33,14 @@ COLUMN_SPLIT = ("o.weight", "down.weight")   # row-parallel tensors are sliced b
 
 
 def synthetic_config(name: str) -> ModelConfig:
-    if name not in SHAPES:
-        raise ConfigError(f"--synthetic {name!r}: choose one of {', '.join(SHAPES)}")
-    dim, layers, heads, kv, ffn, vocab, ctx, theta = SHAPES[name]
+    """A shape by name; "llama2-70b:4" keeps its first 4 layers (a model's per-layer costs on a disk
+    too small for all of it)."""
+    shape, _, keep = name.partition(":")
+    if shape not in SHAPES or keep and not (keep.isdigit() and 0 < int(keep) <= SHAPES[shape][1]):
+        raise ConfigError(f"--synthetic {name!r}: choose one of {', '.join(SHAPES)}, optionally with :LAYERS "
+                          f"(fewer layers than the shape has), e.g. llama2-70b:4")
+    dim, layers, heads, kv, ffn, vocab, ctx, theta = SHAPES[shape]
+    layers = int(keep) if keep else layers
     return ModelConfig(arch="llama", dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                        head_dim=dim // heads, ffn_dim=ffn, vocab_size=vocab, norm_eps=1e-5,
                        rope_theta=theta, max_seq_len=ctx, bos_id=1, eos_ids=(2,))

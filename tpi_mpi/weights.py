@@ -21,7 +21,9 @@ from torch import Tensor
 
 from .errors import ShardError
 from .parallel import bind, unbind
-from .shard_format import COMMON, EMBED, KINDS, MANIFEST, Manifest, block_file, file_sha256, read_safetensors
+from .quant import QuantWeight
+from .shard_format import (COMMON, EMBED, KINDS, MANIFEST, Manifest, block_file, file_sha256, map_safetensors,
+                           quant_weight, read_safetensors)
 
 
 class Shard:
@@ -57,7 +59,13 @@ class Shard:
     def read(self, name: str, buf: Tensor | None = None, verify: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         if name not in self.files:
             raise ShardError(f"{self.folder / MANIFEST} lists no {name}: prepare the model again")
-        return read_safetensors(self.path(name), buf, self.files[name]["sha256"] if verify else None)
+        info = self.files[name]
+        return read_safetensors(self.path(name), buf, info["sha256"] if verify else None, info.get("quant"))
+
+    def map(self, name: str, verify: bool = True) -> dict:
+        """A file's tensors as views of its pages in the page cache (see map_safetensors)."""
+        info = self.files[name]
+        return map_safetensors(self.path(name), info["sha256"] if verify else None, info.get("quant"))
 
     def block_bytes(self) -> int:
         return max(self.files[name]["size"] for name in self.manifest.block_files())
@@ -76,16 +84,34 @@ class EmbeddingTable:
             raise ShardError(f"{path} does not match its manifest checksum: the file is corrupt; prepare the model again")
         self._file = safe_open(path, framework="pt")
         self._rows = self._file.get_slice("embed.weight")
+        self._qtype = info.get("quant", {}).get("embed.weight")     # rows of GGML blocks, dequantized by id
+        self.dtype = shard.dtype
 
     def __getitem__(self, ids: list[int]) -> Tensor:
-        return torch.cat([self._rows[i:i + 1] for i in ids])                   # (T, dim)
+        rows = torch.cat([self._rows[i:i + 1] for i in ids])                   # (T, dim) or (T, bytes per row)
+        if self._qtype is None:
+            return rows
+        return quant_weight(rows, self._qtype).dequantize(self.dtype)
+
+
+def dequantized(tensors: dict, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A block's tensors with every quantized matrix dequantized to `dtype` (done once, for blocks
+    that stay in memory, when the budget holds them so)."""
+    return {n: t.dequantize(dtype) if isinstance(t, QuantWeight) else t for n, t in tensors.items()}
 
 
 class WeightWindow:
     """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory;
-    with `pinned`, the first `pinned` blocks stay resident and only the others stream."""
+    with `pinned`, the first `pinned` blocks stay resident and only the others stream.
 
-    def __init__(self, shard: Shard, depth: int | None = None, progress=None, pinned: int = 0) -> None:
+    Streamed blocks are read into `depth` reused buffers and their pages dropped from the page
+    cache, so that the window is all the memory they take: the right thing when memory is short.
+    With `cached` (the memory budget holds the whole shard in the page cache), the loader maps each
+    block instead: after the first pass a token reads nothing from disk and copies nothing, and at
+    most `depth` blocks are mapped at once."""
+
+    def __init__(self, shard: Shard, depth: int | None = None, progress=None, pinned: int = 0,
+                 dequantize: bool = False, cached: bool = False) -> None:
         if depth is not None and depth < 1:
             raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
         self.shard, self.depth = shard, depth
@@ -99,18 +125,20 @@ class WeightWindow:
         self.pinned = pinned
         bar = progress(total=pinned, desc="load", unit="block") if progress and pinned else None
         for i, k in self.order[:pinned]:
-            self.resident[(i, k)] = shard.read(block_file(i, k))[1]
+            tensors = shard.read(block_file(i, k))[1]
+            self.resident[(i, k)] = dequantized(tensors, shard.dtype) if dequantize else tensors
             self.bytes_read += shard.files[block_file(i, k)]["size"]
             bar and bar.update()
         bar and bar.close()
         if self.depth is None:
             return
         self.streamed = self.order[pinned:]
+        self.cached = cached
         self._verified: set[str] = set()     # checksums are checked on the first pass only
         size = shard.block_bytes()
         self._free: queue.Queue = queue.Queue()
-        for _ in range(depth):
-            self._free.put(torch.empty(size, dtype=torch.uint8))
+        for _ in range(depth):               # a mapped window's slots hold no buffer of their own
+            self._free.put(torch.empty(0 if cached else size, dtype=torch.uint8))
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loader, name="weight-loader", daemon=True)
@@ -126,7 +154,8 @@ class WeightWindow:
             name = block_file(layer, kind)
             try:
                 t0 = time.perf_counter()
-                _, tensors = self.shard.read(name, buf, verify=name not in self._verified)
+                verify = name not in self._verified
+                tensors = self.shard.map(name, verify) if self.cached else self.shard.read(name, buf, verify)[1]
                 self.read_s += time.perf_counter() - t0
                 self._verified.add(name)
                 self.bytes_read += self.shard.files[name]["size"]
@@ -155,6 +184,7 @@ class WeightWindow:
             yield
         finally:
             unbind(module, tensors)
+            del tensors, item                    # a mapped block is unmapped with its last view
             self._free.put(buf)
 
     def resident_bytes(self) -> int:
@@ -170,27 +200,45 @@ class WeightWindow:
 
 # -- choosing the window from a memory budget ----------------------------------------------------
 
+def disk_read_bytes() -> int:
+    """Bytes this process has had read from storage (page-cache hits excluded), all threads."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_memory() -> int:
-    """What this process may still use: the system's MemAvailable, or less under a cgroup limit."""
+    """Memory not yet in use that processes here may take: the system's MemAvailable, or less under a
+    cgroup limit: the limit less what the group's processes hold (page cache counts in a cgroup but
+    is reclaimable, so only anonymous memory is counted as used)."""
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    for limit_file, usage_file in (("memory.max", "memory.current"),                       # cgroup v2
-                                   ("memory.limit_in_bytes", "memory.usage_in_bytes")):    # cgroup v1
+    for limit_file, anon_keys in (("memory.max", ("anon",)),                                 # cgroup v2
+                                  ("memory.limit_in_bytes", ("total_rss", "rss"))):           # cgroup v1
         for folder in _cgroup_folders():
             try:
                 limit = (folder / limit_file).read_text().strip()
-                usage = int((folder / usage_file).read_text())
+                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
             except (OSError, ValueError):
                 continue
+            held = next((int(stat[k]) for k in anon_keys if k in stat), current_rss())
             if limit.isdigit() and int(limit) < 1 << 60:
-                # page cache counts in the cgroup but is reclaimable: count only this process in use
-                avail = min(avail, int(limit) - min(usage, current_rss()))
-    return avail
+                avail = min(avail, int(limit) - held)
+    return max(avail, 0)
+
+
+def default_budget(ranks_here: int) -> int:
+    """This rank's memory budget when none is given: what it holds now plus its share of 90% of the
+    free memory, shared with the other ranks on this host (they draw from the same memory, or the
+    same cgroup). Measured before any rank loads weights."""
+    return current_rss() + int(0.9 * available_memory() / ranks_here)
 
 
 def _cgroup_folders() -> list[Path]:
@@ -215,19 +263,53 @@ def kv_cache_bytes(shard: Shard, context: int) -> int:
 MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
 
 
+def dequantized_bytes(shard: Shard, name: str) -> int:
+    """A file's tensors in memory once dequantized (its size when it holds no quantized matrix)."""
+    info = shard.files[name]
+    return info.get("dequantized", info["size"])
+
+
+def resident_dequantized(shard: Shard, budget: int, context: int, baseline: int) -> bool:
+    """Whether the whole shard fits `budget` dequantized: then it is dequantized once, at load, and a
+    token costs no dequantizing (the same peak formula as plan_window's)."""
+    names = [COMMON, *shard.manifest.block_files()]
+    fixed = baseline + kv_cache_bytes(shard, context)
+    return fixed + sum(dequantized_bytes(shard, n) for n in names) <= budget
+
+
+def _peak_terms(shard: Shard, context: int, baseline: int) -> tuple[list[int], int, int]:
+    """(block sizes in execution order, the block size a window slot must hold, the fixed part of the
+    peak) of plan_window's formula."""
+    resident = shard.files[COMMON]["size"]                   # norms and head rows; embeddings stay on disk
+    sizes = [shard.files[name]["size"] for name in shard.manifest.block_files()]
+    return sizes, slot_bytes(shard), baseline + resident + kv_cache_bytes(shard, context)
+
+
+def slot_bytes(shard: Shard) -> int:
+    """Memory a window slot stands for: the largest block, or for quantized blocks the temporaries
+    of computing one (a matrix dequantized at a time, counted as half a block dequantized)."""
+    names = shard.manifest.block_files()
+    return max(shard.block_bytes(), max(dequantized_bytes(shard, n) for n in names) // 2)
+
+
+def cache_holds_shard(shard: Shard, budget: int, context: int, baseline: int) -> bool:
+    """Whether the budget holds every block at once (as the page cache, for a streamed window): then a
+    window maps its blocks instead of reading and dropping them (WeightWindow's `cached`)."""
+    sizes, block, fixed = _peak_terms(shard, context, baseline)
+    return fixed + sum(sizes) + block <= budget
+
+
 def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple[int | None, int]:
     """(window, resident blocks) whose peak fits `budget` bytes; (None, all) when the whole shard
     fits. The window is the largest that fits, up to MAX_WINDOW; what the budget leaves beside it
     keeps the first blocks of a pass resident, so that only the others are read every token.
 
     Peak = baseline (the process before weights) + resident tensors (norms, head rows)
-    + (window + 1) blocks (one more for the temporaries of the block computing) + KV cache
+    + (window + 1) blocks (one more for the temporaries of the block computing: for quantized
+    blocks, a matrix dequantized at a time, counted as half a block's dequantized size) + KV cache
     + the resident blocks.
     """
-    resident = shard.files[COMMON]["size"]                   # norms and head rows; embeddings stay on disk
-    sizes = [shard.files[name]["size"] for name in shard.manifest.block_files()]
-    block = max(sizes)
-    fixed = baseline + resident + kv_cache_bytes(shard, context)
+    sizes, block, fixed = _peak_terms(shard, context, baseline)
     if fixed + sum(sizes) + block <= budget:
         return None, len(sizes)
     window = (budget - fixed) // block - 1

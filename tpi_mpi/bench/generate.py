@@ -97,7 +97,8 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         - 1000 * per_rank["wait_s"][0] / steps,
         "comm_ms": comm_ms, "wait_ms": wait_ms,
         "sent_kB": max(per_rank["sent_bytes"]) / steps / 1024,
-        "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,
+        "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,           # blocks read or mapped
+        "disk_MB_per_token": max(per_rank["disk_read_bytes"]) / steps / 1e6,      # fetched from storage
         "cpu_per_wall": [c / (g.s_per_token * steps) for c in per_rank["cpu_s"]],
         "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
@@ -108,7 +109,8 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
 
 def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
     """What a `bench generate` JSON line says of its run: model, layout, link, host, commit."""
-    return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.manifest.dtype, "ranks": s.comm.size,
+    return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.manifest.dtype, "quant": s.shard.manifest.quant,
+            "cached": s.window.depth is not None and s.window.cached, "ranks": s.comm.size,
             "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
             "head_on": s.shard.manifest.head_on, "threads": s.threads,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),

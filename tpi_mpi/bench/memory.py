@@ -231,16 +231,16 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
             steps = max(new_tokens - 1, 1)
             # the time reading a token's bytes takes: each rank from its own disk at --disk-rate, or
             # all ranks from this machine's one disk
-            read_s = (max(pr["read_bytes"]) / steps / disk_rate if disk_rate else
-                      sum(pr["read_bytes"]) / steps / bandwidth)
+            read_s = (max(pr["disk_read_bytes"]) / steps / disk_rate if disk_rate else
+                      sum(pr["disk_read_bytes"]) / steps / bandwidth)
             rec.update(runner="bench memory", memory_cap=cap, disk_rate=disk_rate, rss_bound_mib=bound,
                        disk_GB_s=bandwidth / 1e9, read_s_per_token=read_s,
                        s_per_token_over_read_time=rec["s_per_token"] / read_s if read_s else None,
                        rss_within_bound=None if None in bound else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
             records.append(rec)
             append_json(out, rec)
-    print(f"{'window':>8} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'hidden':>7} "
-          f"{'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / read time':>19}")
+    print(f"{'window':>8} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'disk MB/token':>13} {'floor s':>7} "
+          f"{'hidden':>7} {'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / floor':>15}")
     for rec in records:
         hidden = [h for h in rec["read_hidden"] if h is not None]
         hidden_text = f"{100 * min(hidden):.0f}%" if hidden else "-"
@@ -249,7 +249,8 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         bound_text = f"{bound:.0f}" if bound else "-"
         ratio = rec["s_per_token_over_read_time"]
         print(f"{window_label(rec):>8} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
-              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>19}")
+              f"{rec['disk_MB_per_token']:13.1f} {rec['read_s_per_token']:7.3f} "
+              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>15}")
     if hf and records:
         compare_with_transformers(hf, min(records, key=lambda r: r["s_per_token"]), cap, disk_rate, prompt_tokens,
                                   new_tokens, out)

@@ -1,0 +1,129 @@
+"""Quantized shards: a GGUF's matrices kept in their own types (--quant keep) or floats quantized at
+prepare (q8_0, q4_0, q4_1), computed at N ranks in one process against transformers running the
+very numbers the file holds (gguf's own dequantization), in float32.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from checkpoints import write_tokenizer
+from test_gguf import DIM, FFN, HEADS, KV_HEADS, VOCAB, write_tiny as write_gguf
+from test_ranks_in_process import LOGITS_TOL, generate_in_threads, one_thread_each  # noqa: F401 (an autouse fixture)
+from tpi_mpi.config import ParallelConfig
+from tpi_mpi.errors import ConfigError
+from tpi_mpi.prepare import hf_name, prepare
+from tpi_mpi.shard_format import Manifest
+
+PROMPT = [3, 17, 42, 5, 9, 60, 11]
+N_NEW = 12
+
+
+def write_tiny(path, arch="llama", qtype=Q.F32) -> dict:
+    """test_gguf's one-layer GGUF, with a tokenizer.json beside it (its vocabulary has no merges;
+    the runs here feed token ids)."""
+    write_tokenizer(path.parent)
+    return write_gguf(path, arch, qtype)
+
+
+def transformers_on(hf: dict[str, np.ndarray]):
+    """A one-layer LlamaForCausalLM holding exactly `hf` (our names -> float32 values)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=1,
+                                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5,
+                                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    state = {hf_name(ours, None if ours in ("embed.weight", "norm.weight", "head.weight") else 0): torch.from_numpy(v)
+             for ours, v in hf.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return model
+
+
+def reference(hf: dict[str, np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """transformers' logits at every prompt position and its greedy continuation."""
+    model = transformers_on(hf)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = model(ids).logits[0].numpy()
+        tokens = []
+        for _ in range(N_NEW):
+            tokens.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return logits, tokens
+
+
+def check(prepared, n: int, hf: dict, depth: int | None = None) -> None:
+    ref_logits, ref_tokens = reference(hf)
+    ours, tokens, _ = generate_in_threads(prepared, n, PROMPT, N_NEW, depth)
+    err = np.abs(ours - ref_logits).max() / np.abs(ref_logits).max()
+    assert err < LOGITS_TOL, err
+    assert tokens == ref_tokens
+
+
+KEPT = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("qtype", KEPT, ids=[q.name for q in KEPT])
+def test_kept_gguf_types_compute_the_files_own_numbers(tmp_path, qtype, n):
+    hf = write_tiny(tmp_path / "tiny.gguf", "llama", qtype)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(n), "fp32")   # auto: keep
+    mf = Manifest.load(prepared / "rank0")
+    kept = {t for info in mf.files.values() for t in info.get("quant", {}).values()}
+    assert mf.quant == "keep" and kept == {qtype.name}
+    check(prepared, n, hf)
+
+
+def test_splits_fall_on_whole_blocks(tmp_path):
+    """K-quant MLP columns split in units of 256; an o slice that would cut a 256-value block (64-wide
+    heads at 3 ranks) is stored as floats; every kept matrix is whole blocks."""
+    hf = write_tiny(tmp_path / "tiny.gguf", "llama", Q.Q4_K)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(2), "fp32")
+    for r in range(2):
+        mf = Manifest.load(prepared / f"rank{r}")
+        assert all((s.ffn[1] - s.ffn[0]) % 256 == 0 for s in mf.shards)
+        assert mf.files["layer000.mlp.safetensors"]["quant"] == {n: "Q4_K" for n in ("gate.weight", "up.weight",
+                                                                                    "down.weight")}
+    three = prepare(tmp_path / "tiny.gguf", tmp_path / "p3", ParallelConfig(3), "fp32")
+    quant = [Manifest.load(three / f"rank{r}").files["layer000.attn.safetensors"]["quant"] for r in range(3)]
+    assert all("o.weight" not in q and q["q.weight"] == "Q4_K" for q in quant), quant
+    check(three, 3, hf)
+
+
+@pytest.mark.parametrize("mode", ["q8_0", "q4_0", "q4_1"])
+def test_floats_quantized_at_prepare_match_gguf_quantization(tmp_path, mode):
+    """Quantizing an F32 file at prepare gives the numbers gguf's own quantizer gives."""
+    from gguf.quants import dequantize, quantize
+
+    hf = write_tiny(tmp_path / "tiny.gguf", "llama", Q.F32)
+    qt = Q[mode.upper()]
+    as_quantized = {k: dequantize(quantize(v, qt), qt).reshape(v.shape) if v.ndim == 2 else v for k, v in hf.items()}
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(2), "fp32", quant=mode)
+    assert Manifest.load(prepared / "rank0").quant == mode
+    check(prepared, 2, as_quantized, depth=1)
+
+
+def test_keep_needs_a_gguf(checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="--quant keep keeps a GGUF's own types"):
+        prepare(checkpoints("llama"), tmp_path / "p", ParallelConfig(1), quant="keep")
+
+
+def test_quantized_shard_is_about_the_files_size(tmp_path):
+    """Storage: kept blocks are the file's bytes, not floats (the head and embedding included)."""
+    write_tiny(tmp_path / "tiny.gguf", "llama", Q.Q4_0)
+    kept = prepare(tmp_path / "tiny.gguf", tmp_path / "k", ParallelConfig(2), "fp32")
+    floats = prepare(tmp_path / "tiny.gguf", tmp_path / "f", ParallelConfig(2), "fp32", quant="none")
+
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+
+    assert size(kept) < 0.25 * size(floats)
+    info = json.loads((kept / "rank1" / "manifest.json").read_text())["files"]["layer000.mlp.safetensors"]
+    assert info["dequantized"] == 3 * FFN // 2 * DIM * 4        # gate, up, down halves as float32

@@ -1,0 +1,76 @@
+"""`bench quality`: what quantizing at prepare costs in quality: perplexity on a fixed paragraph and
+the greedy continuation, for each --quant against floats, on the same Hugging Face checkpoint.
+
+Each mode is one `python -m tpi_mpi generate` run (under mpirun for 2 ranks or more) with a cache
+folder of this benchmark's own, computing in float32 so that only the storage differs. Perplexity
+is exp of the mean negative log-likelihood of each paragraph token given the ones before it, from
+the logits at every prompt position (--dump-prompt-logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .generate import append_json, git_commit
+
+PARAGRAPH = (
+    "The committee met on a cold morning in early spring to discuss the new library. Most members agreed "
+    "that the old building could no longer hold the collection, and that the town needed a place where "
+    "children could read after school. After a long debate about the budget, they voted to build it near "
+    "the river, where the land was cheap and the view was pleasant."
+)
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean -log p(ids[t + 1] | ids[..t])) from the logits at every position (float64 softmax)."""
+    x = logits[:-1].astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, out: str | None) -> list[dict]:
+    if not (Path(model) / "config.json").exists():
+        raise ConfigError(f"--model {model}: give a Hugging Face folder (quantizing at prepare starts from floats)")
+    work = Path(tempfile.mkdtemp(prefix="tpi-quality-"))
+    env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    launch = ["mpirun", "--oversubscribe", "-n", str(ranks)] if ranks > 1 else []
+    records = []
+    try:
+        for q in quants:
+            logits = work / f"{q}.npy"
+            cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
+                            "--dtype", "fp32", "--cache-dir", str(work / "cache"), "--prompt", PARAGRAPH,
+                            "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(new_tokens), "--json",
+                            "--quiet", "--dump-prompt-logits", str(logits)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise ConfigError(f"--quant {q}: generate failed: {(r.stderr.strip().splitlines() or [''])[-1]}")
+            g = json.loads(r.stdout)
+            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{q}-*/rank*/*.safetensors"))
+            records.append({"bench": "quality", "model": model, "quant": q, "ranks": ranks,
+                            "perplexity": perplexity(np.load(logits), g["prompt_ids"]),
+                            "prompt_tokens": len(g["prompt_ids"]), "generated_ids": g["generated_ids"],
+                            "shard_bytes": shard, "commit": git_commit()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = next((r for r in records if r["quant"] == "none"), records[0])
+    print(f"{'quant':>6} {'shard MB':>9} {'perplexity':>10} {'vs ' + base['quant']:>8} {'same greedy tokens':>19}")
+    for rec in records:
+        same = next((i for i, (a, b) in enumerate(zip(rec["generated_ids"], base["generated_ids"])) if a != b),
+                    len(rec["generated_ids"]))
+        rec["same_tokens_as_" + base["quant"]] = same
+        agree = f"{same} of {len(rec['generated_ids'])}"
+        print(f"{rec['quant']:>6} {rec['shard_bytes'] / 1e6:9.1f} {rec['perplexity']:10.3f} "
+              f"{rec['perplexity'] / base['perplexity']:8.3f} {agree:>19}", flush=True)
+        append_json(out, rec)
+    return records
