@@ -145,8 +145,8 @@ class ThreadComm(Comm):
     def abort(self, code: int = 1) -> None:
         self.world.abort()
 
-    def ranks_on_this_host(self) -> int:
-        return self.size
+    def ranks_on_this_host(self, key: int = 0) -> int:
+        return self._call("ranks_on_this_host", key, lambda parts: [parts.count(k) for k in parts])
 
 
 def run_ranks(n: int, fn: Callable[[ThreadComm], object], timeout: float = 120.0, comm_timeout: float = 60.0) -> list:

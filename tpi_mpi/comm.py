@@ -119,7 +119,8 @@ class Comm(Protocol):
 
     def barrier(self) -> None: ...
 
-    def ranks_on_this_host(self) -> int: ...
+    def ranks_on_this_host(self, key: int = 0) -> int:
+        """Ranks on this host (a collective) whose `key` is this rank's: e.g. those in one memory cgroup."""
 
     def describe(self) -> str:
         """The allreduce in use, for people."""
@@ -154,7 +155,7 @@ class LocalComm(Comm):
     def barrier(self) -> None:
         pass
 
-    def ranks_on_this_host(self) -> int:
+    def ranks_on_this_host(self, key: int = 0) -> int:
         return 1
 
 
@@ -336,9 +337,11 @@ class MpiComm(Comm):
     def barrier(self) -> None:
         self._wait([self.world.Ibarrier()], "at a barrier")
 
-    def ranks_on_this_host(self) -> int:
+    def ranks_on_this_host(self, key: int = 0) -> int:
         local = self.world.Split_type(self.MPI.COMM_TYPE_SHARED)
-        n = local.Get_size()
+        same = local.Split(key)
+        n = same.Get_size()
+        same.Free()
         local.Free()
         return n
 

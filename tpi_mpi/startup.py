@@ -26,7 +26,7 @@ from .ship import ship
 from .shard_format import COMMON
 from .text import TextCodec
 from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
-                      disk_read_bytes, plan_window, resident_dequantized, slot_bytes)
+                      disk_read_bytes, memory_domain, plan_window, resident_dequantized, slot_bytes)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
 
@@ -85,7 +85,7 @@ class Session:
 
         self.baseline = current_rss()   # the process before any weights: the budget's start
         comm.agree(True, None)          # every rank is here, none has loaded weights: measure the free memory
-        self.budget = cfg.memory_budget or default_budget(comm.ranks_on_this_host())
+        self.budget = cfg.memory_budget or default_budget(comm.ranks_on_this_host(memory_domain()))
         # reading a whole shard from a slow disk can take minutes: be patient, but not forever
         on_all_ranks(comm, self._load, timeout=max(600.0, cfg.comm_timeout))
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)

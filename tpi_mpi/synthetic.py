@@ -113,12 +113,14 @@ def hf_config(m: ModelConfig) -> dict:
 def write_hf_checkpoint(name: str, out: str | Path, progress=None) -> Path:
     """The synthetic model `name` as a Hugging Face folder (config.json, one safetensors file per
     layer and an index, tokenizer), holding the very weights `prepare --synthetic` writes: the
-    reference for `bench transformers`. Written in a staging folder, renamed when complete."""
+    reference for `bench transformers`. `name` may also be a Llama-family .gguf file, written out
+    dequantized to float32 (the float checkpoint `bench quality` quantizes). Written in a staging
+    folder, renamed when complete."""
     from safetensors.torch import save_file
 
-    from .prepare import _remove_abandoned, hf_name
+    from .prepare import _remove_abandoned, hf_name, open_source
 
-    src = SyntheticSource(name)
+    src = open_source(name) if str(name).endswith(".gguf") else SyntheticSource(name)
     m, out = src.config, Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another --out")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import zlib
 import threading
 import time
 from contextlib import contextmanager
@@ -234,11 +235,25 @@ def available_memory() -> int:
     return max(avail, 0)
 
 
-def default_budget(ranks_here: int) -> int:
+def default_budget(ranks_sharing: int) -> int:
     """This rank's memory budget when none is given: what it holds now plus its share of 90% of the
-    free memory, shared with the other ranks on this host (they draw from the same memory, or the
-    same cgroup). Measured before any rank loads weights."""
-    return current_rss() + int(0.9 * available_memory() / ranks_here)
+    free memory, shared with the `ranks_sharing` ranks that draw from the same memory (this host's,
+    or the same cgroup: see memory_domain). Measured before any rank loads weights."""
+    return current_rss() + int(0.9 * available_memory() / ranks_sharing)
+
+
+def memory_domain() -> int:
+    """Which memory this process draws from, as a number ranks can compare: 0 for the host's, else
+    (the cgroup with a limit) a hash of that cgroup's path; ranks with the same number share it."""
+    for folder in _cgroup_folders():
+        for limit_file in ("memory.max", "memory.limit_in_bytes"):
+            try:
+                limit = (folder / limit_file).read_text().strip()
+            except OSError:
+                continue
+            if limit.isdigit() and int(limit) < 1 << 60:
+                return 1 + zlib.crc32(str(folder).encode()) % (1 << 30)
+    return 0
 
 
 def _cgroup_folders() -> list[Path]:

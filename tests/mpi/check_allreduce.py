@@ -79,6 +79,10 @@ def main() -> int:
         failures += [f"in pieces of 100 bytes: {f}" for f in check_sums(comm, mode, [(7,), (5, 333)])]
     tpi_comm.PIECE_BYTES = default_piece
     failures += check_auto_keeps_ranks_together()
+    # ranks sharing a key (as ranks in one memory cgroup do): all on this host, split by parity
+    sharing = comm.ranks_on_this_host(comm.rank % 2)
+    if sharing != sum(1 for r in range(comm.size) if r % 2 == comm.rank % 2) or comm.ranks_on_this_host() != comm.size:
+        failures.append(f"ranks_on_this_host: {sharing} ranks share key {comm.rank % 2}")
     return report(comm.rank, failures, f"allreduce ok on {comm.size} ranks: {', '.join(ALLREDUCE_MODES)}")
 
 

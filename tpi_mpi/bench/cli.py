@@ -133,7 +133,8 @@ def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup,
 @click.option("--out", required=True, help="Folder to create.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def bench_synthetic_hf(name, out, quiet) -> None:
-    """A synthetic model (prepare --synthetic NAME) as a Hugging Face folder, for bench transformers."""
+    """A synthetic model (prepare --synthetic NAME), or a .gguf file dequantized, as a Hugging Face
+    folder (for bench transformers and bench quality)."""
     from ..synthetic import write_hf_checkpoint
 
     click.echo(f"wrote {write_hf_checkpoint(name, out, progress_bar(quiet))}", err=True)
@@ -159,3 +160,17 @@ def bench_quant(shapes, threads, repeats, out) -> None:
     if threads < 1 or repeats < 1:
         raise ConfigError(f"--threads {threads} --repeats {repeats}: both must be at least 1")
     run(parsed, threads, repeats, out)
+
+
+@bench.command("quality")
+@click.option("--model", "-m", required=True, help="A Hugging Face folder (floats).")
+@click.option("--quants", default="none,none@bf16,q8_0,q4_0,q4_1", show_default=True,
+              help="--quant modes to compare (MODE@bf16: computed in bf16; the first is the reference).")
+@click.option("--ranks", "-n", type=int, default=2, show_default=True, help="Runs mpirun itself with this many ranks.")
+@click.option("--new-tokens", type=int, default=30, show_default=True, help="Greedy tokens compared.")
+@click.option("--out", help="Append the JSON records to this file.")
+def bench_quality(model, quants, ranks, new_tokens, out) -> None:
+    """Perplexity on a fixed paragraph and the greedy continuation per --quant (do not launch under mpirun)."""
+    from .quality import bench_quality as run
+
+    run(model, [q.strip() for q in quants.split(",") if q.strip()], ranks, new_tokens, out)

@@ -1,5 +1,6 @@
-"""`bench quality`: what quantizing at prepare costs in quality: perplexity on a fixed paragraph and
-the greedy continuation, for each --quant against floats, on the same Hugging Face checkpoint.
+"""`bench quality`: what quantizing at prepare costs in quality: perplexity on a fixed paragraph, and
+how many greedy tokens agree with floats (continuing the paragraph, and answering the default chat
+prompt), for each --quant on the same Hugging Face checkpoint.
 
 Each mode is one `python -m tpi_mpi generate` run (under mpirun for 2 ranks or more) with a cache
 folder of this benchmark's own, computing in float32 so that only the storage differs. Perplexity
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..options import DEFAULT_PROMPT
 from .generate import append_json, git_commit
 
 PARAGRAPH = (
@@ -45,32 +47,48 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
     env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     launch = ["mpirun", "--oversubscribe", "-n", str(ranks)] if ranks > 1 else []
     records = []
+
+    def generate(mode: str, *args: str) -> dict:
+        q, _, dtype = mode.partition("@")           # "none@bf16": floats computed in bf16, a yardstick
+        cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
+                        "--dtype", dtype or "fp32",
+                        "--cache-dir", str(work / "cache"), "--temperature", "0", "--ignore-eos", "--max-new-tokens",
+                        str(new_tokens), "--json", "--quiet", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise ConfigError(f"--quant {q}: generate failed: {(r.stderr.strip().splitlines() or [''])[-1]}")
+        return json.loads(r.stdout)
+
     try:
         for q in quants:
             logits = work / f"{q}.npy"
-            cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
-                            "--dtype", "fp32", "--cache-dir", str(work / "cache"), "--prompt", PARAGRAPH,
-                            "--temperature", "0", "--ignore-eos", "--max-new-tokens", str(new_tokens), "--json",
-                            "--quiet", "--dump-prompt-logits", str(logits)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                raise ConfigError(f"--quant {q}: generate failed: {(r.stderr.strip().splitlines() or [''])[-1]}")
-            g = json.loads(r.stdout)
-            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{q}-*/rank*/*.safetensors"))
+            g = generate(q, "--prompt", PARAGRAPH, "--dump-prompt-logits", str(logits), "--dump-logits",
+                         str(work / f"{q}-next.npy"))
+            chat = generate(q, "--prompt", DEFAULT_PROMPT, "--chat")
+            first = np.sort(np.load(work / f"{q}-next.npy"))
+            quant, _, dtype = q.partition("@")
+            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{dtype or 'fp32'}-{quant}-*/rank*/*.safetensors"))
             records.append({"bench": "quality", "model": model, "quant": q, "ranks": ranks,
                             "perplexity": perplexity(np.load(logits), g["prompt_ids"]),
                             "prompt_tokens": len(g["prompt_ids"]), "generated_ids": g["generated_ids"],
+                            "first_token_margin": float(first[-1] - first[-2]), "chat_ids": chat["generated_ids"],
                             "shard_bytes": shard, "commit": git_commit()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = next((r for r in records if r["quant"] == "none"), records[0])
-    print(f"{'quant':>6} {'shard MB':>9} {'perplexity':>10} {'vs ' + base['quant']:>8} {'same greedy tokens':>19}")
+
+    def agreement(a: list[int], b: list[int]) -> int:
+        """How many leading tokens agree."""
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    print(f"{'quant':>9} {'shard MB':>9} {'perplexity':>10} {'vs ' + base['quant']:>8} "
+          f"{'same greedy tokens: paragraph':>30} {'chat prompt':>12}")
     for rec in records:
-        same = next((i for i, (a, b) in enumerate(zip(rec["generated_ids"], base["generated_ids"])) if a != b),
-                    len(rec["generated_ids"]))
-        rec["same_tokens_as_" + base["quant"]] = same
-        agree = f"{same} of {len(rec['generated_ids'])}"
-        print(f"{rec['quant']:>6} {rec['shard_bytes'] / 1e6:9.1f} {rec['perplexity']:10.3f} "
-              f"{rec['perplexity'] / base['perplexity']:8.3f} {agree:>19}", flush=True)
+        rec["same_tokens_as_" + base["quant"]] = same = agreement(rec["generated_ids"], base["generated_ids"])
+        rec["same_chat_tokens_as_" + base["quant"]] = same_chat = agreement(rec["chat_ids"], base["chat_ids"])
+        print(f"{rec['quant']:>9} {rec['shard_bytes'] / 1e6:9.1f} {rec['perplexity']:10.3f} "
+              f"{rec['perplexity'] / base['perplexity']:8.3f} {f'{same} of {new_tokens}':>30} "
+              f"{f'{same_chat} of {new_tokens}':>12}", flush=True)
         append_json(out, rec)
+    print(f"the paragraph's first new token: top-2 logit margin {base['first_token_margin']:.3f} ({base['quant']})")
     return records
