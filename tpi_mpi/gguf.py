@@ -3,13 +3,15 @@
 `GGUFSource` offers `HFSource`'s interface (config, dtype, read, tokenizer_blobs, fingerprint,
 files), so `prepare()` splits a .gguf like any other checkpoint. The header is parsed by the gguf
 package's GGUFReader (slow, seconds, but only when a model is prepared); `fingerprint_gguf`, which
-every run calls to find the prepared cache, parses nothing. Tensors are dequantized with gguf's own
-dequantizer, one tensor (or one rank's rows or columns of it) at a time, through a mapping that
-lives only for that read: a file larger than RAM still splits. The tokenizer is built from the
+every run calls to find the prepared cache, parses nothing. A tensor (or one rank's rows or columns
+of it) is read at a time through a mapping that lives only for that read, so a file larger than
+RAM still splits: dequantized with gguf's own dequantizer (`read`), or as its raw blocks
+(`read_quantized`, for `--quant keep`). The tokenizer is built from the
 metadata in gguf_tokenizer.py.
 
 Two things of llama.cpp's conversion are undone here. GGUF lists dimensions innermost first, so a
-matrix of ne = (in, out) is stored as `out` rows of `in` values: torch's (out, in) already. And for
+matrix of ne = (in, out) is stored as `out` rows of `in` values: torch's (out, in) already. The
+config and the tensor names are gguf_config.py's. And for
 llama the rows of each q/k head are interleaved (llama.cpp's rope rotates neighbouring pairs, the
 Hugging Face one rotates the two halves of a head), which `read` puts back; qwen2 is left as is.
 No MPI here, and nothing is written: prepare.py does that.
@@ -30,8 +32,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFEndian, GGUFReader
 from gguf.quants import dequantize
 
-from .config import ModelConfig
 from .errors import ConfigError, ShardError
+from .gguf_config import GLOBAL_NAMES, LAYER_NAMES, PERMUTED_ARCHS, config_from_gguf
 from .gguf_tokenizer import build_tokenizer, tokenizer_config
 from .quant import QTYPES
 from .shard_format import content_identity
@@ -40,20 +42,10 @@ IMPORTER = 2       # bump when the conversion changes (2: quantized matrices kep
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-PERMUTED_ARCHS = ("llama", "mistral")   # q/k rows interleaved by llama.cpp's converter
 TOKENIZER_BESIDE = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FINGERPRINT_HEAD = 4 << 20     # bytes of each part hashed by fingerprint_gguf
 SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
-# our tensor name -> GGUF's (per layer: blk.N.<name>)
-GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                "head.weight": "output.weight"}
-LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
-               "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
-# tensors that are no weight of our model: Llama 3's rope factors go into the config, and attn_rot_embd
-# is a leftover of old converters that llama.cpp ignores too
-IGNORED = ("rope_freqs.weight",)
-IGNORED_LAYER = ("attn_rot_embd",)
 
 
 def builtin_model_path() -> Path:
@@ -194,119 +186,6 @@ def fingerprint_gguf(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# -- the model config ---------------------------------------------------------------------------
-
-def _llama3_scaling(meta: dict, arch: str, freqs: np.ndarray, theta: float, head_dim: int, source: str) -> dict:
-    """llama.cpp stores Llama 3.1's rope scaling as a table of per-frequency divisors (rope_freqs.weight)
-    rather than its parameters. Every Llama 3.x uses low 1, high 4, original 8192 with the factor
-    that the table ends at; accept the table only if those parameters rebuild it."""
-    from .model import rope_inv_freq   # the model's own formula, so what we accept is what runs
-    old = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
-    s = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": float(old)}
-    base = dict(arch="llama", dim=head_dim, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=head_dim, ffn_dim=1,
-                vocab_size=1, rope_theta=theta)
-    want = (rope_inv_freq(ModelConfig(**base)) / rope_inv_freq(ModelConfig(**base, rope_scaling=s))).numpy()
-    if freqs.shape != want.shape or not np.allclose(freqs, want, rtol=1e-4):
-        raise ConfigError(f"{source}: rope_freqs.weight is not Llama 3 rope scaling (factor {s['factor']:g}, low 1, "
-                          f"high 4, original {old}); tpi_mpi implements only that kind")
-    return s
-
-
-def config_from_gguf(meta: dict, tensors: dict[str, GGUFTensor], source: str) -> ModelConfig:
-    """ModelConfig from GGUF metadata, through the Hugging Face mapping so every check stays in one place."""
-    arch = meta.get("general.architecture")
-    if arch not in PERMUTED_ARCHS + ("qwen2",):
-        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama, mistral and qwen2 GGUFs")
-
-    def get(key: str, default=None):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise ConfigError(f"{source}: metadata {arch}.{key} is missing: convert the model again with llama.cpp")
-        return v
-
-    def refuse(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral and Qwen2 models")
-
-    if get("expert_count", 0):
-        refuse(f"{arch}.expert_count", f"is {get('expert_count')} (mixture of experts)")
-    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    n_kv = get("attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list):         # per layer; fine only when all agree
-        if len(set(n_kv)) != 1:
-            refuse(f"{arch}.attention.head_count_kv", "differs between layers")
-        n_kv = n_kv[0]
-    head_dim = int(get("attention.key_length", dim // n_heads))
-    if int(get("attention.value_length", head_dim)) != head_dim:
-        refuse(f"{arch}.attention.value_length", "differs from key_length")
-    if int(get("rope.dimension_count", head_dim)) != head_dim:
-        refuse(f"{arch}.rope.dimension_count", f"is {get('rope.dimension_count')}, not {head_dim} (partial rotary)")
-
-    theta = float(get("rope.freq_base", 10000.0))
-    # llama.cpp writes linear, yarn or longrope scaling as a type; Llama 3's only as rope_freqs.weight
-    scaling_type = get("rope.scaling.type", "none")
-    if scaling_type == "linear" and float(get("rope.scaling.factor", 1.0)) == 1.0:
-        scaling_type = "none"
-    if scaling_type != "none":
-        refuse(f"{arch}.rope.scaling.type", f"is {scaling_type!r}; only Llama 3 rope scaling is implemented")
-    scaling = None
-    if "rope_freqs.weight" in tensors:
-        scaling = _llama3_scaling(meta, arch, load_tensor(tensors["rope_freqs.weight"]), theta, head_dim, source)
-
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ConfigError(f"{source}: metadata tokenizer.ggml.tokens is missing: the file has no vocabulary")
-    embed = tensors.get("token_embd.weight")
-    if embed is None or embed.shape[0] != len(tokens):
-        rows = "no" if embed is None else embed.shape[0]
-        raise ConfigError(f"{source}: {len(tokens)} tokens but token_embd.weight has {rows} rows: "
-                          f"the file is inconsistent, convert it again")
-
-    def has(name: str) -> bool:
-        return f"blk.0.{name}" in tensors
-
-    for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
-                 "ffn_up.weight", "ffn_down.weight", "attn_norm.weight", "ffn_norm.weight"):
-        if not has(name):
-            refuse(f"tensor blk.0.{name}", "is missing (fused or renamed tensors are not supported)")
-    if arch == "qwen2" and not has("attn_q.bias"):
-        refuse("tensor blk.0.attn_q.bias", "is missing, and qwen2 has q/k/v biases")
-    if arch != "qwen2" and has("attn_q.bias") != has("attn_output.bias"):
-        refuse("tensor blk.0.attn_q.bias", "and attn_output.bias are not both present (llama biases all four)")
-    known = {f"{v}.{k}" for v in LAYER_NAMES.values() for k in ("weight", "bias")}
-    for name in tensors:
-        if name in GLOBAL_NAMES.values() or name in IGNORED:
-            continue
-        m = re.match(r"blk\.\d+\.(.*)$", name)
-        if not m or (m.group(1) not in known and m.group(1).split(".")[0] not in IGNORED_LAYER):
-            refuse(f"tensor {name}", "has no place in the model")
-
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if k in meta]
-    raw = {
-        "model_type": arch,
-        "hidden_size": dim,
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv),
-        "head_dim": head_dim,
-        "intermediate_size": int(get("feed_forward_length")),
-        "vocab_size": len(tokens),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "sliding_window": get("attention.sliding_window", 0) or None,
-        "use_sliding_window": bool(get("attention.sliding_window", 0)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": arch != "qwen2" and has("attn_output.bias"),
-        "mlp_bias": has("ffn_up.bias"),
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": list(dict.fromkeys(eos)),
-    }
-    return ModelConfig.from_hf_dict(raw, source=source)
-
-
 # -- the source ---------------------------------------------------------------------------------
 
 class GGUFSource:
@@ -322,7 +201,7 @@ class GGUFSource:
             self.meta = self.meta or meta
             self.tensors |= {t.name: t for t in tensors}
         self.source = self.path.name
-        self.config = config_from_gguf(self.meta, self.tensors, self.source)
+        self.config = config_from_gguf(self.meta, self.tensors, self.source, load_tensor)
         self.dtype = self._dtype()
 
     def _dtype(self) -> torch.dtype:
