@@ -127,3 +127,15 @@ def test_quantized_shard_is_about_the_files_size(tmp_path):
     assert size(kept) < 0.25 * size(floats)
     info = json.loads((kept / "rank1" / "manifest.json").read_text())["files"]["layer000.mlp.safetensors"]
     assert info["dequantized"] == 3 * FFN // 2 * DIM * 4        # gate, up, down halves as float32
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["read", "mapped"])
+def test_a_streamed_window_computes_the_resident_bits(tmp_path, cached):
+    """Blocks read into the window's buffers or mapped from the page cache: the very same logits as
+    the resident shard, kept quantized, at 3 ranks."""
+    write_tiny(tmp_path / "tiny.gguf", "llama", Q.Q4_K)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(3), "fp32")
+    resident, tokens, _ = generate_in_threads(prepared, 3, PROMPT, N_NEW)
+    streamed, streamed_tokens, _ = generate_in_threads(prepared, 3, PROMPT, N_NEW, depth=1, cached=cached)
+    np.testing.assert_array_equal(streamed, resident)
+    assert streamed_tokens == tokens

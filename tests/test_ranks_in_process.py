@@ -80,13 +80,15 @@ def reference(checkpoints):
     return get
 
 
-def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, depth: int | None = None):
-    """Greedy generation on n rank threads: (rank 0's prompt logits, its tokens, every rank's results)."""
+def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, depth: int | None = None,
+                        cached: bool = False):
+    """Greedy generation on n rank threads: (rank 0's prompt logits, its tokens, every rank's results).
+    `cached`: a window maps its blocks from the page cache instead of reading them into buffers."""
 
     def rank_main(comm):
         r = comm.rank
         shard = Shard(prepared / f"rank{r}", r, n)
-        window = WeightWindow(shard, depth)
+        window = WeightWindow(shard, depth, cached=cached)
         try:
             m = shard.model
             model = Transformer(m, shard.shards, r, comm, window, torch.float32)
