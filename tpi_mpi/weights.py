@@ -124,6 +124,7 @@ class WeightWindow:
         if depth is None or pinned + depth >= len(self.order):
             self.depth, pinned = None, len(self.order)
         self.pinned = pinned
+        self.cached = cached and self.depth is not None
         bar = progress(total=pinned, desc="load", unit="block") if progress and pinned else None
         for i, k in self.order[:pinned]:
             tensors = shard.read(block_file(i, k))[1]
@@ -134,12 +135,11 @@ class WeightWindow:
         if self.depth is None:
             return
         self.streamed = self.order[pinned:]
-        self.cached = cached
         self._verified: set[str] = set()     # checksums are checked on the first pass only
         size = shard.block_bytes()
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth):               # a mapped window's slots hold no buffer of their own
-            self._free.put(torch.empty(0 if cached else size, dtype=torch.uint8))
+            self._free.put(torch.empty(0 if self.cached else size, dtype=torch.uint8))
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loader, name="weight-loader", daemon=True)

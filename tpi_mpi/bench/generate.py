@@ -110,7 +110,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
 def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
     """What a `bench generate` JSON line says of its run: model, layout, link, host, commit."""
     return {"runner": "tpi_mpi", "model": cfg.model, "dtype": s.shard.manifest.dtype, "quant": s.shard.manifest.quant,
-            "cached": s.window.depth is not None and s.window.cached, "ranks": s.comm.size,
+            "cached": s.window.cached, "ranks": s.comm.size,
             "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
             "head_on": s.shard.manifest.head_on, "threads": s.threads,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),
