@@ -98,7 +98,11 @@ def load_reference(folder: Path):
 
 def reference_run(folder: Path, prompt_ids: list[int], n_new: int) -> tuple[torch.Tensor, list[int]]:
     """transformers' logits at every prompt position and its greedy continuation (EOS ignored)."""
-    model = load_reference(folder)
+    return greedy_reference(load_reference(folder), prompt_ids, n_new)
+
+
+def greedy_reference(model, prompt_ids: list[int], n_new: int) -> tuple[torch.Tensor, list[int]]:
+    """A transformers model's logits at every prompt position and its greedy continuation."""
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         prompt_logits = model(ids).logits[0].float()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from checkpoints import write_tokenizer
+from checkpoints import greedy_reference, write_tokenizer
 from test_gguf import DIM, FFN, HEADS, KV_HEADS, VOCAB, write_tiny as write_gguf
 from test_ranks_in_process import LOGITS_TOL, generate_in_threads, one_thread_each  # noqa: F401 (an autouse fixture)
 from tpi_mpi.config import ParallelConfig
@@ -48,15 +48,8 @@ def transformers_on(hf: dict[str, np.ndarray]):
 
 def reference(hf: dict[str, np.ndarray]) -> tuple[np.ndarray, list[int]]:
     """transformers' logits at every prompt position and its greedy continuation."""
-    model = transformers_on(hf)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        logits = model(ids).logits[0].numpy()
-        tokens = []
-        for _ in range(N_NEW):
-            tokens.append(int(model(ids).logits[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
-    return logits, tokens
+    logits, tokens = greedy_reference(transformers_on(hf), PROMPT, N_NEW)
+    return logits.numpy(), tokens
 
 
 def check(prepared, n: int, hf: dict, depth: int | None = None) -> None:
