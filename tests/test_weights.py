@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from conftest import run_tpi
-from tpi_mpi.config import ParallelConfig
+from tpi_mpi import weights
+from tpi_mpi.config import ParallelConfig, RunConfig
 from tpi_mpi.errors import ShardError
-from tpi_mpi.config import RunConfig
 from tpi_mpi.generate import run_generation
-from tpi_mpi.startup import Session
-from tpi_mpi.steps import Root
 from tpi_mpi.prepare import prepare
 from tpi_mpi.sampling import SamplingConfig
 from tpi_mpi.shard_format import block_file
+from tpi_mpi.startup import Session
+from tpi_mpi.steps import Root
 from tpi_mpi.weights import Shard, WeightWindow
 
 
@@ -162,3 +162,22 @@ def test_memory_budget_below_the_minimum_is_a_clear_error(checkpoints, tmp_path)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "memory budget of 9.54 MiB is too small for rank 0" in errors[0], r.stderr
+
+
+def test_a_cgroup_limit_counts_its_anonymous_memory_not_its_page_cache(tmp_path, monkeypatch):
+    """The default budget's free memory under a cgroup v1 limit: the limit less the group's anonymous
+    memory (total_rss), never more than the host's MemAvailable; shared only by ranks in that group."""
+    group = tmp_path / "memory" / "tpi_test"
+    group.mkdir(parents=True)
+    mib = 2**20
+    (group / "memory.limit_in_bytes").write_text(str(400 * mib))
+    (group / "memory.stat").write_text(f"cache {300 * mib}\nrss {90 * mib}\ntotal_cache {300 * mib}\n"
+                                       f"total_rss {120 * mib}\n")
+    monkeypatch.setattr(weights, "_cgroup_folders", lambda: [group])
+    assert weights.available_memory() == 280 * mib            # 400 - 120: the 300 MiB of cache is free
+    domain = weights.memory_domain()
+    assert domain > 0
+    monkeypatch.setattr(weights, "current_rss", lambda: 100 * mib)
+    assert weights.default_budget(2) == 100 * mib + int(0.9 * 280 * mib / 2)
+    (group / "memory.limit_in_bytes").write_text(str(2**63 - 4096))   # "no limit"
+    assert weights.memory_domain() == 0 and weights.available_memory() > 280 * mib
