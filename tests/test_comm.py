@@ -223,3 +223,13 @@ def test_bench_generate_compare_refuses_an_unknown_algorithm():
     r = run_tpi(["bench", "generate", "--compare", "star,fastest"])
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].endswith("list algorithms from auto,star,mpi,ring,recdouble")
+
+
+@pytest.mark.mpi
+def test_a_send_that_never_completes_names_its_destination():
+    """A rank frozen while another sends it more than the link buffers: the sender's timeout names
+    the frozen rank (before: 'a peer rank did not answer')."""
+    script = Path(__file__).parent / "mpi" / "check_frozen_send.py"
+    r = run_mpi(mpirun_cmd(2) + [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                env=mpi_env())
+    assert "error: rank 1 took nothing for 2 s (sending to a frozen rank)" in r.stdout, (r.stdout, r.stderr)

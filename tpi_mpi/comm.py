@@ -1,7 +1,8 @@
 """All communication between ranks; the only module that imports mpi4py.
 
 `Comm` is the interface the rest of tpi_mpi talks to. Two implementations declare it: `LocalComm`
-(the world of one) and `MpiComm` (MPI_COMM_WORLD). This module owns the transport: buffers, waits,
+(the world of one: reductions return at once and mpi4py is never imported, so the model runs and
+is tested without MPI) and `MpiComm` (MPI_COMM_WORLD). This module owns the transport: buffers, waits,
 timeouts and the roll call that names a silent rank. The allreduce algorithms are composed from
 its point-to-point `exchange` in allreduce.py (auto's choice among them in allreduce_auto.py);
 `comm.allreduce` is that composition.
@@ -10,9 +11,6 @@ Everything moves as raw buffers (the capitalised mpi4py methods on contiguous Nu
 never as pickled objects. Every wait polls a non-blocking request and sleeps between polls, so a
 rank waiting for its peers leaves the core to the ranks that compute (4 ranks on 2 cores is a
 normal setup), and a peer that never answers becomes an error after `timeout` seconds.
-
-`LocalComm` is the world of one: reductions return at once and mpi4py is never imported, so the
-model runs and is tested without MPI.
 
 `--link-model 2ms,300mbit` (a `SimulatedLink`) charges every message a modelled link time, for
 what-if runs on one machine without root (tpi_mpi.netem emulates the link for real).
@@ -195,9 +193,11 @@ class MpiComm(Comm):
         return self.allreduce.describe()
 
     # -- waiting without spinning -------------------------------------------------------------
-    def _wait(self, reqs: list, what: str, timeout: float | None | bool = True, peers: list[int] | None = None) -> None:
-        """Poll until `reqs` complete, sleeping between polls; timeout=None waits forever.
-        `peers[i]` is the rank request i waits on, named if it never answers."""
+    def _wait(self, reqs: list, what: str, timeout: float | None | bool = True, peers: list[int] | None = None,
+              sent_to: list[int] | None = None) -> None:
+        """Poll until `reqs` complete, sleeping between polls; timeout=None waits forever. `peers[i]`:
+        the rank receive i waits on; `sent_to[j]`: the rank the send after them goes to (a frozen
+        rank stops reading, so a send larger than the link buffers never completes). Named if silent."""
         test = self.MPI.Request.Testall
         if test(reqs):
             return
@@ -210,10 +210,13 @@ class MpiComm(Comm):
             # short waits (a peer computing) stay responsive; long idles poll rarely
             pause = min(pause * 2, _MAX_PAUSE if waited < 1.0 else _IDLE_PAUSE)
             if timeout is not None and waited > timeout:
-                silent = [p for r, p in zip(reqs, peers or []) if p is not None and not r.Test()]
+                n = len(peers or [])
+                silent = [p for r, p in zip(reqs[:n], peers or []) if not r.Test()]
+                deaf = [p for r, p in zip(reqs[n:], sent_to or []) if not r.Test()]
                 if peers is None:             # a collective: MPI does not say whom it waits for
                     silent = self._roll_call()
-                who = f"rank {', '.join(map(str, silent))} sent nothing" if silent else "a peer rank did not answer"
+                who = ("rank {} sent nothing" if silent else "rank {} took nothing" if deaf else
+                       "a peer rank did not answer").format(", ".join(map(str, dict.fromkeys(silent or deaf))))
                 raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
                                 f"(raise --comm-timeout if it is only slow)")
 
@@ -248,8 +251,8 @@ class MpiComm(Comm):
                 peers.append(src)
         sreqs = [self.world.Isend(piece, dest=dst, tag=tag) for buf, dst in sends for piece in _pieces(buf)]
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
-        self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace,
-                   peers=peers + [None] * len(sreqs))
+        self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace, peers=peers,
+                   sent_to=[dst for buf, dst in sends for _ in _pieces(buf)])
         if self.link and recvs:
             time.sleep(self.link.cost(sum(buf.nbytes for buf, _ in recvs)))
         for buf, _ in recvs:
