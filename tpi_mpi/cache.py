@@ -58,12 +58,11 @@ def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
     if not path.exists():
         raise ConfigError(f"model path {path} does not exist: check the path")
     par = cfg.parallel(world)
-    quant = cfg.quant if cfg.quant != "auto" else "keep" if path.suffix == ".gguf" else "none"   # as resolve_quant
+    quant = resolve_quant(path, cfg.quant)
     key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on, quant)
     out = cache_dir(cfg, 0) / f"{path.resolve().name}-{key}"
     if not (out / "rank0" / MANIFEST).exists():
         src = open_source(path)
-        quant = resolve_quant(src, quant)
         plan_shards(src.config, par, cfg.head_on, ffn_unit(src, quant, src.config))   # refuses a split that cannot be made
         log(f"preparing {path} for {world} rank(s) into {out}")
         prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress, quant=quant)

@@ -104,7 +104,7 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
     [default: the built-in model])."""
     from .parallel import FFN_UNIT, parameter_count, plan_shards, shard_bytes
     from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
-    from .shard_format import DTYPES, MANIFEST, Manifest
+    from .shard_format import DTYPE_NAMES as DTYPE_NAMES_OF, DTYPES, MANIFEST, Manifest
     from .weights import current_rss
 
     source = _source(src, synthetic) or _builtin()
@@ -118,7 +118,7 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
                         for b in blocks) * DTYPES[stored].itemsize) if quant != "none" else None
     else:
         opened = open_source(source) if isinstance(source, (str, Path)) else source
-        m, stored = opened.config, {v: k for k, v in DTYPES.items()}[opened.dtype]
+        m, stored = opened.config, DTYPE_NAMES_OF[opened.dtype]
         quant = resolve_quant(opened, quant)
         modes = {"none": None, **({"keep": opened.matrix_bytes()} if hasattr(opened, "matrix_bytes") else {}),
                  **QUANT_BYTES}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -24,7 +25,7 @@ from .errors import ConfigError, ShardError
 from .parallel import FFN_UNIT, RankShard, plan_shards
 from .quant import QTYPES, block_size, quantize
 from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP,
-                           TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256)
+                           TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256, quant_weight)
 
 
 def hf_name(ours: str, layer: int | None = None) -> str:
@@ -154,12 +155,14 @@ QUANT_BYTES = {mode: QTYPES[mode.upper()][1] / QTYPES[mode.upper()][0] for mode 
 
 
 def resolve_quant(src, mode: str) -> str:
-    """--quant auto -> keep for a GGUF (its own types), none for floats; keep needs a GGUF."""
-    keeps = hasattr(src, "read_quantized")
+    """--quant auto -> keep for a GGUF (its own types), none for floats; keep needs a GGUF. `src`: a
+    source or its path (as open_source tells them apart, by the suffix: no file is read)."""
+    path = getattr(src, "path", src)
+    keeps = Path(str(path)).suffix == ".gguf"
     if mode == "auto":
         return "keep" if keeps else "none"
     if mode == "keep" and not keeps:
-        raise ConfigError(f"--quant keep keeps a GGUF's own types, and {getattr(src, 'path', src)} holds floats: "
+        raise ConfigError(f"--quant keep keeps a GGUF's own types, and {path} holds floats: "
                           f"use --quant none, {', '.join(QUANTIZE)}")
     return mode
 
@@ -200,9 +203,8 @@ class Stored(dict):
             self.quant[name] = qtype
 
     def dequantized_bytes(self) -> int:
-        values = {name: QTYPES[self.quant[name]][0] * t.shape[1] // QTYPES[self.quant[name]][1] * t.shape[0]
-                  if name in self.quant else t.numel() for name, t in self.items()}
-        return sum(values.values()) * self.itemsize
+        return self.itemsize * sum(math.prod(quant_weight(t, self.quant[name]).shape) if name in self.quant
+                                   else t.numel() for name, t in self.items())
 
 
 def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dtype, mode: str) -> Stored:

@@ -221,18 +221,29 @@ def available_memory() -> int:
     is reclaimable, so only anonymous memory is counted as used)."""
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    for limit_file, anon_keys in (("memory.max", ("anon",)),                                 # cgroup v2
-                                  ("memory.limit_in_bytes", ("total_rss", "rss"))):           # cgroup v1
+    for folder, limit, anon_keys in _limited_cgroups():
+        try:
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        held = next((int(stat[k]) for k in anon_keys if k in stat), current_rss())
+        avail = min(avail, limit - held)
+    return max(avail, 0)
+
+
+def _limited_cgroups() -> list[tuple[Path, int, tuple[str, ...]]]:
+    """(folder, limit in bytes, memory.stat keys of its anonymous memory) of each memory cgroup of this
+    process that has a limit (v2 and v1)."""
+    out = []
+    for limit_file, anon_keys in (("memory.max", ("anon",)), ("memory.limit_in_bytes", ("total_rss", "rss"))):
         for folder in _cgroup_folders():
             try:
                 limit = (folder / limit_file).read_text().strip()
-                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
-            except (OSError, ValueError):
+            except OSError:
                 continue
-            held = next((int(stat[k]) for k in anon_keys if k in stat), current_rss())
             if limit.isdigit() and int(limit) < 1 << 60:
-                avail = min(avail, int(limit) - held)
-    return max(avail, 0)
+                out.append((folder, int(limit), anon_keys))
+    return out
 
 
 def default_budget(ranks_sharing: int) -> int:
@@ -245,15 +256,8 @@ def default_budget(ranks_sharing: int) -> int:
 def memory_domain() -> int:
     """Which memory this process draws from, as a number ranks can compare: 0 for the host's, else
     (the cgroup with a limit) a hash of that cgroup's path; ranks with the same number share it."""
-    for folder in _cgroup_folders():
-        for limit_file in ("memory.max", "memory.limit_in_bytes"):
-            try:
-                limit = (folder / limit_file).read_text().strip()
-            except OSError:
-                continue
-            if limit.isdigit() and int(limit) < 1 << 60:
-                return 1 + zlib.crc32(str(folder).encode()) % (1 << 30)
-    return 0
+    limited = _limited_cgroups()
+    return 1 + zlib.crc32(str(limited[0][0]).encode()) % (1 << 30) if limited else 0
 
 
 def _cgroup_folders() -> list[Path]:
