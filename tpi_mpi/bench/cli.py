@@ -96,15 +96,35 @@ def bench_comm(**kw) -> None:
 @bench.command("serve")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="A tpi_mpi serve on this machine.")
 @click.option("--requests", type=int, default=16, show_default=True, help="Per level of concurrency (at most 1000).")
-@click.option("--clients", default="1,4", show_default=True, help="Levels of concurrency.")
-@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--clients", default="1,4,8", show_default=True,
+              help="Levels of concurrency (client threads); speedup is against level 1.")
+@click.option("--max-tokens", type=int, default=32, show_default=True,
+              help="Tokens per request (greedy, ignore_eos: exactly this many).")
+@click.option("--long-prompt", type=int, default=0, show_default=True,
+              help="Also probe a short request's time to first token behind a prompt of about this many tokens "
+              "(0: no probe).")
+@click.option("--probe-only", is_flag=True, help="Only the --long-prompt probe, no load levels.")
+@click.option("--probe-delay", type=float, default=0.3, show_default=True,
+              help="Seconds between the long request and the short one.")
+@click.option("--probe-repeats", type=int, default=3, show_default=True)
+@click.option("--probe-tokens", type=int, default=1, show_default=True, help="max_tokens of the probe's requests.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per request.")
 @click.option("--api-key", envvar="TPI_MPI_API_KEY")
 @click.option("--out", help="Append the JSON records to this file.")
-def bench_serve(url, requests, clients, max_tokens, api_key, out) -> None:
-    """Requests per minute and p50/p95 latency against a running server (localhost only)."""
-    from .generate import bench_serve as run
+def bench_serve(url, requests, clients, max_tokens, long_prompt, probe_only, probe_delay, probe_repeats, probe_tokens,
+                timeout, api_key, out) -> None:
+    """Load a running server (localhost only) with streamed chat completions: per level of concurrency
+    requests/min, completion tokens/s, p50/p95 latency and time to first token, speedup."""
+    from .serve import bench_serve as run
 
-    run(url, requests, tuple(int(c) for c in clients.split(",")), max_tokens, api_key=api_key, out=out)
+    try:
+        levels = () if probe_only else tuple(int(c) for c in clients.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"--clients {clients!r}: comma separated numbers, e.g. 1,4,8") from None
+    if probe_only and not long_prompt:
+        raise ConfigError("--probe-only needs --long-prompt N")
+    run(url, requests, levels, max_tokens, api_key=api_key, out=out, timeout=timeout, long_prompt=long_prompt,
+        probe_delay=probe_delay, probe_repeats=probe_repeats, probe_tokens=probe_tokens)
 
 
 @bench.command("transformers")

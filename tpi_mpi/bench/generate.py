@@ -1,17 +1,12 @@
 """Benchmarks: timed runs that print a table row and append one JSON line per run.
 
-Never imported by tests. `bench generate` runs under mpirun like `generate`; `bench serve` loads a
-running server. The memory benchmark and the transformers reference are in bench/memory.py.
+Never imported by tests. `bench generate` runs under mpirun like `generate`. The memory benchmark and
+the transformers reference are in bench/memory.py; `bench serve`, a client of a running server, in bench/serve.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -21,16 +16,9 @@ from ..generate import run_generation
 from ..startup import Session
 from ..steps import Root, run_steps
 from ..sampling import SamplingConfig
+from .record import append_json, git_commit, host_fields  # noqa: F401  (memory, comm, quant, quality import them from here)
 
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def link_info(comm) -> dict:
@@ -50,12 +38,6 @@ def link_info(comm) -> dict:
 def synthetic_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     """A fixed pseudo-random prompt: benchmarks time shapes, not meaning."""
     return np.random.default_rng(seed).integers(10, vocab_size - 10, size=n).tolist()
-
-
-def append_json(path: str | None, record: dict) -> None:
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def print_row(record: dict, header: bool = True) -> None:
@@ -114,8 +96,7 @@ def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) 
             "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
             "head_on": s.shard.manifest.head_on, "threads": s.threads,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),
-            "load_avg": [round(x, 2) for x in os.getloadavg()], "host": platform.node(), "cpus": os.cpu_count(),
-            "commit": git_commit(), "time": time.strftime("%FT%T")}
+            **host_fields()}
 
 
 def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt_tokens: int, new_tokens: int,
@@ -172,69 +153,3 @@ def rank0_figures(s: Session, g) -> dict[str, float]:
     return {"s_per_token": g.s_per_token, "ttft_s": g.ttft_s,
             "compute_ms": 1000 * (s.forward_s - s.comm.stats.seconds - s.window.wait_s) / steps,
             "comm_ms": 1000 * s.comm.stats.seconds / steps}
-
-
-# -- serve: a load client for a server running on this machine -----------------------------------
-
-BENCH_PROMPT = "Write a short story about a cluster of small computers."
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def bench_serve(url: str = "http://127.0.0.1:8000", requests: int = 16, clients: tuple[int, ...] = (1, 4),
-                max_tokens: int = 32, prompt: str = BENCH_PROMPT, api_key: str | None = None,
-                out: str | None = None, timeout: float = 600.0) -> list[dict]:
-    """`requests` chat completions of `max_tokens` tokens (ignore_eos) at each level of concurrency:
-    prints requests per minute and p50/p95 latency, appends one JSON line per level to `out`."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
-    base = url.rstrip("/").removesuffix("/v1")
-    if urllib.parse.urlsplit(base).hostname not in LOOPBACK:
-        raise ConfigError(f"{url}: the load benchmark only talks to a server on this machine (127.0.0.1)")
-    if not 1 <= requests <= 1000:
-        raise ConfigError(f"--requests {requests}: use 1 to 1000")
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # never through a proxy
-
-    def call(method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(base + path, data=data, headers=headers, method=method)
-        with opener.open(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    model = call("GET", "/v1/models")["data"][0]["id"]
-    health = call("GET", "/health")              # what the server runs on, for the record
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
-
-    def one(_) -> tuple[float, int, int]:
-        t0 = time.perf_counter()
-        try:
-            usage = call("POST", "/v1/chat/completions", body)["usage"]
-        except urllib.error.HTTPError as e:
-            return time.perf_counter() - t0, 0, e.code
-        return time.perf_counter() - t0, usage["completion_tokens"], 200
-
-    one(None)                                    # warm-up, not timed
-    records = []
-    print(f"{'clients':>7} {'requests':>8} {'ok':>4} {'req_per_min':>11} {'p50_s':>7} {'p95_s':>7} {'tok_s':>7}")
-    for c in clients:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=c) as pool:
-            results = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - t0
-        ok = [(lat, n) for lat, n, status in results if status == 200]
-        lat = np.array([x for x, _ in ok]) if ok else np.array([np.nan])
-        record = {"bench": "serve", "model": model, "ranks": health.get("ranks"),
-                  "allreduce": health.get("allreduce"), "windows": health.get("windows"), "clients": c,
-                  "requests": requests, "ok": len(ok), "rejected": requests - len(ok), "max_tokens": max_tokens, "prompt": prompt,
-                  "wall_s": wall, "req_per_min": 60 * len(ok) / wall,
-                  "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
-                  "completion_tok_s": sum(n for _, n in ok) / wall, "url": base, "git_commit": git_commit()}
-        print(f"{c:>7} {requests:>8} {len(ok):>4} {record['req_per_min']:>11.1f} {record['p50_s']:>7.2f} "
-              f"{record['p95_s']:>7.2f} {record['completion_tok_s']:>7.1f}", flush=True)
-        append_json(out, record)
-        records.append(record)
-    return records
