@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from checkpoints import reference_run
 from fake_comm import ThreadWorld, run_ranks
+from tpi_mpi.batch import Batch, SeqStep, Want
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.errors import CommError
 from tpi_mpi.model import Transformer
@@ -102,7 +103,8 @@ def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, dep
                 if r == 0:
                     h[...] = embed[ids].numpy()
                 comm.bcast(h)                                  # the same hidden states on every rank
-                return model(torch.from_numpy(h), int(header[1]), all_logits=all_logits)
+                seq = SeqStep(0, int(header[1]), int(header[0]), Want.ALL if all_logits else Want.LAST)
+                return model(torch.from_numpy(h), Batch([seq]))
 
             prompt_logits = step(prompt_ids, 0, all_logits=True)
             outputs = [prompt_logits]

@@ -275,18 +275,25 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
 @click.option("--port", type=int, default=8000, show_default=True, help="0 = any free port (logged).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Requests answered together (continuous batching); the memory budget holds a KV cache of "
+                   "--context positions for each.")
+@click.option("--prefill-chunk", type=int, default=0,
+              help="Prompt tokens per step, a multiple of 32 [default: 64 with the weights in memory, 512 when "
+                   "they stream]: smaller lets a short request in sooner beside a long prompt.")
 @click.option("--queue-size", type=int, default=8, show_default=True,
-              help="Requests that may wait while one is answered; more get HTTP 429.")
+              help="Requests that may wait while --max-batch are answered; more get HTTP 429.")
 @click.option("--api-key", envvar="TPI_MPI_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every request.")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Tokens per answer when a request sets no max_tokens.")
-def serve(host, port, queue_size, api_key, max_tokens, **kw) -> None:
-    """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), one request at a time.
+def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens, **kw) -> None:
+    """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), many requests at a time.
 
     POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
     A request without temperature, top_p or top_k gets this tool's defaults (0.8, 0.95, 40).
     """
+    from .batch import PIECE
     from .startup import Session
     from .steps import run_steps
 
@@ -298,10 +305,13 @@ def serve(host, port, queue_size, api_key, max_tokens, **kw) -> None:
         raise ConfigError(f"--port {port}: use 0 to 65535")
     if queue_size < 1:
         raise ConfigError(f"--queue-size {queue_size}: must be at least 1")
+    if prefill_chunk < 0 or prefill_chunk % PIECE:
+        raise ConfigError(f"--prefill-chunk {prefill_chunk}: use a positive multiple of {PIECE} (or 0, the default)")
     if max_tokens <= 0:
         raise ConfigError(f"--max-tokens {max_tokens}: must be at least 1")
-    cfg = ServeConfig(host, port, queue_size, api_key or None, max_tokens, model_id(kw["model"]))
-    with Session(run_config(kw)) as s:
+    cfg = ServeConfig(host, port, queue_size, max_batch, prefill_chunk, api_key or None, max_tokens,
+                      model_id(kw["model"]))
+    with Session(run_config(kw, max_batch)) as s:
         run_steps(s, lambda root: serve_http(root, cfg))
 
 

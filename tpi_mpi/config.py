@@ -226,7 +226,8 @@ class RunConfig:
     hub: int = 0                        # the star allreduce's hub rank
     window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
     memory_budget: int | None = None    # bytes per rank for "auto" (default: weights.default_budget)
-    context: int = 4096                 # tokens of KV cache the budget reserves (capped at the model's)
+    context: int = 4096                 # tokens of KV cache the budget reserves per sequence (capped at the model's)
+    max_batch: int = 1                  # sequences whose KV caches the budget reserves (serve --max-batch)
     cache_dir: str | None = None
     ratio: tuple[float, ...] = ()       # empty = even
     dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
@@ -254,6 +255,8 @@ class RunConfig:
             raise ConfigError(f"--memory-budget {self.memory_budget}: must be positive")
         if self.context < 1:
             raise ConfigError(f"--context {self.context}: must be at least 1")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch {self.max_batch}: must be at least 1")
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads}: must be 0 (automatic) or more")
         if not self.comm_timeout > 0:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch import Batch, Piece
 from .config import ModelConfig
 from .parallel import ColumnParallelLinear, RankShard, RowParallelLinear, VocabParallelHead, bind
 
@@ -55,13 +56,15 @@ class Rope:
         self.inv_freq, self.dtype = rope_inv_freq(m), dtype
         self.cos = self.sin = torch.empty(0, m.head_dim)
 
-    def __call__(self, pos: int, T: int) -> tuple[Tensor, Tensor]:
-        if pos + T > self.cos.shape[0]:
-            n = max(pos + T, 2 * self.cos.shape[0], 256)
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, 1, head_dim) at each row's position."""
+        end = int(positions.max()) + 1
+        if end > self.cos.shape[0]:
+            n = max(end, 2 * self.cos.shape[0], 256)
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)                             # (n, head_dim)
             self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        return self.cos[pos:pos + T, None, :], self.sin[pos:pos + T, None, :]   # (T, 1, head_dim)
+        return self.cos[positions, None, :], self.sin[positions, None, :]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -72,19 +75,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of this rank's kv heads, (kv_heads, positions, head_dim), grown on demand.
+    """Keys and values of this rank's kv heads for one sequence slot, (kv_heads, positions, head_dim),
+    grown on demand up to `limit` positions (the context the memory budget planned for a slot).
 
     Writing at `pos` drops whatever lay beyond it, so a new prompt at position 0 starts afresh.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.k = self.v = None
+        self.limit = limit
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.nbytes
 
     def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         n_kv, T, d = k.shape
         end = pos + T
         if self.k is None or end > self.k.shape[1]:
-            cap = max(end, 2 * (self.k.shape[1] if self.k is not None else 0), 64)
+            cap = min(max(end, 2 * (self.k.shape[1] if self.k is not None else 0), 64), max(end, self.limit))
             grown_k, grown_v = k.new_empty(n_kv, cap, d), v.new_empty(n_kv, cap, d)
             if self.k is not None and pos:
                 grown_k[:, :pos], grown_v[:, :pos] = self.k[:, :pos], self.v[:, :pos]
@@ -94,7 +103,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, m: ModelConfig, shard: RankShard, comm) -> None:
+    def __init__(self, m: ModelConfig, shard: RankShard, comm, context: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = shard.n_heads, shard.n_kv_heads, m.head_dim
         self.q, self.k, self.v = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
@@ -104,14 +113,23 @@ class Attention(nn.Module):
         self.whole_groups = (kv_index == [i // m.group for i in range(self.n_heads)]
                              and self.n_heads == self.n_kv_heads * m.group)
         self.kv_index = torch.tensor(kv_index)
-        self.cache = KVCache()
+        self.context = context
+        self.caches: dict[int, KVCache] = {}                                     # by sequence slot
 
-    def forward(self, x: Tensor, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
-        T = x.shape[0]                                                           # x: (T, dim)
-        q = apply_rope(self.q(x).view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v(x).view(T, self.n_kv_heads, self.head_dim)
-        keys, values = self.cache.update(pos, k.transpose(0, 1), v.transpose(0, 1))  # (kv_heads, L, hd)
+    def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
+        T, pieces = x.shape[0], batch.pieces                                     # x: (T, dim), every sequence's rows
+        q = apply_rope(self.q(x, pieces).view(T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k(x, pieces).view(T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v(x, pieces).view(T, self.n_kv_heads, self.head_dim)
+        out = torch.empty_like(q)
+        for p in pieces:                  # each sequence against its own cache, piece by piece in order
+            cache = self.caches.setdefault(batch.seqs[p.seq].slot, KVCache(self.context))
+            out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos, cache)
+        return self.o(out.view(T, self.n_heads * self.head_dim), pieces)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, cache: KVCache) -> Tensor:
+        T = q.shape[0]                                                           # q: (T, heads, hd)
+        keys, values = cache.update(pos, k.transpose(0, 1), v.transpose(0, 1))   # (kv_heads, L, hd)
         if not self.whole_groups:
             keys, values = keys.index_select(0, self.kv_index), values.index_select(0, self.kv_index)
         L = pos + T
@@ -120,7 +138,10 @@ class Attention(nn.Module):
             mask = torch.arange(L)[None, :] <= torch.arange(pos, L)[:, None]
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
                                              enable_gqa=self.whole_groups)       # (heads, T, hd)
-        return self.o(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))
+        return out.transpose(0, 1)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches.values())
 
 
 class FeedForward(nn.Module):
@@ -129,32 +150,37 @@ class FeedForward(nn.Module):
         self.gate, self.up = ColumnParallelLinear(), ColumnParallelLinear()
         self.down = RowParallelLinear(comm)                                      # allreduce inside
 
-    def forward(self, x: Tensor) -> Tensor:                                      # x: (T, dim)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, x: Tensor, pieces: list[Piece]) -> Tensor:                 # x: (T, dim)
+        return self.down(F.silu(self.gate(x, pieces)) * self.up(x, pieces), pieces)
 
 
 class Block(nn.Module):
-    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm) -> None:
+    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, context: int) -> None:
         super().__init__()
         self.index = index
-        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm)
+        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, context)
         self.mlp_norm, self.mlp = RMSNorm(m.norm_eps), FeedForward(comm)
 
-    def forward(self, x: Tensor, pos: int, cos: Tensor, sin: Tensor, window) -> Tensor:
+    def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor, window) -> Tensor:
         with window.use(self.index, "attn", self.attn):
-            x = x + self.attn(self.attn_norm(x), pos, cos, sin)
+            x = x + self.attn(self.attn_norm(x), batch, cos, sin)
         with window.use(self.index, "mlp", self.mlp):
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x), batch.pieces)
         return x
 
 
 class Transformer(nn.Module):
-    """Hidden states in, logits out (full vocabulary on rank 0, None on the other ranks)."""
+    """Hidden states in, logits out (full vocabulary on rank 0, None on the other ranks).
+
+    A step runs a batch of sequences (batch.py), each with a KV cache of its own slot holding up to
+    `context` positions.
+    """
 
     def __init__(self, m: ModelConfig, shards: list[RankShard], rank: int, comm, window,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, context: int | None = None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm) for i in range(m.n_layers))
+        context = context or m.max_seq_len
+        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm, context) for i in range(m.n_layers))
         self.norm = RMSNorm(m.norm_eps)
         self.head = VocabParallelHead(comm, [s.vocab for s in shards])
         self.rope = Rope(m, dtype)
@@ -165,10 +191,16 @@ class Transformer(nn.Module):
         bind(self, tensors)
 
     @torch.inference_mode()
-    def forward(self, h: Tensor, pos: int, all_logits: bool = False) -> Tensor | None:
-        cos, sin = self.rope(pos, h.shape[0])                                    # h: (T, dim)
+    def forward(self, h: Tensor, batch: Batch) -> Tensor | None:
+        """h (T, dim): every sequence's rows, one after another. Returns the logits of the rows the
+        sequences want (batch.head_rows), (R, vocab) on rank 0."""
+        cos, sin = self.rope(batch.positions)
         for layer in self.layers:
-            h = layer(h, pos, cos, sin, self.window)
-        if not all_logits:
-            h = h[-1:]
-        return self.head(self.norm(h))                                           # (T or 1, vocab)
+            h = layer(h, batch, cos, sin, self.window)
+        if not len(batch.head_rows):                                            # a prompt chunk with more to come
+            return None
+        h = h.index_select(0, batch.head_rows)
+        return self.head(self.norm(h), batch.head_pieces)
+
+    def kv_bytes(self) -> int:
+        return sum(layer.attn.kv_bytes() for layer in self.layers)

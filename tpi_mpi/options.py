@@ -35,7 +35,8 @@ def run_options(f):
                      "[default: its share of 90% of the free memory (or of a cgroup limit), shared among the ranks on "
                      "the host]."),
         click.option("--context", type=int, default=4096, show_default=True,
-                     help="Tokens of KV cache the memory budget reserves (capped at the model's context)."),
+                     help="Tokens of KV cache the memory budget reserves per sequence (capped at the model's "
+                          "context); serve's longest prompt + answer."),
         click.option("--cache-dir", help="Where prepared shards are cached [default: ~/.cache/tpi_mpi]."),
         click.option("--ratio", help="Share of each rank when preparing, e.g. 3,1,1,1."),
         click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True),
@@ -53,10 +54,10 @@ def run_options(f):
     return f
 
 
-def run_config(kw: dict) -> RunConfig:
+def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
     budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
-                     memory_budget=budget, context=kw["context"], cache_dir=kw["cache_dir"],
+                     memory_budget=budget, context=kw["context"], max_batch=max_batch, cache_dir=kw["cache_dir"],
                      ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
                      link_model=kw["link_model"])

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch import Piece, split_rows
 from .config import ModelConfig, ParallelConfig
 from .quant import QuantWeight, matmul
 
@@ -100,8 +102,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight: Tensor | None = None   # (out_local, in)
         self.bias: Tensor | None = None     # (out_local,)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor:
+        return linear(x, self.weight, self.bias, pieces)
 
 
 class RowParallelLinear(nn.Module):
@@ -113,8 +115,8 @@ class RowParallelLinear(nn.Module):
         self.weight: Tensor | None = None   # (out, in_local)
         self.bias: Tensor | None = None     # (out,), added once after the sum
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.comm.allreduce(linear(x, self.weight))
+    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor:
+        y = self.comm.allreduce(linear(x, self.weight, None, pieces))   # one allreduce for the whole step
         return y if self.bias is None else y + self.bias
 
 
@@ -130,17 +132,39 @@ class VocabParallelHead(nn.Module):
         self.counts = [hi - lo for lo, hi in vocab_bounds]
         self.weight: Tensor | None = None   # (vocab_local, dim)
 
-    def forward(self, x: Tensor) -> Tensor | None:
-        local = linear(x, self.weight).float()
+    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor | None:
+        local = linear(x, self.weight, None, pieces).float()
         return self.comm.gather_columns(local, self.counts)
 
 
-def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
-    """x @ weight^T + bias, for a float or a quantized weight."""
+def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None,
+           pieces: list[Piece] | None = None) -> Tensor:
+    """x @ weight^T + bias, for a float or a quantized weight. With `pieces` (batch.py), each piece
+    of rows is computed as if it were alone in the step, whatever the others are."""
+    if pieces is not None:
+        y = split_rows(x, pieces, lambda rows: linear_rows(rows, weight), lambda rows: linear(rows, weight))
+        return y if bias is None else y + bias
     if isinstance(weight, QuantWeight):
         y = matmul(x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
+    """x @ weight^T with every row of x computed as it would be alone (batch invariant), in one pass
+    over the weight: numba's row kernels, else one call per row."""
+    if isinstance(weight, QuantWeight):
+        from .quant_numba import matmul_numba, numba_available
+        if numba_available():
+            return matmul_numba(x, weight)
+        return torch.cat([matmul(row[None], weight) for row in x])
+    try:
+        from .dense_numba import dense_numba_available, matmul_dense_numba
+    except ImportError:      # TEMP until dense_numba lands
+        dense_numba_available = lambda: False  # noqa: E731
+    if dense_numba_available():
+        return matmul_dense_numba(x, weight)
+    return torch.cat([F.linear(row[None], weight) for row in x])
 
 
 def bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:

@@ -3,10 +3,11 @@
 Two threads on rank 0, each with one role:
 - the HTTP thread runs uvicorn (Starlette app, its own event loop): it checks the key, parses and
   tokenizes each request, and puts a `Job` on a bounded queue (full: HTTP 429). It never touches MPI.
-- the main thread is the only one that talks to the other ranks: it takes one job at a time, runs
-  `run_generation` and sends the text back through the job's asyncio queue
-  (`loop.call_soon_threadsafe`, the one thread-safe way into an event loop).
-A client that goes away sets `job.cancelled`, which `should_stop` sees after the next token. An
+- the main thread is the only one that talks to the other ranks: it moves jobs into the batch's
+  free slots (up to --max-batch answered together, batching.py), runs one step for all of them at a
+  time and sends each its text through the job's asyncio queue (`loop.call_soon_threadsafe`, the
+  one thread-safe way into an event loop).
+A client that goes away sets `job.cancelled`; its sequence ends at the next step and frees its slot. An
 engine error fails the running and the queued requests with HTTP 5xx, stops the HTTP side and is
 raised, so the job ends with the command line's one-line message.
 
@@ -37,11 +38,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .batching import Batcher, Job
 from .errors import ConfigError, TpiError
-from .generate import run_generation
-from .openai_api import (ApiError, StopFilter, chat_messages, completion_prompt, flag_field, number_field,
-                         parse_max_tokens, parse_sampling, parse_stops, read_json, sse)
-from .sampling import SamplingConfig
+from .openai_api import (ApiError, chat_messages, completion_prompt, flag_field, number_field, parse_max_tokens,
+                         parse_sampling, parse_stops, read_json, sse)
 from .steps import Root
 
 BUILTIN_MODEL_ID = "smollm2-135m-instruct"
@@ -52,7 +52,9 @@ POLL_S = 0.5                 # how often the idle main thread checks that the HT
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    queue_size: int = 8          # requests waiting behind the one being answered
+    queue_size: int = 8          # requests waiting while max_batch are answered
+    max_batch: int = 8           # requests answered together, each in a KV-cache slot of its own
+    prefill_chunk: int = 0       # prompt tokens per step (a multiple of batch.PIECE); 0: default_prefill_chunk
     api_key: str | None = None
     max_tokens: int = 512        # per answer when a request sets no max_tokens
     model_id: str = BUILTIN_MODEL_ID
@@ -63,76 +65,51 @@ def model_id(model: str | None) -> str:
     return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
 
 
-# --- jobs: from the HTTP thread to the main thread -----------------------------------------------
-
-@dataclass(eq=False)
-class Job:
-    id: str
-    prompt_ids: list[int]
-    sampling: SamplingConfig
-    max_tokens: int
-    stops: list[str]
-    ignore_eos: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # ("text", str) ... ("done", dict) | ("error", ApiError)
-    cancelled: bool = False      # set by the HTTP thread when the client has gone
-
-    def send(self, kind: str, value) -> None:
-        """Main thread -> this request's handler."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:     # the event loop has closed: nobody is listening
-            self.cancelled = True
-
+# --- the main thread: admission and steps ----------------------------------------------------------
 
 class Engine:
-    """The main thread's side: one generation at a time, jobs from a bounded queue."""
+    """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
 
     def __init__(self, root: Root, cfg: ServeConfig) -> None:
         self.root, self.cfg = root, cfg
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.admitted = 0                    # jobs queued or running: at most queue_size + 1
+        self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
         self.lock = threading.Lock()
-        self.busy = False
         self.failed: str | None = None       # why the engine stopped; new requests get 503
         self.mean_job_s = 1.0                # running mean, for Retry-After
         s = root.s
-        self.eos = set(s.m.eos_ids) | s.codec.stop_ids()
+        self.context = min(s.context, s.m.max_seq_len)
+        chunk = cfg.prefill_chunk or default_prefill_chunk(s)
+        self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.m.eos_ids) | s.codec.stop_ids())
+
+    @property
+    def busy(self) -> int:
+        return len(self.batch.running)
 
     def submit(self, job: Job) -> None:
         """HTTP thread: queue a job or refuse it."""
         if self.failed:
             raise ApiError(503, f"the server is shutting down: {self.failed}", code="unavailable")
         with self.lock:
-            full = self.admitted > self.cfg.queue_size
+            full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
             if not full:
                 self.admitted += 1
                 self.jobs.put_nowait(job)
         if full:
-            wait = max(1, math.ceil(self.mean_job_s * self.cfg.queue_size))
+            wait = max(1, math.ceil(self.mean_job_s * self.cfg.queue_size / self.cfg.max_batch))
             raise ApiError(429, f"{self.cfg.queue_size} request(s) are waiting already (--queue-size): "
                                 f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
 
     def loop(self, http: "HttpThread") -> None:
-        """Main thread: answer jobs until the HTTP thread ends or the engine fails."""
+        """Main thread: step the batch until the HTTP thread ends or the engine fails."""
         try:
             while True:
-                self.root.idle()                 # the next request may be long in coming
-                job = None
-                while job is None:
-                    if not http.thread.is_alive():
-                        raise TpiError("the HTTP server stopped unexpectedly")
-                    try:
-                        job = self.jobs.get(timeout=POLL_S)
-                    except queue.Empty:
-                        pass
-                try:
-                    self.run(job)
-                finally:
-                    with self.lock:
-                        self.admitted -= 1
+                self._admit(block=not self.batch.running, http=http)
+                for seq in self.batch.step():
+                    self._ended(seq)
         except BaseException as e:
             self.failed = str(e) or type(e).__name__
+            self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
             while True:                          # nobody will answer the queued requests
                 try:
                     self.jobs.get_nowait().send("error", ApiError(503, f"the server stopped: {self.failed}",
@@ -141,42 +118,43 @@ class Engine:
                     break
             raise
 
-    def run(self, job: Job) -> None:
-        s = self.root.s
-        if job.cancelled:
-            job.send("error", ApiError(499, "the client closed the request"))
-            return
-        stop = StopFilter(job.stops)
+    def _admit(self, block: bool, http: "HttpThread") -> None:
+        """Move queued jobs into free slots; with nothing running, wait for one (the workers are told
+        that the next step may be long in coming)."""
+        if block:
+            self.root.idle()
+        while self.batch.free_slots:
+            try:
+                job = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
+            except queue.Empty:
+                if block:
+                    if not http.thread.is_alive():
+                        raise TpiError("the HTTP server stopped unexpectedly") from None
+                    continue
+                return
+            if job.cancelled:
+                job.send("error", ApiError(499, "the client closed the request"))
+                self._release()
+                continue
+            self.batch.admit(job)
+            block = False
 
-        def on_text(delta: str) -> None:
-            if out := stop.push(delta):
-                job.send("text", out)
-
-        t0 = time.perf_counter()
-        self.busy = True
-        try:
-            g = run_generation(self.root, job.prompt_ids, job.sampling, job.max_tokens, job.ignore_eos,
-                               on_text=on_text, should_stop=lambda _: job.cancelled or stop.stopped)
-        except ConfigError as e:                 # a request the checks let through: this client's fault
-            job.send("error", ApiError(400, str(e)))
-            return
-        except BaseException as e:
-            job.send("error", ApiError(500, f"the cluster failed: {e}", code="engine_error"))
-            raise
-        finally:
-            self.busy = False
-        if rest := stop.finish():
-            job.send("text", rest)
-        gone = job.cancelled                     # read before "done": the stream's end sets it too
-        seconds = time.perf_counter() - t0
+    def _ended(self, seq) -> None:
+        self._release()
+        seconds = time.perf_counter() - seq.started
         self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
-        ended_by_eos = g.generated_ids[-1] in self.eos and not job.ignore_eos
-        reason = "stop" if stop.stopped or ended_by_eos else "length"
-        usage = {"prompt_tokens": len(g.prompt_ids), "completion_tokens": len(g.generated_ids),
-                 "total_tokens": len(g.prompt_ids) + len(g.generated_ids)}
-        job.send("done", {"finish_reason": reason, "usage": usage})
-        s.log(f"{job.id}: {len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens in {seconds:.2f} s, "
-              f"{'client gone' if gone else reason}")
+        self.root.s.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
+                        f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}")
+
+    def _release(self) -> None:
+        with self.lock:
+            self.admitted -= 1
+
+
+def default_prefill_chunk(s) -> int:
+    """Prompt tokens per step: few when the weights are in memory (a step is cheap, so a short
+    request waits little behind a long prompt); many when they stream (a step reads every weight)."""
+    return 64 if all(w == "all" for w in s.windows) else 512
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -196,7 +174,7 @@ class Api:
     def __init__(self, engine: Engine) -> None:
         self.engine, self.cfg = engine, engine.cfg
         self.codec = engine.root.s.codec
-        self.context = engine.root.s.m.max_seq_len
+        self.context = engine.context                 # per request: the KV-cache slot's positions
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -238,7 +216,8 @@ class Api:
         if e.failed:
             return JSONResponse({"status": "error", "error": e.failed}, status_code=503)
         s = e.root.s
-        return JSONResponse({"status": "ok", "model": self.cfg.model_id, "busy": e.busy, "queued": e.jobs.qsize(),
+        return JSONResponse({"status": "ok", "model": self.cfg.model_id, "busy": e.busy > 0, "running": e.busy,
+                             "max_batch": self.cfg.max_batch, "queued": e.jobs.qsize(),
                              "ranks": s.comm.size, "allreduce": s.comm.mode, "windows": s.windows})
 
     async def models(self, request: Request) -> Response:
@@ -265,8 +244,8 @@ class Api:
         if number_field(body, "n", 1, int) != 1:
             raise ApiError(400, "n must be 1: one answer per request", param="n")
         if len(ids) >= self.context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is {self.context}: "
-                                "shorten it", param="messages" if prefix == "chatcmpl" else "prompt",
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, a request's context is {self.context} "
+                                "(serve --context): shorten it", param="messages" if prefix == "chatcmpl" else "prompt",
                            code="context_length_exceeded")
         max_tokens = parse_max_tokens(body, max_keys) or self.cfg.max_tokens
         return Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
@@ -385,7 +364,8 @@ def serve(root: Root, cfg: ServeConfig) -> None:
     try:
         http.start()
         root.s.log(f"serving {cfg.model_id} at http://{host}:{http.port}/v1 on {root.s.comm.size} rank(s); "
-                   f"queue of {cfg.queue_size}{', API key required' if cfg.api_key else ''}")
+                   f"{cfg.max_batch} request(s) at a time, queue of {cfg.queue_size}, prompts "
+                   f"{engine.batch.chunk} tokens per step{', API key required' if cfg.api_key else ''}")
         engine.loop(http)
     finally:
         http.stop()                              # lets the failed requests' answers go out first

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import cache
+from .batch import Batch
 from .comm import CommStats, make_comm
 from .config import RunConfig, format_size
 from .errors import PeerFailed, TpiError
@@ -118,7 +119,9 @@ class Session:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
         self.m, self.dtype = self.shard.model, self.shard.dtype
-        budget, context = self.budget, min(cfg.context, self.m.max_seq_len)
+        # the budget holds a KV cache of `context` positions for each of max_batch sequences
+        self.context = min(cfg.context, self.m.max_seq_len)
+        budget, context = self.budget, self.context * cfg.max_batch
         if cfg.window == "auto":
             depth, pinned = plan_window(self.shard, budget, context, self.baseline)
         else:
@@ -129,7 +132,8 @@ class Session:
         cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
                                    dequantize=dequantize, cached=cached)
-        self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype)
+        self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
+                                 self.context)
         common = self.shard.read(COMMON)[1]
         self.model.load_resident(dequantized(common, self.dtype) if dequantize else common)
         if self.rank == 0:
@@ -144,9 +148,9 @@ class Session:
         self.cpu_at_reset = time.process_time()
         self.disk_at_reset = disk_read_bytes()
 
-    def forward(self, h: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor | None:
+    def forward(self, h: torch.Tensor, batch: Batch) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        logits = self.model(h, pos, all_logits)
+        logits = self.model(h, batch)
         self.forward_s += time.perf_counter() - t0
         return logits
 
@@ -176,8 +180,7 @@ class Session:
             "resident_mib": self.shard.files[COMMON]["size"] / 2**20,
             # blocks kept in memory beside a streaming window (all of them when resident)
             "pinned_mib": self.window.resident_bytes() / 2**20,
-            "kv_mib": sum(layer.attn.cache.k.nbytes * 2 for layer in self.model.layers
-                          if layer.attn.cache.k is not None) / 2**20,
+            "kv_mib": self.model.kv_bytes() / 2**20,
         }
         return {k: self.comm.gather_floats(v) for k, v in mine.items()}
 

@@ -1,9 +1,10 @@
 """The step protocol: how rank 0 drives the other ranks, one control header at a time.
 
 Rank 0 (`Root`) owns the tokenizer, the embedding table, sampling and the text. Every step starts
-with a `Header` broadcast as a small int64 array; a forward step then broadcasts the hidden
-states. The other ranks (`follow`) only ever receive headers and float hidden states, run their
-slice of every layer, and send back partial sums and their share of the logits.
+with a `Header` broadcast as a small int64 array; a forward step then broadcasts, in one message,
+the step's sequence table (batch.py: slot, position, tokens, logits wanted) and the hidden states of
+all its rows. The other ranks (`follow`) only ever receive headers, that table and float hidden
+states, run their slice of every layer, and send back partial sums and their share of the logits.
 
 `run_steps(session, work)` is the one place where ranks branch: rank 0 runs `work(root)`, the
 others follow until rank 0 releases them, failed or not.
@@ -17,12 +18,13 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from .batch import Batch, SeqStep, Want
 from .config import ALLREDUCE_MODES
 from .errors import CommError, PeerFailed
 
 
 class Cmd(IntEnum):
-    FORWARD = 1          # run the model on the hidden states that follow
+    FORWARD = 1          # run the model on the sequence table and hidden states that follow
     STOP = 2             # the run is over
     RESET_STATS = 3      # zero the timing counters (benchmarks, after warm-up)
     IDLE = 4             # the next step may be long in coming: wait for it without a time limit
@@ -33,21 +35,29 @@ class Cmd(IntEnum):
 class Header:
     """One step's control message; each field has one meaning, whatever the command."""
     cmd: Cmd
-    pos: int = 0                 # FORWARD: position of the first token
-    n_tokens: int = 0            # FORWARD: tokens (rows of hidden states) in this step
-    all_logits: bool = False     # FORWARD: logits at every position, not only the last
+    n_seqs: int = 0              # FORWARD: sequences in this step
+    n_tokens: int = 0            # FORWARD: rows of hidden states, all sequences together
     failed: bool = False         # STOP: rank 0 failed; the workers exit non-zero too
     allreduce: int = 0           # SET_ALLREDUCE: index into ALLREDUCE_MODES
 
-    SIZE = 6                     # int64 fields on the wire
+    SIZE = 5                     # int64 fields on the wire
 
     def pack(self) -> np.ndarray:
         return np.array([int(v) for v in astuple(self)], dtype=np.int64)
 
     @classmethod
     def unpack(cls, buf: np.ndarray) -> Header:
-        cmd, pos, n_tokens, all_logits, failed, allreduce = (int(v) for v in buf)
-        return cls(Cmd(cmd), pos, n_tokens, bool(all_logits), bool(failed), allreduce)
+        cmd, n_seqs, n_tokens, failed, allreduce = (int(v) for v in buf)
+        return cls(Cmd(cmd), n_seqs, n_tokens, bool(failed), allreduce)
+
+
+def _payload(n_seqs: int, n_tokens: int, dim: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """One buffer for a forward step's sequence table and hidden states, and views of both parts."""
+    table_bytes = n_seqs * SeqStep.FIELDS * 8
+    raw = torch.empty(table_bytes + n_tokens * dim * dtype.itemsize, dtype=torch.uint8)
+    table = raw[:table_bytes].numpy().view(np.int64)
+    hidden = raw[table_bytes:].view(dtype).view(n_tokens, dim)
+    return raw.numpy(), table, hidden
 
 
 class Root:
@@ -59,13 +69,25 @@ class Root:
     def _send(self, header: Header) -> None:
         self.s.comm.bcast(header.pack())
 
-    def forward(self, ids: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Logits (float32, full vocabulary) of the last token, or of every token with `all_logits`."""
+    def step(self, seqs: list[SeqStep], ids: list[int]) -> list[torch.Tensor | None]:
+        """One forward step over sequences whose new tokens, one sequence after another, are `ids`:
+        each sequence's logits (float32, full vocabulary; (1, vocab) for Want.LAST, (n_tokens, vocab)
+        for Want.ALL, None for Want.NONE)."""
         s = self.s
-        self._send(Header(Cmd.FORWARD, pos=pos, n_tokens=len(ids), all_logits=all_logits))
-        h = s.embed[ids]                                                     # (T, dim)
-        s.comm.bcast(h.view(torch.uint8).numpy())
-        return s.forward(h, pos, all_logits)
+        batch = Batch(seqs)
+        if batch.n_rows != len(ids):
+            raise ValueError(f"the step's sequences hold {batch.n_rows} tokens, {len(ids)} given")
+        self._send(Header(Cmd.FORWARD, n_seqs=len(seqs), n_tokens=len(ids)))
+        raw, table, hidden = _payload(len(seqs), len(ids), s.m.dim, s.dtype)
+        table[:] = batch.pack().reshape(-1)
+        hidden[:] = s.embed[ids]
+        s.comm.bcast(raw)
+        logits = s.forward(hidden, batch)
+        return [None if a == b else logits[a:b] for a, b in batch.logit_spans]
+
+    def forward(self, ids: list[int], pos: int, all_logits: bool = False, slot: int = 0) -> torch.Tensor:
+        """One sequence's step: the logits of its last token, or of every token with `all_logits`."""
+        return self.step([SeqStep(slot, pos, len(ids), Want.ALL if all_logits else Want.LAST)], ids)[0]
 
     def reset_stats(self) -> None:
         """Zero the timing counters on every rank (benchmarks call this after warm-up)."""
@@ -119,9 +141,9 @@ def follow(s) -> None:
         elif header.cmd == Cmd.SET_ALLREDUCE:
             s.comm.mode = ALLREDUCE_MODES[header.allreduce]
         elif header.cmd == Cmd.FORWARD:
-            h = torch.empty(header.n_tokens, s.m.dim, dtype=s.dtype)
-            s.comm.bcast(h.view(torch.uint8).numpy())
-            s.forward(h, header.pos, header.all_logits)
+            raw, table, hidden = _payload(header.n_seqs, header.n_tokens, s.m.dim, s.dtype)
+            s.comm.bcast(raw)
+            s.forward(hidden, Batch.unpack(table))
 
 
 def run_steps(s, work):

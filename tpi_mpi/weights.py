@@ -336,8 +336,8 @@ def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple
         from .config import format_size
 
         raise ShardError(f"a memory budget of {format_size(budget)} is too small for rank {shard.rank}: "
-                         f"it needs at least {format_size(fixed + 2 * block)} (window 1, context {context}); "
-                         f"add ranks, prepare with a smaller --dtype, or shorten the context")
+                         f"it needs at least {format_size(fixed + 2 * block)} (window 1, KV cache of {context} positions); "
+                         f"add ranks, prepare with a smaller --dtype, or lower --context (or serve's --max-batch)")
     window = min(int(window), MAX_WINDOW)
     spare, pinned = budget - fixed - (window + 1) * block, 0
     while pinned < len(sizes) and sizes[pinned] <= spare:

@@ -1,0 +1,117 @@
+"""What one forward step computes: a few sequences, each with its own KV-cache slot, position and new
+tokens, their rows of hidden states laid one after another. Pure bookkeeping, no torch modules.
+
+A sequence's numbers must not depend on what else is in the step (a greedy answer is the same
+alone or among others), and neither BLAS nor torch's attention are batch invariant: the rows of
+a (T, in) @ W^T differ in their last bits with T. So a step is computed in **pieces** whose shapes
+belong to one sequence alone:
+- a prompt is cut into pieces of PIECE tokens counted from where its prefill began, each multiplied
+  and attended on its own, so it gives the same bits however the scheduler spread it over steps;
+- a piece of one row (a decode token) goes to a row kernel whose every row is computed as if alone
+  (parallel.linear_rows), so all the one-row pieces of a step share one pass over each weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+PIECE = 32      # prompt tokens per matmul and attention call (the unit of exactness, not of scheduling)
+
+
+class Want(IntEnum):
+    """Which logits a sequence wants from the step."""
+    NONE = 0     # a prompt chunk that does not end the prompt
+    LAST = 1     # the next token's
+    ALL = 2      # every position's (perplexity, tests)
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's part of a step: `n_tokens` new tokens at positions pos.., in KV slot `slot`."""
+    slot: int
+    pos: int
+    n_tokens: int
+    want: Want = Want.LAST
+
+    FIELDS = 4      # int64 values per sequence on the wire
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of the step, one sequence's, at positions pos..; `one_row` pieces share a
+    row kernel with the step's other one-row pieces."""
+    seq: int
+    start: int
+    stop: int
+    pos: int
+
+    @property
+    def one_row(self) -> bool:
+        return self.stop - self.start == 1
+
+
+class Batch:
+    """The step's sequences and how their rows are computed: pieces, positions and logit rows."""
+
+    def __init__(self, seqs: list[SeqStep]) -> None:
+        if not seqs:
+            raise ValueError("a step needs at least one sequence")
+        slots = [s.slot for s in seqs]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one step: {slots}")
+        self.seqs = seqs
+        self.pieces: list[Piece] = []
+        starts = np.cumsum([0] + [s.n_tokens for s in seqs])
+        self.n_rows = int(starts[-1])
+        for i, s in enumerate(seqs):
+            if s.n_tokens < 1:
+                raise ValueError(f"slot {s.slot}: a step needs at least one token per sequence")
+            for a in range(0, s.n_tokens, PIECE):
+                b = min(a + PIECE, s.n_tokens)
+                self.pieces.append(Piece(i, int(starts[i]) + a, int(starts[i]) + b, s.pos + a))
+        self.spans = [(int(starts[i]), int(starts[i + 1])) for i in range(len(seqs))]
+        self.positions = torch.cat([torch.arange(s.pos, s.pos + s.n_tokens) for s in seqs])
+        # rows the head computes: every row of ALL, the last of LAST, as pieces of their own
+        head_rows, self.head_pieces, self.logit_spans = [], [], []
+        for i, s in enumerate(seqs):
+            a, b = self.spans[i]
+            rows = range(a, b) if s.want == Want.ALL else range(b - 1, b) if s.want == Want.LAST else range(0)
+            at = len(head_rows)
+            head_rows.extend(rows)
+            self.logit_spans.append((at, len(head_rows)))
+            for p in range(0, len(rows), PIECE):
+                self.head_pieces.append(Piece(i, at + p, at + min(p + PIECE, len(rows)), s.pos))
+        self.head_rows = torch.tensor(head_rows, dtype=torch.long)
+
+    @property
+    def one_row_pieces(self) -> list[Piece]:
+        return [p for p in self.pieces if p.one_row]
+
+    def pack(self) -> np.ndarray:
+        """The sequence table as int64 (n_seqs, FIELDS), for the wire."""
+        return np.array([[s.slot, s.pos, s.n_tokens, int(s.want)] for s in self.seqs], dtype=np.int64)
+
+    @classmethod
+    def unpack(cls, table: np.ndarray) -> Batch:
+        return cls([SeqStep(int(a), int(b), int(c), Want(int(d))) for a, b, c, d in table.reshape(-1, SeqStep.FIELDS)])
+
+
+def split_rows(x: torch.Tensor, pieces: list[Piece], one: callable, many: callable) -> torch.Tensor:
+    """`one` over the one-row pieces together and `many` over each longer piece: the rows of
+    x (T, in) computed piece by piece into one (T, out) result."""
+    singles = [p.start for p in pieces if p.one_row]
+    if len(singles) == len(pieces) == x.shape[0]:
+        return one(x)                               # a decode step: every row alone, in one call
+    parts = {}
+    if singles:
+        idx = torch.tensor(singles)
+        for r, y in zip(singles, one(x.index_select(0, idx))):
+            parts[r] = y[None]
+    for p in pieces:
+        if not p.one_row:
+            parts[p.start] = many(x[p.start:p.stop])
+    return torch.cat([parts[r] for r in sorted(parts)])

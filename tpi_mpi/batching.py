@@ -1,0 +1,151 @@
+"""Continuous batching on rank 0 (serve's main thread): requests join and leave between steps.
+
+Each admitted request holds one of `max_batch` KV-cache slots until it ends. Every step carries
+one token of each sequence that is decoding and, as the prefill budget allows, prompt tokens:
+- prompts that can be finished within the step's budget go first, shortest first, so a short
+  request arriving while a long prompt is being read waits for at most one step;
+- otherwise the prompt closest to its end advances by one chunk (`chunk` tokens, a multiple of
+  batch.PIECE, so its pieces, and so its numbers, do not depend on how it was spread over steps).
+Each sequence samples with its own parameters and generator and stops on its own (EOS, stop
+string, max_tokens, the slot's context, a client gone); its slot is free for the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batch import PIECE, SeqStep, Want
+from .openai_api import ApiError, StopFilter
+from .sampling import SamplingConfig, sample
+from .text import Streamer
+
+
+@dataclass(eq=False)
+class Job:
+    """One request, from the HTTP thread to the main thread."""
+    id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_tokens: int
+    stops: list[str]
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # ("text", str) ... ("done", dict) | ("error", ApiError)
+    cancelled: bool = False      # set by the HTTP thread when the client has gone
+
+    def send(self, kind: str, value) -> None:
+        """Main thread -> this request's handler."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:     # the event loop has closed: nobody is listening
+            self.cancelled = True
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request holding KV slot `slot`: its prompt, what it has generated, its sampler and text."""
+    job: Job
+    slot: int
+    streamer: Streamer
+    stop: StopFilter
+    rng: np.random.Generator
+    fed: int = 0                                 # tokens in the slot's KV cache
+    generated: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    reason: str | None = None                    # why it ended: "stop", "length", "gone"
+
+    @property
+    def prompt_left(self) -> int:
+        return max(0, len(self.job.prompt_ids) - self.fed)
+
+    def next_input(self, budget: int) -> tuple[SeqStep, list[int]]:
+        """Its part of the next step: up to `budget` prompt tokens, or the last token it generated."""
+        if self.prompt_left:
+            n = min(self.prompt_left, budget)
+            want = Want.LAST if n == self.prompt_left else Want.NONE
+            return SeqStep(self.slot, self.fed, n, want), self.job.prompt_ids[self.fed:self.fed + n]
+        return SeqStep(self.slot, self.fed, 1), self.generated[-1:]
+
+
+def plan_step(seqs: list[Sequence], chunk: int) -> list[tuple[Sequence, int]]:
+    """Which sequences go into the next step and with how many tokens: every decoding one with one,
+    then prompts as described in the module docstring (`chunk` prompt tokens per step)."""
+    assert chunk % PIECE == 0, chunk
+    plan = [(s, 1) for s in seqs if not s.prompt_left]
+    waiting = sorted((s for s in seqs if s.prompt_left), key=lambda s: s.prompt_left)
+    budget, finishing = chunk, []
+    for s in waiting:
+        if s.prompt_left <= budget:
+            finishing.append((s, s.prompt_left))
+            budget -= s.prompt_left
+    if finishing:
+        return plan + finishing
+    if waiting:
+        plan.append((waiting[0], chunk))         # a long prompt: one chunk on, at a PIECE boundary
+    return plan
+
+
+class Batcher:
+    """The sequences in flight and the step that advances them all (rank 0's main thread)."""
+
+    def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int]) -> None:
+        self.root, self.max_batch, self.chunk, self.context, self.eos = root, max_batch, chunk, context, eos
+        self.running: list[Sequence] = []
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.running)
+
+    def admit(self, job: Job) -> Sequence:
+        used = {s.slot for s in self.running}
+        slot = next(i for i in range(self.max_batch) if i not in used)
+        seq = Sequence(job, slot, Streamer(self.root.s.codec), StopFilter(job.stops),
+                       np.random.default_rng(job.sampling.seed))
+        self.running.append(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """One forward step for the running sequences; returns those that ended in it."""
+        for s in self.running:
+            if s.job.cancelled:
+                s.reason = "gone"
+        plan = [(s, n) for s, n in plan_step([s for s in self.running if not s.reason], self.chunk)]
+        if plan:
+            parts = [s.next_input(n) for s, n in plan]
+            logits = self.root.step([p[0] for p in parts], [t for p in parts for t in p[1]])
+            for (s, _), (seq_step, _), out in zip(plan, parts, logits):
+                s.fed += seq_step.n_tokens
+                if out is not None:
+                    self._take(s, sample(out[-1].numpy(), s.job.sampling, s.rng))
+        ended = [s for s in self.running if s.reason]
+        self.running = [s for s in self.running if not s.reason]
+        return ended
+
+    def _take(self, s: Sequence, token: int) -> None:
+        """A new token for `s`: its text out to the client, and whether it ends the sequence."""
+        s.generated.append(token)
+        job = s.job
+        if out := s.stop.push(s.streamer.push(token)):
+            job.send("text", out)
+        if s.stop.stopped or (token in self.eos and not job.ignore_eos):
+            s.reason = "stop"
+        elif len(s.generated) >= job.max_tokens or s.fed + 1 >= self.context:
+            s.reason = "length"
+        elif job.cancelled:
+            s.reason = "gone"
+        if s.reason and s.reason != "gone":
+            if rest := s.stop.push(s.streamer.finish()) + s.stop.finish():
+                job.send("text", rest)
+            n_prompt, n_new = len(job.prompt_ids), len(s.generated)
+            job.send("done", {"finish_reason": s.reason, "usage": {
+                "prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}})
+
+    def fail(self, error: ApiError) -> None:
+        """The engine failed: every running request gets `error`."""
+        for s in self.running:
+            s.job.send("error", error)
+        self.running = []
