@@ -1,0 +1,153 @@
+"""Batched steps (batch.py, batching.plan_step, the model over a Batch): the bookkeeping, the
+scheduling policy, and the promise they exist for: a sequence's logits are the same bits whether
+it runs alone or among others that arrive at other steps with other prompt lengths. Ranks are
+threads (fake_comm), as in test_ranks_in_process; no mpirun."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fake_comm import run_ranks
+from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
+from tpi_mpi.batching import Sequence, plan_step
+from tpi_mpi.config import ParallelConfig
+from tpi_mpi.model import Transformer
+from tpi_mpi.prepare import prepare
+from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
+
+
+def test_batch_pieces_positions_and_logit_rows():
+    b = Batch([SeqStep(0, 0, 70, Want.LAST), SeqStep(3, 5, 1), SeqStep(1, 9, 2, Want.ALL), SeqStep(2, 40, 3, Want.NONE)])
+    assert [(p.seq, p.start, p.stop, p.pos) for p in b.pieces] == [
+        (0, 0, 32, 0), (0, 32, 64, 32), (0, 64, 70, 64), (1, 70, 71, 5), (2, 71, 73, 9), (3, 73, 76, 40)]
+    assert [p.one_row for p in b.pieces] == [False, False, False, True, False, False]
+    assert b.n_rows == 76 and b.positions.tolist() == [*range(70), 5, 9, 10, 40, 41, 42]
+    assert b.head_rows.tolist() == [69, 70, 71, 72]                # last of LAST, every row of ALL, none of NONE
+    assert b.logit_spans == [(0, 1), (1, 2), (2, 4), (4, 4)]
+    again = Batch.unpack(b.pack())
+    assert again.seqs == b.seqs and again.pack().dtype == np.int64
+
+
+@pytest.mark.parametrize("seqs,words", [
+    ([SeqStep(0, 0, 1), SeqStep(0, 4, 1)], "slot appears twice"),
+    ([SeqStep(0, 0, 0)], "at least one token"),
+    ([], "at least one sequence"),
+])
+def test_batch_refuses_what_it_cannot_compute(seqs, words):
+    with pytest.raises(ValueError, match=words):
+        Batch(seqs)
+
+
+def test_split_rows_computes_single_rows_together_and_pieces_alone():
+    b = Batch([SeqStep(0, 0, 1), SeqStep(1, 0, 40), SeqStep(2, 7, 1)])
+    calls = []
+
+    def one(x):
+        calls.append(("one", x.shape[0]))
+        return x * 2
+
+    def many(x):
+        calls.append(("many", x.shape[0]))
+        return x * 3
+
+    x = torch.arange(42.0)[:, None]
+    y = split_rows(x, b.pieces, one, many)
+    assert sorted(calls) == [("many", 8), ("many", 32), ("one", 2)]
+    expected = x * 3
+    expected[[0, 41]] = x[[0, 41]] * 2
+    assert torch.equal(y, expected)
+
+
+def seq(slot: int, prompt: int, fed: int = 0, generated: int = 0) -> Sequence:
+    job = SimpleNamespace(prompt_ids=list(range(prompt)), cancelled=False)
+    return Sequence(job, slot, None, None, None, fed=fed, generated=[1] * generated)
+
+
+def test_plan_step_decodes_all_and_finishes_short_prompts_before_long_ones():
+    decoding, long, short, other = seq(0, 10, 10, 1), seq(1, 300), seq(2, 20), seq(3, 50)
+    plan = plan_step([decoding, long, short, other], chunk=64)
+    assert [(s.slot, n) for s, n in plan] == [(0, 1), (2, 20)]        # 20 fits, then 50 no longer does
+    plan = plan_step([decoding, long], chunk=64)
+    assert [(s.slot, n) for s, n in plan] == [(0, 1), (1, 64)]        # a long prompt moves one chunk on
+    long.fed = 256
+    assert [(s.slot, n) for s, n in plan_step([long], chunk=64)] == [(1, 44)]    # its end: all that is left
+    with pytest.raises(AssertionError):
+        plan_step([long], chunk=PIECE + 1)                            # chunks keep pieces on PIECE boundaries
+
+
+# --- alone and in a batch: the same bits ---------------------------------------------------------
+
+def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new: int, chunk: int):
+    """Greedy generation of `requests` (arrival step, prompt ids) through batched steps on n rank
+    threads, scheduled by plan_step; returns rank 0's logits rows per request, one per new token."""
+
+    def rank_main(comm):
+        r = comm.rank
+        shard = Shard(prepared / f"rank{r}", r, n)
+        window = WeightWindow(shard, None)
+        try:
+            model = Transformer(shard.model, shard.shards, r, comm, window, torch.float32)
+            model.load_resident(shard.read("common.safetensors")[1])
+            embed = EmbeddingTable(shard) if r == 0 else None
+            pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
+            running, logits_of, step = {}, {i: [] for i in range(len(requests))}, 0
+            while True:
+                header = np.zeros(3, dtype=np.int64)          # sequences, tokens, all done
+                if r == 0:
+                    while pending and requests[pending[0]][0] <= step and len(running) < 3:
+                        i = pending.pop(0)
+                        slot = min(set(range(3)) - {s.slot for s in running.values()})
+                        running[i] = seq(slot, 0)
+                        running[i].job.prompt_ids = requests[i][1]
+                    plan = plan_step(list(running.values()), chunk) if running else []
+                    parts = [s.next_input(k) for s, k in plan]
+                    header[:] = len(parts), sum(p[0].n_tokens for p in parts), not (pending or running)
+                comm.bcast(header)
+                step += 1
+                if header[2]:
+                    return logits_of
+                if header[0] == 0:                             # the next request has not arrived yet
+                    continue
+                table = np.zeros((int(header[0]), SeqStep.FIELDS), dtype=np.int64)
+                h = np.zeros((int(header[1]), shard.model.dim), dtype=np.float32)
+                if r == 0:
+                    table[:] = Batch([p[0] for p in parts]).pack()
+                    h[:] = embed[[t for p in parts for t in p[1]]].numpy()
+                comm.bcast(table)
+                comm.bcast(h)
+                batch = Batch.unpack(table)
+                out = model(torch.from_numpy(h), batch)
+                if r == 0:
+                    index = {id(s): i for i, s in running.items()}
+                    for (s, _), (part, _), (a, b) in zip(plan, parts, batch.logit_spans):
+                        s.fed += part.n_tokens
+                        if b > a:
+                            logits_of[index[id(s)]].append(out[b - 1].clone())
+                            s.generated.append(int(out[b - 1].argmax()))
+                            if len(s.generated) == n_new:
+                                del running[index[id(s)]]
+        finally:
+            window.close()
+
+    return run_ranks(n, rank_main)[0]
+
+
+@pytest.mark.parametrize("name,n,quant", [("llama", 1, "none"), ("llama", 2, "none"), ("llama", 3, "none"),
+                                          ("qwen2", 2, "q8_0")])
+def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, quant):
+    torch.set_num_threads(1)
+    prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), "fp32", quant=quant)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, size=k).tolist() for k in (5, 70, 33, 1)]
+    arrivals = [0, 1, 3, 4]                     # a new prompt while others prefill and decode
+    n_new = 6
+    alone = [run_requests(prepared, n, [(0, p)], n_new, chunk=512)[0] for p in prompts]
+    together = run_requests(prepared, n, list(zip(arrivals, prompts)), n_new, chunk=PIECE)
+    for i in range(len(prompts)):
+        assert len(together[i]) == len(alone[i]) == n_new
+        for step, (a, b) in enumerate(zip(alone[i], together[i])):
+            assert torch.equal(a, b), f"request {i} (prompt {len(prompts[i])}), token {step}: {(a - b).abs().max()}"
