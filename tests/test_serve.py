@@ -215,12 +215,13 @@ def reference_text(model: Path | None, cache: Path, prompt: str, n_new: int, cha
 
 @pytest.fixture(scope="module")
 def llama_server(checkpoints, tmp_path_factory):
-    """One server for the module: the random llama checkpoint, an API key, a queue of one."""
+    """One server for the module: the random llama checkpoint, an API key, two requests answered
+    together and a queue of one."""
     model, cache = checkpoints("llama"), tmp_path_factory.mktemp("serve_cache")
     ref = {"text": reference_text(model, cache, PROMPT, N_NEW, chat=False),     # prepares the shards too
            "chat": reference_text(model, cache, CHAT, N_NEW, chat=True)}
     server = Server(tmp_path_factory.mktemp("serve"), ["--model", str(model), "--cache-dir", str(cache),
-                                                        "--queue-size", "1"], key=KEY)
+                                                        "--max-batch", "2", "--queue-size", "1"], key=KEY)
     try:
         server.wait_ready()
         server.ref, server.model = ref, model
@@ -266,7 +267,7 @@ def test_stop_string_is_cut_from_the_text(llama_server):
 
 
 @pytest.mark.mpi
-def test_two_concurrent_clients_are_answered_in_turn(llama_server):
+def test_two_concurrent_clients_are_answered_together(llama_server):
     client = llama_server.client()
     results = {}
 
@@ -276,7 +277,7 @@ def test_two_concurrent_clients_are_answered_in_turn(llama_server):
         except Exception as e:                  # reported below, not lost in the thread
             results[i] = e
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]    # a queue of one: one waits
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]    # both in the batch at once
     for t in threads:
         t.start()
     for t in threads:
@@ -305,7 +306,8 @@ def test_client_gone_mid_stream_stops_its_generation(llama_server):
 
 @pytest.mark.mpi
 def test_full_queue_gets_429_with_retry_after(llama_server):
-    """With rank 1 paused, one request is answered (stalled), one waits, the next is refused."""
+    """With rank 1 paused, one request is answered (stalled), two wait (a slot of the batch and the
+    queue of one), the next is refused."""
     worker = llama_server.rank_pid(1)
     client = llama_server.client()
     results = []
@@ -323,12 +325,11 @@ def test_full_queue_gets_429_with_retry_after(llama_server):
             time.sleep(0.05)
 
     os.kill(worker, signal.SIGSTOP)
-    threads = [threading.Thread(target=ask) for _ in range(2)]
+    threads = [threading.Thread(target=ask) for _ in range(3)]
     try:
-        threads[0].start()
-        until(lambda h: h["busy"] and h["queued"] == 0)
-        threads[1].start()
-        until(lambda h: h["queued"] == 1)
+        for i, t in enumerate(threads):
+            t.start()
+            until(lambda h: h["running"] + h["queued"] == i + 1)
         status, headers, body = llama_server.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert body["error"]["code"] == "queue_full"
@@ -338,7 +339,7 @@ def test_full_queue_gets_429_with_retry_after(llama_server):
         os.kill(worker, signal.SIGCONT)
         for t in threads:
             t.join(timeout=60)
-    assert len(results) == 2 and all(r.usage.completion_tokens == 4 for r in results), results
+    assert len(results) == 3 and all(r.usage.completion_tokens == 4 for r in results), results
 
 
 @pytest.mark.mpi
@@ -359,7 +360,8 @@ def test_bad_requests_get_clear_4xx(llama_server):
         (json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}), 413, "body_too_large", "at most"),
         ({"messages": []}, 400, None, "non-empty"),
         ({"messages": user, "temperature": -1}, 400, None, "temperature"),
-        ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded", "context is 256"),
+        ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded",
+         "context is 256 (serve --context)"),
     ]
     for body, status, code, words in cases:
         got, _, answer = llama_server.request("POST", "/v1/chat/completions", body)
@@ -408,5 +410,47 @@ def test_builtin_model_completion_and_streamed_chat_equal_generate(tmp_path):
                                          max_tokens=n_new, temperature=0)
         assert done.choices[0].text == ref_completion
         assert done.usage.completion_tokens <= n_new
+    finally:
+        server.close()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_requests_in_a_batch_get_the_text_they_get_alone(checkpoints, tmp_path, n):
+    """Greedy and seeded requests of different lengths, arriving at different moments while others
+    are prefilled and decoded, give the very text each gives alone on the idle server."""
+    model = checkpoints("llama")
+    server = Server(tmp_path, ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--max-batch", "4",
+                               "--prefill-chunk", "32"], n=n)
+    long = {"ignore_eos": True}                 # long enough answers that the requests overlap
+    requests = [dict(prompt=PROMPT, max_tokens=40, temperature=0, extra_body=long),
+                dict(prompt="word " * 20 + "end", max_tokens=30, temperature=0, extra_body=long),   # several chunks
+                dict(prompt="Edge devices", max_tokens=N_NEW, temperature=0),
+                dict(prompt=PROMPT, max_tokens=30, temperature=0.9, seed=7, extra_body=long),
+                dict(prompt="The cluster of " * 4, max_tokens=5, temperature=0)]
+    try:
+        server.wait_ready()
+        client = server.client()
+        alone = [client.completions.create(model="x", **r).choices[0].text for r in requests]
+        together, spans = [None] * len(requests), [None] * len(requests)
+
+        def ask(i):
+            time.sleep(0.05 * i)                 # each arrives while the earlier ones run
+            t0 = time.monotonic()
+            try:
+                together[i] = client.completions.create(model="x", **requests[i]).choices[0].text
+            except Exception as e:
+                together[i] = e
+            spans[i] = (t0, time.monotonic())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        overlap = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+        assert overlap >= 3, spans               # else this did not test a batch
+        assert together == alone
+        assert "4 request(s) at a time" in server.log.read_text()
     finally:
         server.close()
