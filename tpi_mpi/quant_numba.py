@@ -14,11 +14,14 @@ from torch import Tensor
 from .quant import QuantWeight, _blocks
 
 # Plain Python, jitted on first use by _numba_kernels (so importing this module never imports numba).
-# Each takes one token x (cols,) and computes every weight exactly as the torch kernels above (same
-# float32 products; no fastmath, so no contraction into fused multiply-adds), then sums w * x in 32
-# or 64 float32 lanes that LLVM vectorizes, rows split across threads: y[r] = the sum of the lanes.
-# Only that order of the sum differs from BLAS.
+# Every weight is computed exactly as the torch kernels in quant.py (same float32 products; no
+# fastmath, so no contraction into fused multiply-adds) and multiplied into one of 32 or 64 float32
+# lanes per token (LLVM vectorizes across lanes), rows split across threads: y[t, r] = the sum of
+# token t's lanes in lane order. That is the same operations whatever T is and whatever the other
+# tokens hold (batch invariance: dense_numba.py's docstring says why); only that order of the sum
+# differs from BLAS. A batch of T tokens decodes each block once, not T times.
 
+ROWS_PER_TASK = 16       # rows of W per parallel task (the lanes are allocated per task)
 _prange = range          # numba.prange once numba is loaded
 _POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)   # fp16 exponent -> its scale
 
@@ -43,10 +46,11 @@ def _nb_scale_min(b, r, k, j):
     return (q & 15) | ((lo >> 6) << 4), (q >> 4) | ((hi >> 6) << 4)
 
 
-_half, _scale_min = _nb_half, _nb_scale_min               # jitted by _numba_kernels
+# One token (T = 1, the common decode step): decode and multiply in one loop, no lanes array per
+# token in memory. Same products, same lanes, same final sum as the batched kernels below, so a row's
+# result does not depend on which of the two computed it (tests/test_rowwise_kernels.py checks).
 
-
-def _nb_q8_0(b, x, y):                                      # b: the int8 view of the blocks
+def _nb_q8_0_one(b, x, y):                                  # x (cols,), y (rows,); b: int8 view
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(32, np.float32)
@@ -57,7 +61,7 @@ def _nb_q8_0(b, x, y):                                      # b: the int8 view o
         y[r] = acc.sum()
 
 
-def _nb_q4_0(b, x, y):
+def _nb_q4_0_one(b, x, y):
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(32, np.float32)
@@ -70,7 +74,7 @@ def _nb_q4_0(b, x, y):
         y[r] = acc.sum()
 
 
-def _nb_q4_1(b, x, y):
+def _nb_q4_1_one(b, x, y):
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(32, np.float32)
@@ -83,7 +87,7 @@ def _nb_q4_1(b, x, y):
         y[r] = acc.sum()
 
 
-def _nb_q4_k(b, x, y):
+def _nb_q4_k_one(b, x, y):
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(64, np.float32)
@@ -101,7 +105,7 @@ def _nb_q4_k(b, x, y):
         y[r] = acc.sum()
 
 
-def _nb_q5_k(b, x, y):
+def _nb_q5_k_one(b, x, y):
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(64, np.float32)
@@ -120,7 +124,7 @@ def _nb_q5_k(b, x, y):
         y[r] = acc.sum()
 
 
-def _nb_q6_k(b, x, y):
+def _nb_q6_k_one(b, x, y):
     rows, nb = b.shape[:2]
     for r in _prange(rows):
         acc = np.zeros(32, np.float32)
@@ -141,8 +145,149 @@ def _nb_q6_k(b, x, y):
         y[r] = acc.sum()
 
 
+# T tokens: each block decoded once into `w`, then added into every token's lanes.
+
+def _nb_accumulate(acc, w, x, at, n):
+    """acc[t, i] += w[i] * x[t, at + i] for i < n, every token t: one decoded block, all tokens.
+    n arrives at run time on purpose (and the kernels' decode loops run to `lanes`, an argument,
+    for the same reason): LLVM unrolls a loop of a constant 32 fully and, numba keeping SLP
+    vectorization off, leaves it scalar; a loop of unknown length over 1-D views it vectorizes.
+    (A copy of dense_numba's: numba's cache only notices changes to a kernel's own file.)"""
+    for t in range(acc.shape[0]):
+        a, xt = acc[t], x[t, at:at + n]
+        for i in range(n):
+            a[i] += w[i] * xt[i]
+
+
+def _nb_lane_sums(acc, y, r):
+    """y[t, r] = acc[t, 0] + acc[t, 1] + ... in lane order, as numba's acc[t].sum() adds them."""
+    for t in range(acc.shape[0]):
+        s = np.float32(0.0)
+        for i in range(acc.shape[1]):
+            s += acc[t, i]
+        y[t, r] = s
+
+
+_half, _scale_min, _accumulate, _lane_sums = _nb_half, _nb_scale_min, _nb_accumulate, _nb_lane_sums
+
+
+def _nb_q8_0(b, x, y, lanes):                               # b: the int8 view of the blocks
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d = _half(b, r, k, 0)
+                for i in range(lanes):
+                    w[i] = d * np.float32(b[r, k, 2 + i])
+                _accumulate(acc, w, x, 32 * k, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q4_0(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d = _half(b, r, k, 0)
+                for i in range(lanes // 2):
+                    byte = np.int32(b[r, k, 2 + i])
+                    w[i] = d * np.float32((byte & 15) - 8)
+                    w[16 + i] = d * np.float32((byte >> 4) - 8)
+                _accumulate(acc, w, x, 32 * k, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q4_1(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d, m = _half(b, r, k, 0), _half(b, r, k, 2)
+                for i in range(lanes // 2):
+                    byte = np.int32(b[r, k, 4 + i])
+                    w[i] = d * np.float32(byte & 15) + m
+                    w[16 + i] = d * np.float32(byte >> 4) + m
+                _accumulate(acc, w, x, 32 * k, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q4_k(b, x, y, lanes):                               # 64 lanes: sub-blocks 2g and 2g + 1
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d, dmin = _half(b, r, k, 0), _half(b, r, k, 2)
+                for g in range(4):                      # sub-blocks 2g (low nibbles) and 2g + 1 (high)
+                    sc0, mn0 = _scale_min(b, r, k, 2 * g)
+                    sc1, mn1 = _scale_min(b, r, k, 2 * g + 1)
+                    s0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
+                    s1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
+                    for i in range(lanes // 2):
+                        byte = np.int32(b[r, k, 16 + 32 * g + i])
+                        w[i] = s0 * np.float32(byte & 15) - m0
+                        w[32 + i] = s1 * np.float32(byte >> 4) - m1
+                    _accumulate(acc, w, x, 256 * k + 64 * g, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q5_k(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d, dmin = _half(b, r, k, 0), _half(b, r, k, 2)
+                for g in range(4):
+                    sc0, mn0 = _scale_min(b, r, k, 2 * g)
+                    sc1, mn1 = _scale_min(b, r, k, 2 * g + 1)
+                    s0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
+                    s1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
+                    for i in range(lanes // 2):
+                        byte = np.int32(b[r, k, 48 + 32 * g + i])
+                        h = np.int32(b[r, k, 16 + i]) >> (2 * g)          # bits 2g, 2g + 1: the fifth bits
+                        w[i] = s0 * np.float32((byte & 15) | ((h & 1) << 4)) - m0
+                        w[32 + i] = s1 * np.float32((byte >> 4) | ((h & 2) << 3)) - m1
+                    _accumulate(acc, w, x, 256 * k + 64 * g, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q6_k(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d = _half(b, r, k, 208)
+                for h in range(2):
+                    for s in range(4):                  # as _q6_k: low bits from ql, high from qh
+                        shift, lo_at = np.uint32(4 * (s >> 1)), 64 * h + 32 * (s & 1)
+                        sc0, sc1 = np.int32(b[r, k, 192 + 8 * h + 2 * s]), np.int32(b[r, k, 193 + 8 * h + 2 * s])
+                        s0 = d * np.float32(sc0 - 256 if sc0 > 127 else sc0)          # int8 scales
+                        s1 = d * np.float32(sc1 - 256 if sc1 > 127 else sc1)
+                        for i in range(lanes):          # unsigned shifts and a select: vectorized
+                            lo = (np.uint32(b[r, k, lo_at + i]) >> shift) & np.uint32(15)
+                            hi = (np.uint32(b[r, k, 128 + 32 * h + i]) >> np.uint32(2 * s)) & np.uint32(3)
+                            sc = s0 if i < 16 else s1
+                            w[i] = sc * np.float32(np.int32(lo | (hi << np.uint32(4))) - 32)
+                        _accumulate(acc, w, x, 256 * k + 128 * h + 32 * s, lanes)
+            _lane_sums(acc, y, r)
+
+
 _NUMBA_SOURCES = {"Q8_0": _nb_q8_0, "Q4_0": _nb_q4_0, "Q4_1": _nb_q4_1, "Q4_K": _nb_q4_k, "Q5_K": _nb_q5_k,
                   "Q6_K": _nb_q6_k}
+_ONE_TOKEN = {"Q8_0": _nb_q8_0_one, "Q4_0": _nb_q4_0_one, "Q4_1": _nb_q4_1_one, "Q4_K": _nb_q4_k_one,
+              "Q5_K": _nb_q5_k_one, "Q6_K": _nb_q6_k_one}
+_LANES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 32}
 
 
 @functools.cache
@@ -151,14 +296,15 @@ def _numba_kernels() -> dict | None:
         import numba
     except ImportError:
         return None
-    global _prange, _half, _scale_min                  # globals numba reads when it compiles the kernels
+    global _prange, _half, _scale_min, _accumulate, _lane_sums     # globals numba reads when it compiles
     _prange = numba.prange
-    _half, _scale_min = (numba.njit(f, inline="always", cache=True) for f in (_nb_half, _nb_scale_min))
+    _half, _scale_min, _accumulate, _lane_sums = (numba.njit(f, inline="always", cache=True) for f in (
+        _nb_half, _nb_scale_min, _nb_accumulate, _nb_lane_sums))
     jit = numba.njit(parallel=True, fastmath=False, cache=True)
     threads = torch.get_num_threads()
     numba.get_num_threads()                             # starts numba's pool, which (sharing torch's
     torch.set_num_threads(threads)                      # libgomp) resets torch's thread count: put it back
-    return {name: jit(fn) for name, fn in _NUMBA_SOURCES.items()}
+    return {name: (jit(_ONE_TOKEN[name]), jit(fn)) for name, fn in _NUMBA_SOURCES.items()}
 
 
 def numba_available() -> bool:
@@ -166,8 +312,9 @@ def numba_available() -> bool:
 
 
 def matmul_numba(x: Tensor, w: QuantWeight) -> Tensor:
-    """x (T, cols) @ W^T with w.qtype's numba kernel, one call per token, on as many threads as
-    torch uses. Raises RuntimeError when numba is missing."""
+    """x (T, cols) @ W^T with w.qtype's numba kernel, one call for all T tokens (each block decoded
+    once), on as many threads as torch uses. Row t of the result depends on x[t] and w only, bit for
+    bit. Raises RuntimeError when numba is missing."""
     kernels = _numba_kernels()
     if kernels is None:
         raise RuntimeError("matmul_numba needs numba (pip install numba)")
@@ -178,7 +325,10 @@ def matmul_numba(x: Tensor, w: QuantWeight) -> Tensor:
     y = torch.empty(x.shape[0], rows)
     blocks = (b.view(torch.int8) if w.qtype == "Q8_0" else b).numpy()       # Q8_0's weights are int8
     xs, ys = x.detach().float().contiguous().numpy(), y.numpy()     # no autograd through numba
-    for t in range(x.shape[0]):                         # a kernel per token: faster than a token loop inside
-        kernels[w.qtype](blocks, xs[t], ys[t])
+    one_token, batched = kernels[w.qtype]
+    if x.shape[0] == 1:                                 # the fused kernel: 1.5-2x faster for one token
+        one_token(blocks, xs[0], ys[0])
+    else:
+        batched(blocks, xs, ys, _LANES[w.qtype])
     return y.to(x.dtype)
 
