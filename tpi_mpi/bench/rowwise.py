@@ -1,0 +1,85 @@
+"""Batch-invariant decode kernels against what they replace, ms per call for T = 1 and T = 8 rows:
+float weights (dense_numba) against F.linear, GGML blocks (quant_numba) against a call per row.
+
+    python -m tpi_mpi.bench.rowwise --threads 2 [--repeats 30]
+
+Each op is timed in 3 rounds (a warm-up call, then a third of --repeats calls back to back, the
+ops interleaved so a noisy spell hits them all); the table shows medians. Not run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import dense_numba as DN
+from .. import quant as Q
+from .. import quant_numba as QN
+
+DENSE_SHAPES = [(1536, 576), (576, 1536), (4096, 4096), (11008 // 4, 4096)]
+QUANT_SHAPE = (2752, 4096)
+TOKENS = (1, 8)
+
+
+def time_ops(ops: dict, repeats: int, rounds: int = 3) -> dict:
+    times = {k: [] for k in ops}
+    for _ in range(rounds):
+        for k, f in ops.items():
+            f()
+            for _ in range(max(1, repeats // rounds)):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def dense_rows(dtype: torch.dtype, repeats: int) -> None:
+    print(f"\nfloat weights, {dtype}, ms: F.linear | matmul_dense_numba")
+    for out, n in DENSE_SHAPES:
+        w = (torch.randn(out, n) * 0.02).to(dtype)
+        xs = {T: torch.randn(T, n).to(dtype) for T in TOKENS}
+        ops = {}
+        for T in TOKENS:
+            ops[("linear", T)] = lambda T=T: F.linear(xs[T], w)
+            ops[("numba", T)] = lambda T=T: DN.matmul_dense_numba(xs[T], w)
+        ms = time_ops(ops, repeats)
+        cells = [f"T={T}: {ms[('linear', T)]:7.3f} | {ms[('numba', T)]:7.3f}" for T in TOKENS]
+        print(f"  {out:>5}x{n:<5} " + "   ".join(cells))
+
+
+def quant_rows(repeats: int) -> None:
+    rows, cols = QUANT_SHAPE
+    print(f"\nGGML blocks, {rows}x{cols}, float32 x, ms: T=1 | T=8 a call per row (before) | T=8 one call")
+    x = torch.randn(8, cols)
+    for qtype in Q.QTYPES:
+        raw = Q.quantize(torch.randn(rows, cols) * 0.02, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") \
+            else Q.random_blocks(qtype, rows, cols)
+        w = Q.QuantWeight(raw, qtype, cols)
+        ms = time_ops({
+            "one": lambda: QN.matmul_numba(x[:1], w),
+            "loop": lambda: [QN.matmul_numba(x[t:t + 1], w) for t in range(8)],
+            "batch": lambda: QN.matmul_numba(x, w),
+        }, repeats)
+        print(f"  {qtype:5} {ms['one']:7.3f} | {ms['loop']:7.3f} | {ms['batch']:7.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    DN.matmul_dense_numba(torch.randn(1, 32), torch.randn(2, 32))          # compile or load first
+    print(f"{torch.get_num_threads()} threads")
+    dense_rows(torch.float32, args.repeats)
+    dense_rows(torch.bfloat16, args.repeats)
+    quant_rows(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
