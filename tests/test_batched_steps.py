@@ -90,7 +90,7 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
         shard = Shard(prepared / f"rank{r}", r, n)
         window = WeightWindow(shard, None)
         try:
-            model = Transformer(shard.model, shard.shards, r, comm, window, torch.float32)
+            model = Transformer(shard.model, shard.shards, r, comm, window, shard.dtype)
             model.load_resident(shard.read("common.safetensors")[1])
             embed = EmbeddingTable(shard) if r == 0 else None
             pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
@@ -113,14 +113,14 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
                 if header[0] == 0:                             # the next request has not arrived yet
                     continue
                 table = np.zeros((int(header[0]), SeqStep.FIELDS), dtype=np.int64)
-                h = np.zeros((int(header[1]), shard.model.dim), dtype=np.float32)
+                h = torch.zeros((int(header[1]), shard.model.dim), dtype=shard.dtype)
                 if r == 0:
                     table[:] = Batch([p[0] for p in parts]).pack()
-                    h[:] = embed[[t for p in parts for t in p[1]]].numpy()
+                    h[:] = embed[[t for p in parts for t in p[1]]]
                 comm.bcast(table)
-                comm.bcast(h)
+                comm.bcast(h.view(torch.uint8).numpy())
                 batch = Batch.unpack(table)
-                out = model(torch.from_numpy(h), batch)
+                out = model(h, batch)
                 if r == 0:
                     index = {id(s): i for i, s in running.items()}
                     for (s, _), (part, _), (a, b) in zip(plan, parts, batch.logit_spans):
@@ -136,11 +136,12 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
     return run_ranks(n, rank_main)[0]
 
 
-@pytest.mark.parametrize("name,n,quant", [("llama", 1, "none"), ("llama", 2, "none"), ("llama", 3, "none"),
-                                          ("qwen2", 2, "q8_0")])
-def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, quant):
+@pytest.mark.parametrize("name,n,dtype,quant", [("llama", 1, "fp32", "none"), ("llama", 2, "fp32", "none"),
+                                                ("llama", 3, "fp32", "none"), ("mistral", 2, "bf16", "none"),
+                                                ("qwen2", 2, "fp32", "q8_0"), ("llama", 3, "fp32", "q4_0")])
+def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, dtype, quant):
     torch.set_num_threads(1)
-    prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), "fp32", quant=quant)
+    prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), dtype, quant=quant)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 200, size=k).tolist() for k in (5, 70, 33, 1)]
     arrivals = [0, 1, 3, 4]                     # a new prompt while others prefill and decode

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError
+from .batch import SeqStep
 from .sampling import SamplingConfig, sample
 from .steps import Root
 from .text import Streamer
@@ -88,3 +89,28 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         on_text(rest)
     g.text = streamer.shown
     return g
+
+
+@dataclass
+class BatchRun:
+    """Greedy generation of several prompts in lockstep (bench generate --batch)."""
+    prefill_s: float
+    step_s: list[float]
+    tokens: list[list[int]]
+
+
+def run_batch(root: Root, prompts: list[list[int]], new_tokens: int, after_prefill=None) -> BatchRun:
+    """Prefill every prompt in one step (slot i for prompt i), then decode one token of each per step."""
+    t0 = time.perf_counter()
+    ids = [t for p in prompts for t in p]
+    logits = root.step([SeqStep(i, 0, len(p)) for i, p in enumerate(prompts)], ids)
+    run = BatchRun(time.perf_counter() - t0, [], [[int(x[-1].argmax())] for x in logits])
+    if after_prefill:
+        after_prefill()
+    for k in range(new_tokens - 1):
+        t = time.perf_counter()
+        logits = root.step([SeqStep(i, len(p) + k, 1) for i, p in enumerate(prompts)], [g[-1] for g in run.tokens])
+        for g, x in zip(run.tokens, logits):
+            g.append(int(x[-1].argmax()))
+        run.step_s.append(time.perf_counter() - t)
+    return run

@@ -151,20 +151,20 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None,
 
 
 def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
-    """x @ weight^T with every row of x computed as it would be alone (batch invariant), in one pass
-    over the weight: numba's row kernels, else one call per row."""
+    """x @ weight^T with every row of x computed as it would be alone (batch invariant). Quantized
+    and float32 weights: numba's row kernels, one pass over the weight for all rows. bf16/fp16
+    weights (numba widens them slower than BLAS multiplies) and no numba: one BLAS call per row,
+    each row in a fresh buffer so that its alignment cannot change the sum."""
     if isinstance(weight, QuantWeight):
         from .quant_numba import matmul_numba, numba_available
         if numba_available():
             return matmul_numba(x, weight)
-        return torch.cat([matmul(row[None], weight) for row in x])
-    try:
+        return torch.cat([matmul(row[None].clone(), weight) for row in x])
+    if weight.dtype == torch.float32:
         from .dense_numba import dense_numba_available, matmul_dense_numba
-    except ImportError:      # TEMP until dense_numba lands
-        dense_numba_available = lambda: False  # noqa: E731
-    if dense_numba_available():
-        return matmul_dense_numba(x, weight)
-    return torch.cat([F.linear(row[None], weight) for row in x])
+        if dense_numba_available():
+            return matmul_dense_numba(x, weight)
+    return torch.cat([F.linear(row[None].clone(), weight) for row in x])
 
 
 def bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:

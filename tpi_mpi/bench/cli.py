@@ -24,14 +24,25 @@ def bench() -> None:
 @click.option("--compare", help="Allreduce algorithms to compare in this one job, e.g. star,recdouble,auto: "
               "--rounds rounds of one generation each, in random order; one row (median round) each.")
 @click.option("--rounds", type=int, default=6, show_default=True, help="Rounds for --compare.")
+@click.option("--batch", help="Batch sizes, e.g. 1,4,8: that many prompts decoded together, one row each "
+              "(tokens/s against the batch size).")
 @click.option("--out", help="Append the JSON record to this file.")
-def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, out, **kw) -> None:
+def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, batch, out, **kw) -> None:
     """Prefill and decode timings of tpi_mpi (run under mpirun)."""
+    from .generate import bench_batch, compare_allreduce
     from .generate import bench_generate as run
-    from .generate import compare_allreduce
 
     if new_tokens < 2:
         raise ConfigError("--new-tokens must be at least 2 to time a decode step")
+    if batch is not None:
+        try:
+            sizes = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1 or compare:
+            raise ConfigError(f"--batch {batch!r}: give batch sizes like 1,4,8 (and no --compare)")
+        bench_batch(run_config(kw, max(sizes)), sizes, prompt_tokens, new_tokens, warmup, out)
+        return
     if compare is None:
         run(run_config(kw), prompt_tokens, new_tokens, warmup, out)
         return

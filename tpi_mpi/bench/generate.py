@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..config import RunConfig
-from ..generate import run_generation
+from ..generate import run_batch, run_generation
 from ..startup import Session
 from ..steps import Root, run_steps
 from ..sampling import SamplingConfig
@@ -87,6 +87,49 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     }
     print_row(record)
     append_json(out, record)
+
+
+def bench_batch(cfg: RunConfig, sizes: list[int], prompt_tokens: int, new_tokens: int, warmup: int,
+                out: str | None) -> None:
+    """Decode tokens/s against the batch size: B prompts prefilled together, then steps of B tokens."""
+    prompts = []
+
+    def warm_up(root: Root) -> None:
+        prompts.extend(synthetic_prompt(root.s.m.vocab_size, prompt_tokens, seed=i) for i in range(max(sizes)))
+        run_batch(root, [p[:8] for p in prompts], warmup)                   # every slot once
+
+    runs = []
+    with Session(cfg) as s:
+        run_steps(s, warm_up)
+        for b in sizes:             # a job of steps per size: the counters are gathered from every rank between
+            run = run_steps(s, lambda root: run_batch(root, prompts[:b], new_tokens, after_prefill=root.reset_stats))
+            runs.append((b, run, s.gather_stats()))
+    if s.rank != 0:
+        return
+    base = None
+    for i, (b, run, per_rank) in enumerate(runs):
+        steps = len(run.step_s)
+        step_s = float(np.mean(run.step_s))
+        base = base or b / step_s
+        record = {**run_fields(s, cfg, prompt_tokens, new_tokens), "allreduce": s.comm.describe(), "batch": b,
+                  "prefill_s": run.prefill_s, "s_per_step": step_s, "tokens_per_s": b / step_s,
+                  "speedup": b / step_s / base,
+                  "compute_ms": 1000 * (per_rank["forward_s"][0] - per_rank["comm_s"][0] - per_rank["wait_s"][0]) / steps,
+                  "comm_ms": 1000 * max(per_rank["comm_s"]) / steps, "wait_ms": 1000 * max(per_rank["wait_s"]) / steps,
+                  "disk_MB_per_step": max(per_rank["disk_read_bytes"]) / steps / 1e6,
+                  "max_rss_MiB": max(per_rank["peak_rss_mib"]), "per_rank": per_rank}
+        print_batch_row(record, header=i == 0)
+        append_json(out, record)
+
+
+def print_batch_row(record: dict, header: bool) -> None:
+    cols = [("batch", 5, "{}"), ("ranks", 5, "{}"), ("window", 6, "{}"), ("prefill_s", 9, "{:.2f}"),
+            ("s_per_step", 10, "{:.4f}"), ("tokens_per_s", 12, "{:.1f}"), ("speedup", 7, "{:.2f}"),
+            ("compute_ms", 10, "{:.1f}"), ("comm_ms", 8, "{:.1f}"), ("wait_ms", 8, "{:.1f}"),
+            ("disk_MB_per_step", 16, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
+    if header:
+        print(" ".join(name.rjust(w) for name, w, _ in cols))
+    print(" ".join(fmt.format(record[name]).rjust(w) for name, w, fmt in cols), flush=True)
 
 
 def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
