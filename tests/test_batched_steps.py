@@ -21,15 +21,20 @@ from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
 
 
 def test_batch_pieces_positions_and_logit_rows():
-    b = Batch([SeqStep(0, 0, 70, Want.LAST), SeqStep(3, 5, 1), SeqStep(1, 9, 2, Want.ALL), SeqStep(2, 40, 3, Want.NONE)])
-    assert [(p.seq, p.start, p.stop, p.pos) for p in b.pieces] == [
+    seqs = [SeqStep(0, 0, 70, Want.LAST), SeqStep(3, 5, 1), SeqStep(1, 9, 2, Want.ALL), SeqStep(2, 40, 3, Want.NONE)]
+    b = Batch(seqs, invariant=True)
+    assert [(p.seq, p.start, p.stop, p.pos) for p in b.rows.pieces] == [
         (0, 0, 32, 0), (0, 32, 64, 32), (0, 64, 70, 64), (1, 70, 71, 5), (2, 71, 73, 9), (3, 73, 76, 40)]
-    assert [p.one_row for p in b.pieces] == [False, False, False, True, False, False]
+    assert [p.one_row for p in b.rows.pieces] == [False, False, False, True, False, False]
+    assert b.rows.invariant and b.head.invariant
+    plain = Batch(seqs)                          # one sequence's step (generate): a piece per sequence
+    assert [(p.start, p.stop) for p in plain.rows.pieces] == [(0, 70), (70, 71), (71, 73), (73, 76)]
+    assert not plain.rows.invariant
     assert b.n_rows == 76 and b.positions.tolist() == [*range(70), 5, 9, 10, 40, 41, 42]
     assert b.head_rows.tolist() == [69, 70, 71, 72]                # last of LAST, every row of ALL, none of NONE
     assert b.logit_spans == [(0, 1), (1, 2), (2, 4), (4, 4)]
-    again = Batch.unpack(b.pack())
-    assert again.seqs == b.seqs and again.pack().dtype == np.int64
+    again = Batch.unpack(b.pack(), invariant=True)
+    assert again.seqs == b.seqs and again.invariant and again.pack().dtype == np.int64
 
 
 @pytest.mark.parametrize("seqs,words", [
@@ -43,7 +48,7 @@ def test_batch_refuses_what_it_cannot_compute(seqs, words):
 
 
 def test_split_rows_computes_single_rows_together_and_pieces_alone():
-    b = Batch([SeqStep(0, 0, 1), SeqStep(1, 0, 40), SeqStep(2, 7, 1)])
+    b = Batch([SeqStep(0, 0, 1), SeqStep(1, 0, 40), SeqStep(2, 7, 1)], invariant=True)
     calls = []
 
     def one(x):
@@ -55,7 +60,7 @@ def test_split_rows_computes_single_rows_together_and_pieces_alone():
         return x * 3
 
     x = torch.arange(42.0)[:, None]
-    y = split_rows(x, b.pieces, one, many)
+    y = split_rows(x, b.rows.pieces, one, many)
     assert sorted(calls) == [("many", 8), ("many", 32), ("one", 2)]
     expected = x * 3
     expected[[0, 41]] = x[[0, 41]] * 2
@@ -68,9 +73,10 @@ def seq(slot: int, prompt: int, fed: int = 0, generated: int = 0) -> Sequence:
 
 
 def test_plan_step_decodes_all_and_finishes_short_prompts_before_long_ones():
-    decoding, long, short, other = seq(0, 10, 10, 1), seq(1, 300), seq(2, 20), seq(3, 50)
-    plan = plan_step([decoding, long, short, other], chunk=64)
-    assert [(s.slot, n) for s, n in plan] == [(0, 1), (2, 20)]        # 20 fits, then 50 no longer does
+    decoding, long, short, other, third = seq(0, 10, 10, 1), seq(1, 300), seq(2, 20), seq(3, 50), seq(4, 200)
+    plan = plan_step([decoding, long, short, other, third], chunk=64)
+    # FINISHING (4) chunks for prompts that end here: 20 and 50 fit, then 200 no longer does
+    assert [(s.slot, n) for s, n in plan] == [(0, 1), (2, 20), (3, 50)]
     plan = plan_step([decoding, long], chunk=64)
     assert [(s.slot, n) for s, n in plan] == [(0, 1), (1, 64)]        # a long prompt moves one chunk on
     long.fed = 256
@@ -115,11 +121,11 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
                 table = np.zeros((int(header[0]), SeqStep.FIELDS), dtype=np.int64)
                 h = torch.zeros((int(header[1]), shard.model.dim), dtype=shard.dtype)
                 if r == 0:
-                    table[:] = Batch([p[0] for p in parts]).pack()
+                    table[:] = Batch([p[0] for p in parts], invariant=True).pack()
                     h[:] = embed[[t for p in parts for t in p[1]]]
                 comm.bcast(table)
                 comm.bcast(h.view(torch.uint8).numpy())
-                batch = Batch.unpack(table)
+                batch = Batch.unpack(table, invariant=True)
                 out = model(h, batch)
                 if r == 0:
                     index = {id(s): i for i, s in running.items()}

@@ -9,6 +9,8 @@ belong to one sequence alone:
   and attended on its own, so it gives the same bits however the scheduler spread it over steps;
 - a piece of one row (a decode token) goes to a row kernel whose every row is computed as if alone
   (parallel.linear_rows), so all the one-row pieces of a step share one pass over each weight.
+Otherwise (generate, chat: one sequence) a piece is a sequence's whole part of the step and every
+row goes through one plain matrix product: nothing to be invariant to, and it is faster.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class SeqStep:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """How a linear layer computes a step's rows: all at once, or piece by piece with the one-row
+    pieces through the batch-invariant row kernel (`invariant`)."""
+    pieces: list[Piece]
+    invariant: bool
+
+
+@dataclass(frozen=True)
 class Piece:
     """Rows [start, stop) of the step, one sequence's, at positions pos..; `one_row` pieces share a
     row kernel with the step's other one-row pieces."""
@@ -57,47 +67,47 @@ class Piece:
 class Batch:
     """The step's sequences and how their rows are computed: pieces, positions and logit rows."""
 
-    def __init__(self, seqs: list[SeqStep]) -> None:
+    def __init__(self, seqs: list[SeqStep], invariant: bool = False) -> None:
         if not seqs:
             raise ValueError("a step needs at least one sequence")
         slots = [s.slot for s in seqs]
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot appears twice in one step: {slots}")
-        self.seqs = seqs
-        self.pieces: list[Piece] = []
+        self.seqs, self.invariant = seqs, invariant
+        size = PIECE if invariant else max(s.n_tokens for s in seqs)
+        pieces: list[Piece] = []
         starts = np.cumsum([0] + [s.n_tokens for s in seqs])
         self.n_rows = int(starts[-1])
         for i, s in enumerate(seqs):
             if s.n_tokens < 1:
                 raise ValueError(f"slot {s.slot}: a step needs at least one token per sequence")
-            for a in range(0, s.n_tokens, PIECE):
-                b = min(a + PIECE, s.n_tokens)
-                self.pieces.append(Piece(i, int(starts[i]) + a, int(starts[i]) + b, s.pos + a))
+            for a in range(0, s.n_tokens, size):
+                b = min(a + size, s.n_tokens)
+                pieces.append(Piece(i, int(starts[i]) + a, int(starts[i]) + b, s.pos + a))
+        self.rows = Rows(pieces, invariant)
         self.spans = [(int(starts[i]), int(starts[i + 1])) for i in range(len(seqs))]
         self.positions = torch.cat([torch.arange(s.pos, s.pos + s.n_tokens) for s in seqs])
         # rows the head computes: every row of ALL, the last of LAST, as pieces of their own
-        head_rows, self.head_pieces, self.logit_spans = [], [], []
+        head_rows, head_pieces, self.logit_spans = [], [], []
         for i, s in enumerate(seqs):
             a, b = self.spans[i]
             rows = range(a, b) if s.want == Want.ALL else range(b - 1, b) if s.want == Want.LAST else range(0)
             at = len(head_rows)
             head_rows.extend(rows)
             self.logit_spans.append((at, len(head_rows)))
-            for p in range(0, len(rows), PIECE):
-                self.head_pieces.append(Piece(i, at + p, at + min(p + PIECE, len(rows)), s.pos))
+            for p in range(0, len(rows), size):
+                head_pieces.append(Piece(i, at + p, at + min(p + size, len(rows)), s.pos))
         self.head_rows = torch.tensor(head_rows, dtype=torch.long)
-
-    @property
-    def one_row_pieces(self) -> list[Piece]:
-        return [p for p in self.pieces if p.one_row]
+        self.head = Rows(head_pieces, invariant)
 
     def pack(self) -> np.ndarray:
         """The sequence table as int64 (n_seqs, FIELDS), for the wire."""
         return np.array([[s.slot, s.pos, s.n_tokens, int(s.want)] for s in self.seqs], dtype=np.int64)
 
     @classmethod
-    def unpack(cls, table: np.ndarray) -> Batch:
-        return cls([SeqStep(int(a), int(b), int(c), Want(int(d))) for a, b, c, d in table.reshape(-1, SeqStep.FIELDS)])
+    def unpack(cls, table: np.ndarray, invariant: bool = False) -> Batch:
+        return cls([SeqStep(int(a), int(b), int(c), Want(int(d))) for a, b, c, d in table.reshape(-1, SeqStep.FIELDS)],
+                   invariant)
 
 
 def split_rows(x: torch.Tensor, pieces: list[Piece], one: callable, many: callable) -> torch.Tensor:

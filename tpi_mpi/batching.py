@@ -2,8 +2,9 @@
 
 Each admitted request holds one of `max_batch` KV-cache slots until it ends. Every step carries
 one token of each sequence that is decoding and, as the prefill budget allows, prompt tokens:
-- prompts that can be finished within the step's budget go first, shortest first, so a short
-  request arriving while a long prompt is being read waits for at most one step;
+- prompts that can be finished within FINISHING chunks go first, shortest first, so a short
+  request arriving while a long prompt is being read waits for at most one step (of one chunk),
+  and a burst of short requests is read in few steps;
 - otherwise the prompt closest to its end advances by one chunk (`chunk` tokens, a multiple of
   batch.PIECE, so its pieces, and so its numbers, do not depend on how it was spread over steps).
 Each sequence samples with its own parameters and generator and stops on its own (EOS, stop
@@ -22,6 +23,8 @@ from .batch import PIECE, SeqStep, Want
 from .openai_api import ApiError, StopFilter
 from .sampling import SamplingConfig, sample
 from .text import Streamer
+
+FINISHING = 4        # prompts that end in this step may take this many chunks together
 
 
 @dataclass(eq=False)
@@ -77,7 +80,7 @@ def plan_step(seqs: list[Sequence], chunk: int) -> list[tuple[Sequence, int]]:
     assert chunk % PIECE == 0, chunk
     plan = [(s, 1) for s in seqs if not s.prompt_left]
     waiting = sorted((s for s in seqs if s.prompt_left), key=lambda s: s.prompt_left)
-    budget, finishing = chunk, []
+    budget, finishing = FINISHING * chunk, []
     for s in waiting:
         if s.prompt_left <= budget:
             finishing.append((s, s.prompt_left))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import Batch, Piece
+from .batch import Batch, Rows
 from .config import ModelConfig
 from .parallel import ColumnParallelLinear, RankShard, RowParallelLinear, VocabParallelHead, bind
 
@@ -117,15 +117,15 @@ class Attention(nn.Module):
         self.caches: dict[int, KVCache] = {}                                     # by sequence slot
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
-        T, pieces = x.shape[0], batch.pieces                                     # x: (T, dim), every sequence's rows
-        q = apply_rope(self.q(x, pieces).view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k(x, pieces).view(T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v(x, pieces).view(T, self.n_kv_heads, self.head_dim)
+        T, rows = x.shape[0], batch.rows                                         # x: (T, dim), every sequence's rows
+        q = apply_rope(self.q(x, rows).view(T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k(x, rows).view(T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v(x, rows).view(T, self.n_kv_heads, self.head_dim)
         out = torch.empty_like(q)
-        for p in pieces:                  # each sequence against its own cache, piece by piece in order
+        for p in rows.pieces:             # each sequence against its own cache, piece by piece in order
             cache = self.caches.setdefault(batch.seqs[p.seq].slot, KVCache(self.context))
             out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos, cache)
-        return self.o(out.view(T, self.n_heads * self.head_dim), pieces)
+        return self.o(out.view(T, self.n_heads * self.head_dim), rows)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, cache: KVCache) -> Tensor:
         T = q.shape[0]                                                           # q: (T, heads, hd)
@@ -150,8 +150,8 @@ class FeedForward(nn.Module):
         self.gate, self.up = ColumnParallelLinear(), ColumnParallelLinear()
         self.down = RowParallelLinear(comm)                                      # allreduce inside
 
-    def forward(self, x: Tensor, pieces: list[Piece]) -> Tensor:                 # x: (T, dim)
-        return self.down(F.silu(self.gate(x, pieces)) * self.up(x, pieces), pieces)
+    def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
+        return self.down(F.silu(self.gate(x, rows)) * self.up(x, rows), rows)
 
 
 class Block(nn.Module):
@@ -165,7 +165,7 @@ class Block(nn.Module):
         with window.use(self.index, "attn", self.attn):
             x = x + self.attn(self.attn_norm(x), batch, cos, sin)
         with window.use(self.index, "mlp", self.mlp):
-            x = x + self.mlp(self.mlp_norm(x), batch.pieces)
+            x = x + self.mlp(self.mlp_norm(x), batch.rows)
         return x
 
 
@@ -200,7 +200,7 @@ class Transformer(nn.Module):
         if not len(batch.head_rows):                                            # a prompt chunk with more to come
             return None
         h = h.index_select(0, batch.head_rows)
-        return self.head(self.norm(h), batch.head_pieces)
+        return self.head(self.norm(h), batch.head)
 
     def kv_bytes(self) -> int:
         return sum(layer.attn.kv_bytes() for layer in self.layers)

@@ -12,6 +12,7 @@ right before a block runs and unbinds them afterwards. A weight may be a float t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import Piece, split_rows
+from .batch import Rows, split_rows
 from .config import ModelConfig, ParallelConfig
 from .quant import QuantWeight, matmul
 
@@ -102,8 +103,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight: Tensor | None = None   # (out_local, in)
         self.bias: Tensor | None = None     # (out_local,)
 
-    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor:
-        return linear(x, self.weight, self.bias, pieces)
+    def forward(self, x: Tensor, rows: Rows | None = None) -> Tensor:
+        return linear(x, self.weight, self.bias, rows)
 
 
 class RowParallelLinear(nn.Module):
@@ -115,8 +116,8 @@ class RowParallelLinear(nn.Module):
         self.weight: Tensor | None = None   # (out, in_local)
         self.bias: Tensor | None = None     # (out,), added once after the sum
 
-    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor:
-        y = self.comm.allreduce(linear(x, self.weight, None, pieces))   # one allreduce for the whole step
+    def forward(self, x: Tensor, rows: Rows | None = None) -> Tensor:
+        y = self.comm.allreduce(linear(x, self.weight, None, rows))   # one allreduce for the whole step
         return y if self.bias is None else y + self.bias
 
 
@@ -132,17 +133,16 @@ class VocabParallelHead(nn.Module):
         self.counts = [hi - lo for lo, hi in vocab_bounds]
         self.weight: Tensor | None = None   # (vocab_local, dim)
 
-    def forward(self, x: Tensor, pieces: list[Piece] | None = None) -> Tensor | None:
-        local = linear(x, self.weight, None, pieces).float()
+    def forward(self, x: Tensor, rows: Rows | None = None) -> Tensor | None:
+        local = linear(x, self.weight, None, rows).float()
         return self.comm.gather_columns(local, self.counts)
 
 
-def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None,
-           pieces: list[Piece] | None = None) -> Tensor:
-    """x @ weight^T + bias, for a float or a quantized weight. With `pieces` (batch.py), each piece
-    of rows is computed as if it were alone in the step, whatever the others are."""
-    if pieces is not None:
-        y = split_rows(x, pieces, lambda rows: linear_rows(rows, weight), lambda rows: linear(rows, weight))
+def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, rows: Rows | None = None) -> Tensor:
+    """x @ weight^T + bias, for a float or a quantized weight. With invariant `rows` (batch.py),
+    each piece of rows is computed as if it were alone in the step, whatever the others are."""
+    if rows is not None and rows.invariant:
+        y = split_rows(x, rows.pieces, lambda r: linear_rows(r, weight), lambda r: linear(r, weight))
         return y if bias is None else y + bias
     if isinstance(weight, QuantWeight):
         y = matmul(x, weight)
@@ -150,21 +150,60 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None,
     return F.linear(x, weight, bias)
 
 
+MAX_ROWS = 16       # one-row pieces per BLAS call at most
+PROBE_ROWS = 8      # random rows _band_start tries per band
+
+
 def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
-    """x @ weight^T with every row of x computed as it would be alone (batch invariant). Quantized
-    and float32 weights: numba's row kernels, one pass over the weight for all rows. bf16/fp16
-    weights (numba widens them slower than BLAS multiplies) and no numba: one BLAS call per row,
-    each row in a fresh buffer so that its alignment cannot change the sum."""
+    """x @ weight^T with every row of x computed as it would be alone (batch invariant), in one pass
+    over the weight for up to MAX_ROWS rows.
+
+    Quantized weights: numba's row kernels. Float weights: BLAS, whose result for a row depends
+    on the number of rows only in bands (here: float32 1 | 2-3 | 4-16), so calls are padded with
+    zero rows up to the band that reaches MAX_ROWS (`_band_start` finds it once per shape); where
+    there is no such band, numba's float kernels (3-4x slower than BLAS), else a call per row."""
     if isinstance(weight, QuantWeight):
         from .quant_numba import matmul_numba, numba_available
         if numba_available():
             return matmul_numba(x, weight)
         return torch.cat([matmul(row[None].clone(), weight) for row in x])
-    if weight.dtype == torch.float32:
-        from .dense_numba import dense_numba_available, matmul_dense_numba
-        if dense_numba_available():
-            return matmul_dense_numba(x, weight)
+    least = _band_start(tuple(weight.shape), weight.dtype, x.dtype, torch.get_num_threads())
+    if least is not None:
+        parts = []
+        for rows in x.split(MAX_ROWS):
+            if rows.shape[0] < least:
+                rows = torch.cat([rows, rows.new_zeros(least - rows.shape[0], rows.shape[1])])
+            parts.append(F.linear(rows, weight))
+        return torch.cat(parts)[:x.shape[0]]
+    from .dense_numba import dense_numba_available, matmul_dense_numba
+    if dense_numba_available():
+        return matmul_dense_numba(x, weight)
     return torch.cat([F.linear(row[None].clone(), weight) for row in x])
+
+
+@functools.cache
+def _band_start(shape: tuple[int, int], w_dtype: torch.dtype, x_dtype: torch.dtype, threads: int) -> int | None:
+    """The fewest rows from which, up to MAX_ROWS, BLAS gives a row the same bits whatever the
+    number of rows, the row's place and the other rows: checked on random numbers, not assumed.
+    Several rows are tried, since rounding to bf16 often hides a different order of the sum."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g).to(w_dtype)
+
+    def result(row: Tensor, n: int, place: int) -> Tensor:
+        rows = torch.randn(n, shape[1], generator=g).to(x_dtype)
+        rows[place] = row
+        return F.linear(rows, w)[place]
+
+    for least in (1, 2, 4, 8):
+        shapes = ((least, least - 1), (least + 1, least // 2), (MAX_ROWS // 2, 3), (MAX_ROWS, MAX_ROWS - 1))
+        for _ in range(PROBE_ROWS):
+            row = torch.randn(shape[1], generator=g).to(x_dtype)
+            first = result(row, least, 0)
+            if not all(torch.equal(first, result(row, n, place)) for n, place in shapes):
+                break
+        else:
+            return least
+    return None
 
 
 def bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:

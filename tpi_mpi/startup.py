@@ -76,6 +76,8 @@ class Session:
         self.cfg = cfg
         self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
         self.rank = comm.rank
+        # serving several sequences at once: each computed as if alone (batch.py), on every rank
+        self.batch_invariant = cfg.max_batch > 1
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(self.threads)
 

@@ -74,7 +74,7 @@ class Root:
         each sequence's logits (float32, full vocabulary; (1, vocab) for Want.LAST, (n_tokens, vocab)
         for Want.ALL, None for Want.NONE)."""
         s = self.s
-        batch = Batch(seqs)
+        batch = Batch(seqs, s.batch_invariant)
         if batch.n_rows != len(ids):
             raise ValueError(f"the step's sequences hold {batch.n_rows} tokens, {len(ids)} given")
         self._send(Header(Cmd.FORWARD, n_seqs=len(seqs), n_tokens=len(ids)))
@@ -143,7 +143,7 @@ def follow(s) -> None:
         elif header.cmd == Cmd.FORWARD:
             raw, table, hidden = _payload(header.n_seqs, header.n_tokens, s.m.dim, s.dtype)
             s.comm.bcast(raw)
-            s.forward(hidden, Batch.unpack(table))
+            s.forward(hidden, Batch.unpack(table, s.batch_invariant))
 
 
 def run_steps(s, work):
