@@ -67,12 +67,19 @@ def bench_generate(prompt_tokens, new_tokens, warmup, compare, rounds, batch, ou
               "many bytes per second (cgroup blkio), e.g. 200MB.")
 @click.option("--hf", help="The same model as a Hugging Face folder (for a synthetic model: bench synthetic-hf): "
               "also run transformers fully loaded and transformers + accelerate disk offload under the same limits.")
+@click.option("--batch", help="Batch sizes, e.g. 1,8: run bench generate --batch per window instead (tokens/s "
+              "against the batch size on these devices).")
 @click.option("--out", help="Append the JSON records to this file.")
-def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, new_tokens, hf, out) -> None:
+def bench_memory(model, ranks, windows, memory_cap, disk_rate, prompt_tokens, new_tokens, hf, batch, out) -> None:
     """Windows 1, 2, 4 and all: TTFT, s/token, peak RSS, bytes read per token, read time hidden.
     Runs mpirun itself (do not launch it under mpirun)."""
     from .memory import bench_memory as run
+    from .memory import bench_memory_batch
 
+    if batch:
+        bench_memory_batch(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, batch,
+                           prompt_tokens, new_tokens, out, parse_size(disk_rate) if disk_rate else None)
+        return
     run(model, ranks, windows.split(","), parse_size(memory_cap) if memory_cap else None, prompt_tokens,
         new_tokens, out, hf, parse_size(disk_rate) if disk_rate else None)
 

@@ -256,6 +256,31 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
                                   new_tokens, out)
 
 
+def bench_memory_batch(model: str, ranks: int, windows: list[str], cap: int | None, sizes: str, prompt_tokens: int,
+                       new_tokens: int, out: str | None, disk_rate: int | None = None) -> None:
+    """`bench generate --batch SIZES` per window, each rank a small device as in bench_memory: what a
+    batch of sequences gains when every step reads the weights once for all of them."""
+    rows = []
+    with device_limits([f"tpi_bench_{r}" for r in range(ranks)], cap, disk_rate, model) as controllers:
+        join = join_script(controllers, "tpi_bench_$OMPI_COMM_WORLD_RANK")
+        for w in windows:
+            cmd = ["mpirun", "--oversubscribe", "-n", str(ranks), "sh", "-c", join, "sh", sys.executable, "-m",
+                   "tpi_mpi", "bench", "generate", "--model", model, "--window", w, "--batch", sizes,
+                   "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--warmup", "1",
+                   "--context", str(prompt_tokens + new_tokens + 8), "--quiet"]
+            drop_cached(model_files(model))
+            for rec in _run_for_records(cmd, f"window {w}"):
+                rec.update(runner="bench memory --batch", memory_cap=cap, disk_rate=disk_rate)
+                rows.append(rec)
+                append_json(out, rec)
+    print(f"{'window':>8} {'batch':>5} {'s/step':>7} {'tokens/s':>8} {'x batch 1':>9} {'disk MB/step':>12} "
+          f"{'peak RSS MiB per rank':>28}")
+    for rec in rows:
+        rss = ", ".join(f"{x:.0f}" for x in rec["per_rank"]["peak_rss_mib"])
+        print(f"{window_label(rec):>8} {rec['batch']:5} {rec['s_per_step']:7.3f} {rec['tokens_per_s']:8.2f} "
+              f"{rec['speedup']:9.2f} {rec['disk_MB_per_step']:12.1f} {rss:>28}")
+
+
 def window_label(rec: dict) -> str:
     """Rank 0's window in a bench generate record, with the blocks kept resident beside it: "2+7"."""
     resident = rec["resident_blocks"][0] if rec["window"] != "all" else 0
@@ -264,16 +289,22 @@ def window_label(rec: dict) -> str:
 
 def _run_for_record(cmd: list[str], label: str) -> dict | None:
     """Runs a bench command with `--out` a temporary file; its JSON record, or None (reported)."""
+    records = _run_for_records(cmd, label)
+    return records[-1] if records else None
+
+
+def _run_for_records(cmd: list[str], label: str) -> list[dict]:
+    """Runs a bench command with `--out` a temporary file; its JSON records (none if it failed, reported)."""
     tmp = Path(f"/tmp/tpi-bench-{os.getpid()}.jsonl")
     tmp.unlink(missing_ok=True)
     r = subprocess.run(cmd + ["--out", str(tmp)], capture_output=True, text=True, env=os.environ | {
         "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     if r.returncode != 0 or not tmp.exists():
         print(f"{label}: failed ({r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}", flush=True)
-        return None
-    rec = json.loads(tmp.read_text().splitlines()[-1])
+        return []
+    records = [json.loads(line) for line in tmp.read_text().splitlines()]
     tmp.unlink()
-    return rec
+    return records
 
 
 def compare_with_transformers(hf: str, ours: dict, cap: int | None, disk_rate: int | None, prompt_tokens: int,
