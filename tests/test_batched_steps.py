@@ -158,3 +158,18 @@ def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_pat
         assert len(together[i]) == len(alone[i]) == n_new
         for step, (a, b) in enumerate(zip(alone[i], together[i])):
             assert torch.equal(a, b), f"request {i} (prompt {len(prompts[i])}), token {step}: {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("size,mode,candidates,kept", [
+    (2, "ring", ("star", "mpi", "ring", "recdouble"), True),    # two ranks: every order is a + b
+    (3, "auto", ("star", "recdouble"), True),                  # (r0 + r1) + r2 both ways
+    (3, "mpi", ("star", "recdouble"), False),
+    (4, "auto", ("star",), True),                              # recdouble adds (r0 + r1) + (r2 + r3)
+    (4, "recdouble", ("star",), False),
+])
+def test_serving_keeps_each_sum_in_one_order_whatever_the_batch(size, mode, candidates, kept):
+    from tpi_mpi.allreduce import Allreduce
+
+    a = Allreduce(SimpleNamespace(size=size), mode)
+    assert a.keep_sum_order() == kept
+    assert a.auto.candidates == candidates

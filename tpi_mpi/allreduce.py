@@ -129,6 +129,16 @@ class Allreduce:
         stats.seconds += time.perf_counter() - t0
         return buf if x.dtype == torch.float32 else buf.to(x.dtype)
 
+    def keep_sum_order(self) -> bool:
+        """Serving a batch, a sequence's sums must not depend on the message size (the batch's rows):
+        auto then picks only among algorithms that add each element in one order whatever the size,
+        star (rank order) and, at 3 ranks, recdouble (the same order there). ring and MPI's own choose
+        their order by size: False when one of them is the mode (at 2 ranks any order is a + b)."""
+        if self.p.size <= 2:
+            return True
+        self.auto.candidates = ("star", "recdouble") if self.p.size == 3 else ("star",)
+        return self.mode in ("auto", "star") or (self.mode == "recdouble" and self.p.size == 3)
+
     def run(self, mode: str, arr: np.ndarray) -> None:
         """One allreduce of `arr` in place with algorithm `mode` (not auto)."""
         if mode == "star":

@@ -27,6 +27,7 @@ class AutoAllreduce:
     def __init__(self, p, run: Callable[[str, np.ndarray], None]) -> None:
         self.p, self.run_mode = p, run
         self.choices: dict[int, AutoChoice] = {}
+        self.candidates = AUTO_CANDIDATES
 
     def choice(self, nbytes: int) -> AutoChoice | None:
         """auto's pick for messages of `nbytes` (None before the first such message)."""
@@ -61,19 +62,19 @@ class AutoAllreduce:
         12.9 ms a call instead of 3), and a candidate ranked out here is never tried again."""
         trial = np.zeros_like(arr)
         rounds, calls = (4, 5) if arr.nbytes <= 1 << 16 else (3, 2)
-        times = np.zeros((rounds, len(AUTO_CANDIDATES)))
+        times = np.zeros((rounds, len(self.candidates)))
         with self.p.uncounted():              # trials are not traffic of the model
-            for mode in AUTO_CANDIDATES:
+            for mode in self.candidates:
                 self.run_mode(mode, trial)    # warm-up: connections, buffers
             for r in range(rounds):
-                for i, mode in enumerate(AUTO_CANDIDATES):
+                for i, mode in enumerate(self.candidates):
                     self.p.barrier()
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         self.run_mode(mode, trial)
                     times[r, i] = (time.perf_counter() - t0) / calls
         median = np.median(self._mean_over_ranks(times), axis=0)
-        choice = self.choices[arr.nbytes.bit_length()] = AutoChoice(dict(zip(AUTO_CANDIDATES, median.tolist())))
+        choice = self.choices[arr.nbytes.bit_length()] = AutoChoice(dict(zip(self.candidates, median.tolist())))
         return choice
 
     def describe(self) -> str:

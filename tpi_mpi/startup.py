@@ -74,10 +74,13 @@ class Session:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
-        self.rank = comm.rank
         # serving several sequences at once: each computed as if alone (batch.py), on every rank
         self.batch_invariant = cfg.max_batch > 1
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
+        self.rank = comm.rank
+        if self.batch_invariant and comm.size > 1 and not comm.allreduce.keep_sum_order():
+            self.log(f"--allreduce {cfg.allreduce} adds in an order that follows the message size: an answer may "
+                     f"differ in a batch from alone (auto or star keep it the same)")
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(self.threads)
 
