@@ -173,3 +173,79 @@ def test_serving_keeps_each_sum_in_one_order_whatever_the_batch(size, mode, cand
     a = Allreduce(SimpleNamespace(size=size), mode)
     assert a.keep_sum_order() == kept
     assert a.auto.candidates == candidates
+
+
+# --- the batcher's bookkeeping with a scripted model -----------------------------------------------
+
+class ScriptedRoot:
+    """A Root stand-in: each sequence's next token is read from a script by its slot, and the text
+    of token t is the letter chr(t)."""
+
+    def __init__(self, scripts: dict[int, list[int]]) -> None:
+        self.scripts, self.steps = scripts, []
+        codec = SimpleNamespace(decode=lambda ids: "".join(chr(t) for t in ids))
+        self.s = SimpleNamespace(codec=codec)
+
+    def step(self, seqs, ids):
+        self.steps.append([(s.slot, s.pos, s.n_tokens) for s in seqs])
+        out = []
+        for s in seqs:
+            if s.want == Want.NONE:
+                out.append(None)
+                continue
+            done = s.pos + s.n_tokens - len(self.prompts[s.slot])         # tokens generated so far
+            logits = torch.zeros(1, 128)
+            logits[0, self.scripts[s.slot][done]] = 1.0
+            out.append(logits)
+        return out
+
+
+def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False):
+    from tpi_mpi.sampling import SamplingConfig
+
+    events = []
+    j = SimpleNamespace(prompt_ids=list(range(1, prompt + 1)), sampling=SamplingConfig(0.0), max_tokens=max_tokens,
+                        stops=list(stops), ignore_eos=ignore_eos, cancelled=False, events=events,
+                        send=lambda kind, value: events.append((kind, value)))
+    return j
+
+
+def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
+    from tpi_mpi.batching import Batcher
+
+    eos = 0
+    root = ScriptedRoot({0: [ord(c) for c in "abcdef"], 1: [ord("x"), ord("y"), eos, ord("z")],
+                         2: [ord(c) for c in "hello world"]})
+    b = Batcher(root, max_batch=3, chunk=PIECE, context=64, eos={eos})
+    jobs = [job(40, max_tokens=4), job(3), job(5, stops=["lo w"])]
+    seqs = [b.admit(j) for j in jobs]
+    root.prompts = {s.slot: s.job.prompt_ids for s in seqs}
+    ended = []
+    for _ in range(20):
+        if not b.running:
+            break
+        ended += [(s.slot, s.reason) for s in b.step()]
+    assert sorted(ended) == [(0, "length"), (1, "stop"), (2, "stop")]
+    text = {i: "".join(v for k, v in j.events if k == "text") for i, j in enumerate(jobs)}
+    assert text == {0: "abcd", 1: "xy\x00", 2: "hel"}                  # cut before the stop string
+    done = {i: [v for k, v in j.events if k == "done"] for i, j in enumerate(jobs)}
+    assert done[0] == [{"finish_reason": "length", "usage": {"prompt_tokens": 40, "completion_tokens": 4,
+                                                              "total_tokens": 44}}]
+    assert [d["finish_reason"] for d in done[1] + done[2]] == ["stop", "stop"]
+    # all three prompts end within FINISHING chunks: one step, shortest first; then a token of each
+    assert root.steps[:2] == [[(1, 0, 3), (2, 0, 5), (0, 0, 40)], [(0, 40, 1), (1, 3, 1), (2, 5, 1)]]
+    assert b.free_slots == 3
+
+
+def test_batcher_drops_a_cancelled_sequence_without_a_reply():
+    from tpi_mpi.batching import Batcher
+
+    root = ScriptedRoot({0: [ord("a")] * 50})
+    b = Batcher(root, max_batch=2, chunk=PIECE, context=64, eos=set())
+    j = job(2, max_tokens=50)
+    root.prompts = {b.admit(j).slot: j.prompt_ids}
+    b.step()
+    b.step()
+    j.cancelled = True
+    assert [s.reason for s in b.step()] == ["gone"]
+    assert not b.running and not [e for e in j.events if e[0] == "done"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, launcher_failed, mpi_env, mpirun_cmd, run_mpi, run_tpi
+from tpi_mpi.batch import SeqStep
 from tpi_mpi.steps import Cmd, Header
 
 PACKAGE = ROOT / "tpi_mpi"
@@ -70,16 +71,25 @@ def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
         data = (tmp_path / "rec" / f"rank{rank}.bin").read_bytes()
         records = [json.loads(line) for line in (tmp_path / "rec" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert records, "nothing recorded"
+        forward = None                      # the last FORWARD header: its payload comes next
         for rec in records:
             if rec["dtype"] == "int64":     # control: the step header, or a start-up vote
                 assert rec["shape"] in ([Header.SIZE], [1]), rec
                 if rec["shape"] == [Header.SIZE]:
                     raw = np.frombuffer(data[rec["offset"]:rec["offset"] + 8 * Header.SIZE], dtype=np.int64)
-                    h = Header.unpack(raw)          # fields: command, position, tokens, three flags
-                    assert h.cmd in (Cmd.FORWARD, Cmd.STOP, Cmd.RESET_STATS, Cmd.IDLE) and 0 <= h.pos < 256 and 0 <= h.n_tokens < 256 \
+                    h = Header.unpack(raw)          # fields: command, sequences, tokens, two flags
+                    assert h.cmd in (Cmd.FORWARD, Cmd.STOP, Cmd.RESET_STATS, Cmd.IDLE) and 0 <= h.n_tokens < 256 \
                         and set(raw[3:].tolist()) <= {0, 1}, rec
-            elif rec["dtype"] == "uint8" and rec["op"] == "bcast":   # the prepared folder's path, or hidden states
-                assert rec["shape"] == [4096] or rec["shape"][-1] == 4 * dim, rec
+                    forward = h if h.cmd == Cmd.FORWARD else None
+            elif rec["dtype"] == "uint8" and rec["op"] == "bcast" and forward:
+                # a step: the sequence table (slot, position, tokens, logits wanted), then hidden states
+                table_bytes = forward.n_seqs * SeqStep.FIELDS * 8
+                assert forward.n_seqs == 1 and rec["shape"] == [table_bytes + forward.n_tokens * 4 * dim], rec
+                slot, pos, n, want = np.frombuffer(data[rec["offset"]:rec["offset"] + table_bytes], dtype=np.int64)
+                assert slot == 0 and 0 <= pos < 256 and n == forward.n_tokens and want in (1, 2), rec
+                forward = None
+            elif rec["dtype"] == "uint8" and rec["op"] == "bcast":   # the prepared folder's path
+                assert rec["shape"] == [4096], rec
             elif rec["dtype"] == "uint8":   # start-up shipping: this rank's manifest (and shard files if missing)
                 assert rec["op"] == "p2p", rec
             else:                           # partial sums and totals (and auto's trial timings)

@@ -200,6 +200,20 @@ def bench_quant(shapes, threads, repeats, out) -> None:
     run(parsed, threads, repeats, out)
 
 
+@bench.command("rows")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch (and numba) threads.")
+@click.option("--repeats", type=int, default=30, show_default=True, help="Timed calls per op, in 3 rounds.")
+@click.option("--out", help="Append one JSON line per shape to this file.")
+def bench_rows(threads, repeats, out) -> None:
+    """The decode kernels that keep a row's result the same alone or in a batch (serve), against
+    F.linear and a call per row, for 1 and 8 rows (one process, no MPI)."""
+    from .rowwise import bench_rows as run
+
+    if threads < 1 or repeats < 1:
+        raise ConfigError(f"--threads {threads} --repeats {repeats}: both must be at least 1")
+    run(threads, repeats, out)
+
+
 @bench.command("quality")
 @click.option("--model", "-m", required=True, help="A Hugging Face folder (floats).")
 @click.option("--quants", default="none,none@bf16,q8_0,q4_0,q4_1", show_default=True,
