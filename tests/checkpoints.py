@@ -59,6 +59,9 @@ ARCHS = {
                      head_dim=16, intermediate_size=96, tie_word_embeddings=True),
     "mistral": dict(arch="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                     intermediate_size=128, sliding_window=4096),
+    # Qwen3: q/k heads RMS-normed before RoPE, head_dim (32) larger than hidden / heads (16), tied embeddings
+    "qwen3": dict(arch="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  intermediate_size=128, tie_word_embeddings=True, rope_theta=1000000.0),
 }
 
 
@@ -73,9 +76,9 @@ def make_checkpoint(folder: Path, name: str = "llama", layers: int = 2, seed: in
     spec = dict(ARCHS[name])
     arch = spec.pop("arch")
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[arch]
+                  "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[arch]
+                 "mistral": transformers.MistralForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
     config = config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=context,
                         bos_token_id=0, eos_token_id=3, initializer_range=0.15, **spec)
     torch.manual_seed(seed)

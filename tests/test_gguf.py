@@ -27,7 +27,8 @@ DIM, FFN, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
 HEAD_DIM = DIM // HEADS
 GGUF_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "head.weight": "output.weight", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
+              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -59,6 +60,8 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
               "up.weight": (FFN, DIM), "down.weight": (DIM, FFN), "attn_norm.weight": (DIM,), "mlp_norm.weight": (DIM,)}
     if arch == "qwen2":
         shapes |= {"q.bias": (HEADS * HEAD_DIM,), "k.bias": (KV_HEADS * HEAD_DIM,), "v.bias": (KV_HEADS * HEAD_DIM,)}
+    if arch == "qwen3":
+        shapes |= {"q_norm.weight": (HEAD_DIM,), "k_norm.weight": (HEAD_DIM,)}
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     w.add_block_count(1)
     w.add_context_length(256)
@@ -98,11 +101,12 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", Q.F32), ("llama", Q.Q8_0), ("llama", Q.Q4_K),
-                                        ("qwen2", Q.Q4_1), ("llama", Q.F16)])
+                                        ("qwen2", Q.Q4_1), ("llama", Q.F16), ("qwen3", Q.Q8_0)])
 def test_tiny_tensors_read_back_in_hf_layout(tmp_path, arch, qtype):
     hf = write_tiny(tmp_path / "tiny.gguf", arch, qtype)
     src = GGUFSource(tmp_path / "tiny.gguf")
     assert src.config.arch == arch and src.config.qkv_bias == (arch == "qwen2")
+    assert src.config.qk_norm == (arch == "qwen3")
     assert src.dtype == {Q.F32: torch.float32, Q.F16: torch.float16}.get(qtype, torch.float32)
     for ours, want in hf.items():
         layer = None if ours in ("embed.weight", "norm.weight", "head.weight") else 0

@@ -31,14 +31,17 @@ def write_tiny(path, arch="llama", qtype=Q.F32) -> dict:
     return write_gguf(path, arch, qtype)
 
 
-def transformers_on(hf: dict[str, np.ndarray]):
-    """A one-layer LlamaForCausalLM holding exactly `hf` (our names -> float32 values)."""
+def transformers_on(hf: dict[str, np.ndarray], arch: str = "llama"):
+    """A one-layer LlamaForCausalLM (or Qwen3ForCausalLM) holding exactly `hf` (our names -> float32 values)."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=1,
-                                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5,
-                                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
+    kinds = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+    config_cls, model_cls = kinds[arch]
+    config = config_cls(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=1,
+                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM // HEADS, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    model = model_cls(config).eval()
     state = {hf_name(ours, None if ours in ("embed.weight", "norm.weight", "head.weight") else 0): torch.from_numpy(v)
              for ours, v in hf.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -46,14 +49,14 @@ def transformers_on(hf: dict[str, np.ndarray]):
     return model
 
 
-def reference(hf: dict[str, np.ndarray]) -> tuple[np.ndarray, list[int]]:
+def reference(hf: dict[str, np.ndarray], arch: str = "llama") -> tuple[np.ndarray, list[int]]:
     """transformers' logits at every prompt position and its greedy continuation."""
-    logits, tokens = greedy_reference(transformers_on(hf), PROMPT, N_NEW)
+    logits, tokens = greedy_reference(transformers_on(hf, arch), PROMPT, N_NEW)
     return logits.numpy(), tokens
 
 
-def check(prepared, n: int, hf: dict, depth: int | None = None) -> None:
-    ref_logits, ref_tokens = reference(hf)
+def check(prepared, n: int, hf: dict, depth: int | None = None, arch: str = "llama") -> None:
+    ref_logits, ref_tokens = reference(hf, arch)
     ours, tokens, _ = generate_in_threads(prepared, n, PROMPT, N_NEW, depth)
     err = np.abs(ours - ref_logits).max() / np.abs(ref_logits).max()
     assert err < LOGITS_TOL, err
@@ -72,6 +75,15 @@ def test_kept_gguf_types_compute_the_files_own_numbers(tmp_path, qtype, n):
     kept = {t for info in mf.files.values() for t in info.get("quant", {}).values()}
     assert mf.quant == "keep" and kept == {qtype.name}
     check(prepared, n, hf)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_qwen3_gguf_computes_the_files_own_numbers(tmp_path, n):
+    """A Qwen3 GGUF (q/k norms as attn_q_norm/attn_k_norm, rows not permuted), kept as Q8_0."""
+    hf = write_tiny(tmp_path / "tiny.gguf", "qwen3", Q.Q8_0)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(n), "fp32")
+    assert Manifest.load(prepared / "rank0").model.qk_norm
+    check(prepared, n, hf, arch="qwen3")
 
 
 def test_splits_fall_on_whole_blocks(tmp_path):

@@ -42,6 +42,8 @@ CASES = [
     ("qwen2", 2, (), None, "split"),           # q/k/v biases, tied embeddings
     ("llama_hd", 4, (), None, "split"),        # 6 heads over 4 ranks, head_dim 16 != 48 / 6
     ("mistral", 2, (), None, "split"),         # 4 query heads share 1 kv head
+    ("qwen3", 1, (), None, "split"),           # q/k norms, head_dim 32 with hidden 64 over 4 heads
+    ("qwen3", 3, (), 1, "split"),              # streamed, a kv head on two ranks
     ("llama", 2, (3, 1), None, "split"),       # uneven ratios
     ("llama", 4, (3, 1, 1, 1), None, "split"),
     ("qwen2", 3, (), 1, "split"),              # streamed: one block in memory at a time

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_format.DTYPES maps them to torch)
 HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
@@ -27,7 +27,7 @@ QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                      # "llama" | "mistral" | "qwen2"
+    arch: str                      # "llama" | "mistral" | "qwen2" | "qwen3"
     dim: int                       # hidden_size
     n_layers: int
     n_heads: int                   # query heads
@@ -43,6 +43,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False          # RMSNorm of each query and key head before RoPE (Qwen3)
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
 
@@ -89,7 +90,7 @@ class ModelConfig:
             return raw[key]
 
         def refuse(key: str, why: str) -> None:
-            raise ConfigError(f"{source}: field '{key}' {why}; tpi_mpi supports Llama, Mistral and Qwen2 models")
+            raise ConfigError(f"{source}: field '{key}' {why}; tpi_mpi supports Llama, Mistral, Qwen2 and Qwen3 models")
 
         arch = raw.get("model_type")
         if arch not in SUPPORTED_ARCHS:
@@ -111,7 +112,7 @@ class ModelConfig:
         # A sliding window no shorter than the context is plain causal attention; a shorter one
         # is exact as long as the context stays inside it, so the context is capped there.
         window = raw.get("sliding_window")
-        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
             window = None
         if window:
             max_seq = min(max_seq, int(window))
@@ -129,7 +130,7 @@ class ModelConfig:
             head_dim=int(raw.get("head_dim") or dim // n_heads),
             ffn_dim=int(need("intermediate_size")),
             vocab_size=int(need("vocab_size")),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6 if arch in ("qwen2", "qwen3") else 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_seq_len=max_seq,
@@ -137,6 +138,7 @@ class ModelConfig:
             qkv_bias=True if arch == "qwen2" else attention_bias,
             o_bias=False if arch == "qwen2" else attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=arch == "qwen3",
             bos_id=raw.get("bos_token_id"),
             eos_ids=eos_ids,
         )

@@ -1,5 +1,5 @@
 """A GGUF file's metadata as our ModelConfig, and the names of its tensors: what llama.cpp calls the
-parts of a Llama, Mistral or Qwen2 model, checked so that anything we would compute wrongly is
+parts of a Llama, Mistral, Qwen2 or Qwen3 model, checked so that anything we would compute wrongly is
 refused by name (gguf.py reads the file).
 """
 
@@ -17,7 +17,8 @@ PERMUTED_ARCHS = ("llama", "mistral")   # q/k rows interleaved by llama.cpp's co
 GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                 "head.weight": "output.weight"}
 LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
-               "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+               "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
+               "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
 # tensors that are no weight of our model: Llama 3's rope factors go into the config, and attn_rot_embd
 # is a leftover of old converters that llama.cpp ignores too
 IGNORED = ("rope_freqs.weight",)
@@ -45,8 +46,9 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
     """ModelConfig from GGUF metadata, through the Hugging Face mapping so every check stays in one place.
     `tensors`: name -> gguf.GGUFTensor; `load_tensor(t)` reads one as float32 (Llama 3's rope factors)."""
     arch = meta.get("general.architecture")
-    if arch not in PERMUTED_ARCHS + ("qwen2",):
-        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama, mistral and qwen2 GGUFs")
+    if arch not in PERMUTED_ARCHS + ("qwen2", "qwen3"):
+        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama, mistral, qwen2 and "
+                          f"qwen3 GGUFs")
 
     def get(key: str, default=None):
         v = meta.get(f"{arch}.{key}", default)
@@ -55,7 +57,7 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
         return v
 
     def refuse(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral and Qwen2 models")
+        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral, Qwen2 and Qwen3 models")
 
     if get("expert_count", 0):
         refuse(f"{arch}.expert_count", f"is {get('expert_count')} (mixture of experts)")
@@ -98,6 +100,10 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
                  "ffn_up.weight", "ffn_down.weight", "attn_norm.weight", "ffn_norm.weight"):
         if not has(name):
             refuse(f"tensor blk.0.{name}", "is missing (fused or renamed tensors are not supported)")
+    if arch == "qwen3" and not (has("attn_q_norm.weight") and has("attn_k_norm.weight")):
+        refuse("tensor blk.0.attn_q_norm.weight", "or attn_k_norm.weight is missing, and qwen3 norms q and k")
+    if arch != "qwen3" and has("attn_q_norm.weight"):
+        refuse("tensor blk.0.attn_q_norm.weight", f"has no place in a {arch} model")
     if arch == "qwen2" and not has("attn_q.bias"):
         refuse("tensor blk.0.attn_q.bias", "is missing, and qwen2 has q/k/v biases")
     if arch != "qwen2" and has("attn_q.bias") != has("attn_output.bias"):

@@ -1,4 +1,4 @@
-"""The Llama-family transformer (Llama 2/3, Mistral, SmolLM2, Qwen2), written as single-device code
+"""The Llama-family transformer (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3), written as single-device code
 over the parallel layers of parallel.py.
 
 Each rank builds the model at its own shard's shapes; the weight window (weights.py) binds each
@@ -108,6 +108,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = shard.n_heads, shard.n_kv_heads, m.head_dim
         self.q, self.k, self.v = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
         self.o = RowParallelLinear(comm)                                         # allreduce inside
+        # Qwen3: each query and key head RMS-normed (one head_dim weight for all heads) before RoPE
+        self.q_norm = RMSNorm(m.norm_eps) if m.qk_norm else None
+        self.k_norm = RMSNorm(m.norm_eps) if m.qk_norm else None
         kv_index = shard.kv_index(m.group)
         # when this rank's query heads fill whole GQA groups, SDPA can share kv heads without copies
         self.whole_groups = (kv_index == [i // m.group for i in range(self.n_heads)]
@@ -118,8 +121,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
         T, rows = x.shape[0], batch.rows                                         # x: (T, dim), every sequence's rows
-        q = apply_rope(self.q(x, rows).view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k(x, rows).view(T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.q(x, rows).view(T, self.n_heads, self.head_dim)
+        k = self.k(x, rows).view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v(x, rows).view(T, self.n_kv_heads, self.head_dim)
         out = torch.empty_like(q)
         for p in rows.pieces:             # each sequence against its own cache, piece by piece in order

@@ -226,7 +226,8 @@ def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float
     hd = m.head_dim
     per = itemsize if matrix_bytes is None else matrix_bytes
     q, kv, ffn = s.n_heads * hd, s.n_kv_heads * hd, s.ffn[1] - s.ffn[0]
-    attn = (2 * q * m.dim + 2 * kv * m.dim) * per + ((q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias) * itemsize
+    attn = (2 * q * m.dim + 2 * kv * m.dim) * per + ((q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias
+                                                     + 2 * hd * m.qk_norm) * itemsize
     mlp = 3 * ffn * m.dim * per + (2 * ffn + m.dim) * m.mlp_bias * itemsize
     common = (2 * m.n_layers + 1) * m.dim * itemsize + (s.vocab[1] - s.vocab[0]) * m.dim * per
     embed = m.vocab_size * m.dim * per if s.rank == 0 else 0
@@ -237,6 +238,6 @@ def parameter_count(m: ModelConfig) -> int:
     """Parameters of the model as stored (a tied head counted once)."""
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     layer = 2 * q * m.dim + 2 * kv * m.dim + 3 * m.ffn_dim * m.dim + 2 * m.dim
-    layer += (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias + (2 * m.ffn_dim + m.dim) * m.mlp_bias
+    layer += (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias + (2 * m.ffn_dim + m.dim) * m.mlp_bias + 2 * m.head_dim * m.qk_norm
     head = 0 if m.tie_embeddings else m.vocab_size * m.dim
     return m.n_layers * layer + m.vocab_size * m.dim + head + m.dim

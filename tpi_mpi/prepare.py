@@ -38,7 +38,7 @@ def hf_name(ours: str, layer: int | None = None) -> str:
     full = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
             "down": "mlp.down_proj", "attn_norm": "input_layernorm",
-            "mlp_norm": "post_attention_layernorm"}[proj]
+            "mlp_norm": "post_attention_layernorm", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}[proj]
     return f"model.layers.{layer}.{full}.{kind}"
 
 
@@ -218,13 +218,15 @@ def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dty
             spec |= {"q.bias": {"rows": q_rows}, "k.bias": {"rows": kv_rows}, "v.bias": {"rows": kv_rows}}
         if m.o_bias:
             spec["o.bias"] = {}
+        if m.qk_norm:                 # one head_dim vector each, the same for every head: every rank a copy
+            spec |= {"q_norm.weight": {}, "k_norm.weight": {}}
     else:
         spec = {"gate.weight": {"rows": s.ffn}, "up.weight": {"rows": s.ffn}, "down.weight": {"cols": s.ffn}}
         if m.mlp_bias:
             spec |= {"gate.bias": {"rows": s.ffn}, "up.bias": {"rows": s.ffn}, "down.bias": {}}
     out = Stored(dtype)
     for name, how in spec.items():
-        if name.endswith(".weight"):
+        if name.endswith(".weight") and not name.endswith("norm.weight"):
             out.add(name, _matrix(src, mode, dtype, name, layer, **how))
         else:
             out[name] = src.read(name, layer, **how).to(dtype)
