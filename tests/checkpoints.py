@@ -62,6 +62,13 @@ ARCHS = {
     # Qwen3: q/k heads RMS-normed before RoPE, head_dim (32) larger than hidden / heads (16), tied embeddings
     "qwen3": dict(arch="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   intermediate_size=128, tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen3-MoE: 2 of 6 experts of 64 columns per token, renormalised; layer 1 a dense MLP (mlp_only_layers)
+    "qwen3_moe": dict(arch="qwen3_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=96, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=True, mlp_only_layers=[1]),
+    # Mixtral: 2 of 4 experts of 96 columns (not a multiple of 64: uneven splits at 3 ranks)
+    "mixtral": dict(arch="mixtral", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
 }
 
 
@@ -76,9 +83,11 @@ def make_checkpoint(folder: Path, name: str = "llama", layers: int = 2, seed: in
     spec = dict(ARCHS[name])
     arch = spec.pop("arch")
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}[arch]
+                  "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+                  "qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
+                 "mistral": transformers.MistralForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "qwen3_moe": transformers.Qwen3MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM}[arch]
     config = config_cls(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=context,
                         bos_token_id=0, eos_token_id=3, initializer_range=0.15, **spec)
     torch.manual_seed(seed)

@@ -144,7 +144,8 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
 
 @pytest.mark.parametrize("name,n,dtype,quant", [("llama", 1, "fp32", "none"), ("llama", 2, "fp32", "none"),
                                                 ("llama", 3, "fp32", "none"), ("mistral", 2, "bf16", "none"),
-                                                ("qwen2", 2, "fp32", "q8_0"), ("llama", 3, "fp32", "q4_0")])
+                                                ("qwen2", 2, "fp32", "q8_0"), ("llama", 3, "fp32", "q4_0"),
+                                                ("qwen3_moe", 2, "fp32", "none"), ("mixtral", 3, "fp32", "q8_0")])
 def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, dtype, quant):
     torch.set_num_threads(1)
     prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), dtype, quant=quant)

@@ -44,6 +44,10 @@ CASES = [
     ("mistral", 2, (), None, "split"),         # 4 query heads share 1 kv head
     ("qwen3", 1, (), None, "split"),           # q/k norms, head_dim 32 with hidden 64 over 4 heads
     ("qwen3", 3, (), 1, "split"),              # streamed, a kv head on two ranks
+    ("qwen3_moe", 1, (), None, "split"),       # routed experts, a dense layer beside them
+    ("qwen3_moe", 2, (), 1, "split"),          # streamed: one block (a layer's experts) at a time
+    ("mixtral", 3, (), None, "split"),         # 96 expert columns over 3 ranks: 32 each
+    ("mixtral", 4, (3, 1, 1, 1), None, "split"),   # uneven: a rank with no expert columns
     ("llama", 2, (3, 1), None, "split"),       # uneven ratios
     ("llama", 4, (3, 1, 1, 1), None, "split"),
     ("qwen2", 3, (), 1, "split"),              # streamed: one block in memory at a time

@@ -49,6 +49,16 @@ class Rows:
     pieces: list[Piece]
     invariant: bool
 
+    def subset(self, index: torch.Tensor) -> Rows:
+        """The rows `index` (ascending) as rows of their own, each piece keeping those of its rows
+        (an expert's tokens): what a piece keeps depends on its own tokens only."""
+        pieces = []
+        for p in self.pieces:
+            lo, hi = (int(i) for i in torch.searchsorted(index, torch.tensor([p.start, p.stop])))
+            if hi > lo:
+                pieces.append(Piece(p.seq, lo, hi, p.pos))
+        return Rows(pieces, self.invariant)
+
 
 @dataclass(frozen=True)
 class Piece:

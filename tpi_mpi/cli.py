@@ -137,8 +137,11 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
             kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
             block = max(b["attn"], b["mlp"], max(dense["attn"], dense["mlp"]) // 2 if modes[mode] else 0)
             streamed = m.n_layers * (b["attn"] + b["mlp"])
+            # of an MoE layer's experts a token needs only the routed ones
+            experts = m.n_experts * 3 * (s.expert_ffn[1] - s.expert_ffn[0]) * m.dim * (modes[mode] or itemsize)
+            routed = streamed - len(m.moe_layers) * experts * (1 - m.n_routed / max(m.n_experts, 1))
             rows.append((streamed + b["common"] + b["embed"], s, block, streamed,
-                         baseline + b["common"] + 2 * block + kv))   # window 1, as plan_window counts
+                         baseline + b["common"] + 2 * block + kv, routed))   # window 1, as plan_window counts
         return rows
 
     n = parameter_count(m)
@@ -146,23 +149,31 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
     click.echo(f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
                f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
                f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {stored}, --quant {quant}")
+    if m.n_experts:
+        click.echo(f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
+                   f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
     click.echo(f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
                f"{'KV cache':>10} {'min budget':>11}")
-    for shard, s, block, _, minimum in plan(quant):
+    for shard, s, block, _, minimum, _ in plan(quant):
         kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
-        click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {s.ffn[0]:>5}-{s.ffn[1]:<5} "
+        cols = s.expert_ffn if m.n_experts and len(m.moe_layers) == m.n_layers else s.ffn   # each expert's, if all MoE
+        click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {cols[0]:>5}-{cols[1]:<5} "
                    f"{format_size(shard):>11} {format_size(block):>14} {format_size(kv):>10} {format_size(minimum):>11}")
     click.echo("heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1")
     click.echo(f"min budget = runtime baseline ({format_size(baseline)}) + resident tensors + 2 blocks + "
                f"KV cache for {ctx} tokens: --memory-budget below it is refused")
     if len(modes) > 1:
+        routed_col = f" {'routed experts only':>19}" if m.n_experts else ""
         click.echo(f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "
-                   f"{'min budget':>11}")
+                   f"{'min budget':>11}{routed_col}")
         for mode, per in modes.items():
-            shard, _, _, streamed, minimum = max(plan(mode), key=lambda row: row[0])
+            shard, _, _, streamed, minimum, routed = max(plan(mode), key=lambda row: row[0])
             click.echo(f"{mode:>33} {per or itemsize:>11.3f} {format_size(shard):>11} {format_size(streamed):>15} "
-                       f"{format_size(minimum):>11}")
-        click.echo("read per token: every block streamed once per token (a window smaller than the shard)")
+                       f"{format_size(minimum):>11}" + (f" {format_size(routed):>19}" if m.n_experts else ""))
+        click.echo("read per token: every block streamed once per token (a window smaller than the shard)"
+                   + ("; routed experts only: the dense parts and the routed experts' share, what reading only "
+                      "the experts a token uses would take (not built yet: today a block holds all its experts)"
+                      if m.n_experts else ""))
 
 
 def _builtin() -> Path:

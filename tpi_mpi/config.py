@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from .errors import ConfigError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "mixtral")
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_format.DTYPES maps them to torch)
 HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
@@ -27,7 +28,7 @@ QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                      # "llama" | "mistral" | "qwen2" | "qwen3"
+    arch: str                      # one of SUPPORTED_ARCHS
     dim: int                       # hidden_size
     n_layers: int
     n_heads: int                   # query heads
@@ -44,6 +45,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False          # RMSNorm of each query and key head before RoPE (Qwen3)
+    # mixture of experts: a router picks n_routed of n_experts MLPs (of expert_ffn_dim columns) per token
+    n_experts: int = 0             # 0: dense
+    n_routed: int = 0
+    expert_ffn_dim: int = 0
+    norm_routed: bool = True       # the routed experts' weights rescaled to sum to 1 (norm_topk_prob)
+    moe_layers: tuple[int, ...] = ()
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
 
@@ -54,6 +61,11 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model config: {self.n_heads} query heads do not group evenly over {self.n_kv_heads} kv heads")
+        if self.n_experts and not 0 < self.n_routed <= self.n_experts:
+            raise ConfigError(f"model config: {self.n_routed} experts per token of {self.n_experts}")
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     @property
     def group(self) -> int:
@@ -67,6 +79,7 @@ class ModelConfig:
     def from_json(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        d["moe_layers"] = tuple(d.get("moe_layers", ()))
         return cls(**d)
 
     @classmethod
@@ -90,7 +103,7 @@ class ModelConfig:
             return raw[key]
 
         def refuse(key: str, why: str) -> None:
-            raise ConfigError(f"{source}: field '{key}' {why}; tpi_mpi supports Llama, Mistral, Qwen2 and Qwen3 models")
+            raise ConfigError(f"{source}: field '{key}' {why}; tpi_mpi supports Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE and Mixtral models")
 
         arch = raw.get("model_type")
         if arch not in SUPPORTED_ARCHS:
@@ -112,7 +125,7 @@ class ModelConfig:
         # A sliding window no shorter than the context is plain causal attention; a shorter one
         # is exact as long as the context stays inside it, so the context is capped there.
         window = raw.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3", "qwen3_moe") and not raw.get("use_sliding_window", False):
             window = None
         if window:
             max_seq = min(max_seq, int(window))
@@ -130,7 +143,7 @@ class ModelConfig:
             head_dim=int(raw.get("head_dim") or dim // n_heads),
             ffn_dim=int(need("intermediate_size")),
             vocab_size=int(need("vocab_size")),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6 if arch in ("qwen2", "qwen3") else 1e-5)),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6 if arch.startswith("qwen") else 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_seq_len=max_seq,
@@ -138,10 +151,30 @@ class ModelConfig:
             qkv_bias=True if arch == "qwen2" else attention_bias,
             o_bias=False if arch == "qwen2" else attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            **_experts(raw, arch, int(need("num_hidden_layers")), refuse),
             bos_id=raw.get("bos_token_id"),
             eos_ids=eos_ids,
         )
+
+
+def _experts(raw: dict, arch: str, n_layers: int, refuse) -> dict:
+    """The mixture-of-experts fields of a qwen3_moe or mixtral config.json (none for a dense model)."""
+    if arch not in MOE_ARCHS:
+        return {}
+    if arch == "mixtral":
+        n, ffn, layers = int(raw.get("num_local_experts", 8)), int(raw["intermediate_size"]), range(n_layers)
+        norm = True                          # softmax over the top k (transformers: softmax, top k, renormalise)
+    else:
+        # Qwen's own configs say num_experts; transformers 5 writes num_local_experts
+        n = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+        ffn, norm = int(raw.get("moe_intermediate_size", 0)), bool(raw.get("norm_topk_prob", False))
+        step, dense = int(raw.get("decoder_sparse_step", 1)), set(raw.get("mlp_only_layers") or ())
+        layers = [i for i in range(n_layers) if i not in dense and n > 0 and (i + 1) % step == 0]
+    if raw.get("num_shared_experts") or raw.get("shared_expert_intermediate_size"):
+        refuse("shared_expert_intermediate_size", "asks for shared experts, which are not implemented")
+    return {"n_experts": n, "n_routed": int(raw.get("num_experts_per_tok", 2)), "expert_ffn_dim": ffn,
+            "norm_routed": norm, "moe_layers": tuple(layers)}
 
 
 def _rope(raw: dict, source: str) -> tuple[float, dict | None]:

@@ -60,7 +60,8 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
         raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral, Qwen2 and Qwen3 models")
 
     if get("expert_count", 0):
-        refuse(f"{arch}.expert_count", f"is {get('expert_count')} (mixture of experts)")
+        refuse(f"{arch}.expert_count", f"is {get('expert_count')}: mixture-of-experts GGUFs (stacked expert tensors) are "
+                                       f"not read yet, their Hugging Face folders are")
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_heads)
     if isinstance(n_kv, list):         # per layer; fine only when all agree

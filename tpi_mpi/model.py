@@ -1,9 +1,10 @@
-"""The Llama-family transformer (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3), written as single-device code
-over the parallel layers of parallel.py.
+"""The Llama-family transformer (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3, and the mixtures of
+experts Qwen3-MoE and Mixtral), written as single-device code over the parallel layers of parallel.py.
 
 Each rank builds the model at its own shard's shapes; the weight window (weights.py) binds each
 block's tensors just before the block runs. No MPI and no rank branches here: the two allreduces
-per layer happen inside `RowParallelLinear`, the logit gather inside `VocabParallelHead`.
+per layer happen inside `RowParallelLinear` (or `ParallelSum`, after the experts), the logit
+gather inside `VocabParallelHead`.
 The embedding lookup is not here either: only rank 0 holds the table (generate.py).
 """
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .batch import Batch, Rows
 from .config import ModelConfig
-from .parallel import ColumnParallelLinear, RankShard, RowParallelLinear, VocabParallelHead, bind
+from .parallel import ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind
 
 
 class RMSNorm(nn.Module):
@@ -160,12 +161,58 @@ class FeedForward(nn.Module):
         return self.down(F.silu(self.gate(x, rows)) * self.up(x, rows), rows)
 
 
+def route(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Each token's k experts and their weights: softmax over all experts in float32, the top k,
+    rescaled to sum to 1 if `normalize` (as Qwen3-MoE's norm_topk_prob and Mixtral do)."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, chosen = torch.topk(probs, k, dim=-1)                               # (T, k) each
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, chosen
+
+
+class Expert(nn.Module):
+    """One expert's MLP slice: gate and up split by columns like a dense MLP; its down partial is
+    summed with the other experts' before the one allreduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
+
+    def forward(self, x: Tensor, rows: Rows | None) -> Tensor:
+        return self.down(F.silu(self.gate(x, rows)) * self.up(x, rows), rows)
+
+
+class MixtureOfExperts(nn.Module):
+    """Qwen3-MoE / Mixtral MLP: the router (whole on every rank, so all ranks route alike) picks
+    n_routed experts per token; every rank computes its column slice of each routed expert, and the
+    weighted sum of all of them is allreduced once, as a dense MLP's down projection is."""
+
+    def __init__(self, m: ModelConfig, comm) -> None:
+        super().__init__()
+        self.router = ColumnParallelLinear()                                     # (n_experts, dim), not split
+        self.experts = nn.ModuleList(Expert() for _ in range(m.n_experts))
+        self.k, self.normalize = m.n_routed, m.norm_routed
+        self.sum = ParallelSum(comm)                                             # allreduce inside
+
+    def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
+        weights, chosen = route(self.router(x, rows), self.k, self.normalize)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():                                       # ascending: a fixed order of the sum
+            token, slot = (chosen == e).nonzero(as_tuple=True)                   # tokens ascending
+            y = self.experts[e](x[token], rows.subset(token))
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return self.sum(out)
+
+
 class Block(nn.Module):
     def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, context: int) -> None:
         super().__init__()
         self.index = index
         self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, context)
-        self.mlp_norm, self.mlp = RMSNorm(m.norm_eps), FeedForward(comm)
+        self.mlp_norm = RMSNorm(m.norm_eps)
+        self.mlp = MixtureOfExperts(m, comm) if m.is_moe(index) else FeedForward(comm)
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor, window) -> Tensor:
         with window.use(self.index, "attn", self.attn):

@@ -3,7 +3,7 @@
 Terms, defined once (Megatron's): a torch `Linear` weight is (out_features, in_features).
 **Column-parallel** splits the output features (weight dim 0) and needs no communication;
 **row-parallel** splits the input features (weight dim 1), so each rank holds a partial sum
-that `comm.allreduce` adds up. Only `RowParallelLinear` and `VocabParallelHead` talk to `comm`.
+that `comm.allreduce` adds up. Only `RowParallelLinear`, `ParallelSum` and `VocabParallelHead` talk to `comm`.
 
 Weights are not parameters: the weight window (weights.py) binds tensors to `weight`/`bias`
 right before a block runs and unbinds them afterwards. A weight may be a float tensor or a
@@ -57,6 +57,7 @@ class RankShard:
     kv_heads: tuple[int, int]   # kv heads those query heads read (copies when shared)
     ffn: tuple[int, int]        # MLP intermediate columns
     vocab: tuple[int, int]      # output-head rows (logit columns)
+    expert_ffn: tuple[int, int] = (0, 0)   # each expert's MLP columns (mixture of experts: every expert split alike)
 
     @property
     def n_heads(self) -> int:
@@ -84,6 +85,7 @@ def plan_shards(m: ModelConfig, par: ParallelConfig, head_on: str = "split", ffn
     par.check(m)
     heads = split_by_ratio(m.n_heads, par.parts)
     ffn = split_by_ratio(m.ffn_dim, par.parts, ffn_unit)
+    experts = split_by_ratio(m.expert_ffn_dim, par.parts, ffn_unit) if m.n_experts else [(0, 0)] * par.world
     if head_on == "rank0":
         vocab = [(0, m.vocab_size)] + [(m.vocab_size, m.vocab_size)] * (par.world - 1)
     else:
@@ -91,7 +93,7 @@ def plan_shards(m: ModelConfig, par: ParallelConfig, head_on: str = "split", ffn
     shards = []
     for r, (h0, h1) in enumerate(heads):
         kv = (h0 // m.group, (h1 - 1) // m.group + 1)
-        shards.append(RankShard(r, (h0, h1), kv, ffn[r], vocab[r]))
+        shards.append(RankShard(r, (h0, h1), kv, ffn[r], vocab[r], experts[r]))
     return shards
 
 
@@ -119,6 +121,18 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor, rows: Rows | None = None) -> Tensor:
         y = self.comm.allreduce(linear(x, self.weight, None, rows))   # one allreduce for the whole step
         return y if self.bias is None else y + self.bias
+
+
+class ParallelSum(nn.Module):
+    """The sum over ranks of partial results (what RowParallelLinear ends with), for a layer that adds
+    several row-parallel products before summing: a mixture of experts' weighted experts."""
+
+    def __init__(self, comm) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.comm.allreduce(x)
 
 
 class VocabParallelHead(nn.Module):
@@ -229,6 +243,9 @@ def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float
     attn = (2 * q * m.dim + 2 * kv * m.dim) * per + ((q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias
                                                      + 2 * hd * m.qk_norm) * itemsize
     mlp = 3 * ffn * m.dim * per + (2 * ffn + m.dim) * m.mlp_bias * itemsize
+    if m.moe_layers:            # an MoE layer's block: its router and every expert's slice
+        mlp = max(mlp if len(m.moe_layers) < m.n_layers else 0,
+                  m.n_experts * 3 * (s.expert_ffn[1] - s.expert_ffn[0]) * m.dim * per + m.n_experts * m.dim * itemsize)
     common = (2 * m.n_layers + 1) * m.dim * itemsize + (s.vocab[1] - s.vocab[0]) * m.dim * per
     embed = m.vocab_size * m.dim * per if s.rank == 0 else 0
     return {k: int(v) for k, v in {"attn": attn, "mlp": mlp, "common": common, "embed": embed}.items()}
@@ -237,7 +254,9 @@ def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float
 def parameter_count(m: ModelConfig) -> int:
     """Parameters of the model as stored (a tied head counted once)."""
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    layer = 2 * q * m.dim + 2 * kv * m.dim + 3 * m.ffn_dim * m.dim + 2 * m.dim
+    layer = 2 * q * m.dim + 2 * kv * m.dim + 2 * m.dim
     layer += (q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias + (2 * m.ffn_dim + m.dim) * m.mlp_bias + 2 * m.head_dim * m.qk_norm
     head = 0 if m.tie_embeddings else m.vocab_size * m.dim
-    return m.n_layers * layer + m.vocab_size * m.dim + head + m.dim
+    mlps = ((m.n_layers - len(m.moe_layers)) * 3 * m.ffn_dim * m.dim
+            + len(m.moe_layers) * m.n_experts * (3 * m.expert_ffn_dim + 1) * m.dim)
+    return mlps + m.n_layers * layer + m.vocab_size * m.dim + head + m.dim

@@ -28,12 +28,20 @@ from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, 
                            TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256, quant_weight)
 
 
-def hf_name(ours: str, layer: int | None = None) -> str:
+def hf_name(ours: str, layer: int | None = None, arch: str = "llama") -> str:
     """Our tensor name (as bound to the model) -> the Hugging Face checkpoint name."""
     fixed = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "head.weight": "lm_head.weight"}
     if layer is None:
         return fixed[ours]
+    if ours.startswith(("router.", "experts.")):     # mixture of experts: Mixtral's names, or Qwen3-MoE's
+        moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+        if ours == "router.weight":
+            return f"model.layers.{layer}.{moe}.gate.weight"
+        _, e, proj, kind = ours.split(".")
+        names = {"gate": "w1", "up": "w3", "down": "w2"} if arch == "mixtral" else \
+            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        return f"model.layers.{layer}.{moe}.experts.{e}.{names[proj]}.{kind}"
     proj, kind = ours.split(".")
     full = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -87,7 +95,7 @@ class HFSource:
         return SAFETENSORS_DTYPES[code]
 
     def name_of(self, ours: str, layer: int | None = None) -> str:
-        name = hf_name(ours, layer)
+        name = hf_name(ours, layer, self.config.arch)
         if name == "lm_head.weight" and (self.config.tie_embeddings or name not in self.where):
             name = hf_name("embed.weight")
         if name not in self.where:
@@ -220,13 +228,18 @@ def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dty
             spec["o.bias"] = {}
         if m.qk_norm:                 # one head_dim vector each, the same for every head: every rank a copy
             spec |= {"q_norm.weight": {}, "k_norm.weight": {}}
+    elif m.is_moe(layer):             # the router whole on every rank, each expert's columns split
+        spec = {"router.weight": {}}
+        for e in range(m.n_experts):
+            spec |= {f"experts.{e}.gate.weight": {"rows": s.expert_ffn}, f"experts.{e}.up.weight": {"rows": s.expert_ffn},
+                     f"experts.{e}.down.weight": {"cols": s.expert_ffn}}
     else:
         spec = {"gate.weight": {"rows": s.ffn}, "up.weight": {"rows": s.ffn}, "down.weight": {"cols": s.ffn}}
         if m.mlp_bias:
             spec |= {"gate.bias": {"rows": s.ffn}, "up.bias": {"rows": s.ffn}, "down.bias": {}}
     out = Stored(dtype)
     for name, how in spec.items():
-        if name.endswith(".weight") and not name.endswith("norm.weight"):
+        if name.endswith(".weight") and not name.endswith("norm.weight") and name != "router.weight":
             out.add(name, _matrix(src, mode, dtype, name, layer, **how))
         else:
             out[name] = src.read(name, layer, **how).to(dtype)

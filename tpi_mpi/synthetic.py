@@ -26,10 +26,17 @@ SHAPES = {
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 8192, 500000.0),
     "llama2-13b": (5120, 40, 40, 40, 13824, 32000, 4096, 10000.0),
     "llama2-70b": (8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
+    "qwen3-30b-a3b": (2048, 48, 32, 4, 6144, 151936, 32768, 1000000.0),
+    "mixtral-8x7b": (4096, 32, 32, 8, 14336, 32000, 32768, 1000000.0),
+}
+# mixtures of experts: every layer routes each token to n_routed of n_experts MLPs
+MOE_SHAPES = {
+    "qwen3-30b-a3b": dict(arch="qwen3_moe", head_dim=128, qk_norm=True, n_experts=128, n_routed=8, expert_ffn_dim=768),
+    "mixtral-8x7b": dict(arch="mixtral", n_experts=8, n_routed=2, expert_ffn_dim=14336),
 }
 CHUNK = 32
 STD = 0.02   # the usual initializer range: activations stay finite through 80 layers
-COLUMN_SPLIT = ("o.weight", "down.weight")   # row-parallel tensors are sliced by columns
+COLUMN_SPLIT = ("o.weight", "down.weight")   # row-parallel tensors (an expert's down too) are sliced by columns
 
 
 def synthetic_config(name: str) -> ModelConfig:
@@ -41,9 +48,12 @@ def synthetic_config(name: str) -> ModelConfig:
                           f"(fewer layers than the shape has), e.g. llama2-70b:4")
     dim, layers, heads, kv, ffn, vocab, ctx, theta = SHAPES[shape]
     layers = int(keep) if keep else layers
-    return ModelConfig(arch="llama", dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                       head_dim=dim // heads, ffn_dim=ffn, vocab_size=vocab, norm_eps=1e-5,
-                       rope_theta=theta, max_seq_len=ctx, bos_id=1, eos_ids=(2,))
+    moe = dict(MOE_SHAPES.get(shape, {}))
+    if moe:
+        moe["moe_layers"] = tuple(range(layers))
+    return ModelConfig(**{"arch": "llama", "head_dim": dim // heads, **moe}, dim=dim, n_layers=layers, n_heads=heads,
+                       n_kv_heads=kv, ffn_dim=ffn, vocab_size=vocab, norm_eps=1e-5, rope_theta=theta, max_seq_len=ctx,
+                       bos_id=1, eos_ids=(2,))
 
 
 class SyntheticSource:
@@ -56,16 +66,21 @@ class SyntheticSource:
     def _shape(self, ours: str) -> tuple[int, ...]:
         m = self.config
         q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        if ours.startswith("experts."):                                   # experts.E.gate.weight
+            ours, ffn = ours.split(".", 2)[2], m.expert_ffn_dim
+        else:
+            ffn = m.ffn_dim
         return {"q.weight": (q, m.dim), "k.weight": (kv, m.dim), "v.weight": (kv, m.dim), "o.weight": (m.dim, q),
-                "gate.weight": (m.ffn_dim, m.dim), "up.weight": (m.ffn_dim, m.dim), "down.weight": (m.dim, m.ffn_dim),
-                "embed.weight": (m.vocab_size, m.dim), "head.weight": (m.vocab_size, m.dim)}[ours]
+                "gate.weight": (ffn, m.dim), "up.weight": (ffn, m.dim), "down.weight": (m.dim, ffn),
+                "embed.weight": (m.vocab_size, m.dim), "head.weight": (m.vocab_size, m.dim),
+                "router.weight": (m.n_experts, m.dim)}[ours]
 
     def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         if ours.endswith("norm.weight"):
-            return torch.ones(self.config.dim)
+            return torch.ones(self.config.head_dim if ours in ("q_norm.weight", "k_norm.weight") else self.config.dim)
         shape = self._shape(ours)
-        axis = 1 if ours in COLUMN_SPLIT else 0
+        axis = 1 if ours.endswith(COLUMN_SPLIT) else 0
         lo, hi = (cols if axis else rows) or (0, shape[axis])
         if (rows and axis) or (cols and not axis):
             raise ValueError(f"{ours} is split along axis {axis}")
@@ -122,6 +137,8 @@ def write_hf_checkpoint(name: str, out: str | Path, progress=None) -> Path:
 
     src = open_source(name) if str(name).endswith(".gguf") else SyntheticSource(name)
     m, out = src.config, Path(out)
+    if m.arch != "llama":
+        raise ConfigError(f"{name}: a {m.arch} model; synthetic-hf writes Llama-family dense models only")
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
