@@ -28,7 +28,7 @@ HEAD_DIM = DIM // HEADS
 GGUF_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "head.weight": "output.weight", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
-              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "router": "ffn_gate_inp"}
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -50,9 +50,15 @@ def k_quant_rows(rng, rows: int, cols: int, qtype=Q.Q4_K) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+EXPERTS, ROUTED = 4, 2
+
+
 def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, split_max_tensors=0) -> dict:
     """A one-layer model with random weights; returns its tensors in the Hugging Face layout, as float32
-    values the file holds (after quantization), by our name."""
+    values the file holds (after quantization), by our name. arch "mixtral" writes what llama.cpp
+    makes of one (arch llama with EXPERTS stacked experts), "qwen3moe" a Qwen3-MoE."""
+    experts = arch in ("mixtral", "qwen3moe")
+    arch, moe_arch = ("llama" if arch == "mixtral" else arch), arch
     rng = np.random.default_rng(0)
     shapes = {"embed.weight": (VOCAB, DIM), "norm.weight": (DIM,), "head.weight": (VOCAB, DIM),
               "q.weight": (HEADS * HEAD_DIM, DIM), "k.weight": (KV_HEADS * HEAD_DIM, DIM),
@@ -60,8 +66,12 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
               "up.weight": (FFN, DIM), "down.weight": (DIM, FFN), "attn_norm.weight": (DIM,), "mlp_norm.weight": (DIM,)}
     if arch == "qwen2":
         shapes |= {"q.bias": (HEADS * HEAD_DIM,), "k.bias": (KV_HEADS * HEAD_DIM,), "v.bias": (KV_HEADS * HEAD_DIM,)}
-    if arch == "qwen3":
+    if arch.startswith("qwen3"):
         shapes |= {"q_norm.weight": (HEAD_DIM,), "k_norm.weight": (HEAD_DIM,)}
+    if experts:             # the router (ffn_gate_inp) and each kind of expert matrix stacked, (EXPERTS, rows, cols)
+        del shapes["gate.weight"], shapes["up.weight"], shapes["down.weight"]
+        shapes |= {"router.weight": (EXPERTS, DIM), "gate_exps.weight": (EXPERTS, FFN, DIM),
+                   "up_exps.weight": (EXPERTS, FFN, DIM), "down_exps.weight": (EXPERTS, DIM, FFN)}
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     w.add_block_count(1)
     w.add_context_length(256)
@@ -76,20 +86,31 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
     w.add_token_types([1] * VOCAB)
     w.add_eos_token_id(1)
+    if experts:
+        w.add_expert_count(EXPERTS)
+        w.add_expert_used_count(ROUTED)
+        if moe_arch == "qwen3moe":
+            w.add_expert_feed_forward_length(FFN)
+            w.add_expert_weights_norm(True)
     for key, (value, vtype) in (extra or {}).items():
         w.add_key_value(key, value, vtype)
     hf = {}
     for ours, shape in shapes.items():
         proj, kind = ours.split(".")
         data = rng.standard_normal(shape).astype(np.float32)
-        if len(shape) == 2 and qtype in K_SCALES:
-            data = k_quant_rows(rng, *shape, qtype)
-        elif len(shape) == 2:
+        matrix = len(shape) >= 2 and ours != "router.weight"          # llama.cpp keeps the router in F32
+        if matrix and qtype in K_SCALES:
+            data = k_quant_rows(rng, math.prod(shape[:-1]), shape[-1], qtype).reshape(*shape[:-1], -1)
+        elif matrix:
             data = quantize(data, qtype)
-        hf[ours] = dequantize(data, qtype if len(shape) == 2 else Q.F32).reshape(shape)
+        values = dequantize(data, qtype if matrix else Q.F32).reshape(shape)
+        if proj.endswith("_exps"):
+            hf |= {f"experts.{e}.{proj[:-5]}.weight": values[e] for e in range(EXPERTS)}
+        else:
+            hf[ours] = values
         if arch == "llama" and proj in ("q", "k"):
             data = llama_cpp_permute(data, HEADS if proj == "q" else KV_HEADS)
-        name = GGUF_NAMES.get(ours) or f"blk.0.{GGUF_NAMES[proj]}.{kind}"
+        name = GGUF_NAMES.get(ours) or f"blk.0.{GGUF_NAMES.get(proj, 'ffn_' + proj)}.{kind}"
         w.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
@@ -101,16 +122,20 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", Q.F32), ("llama", Q.Q8_0), ("llama", Q.Q4_K),
-                                        ("qwen2", Q.Q4_1), ("llama", Q.F16), ("qwen3", Q.Q8_0)])
+                                        ("qwen2", Q.Q4_1), ("llama", Q.F16), ("qwen3", Q.Q8_0),
+                                        ("qwen3moe", Q.Q8_0), ("mixtral", Q.Q4_K)])
 def test_tiny_tensors_read_back_in_hf_layout(tmp_path, arch, qtype):
     hf = write_tiny(tmp_path / "tiny.gguf", arch, qtype)
     src = GGUFSource(tmp_path / "tiny.gguf")
-    assert src.config.arch == arch and src.config.qkv_bias == (arch == "qwen2")
-    assert src.config.qk_norm == (arch == "qwen3")
+    assert src.config.arch == {"qwen3moe": "qwen3_moe"}.get(arch, arch) and src.config.qkv_bias == (arch == "qwen2")
+    assert src.config.n_experts == (EXPERTS if arch in ("qwen3moe", "mixtral") else 0)
+    assert src.config.qk_norm == arch.startswith("qwen3")
     assert src.dtype == {Q.F32: torch.float32, Q.F16: torch.float16}.get(qtype, torch.float32)
     for ours, want in hf.items():
         layer = None if ours in ("embed.weight", "norm.weight", "head.weight") else 0
         np.testing.assert_array_equal(src.read(ours, layer).numpy(), want, err_msg=ours)
+        if want.shape[0] < 16:              # the router: one row per expert
+            continue
         # rows cut through a head, columns through a quantization block (32 or 256 values)
         rows = (10, min(100, want.shape[0] - 3))
         np.testing.assert_array_equal(src.read(ours, layer, rows=rows).numpy(), want[rows[0]:rows[1]], err_msg=ours)

@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from checkpoints import greedy_reference, write_tokenizer
-from test_gguf import DIM, FFN, HEADS, KV_HEADS, VOCAB, write_tiny as write_gguf
+from test_gguf import DIM, EXPERTS, FFN, HEADS, KV_HEADS, ROUTED, VOCAB, write_tiny as write_gguf
 from test_ranks_in_process import LOGITS_TOL, generate_in_threads, one_thread_each  # noqa: F401 (an autouse fixture)
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.errors import ConfigError
@@ -31,16 +31,32 @@ def write_tiny(path, arch="llama", qtype=Q.F32) -> dict:
     return write_gguf(path, arch, qtype)
 
 
-def transformers_on(hf: dict[str, np.ndarray], arch: str = "llama"):
-    """A one-layer LlamaForCausalLM (or Qwen3ForCausalLM) holding exactly `hf` (our names -> float32 values)."""
+def transformers_on(hf: dict[str, np.ndarray], arch: str = "llama", folder=None):
+    """A one-layer transformers model of `arch` (llama, qwen3, or the mixtures of experts qwen3moe and
+    mixtral, loaded from a folder written in `folder` so transformers maps the experts itself)
+    holding exactly `hf` (our names -> float32 values)."""
     import transformers
 
-    kinds = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
-    config_cls, model_cls = kinds[arch]
+    kinds = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
+             "qwen3moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                          dict(num_experts=EXPERTS, num_experts_per_tok=ROUTED, moe_intermediate_size=FFN,
+                               norm_topk_prob=True)),
+             "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                         dict(num_local_experts=EXPERTS, num_experts_per_tok=ROUTED))}
+    config_cls, model_cls, moe = kinds[arch]
     config = config_cls(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=1,
                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM // HEADS, rms_norm_eps=1e-5,
-                        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+                        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, **moe)
+    if moe:
+        from safetensors.torch import save_file
+
+        hf_arch = {"qwen3moe": "qwen3_moe"}.get(arch, arch)
+        state = {hf_name(ours, None if ours in ("embed.weight", "norm.weight", "head.weight") else 0, hf_arch):
+                 torch.from_numpy(np.ascontiguousarray(v)) for ours, v in hf.items()}
+        config.save_pretrained(folder)
+        save_file(state, folder / "model.safetensors")
+        return model_cls.from_pretrained(folder, dtype=torch.float32).eval()
     model = model_cls(config).eval()
     state = {hf_name(ours, None if ours in ("embed.weight", "norm.weight", "head.weight") else 0): torch.from_numpy(v)
              for ours, v in hf.items()}
@@ -49,14 +65,14 @@ def transformers_on(hf: dict[str, np.ndarray], arch: str = "llama"):
     return model
 
 
-def reference(hf: dict[str, np.ndarray], arch: str = "llama") -> tuple[np.ndarray, list[int]]:
+def reference(hf: dict[str, np.ndarray], arch: str = "llama", folder=None) -> tuple[np.ndarray, list[int]]:
     """transformers' logits at every prompt position and its greedy continuation."""
-    logits, tokens = greedy_reference(transformers_on(hf, arch), PROMPT, N_NEW)
+    logits, tokens = greedy_reference(transformers_on(hf, arch, folder), PROMPT, N_NEW)
     return logits.numpy(), tokens
 
 
-def check(prepared, n: int, hf: dict, depth: int | None = None, arch: str = "llama") -> None:
-    ref_logits, ref_tokens = reference(hf, arch)
+def check(prepared, n: int, hf: dict, depth: int | None = None, arch: str = "llama", folder=None) -> None:
+    ref_logits, ref_tokens = reference(hf, arch, folder)
     ours, tokens, _ = generate_in_threads(prepared, n, PROMPT, N_NEW, depth)
     err = np.abs(ours - ref_logits).max() / np.abs(ref_logits).max()
     assert err < LOGITS_TOL, err
@@ -84,6 +100,19 @@ def test_qwen3_gguf_computes_the_files_own_numbers(tmp_path, n):
     prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(n), "fp32")
     assert Manifest.load(prepared / "rank0").model.qk_norm
     check(prepared, n, hf, arch="qwen3")
+
+
+@pytest.mark.parametrize("arch,qtype,n", [("qwen3moe", Q.Q8_0, 1), ("qwen3moe", Q.Q4_K, 2), ("mixtral", Q.Q4_0, 3)])
+def test_moe_gguf_computes_the_files_own_numbers(tmp_path, arch, qtype, n):
+    """Mixture-of-experts GGUFs: the experts stacked in one tensor per kind (ffn_*_exps), the router
+    ffn_gate_inp; Mixtral as llama.cpp writes it (arch llama, q/k rows permuted)."""
+    hf = write_tiny(tmp_path / "tiny.gguf", arch, qtype)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(n), "fp32")
+    mf = Manifest.load(prepared / "rank0")
+    assert mf.model.n_experts == EXPERTS and mf.model.moe_layers == (0,)
+    assert mf.files["layer000.mlp.safetensors"]["quant"]["experts.3.down.weight"] == qtype.name
+    (tmp_path / "hf").mkdir()
+    check(prepared, n, hf, arch=arch, folder=tmp_path / "hf")
 
 
 def test_splits_fall_on_whole_blocks(tmp_path):

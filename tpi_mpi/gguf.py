@@ -202,13 +202,15 @@ class GGUFSource:
             self.tensors |= {t.name: t for t in tensors}
         self.source = self.path.name
         self.config = config_from_gguf(self.meta, self.tensors, self.source, load_tensor)
+        # llama.cpp interleaves q/k rows by the file's architecture (a Mixtral GGUF says llama)
+        self.permuted = self.meta.get("general.architecture") in PERMUTED_ARCHS
         self.dtype = self._dtype()
 
     def _dtype(self) -> torch.dtype:
         """The file's own float type when every matrix has it; float32 for quantized (and mixed) files,
         since dequantized values are exact in float32 and not in 16 bits (a Q8_0 scale times an 8-bit
         integer needs up to 19 bits). `--dtype bf16` still halves the prepared shards if asked."""
-        kinds = {t.qtype for t in self.tensors.values() if len(t.shape) == 2}
+        kinds = {t.qtype for t in self.tensors.values() if len(t.shape) >= 2}
         if len(kinds) == 1 and next(iter(kinds)) in FLOAT_TYPES:
             return FLOAT_TYPES[next(iter(kinds))]
         return torch.float32
@@ -218,6 +220,9 @@ class GGUFSource:
             name = GLOBAL_NAMES[ours]
             if name == "output.weight" and name not in self.tensors:
                 name = GLOBAL_NAMES["embed.weight"]     # tied embeddings
+        elif ours.startswith("experts."):                # experts.E.gate.weight: expert E of a stacked tensor
+            _, _, proj, kind = ours.split(".")
+            name = f"blk.{layer}.ffn_{proj}_exps.{kind}"
         else:
             proj, kind = ours.split(".")
             name = f"blk.{layer}.{LAYER_NAMES[proj]}.{kind}"
@@ -225,11 +230,19 @@ class GGUFSource:
             raise ShardError(f"tensor {name} is missing from {self.source}")
         return name
 
+    def tensor(self, ours: str, layer: int | None = None) -> GGUFTensor:
+        """The tensor holding `ours`: for one expert, its (rows, cols) slice of the experts' stacked tensor."""
+        t = self.tensors[self.name_of(ours, layer)]
+        if not ours.startswith("experts."):
+            return t
+        e, (rows, cols) = int(ours.split(".")[1]), t.shape[1:]
+        return GGUFTensor(t.name, t.file, t.offset + e * rows * t.row_bytes, (rows, cols), t.qtype)
+
     def read(self, ours: str, layer: int | None = None, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor in the Hugging Face layout, or just rows [a, b) or columns [a, b) of it."""
-        t = self.tensors[self.name_of(ours, layer)]
-        if not (self.config.arch in PERMUTED_ARCHS and ours.split(".")[0] in ("q", "k")):
+        t = self.tensor(ours, layer)
+        if not (self.permuted and ours.split(".")[0] in ("q", "k")):
             return torch.from_numpy(load_tensor(t, rows, cols))
         # the interleave stays inside a head: read whole heads, put them back, cut to the rows asked
         hd = self.config.head_dim
@@ -243,7 +256,7 @@ class GGUFSource:
         """(raw blocks as uint8 (rows, bytes per row), GGML type) of a quantized matrix, or of its rows
         [a, b) or columns [a, b), in the Hugging Face layout; None for a float matrix, no rows, or
         columns cut between blocks (the caller stores those as floats)."""
-        t = self.tensors[self.name_of(ours, layer)]
+        t = self.tensor(ours, layer)
         qtype = Q(t.qtype).name
         if qtype not in QTYPES or len(t.shape) != 2:
             return None
@@ -251,7 +264,7 @@ class GGUFSource:
         a, b = rows or (0, t.shape[0])
         if a == b or cols and (cols[0] % block or cols[1] % block or cols[0] == cols[1]):
             return None
-        permuted = self.config.arch in PERMUTED_ARCHS and ours.split(".")[0] in ("q", "k")
+        permuted = self.permuted and ours.split(".")[0] in ("q", "k")
         hd = self.config.head_dim
         lo, hi = (a // hd * hd, -(-b // hd) * hd) if permuted else (a, b)    # the interleave stays in a head
         raw = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset + lo * t.row_bytes,
@@ -264,12 +277,12 @@ class GGUFSource:
 
     def matrix_bytes(self) -> float:
         """Bytes per value over the file's weight matrices, in their own types (for `info`)."""
-        matrices = [t for t in self.tensors.values() if len(t.shape) == 2]
+        matrices = [t for t in self.tensors.values() if len(t.shape) >= 2]     # experts' stacked ones too
         return sum(t.nbytes for t in matrices) / sum(math.prod(t.shape) for t in matrices)
 
     def block_size(self, ours: str, layer: int | None = None) -> int:
         """Values per quantization block of a matrix (1 for floats)."""
-        t = self.tensors[self.name_of(ours, layer)]
+        t = self.tensor(ours, layer)
         return 1 if t.qtype in FLOAT_TYPES else GGML_QUANT_SIZES[Q(t.qtype)][0]
 
     def tokenizer_blobs(self) -> dict[str, bytes]:

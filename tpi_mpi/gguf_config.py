@@ -18,7 +18,7 @@ GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm
                 "head.weight": "output.weight"}
 LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
-               "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+               "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "router": "ffn_gate_inp"}
 # tensors that are no weight of our model: Llama 3's rope factors go into the config, and attn_rot_embd
 # is a leftover of old converters that llama.cpp ignores too
 IGNORED = ("rope_freqs.weight",)
@@ -46,9 +46,9 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
     """ModelConfig from GGUF metadata, through the Hugging Face mapping so every check stays in one place.
     `tensors`: name -> gguf.GGUFTensor; `load_tensor(t)` reads one as float32 (Llama 3's rope factors)."""
     arch = meta.get("general.architecture")
-    if arch not in PERMUTED_ARCHS + ("qwen2", "qwen3"):
-        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama, mistral, qwen2 and "
-                          f"qwen3 GGUFs")
+    if arch not in PERMUTED_ARCHS + ("qwen2", "qwen3", "qwen3moe"):
+        raise ConfigError(f"{source}: general.architecture is {arch!r}; tpi_mpi reads llama (Mixtral too), mistral, "
+                          f"qwen2, qwen3 and qwen3moe GGUFs")
 
     def get(key: str, default=None):
         v = meta.get(f"{arch}.{key}", default)
@@ -59,9 +59,11 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
     def refuse(key: str, why: str) -> None:
         raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral, Qwen2 and Qwen3 models")
 
-    if get("expert_count", 0):
-        refuse(f"{arch}.expert_count", f"is {get('expert_count')}: mixture-of-experts GGUFs (stacked expert tensors) are "
-                                       f"not read yet, their Hugging Face folders are")
+    experts = int(get("expert_count", 0))
+    if experts and arch not in ("llama", "qwen3moe"):
+        refuse(f"{arch}.expert_count", f"is {experts}: experts are read for llama (Mixtral) and qwen3moe only")
+    if arch == "qwen3moe" and not experts:
+        refuse(f"{arch}.expert_count", "is missing")
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_heads)
     if isinstance(n_kv, list):         # per layer; fine only when all agree
@@ -97,19 +99,21 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
     def has(name: str) -> bool:
         return f"blk.0.{name}" in tensors
 
-    for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
-                 "ffn_up.weight", "ffn_down.weight", "attn_norm.weight", "ffn_norm.weight"):
+    mlp = ("ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight") if experts \
+        else ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+    for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_norm.weight",
+                 "ffn_norm.weight", *mlp):
         if not has(name):
             refuse(f"tensor blk.0.{name}", "is missing (fused or renamed tensors are not supported)")
-    if arch == "qwen3" and not (has("attn_q_norm.weight") and has("attn_k_norm.weight")):
+    if arch.startswith("qwen3") and not (has("attn_q_norm.weight") and has("attn_k_norm.weight")):
         refuse("tensor blk.0.attn_q_norm.weight", "or attn_k_norm.weight is missing, and qwen3 norms q and k")
-    if arch != "qwen3" and has("attn_q_norm.weight"):
+    if not arch.startswith("qwen3") and has("attn_q_norm.weight"):
         refuse("tensor blk.0.attn_q_norm.weight", f"has no place in a {arch} model")
     if arch == "qwen2" and not has("attn_q.bias"):
         refuse("tensor blk.0.attn_q.bias", "is missing, and qwen2 has q/k/v biases")
     if arch != "qwen2" and has("attn_q.bias") != has("attn_output.bias"):
         refuse("tensor blk.0.attn_q.bias", "and attn_output.bias are not both present (llama biases all four)")
-    known = {f"{v}.{k}" for v in LAYER_NAMES.values() for k in ("weight", "bias")}
+    known = {f"{v}.{k}" for v in LAYER_NAMES.values() for k in ("weight", "bias")} | set(mlp)
     for name in tensors:
         if name in GLOBAL_NAMES.values() or name in IGNORED:
             continue
@@ -119,8 +123,9 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
 
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                              "tokenizer.ggml.eom_token_id") if k in meta]
+    model_type = {"qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama"}.get(arch, arch)
     raw = {
-        "model_type": arch,
+        "model_type": model_type,
         "hidden_size": dim,
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": n_heads,
@@ -140,4 +145,9 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(eos)),
     }
+    if experts:     # every layer routes (llama.cpp keeps no dense MLP beside experts in these two)
+        raw |= {"num_experts": experts, "num_local_experts": experts,
+                "num_experts_per_tok": int(get("expert_used_count")),
+                "moe_intermediate_size": int(get("expert_feed_forward_length", get("feed_forward_length"))),
+                "norm_topk_prob": bool(get("expert_weights_norm", True))}
     return ModelConfig.from_hf_dict(raw, source=source)

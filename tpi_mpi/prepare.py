@@ -179,7 +179,8 @@ def ffn_unit(src, mode: str, m: ModelConfig) -> int:
     """The MLP columns' split unit: kept K-quant `down` matrices split only at 256-value blocks."""
     if mode != "keep":
         return FFN_UNIT
-    return max([FFN_UNIT] + [src.block_size("down.weight", i) for i in range(m.n_layers)])
+    return max([FFN_UNIT] + [src.block_size("experts.0.down.weight" if m.is_moe(i) else "down.weight", i)
+                             for i in range(m.n_layers)])
 
 
 def _matrix(src, mode: str, dtype, name: str, layer: int | None = None, rows=None, cols=None):
