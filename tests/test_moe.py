@@ -67,3 +67,46 @@ def test_every_rank_holds_a_column_slice_of_every_expert():
     assert src.read("experts.5.down.weight", 0, cols=(192, 384)).shape == (2048, 192)
     assert src.read("router.weight", 1).shape == (128, 2048)
     assert src.read("q_norm.weight", 1).shape == (128,)
+
+
+def run_with_capacity(prepared, capacity: float, ids: list[int], n_new: int):
+    """Greedy tokens on one rank with an expert store of `capacity` bytes: (logits per step, window)."""
+    from tpi_mpi.batch import Batch, SeqStep
+    from tpi_mpi.comm import LocalComm
+    from tpi_mpi.model import Transformer
+    from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
+
+    shard = Shard(prepared / "rank0", 0, 1)
+    window = WeightWindow(shard, None, expert_capacity=capacity)
+    model = Transformer(shard.model, shard.shards, 0, LocalComm(), window, torch.float32)
+    model.load_resident(shard.read("common.safetensors")[1])
+    embed = EmbeddingTable(shard)
+    out, pos = [], 0
+    for _ in range(n_new):
+        logits = model(embed[ids], Batch([SeqStep(0, pos, len(ids))]))
+        out.append(logits[-1])
+        pos += len(ids)
+        ids = [int(logits[-1].argmax())]
+    window.close()
+    return out, window
+
+
+def test_experts_are_read_only_when_routed_and_give_the_same_numbers(checkpoints, tmp_path):
+    from tpi_mpi.prepare import prepare
+    from tpi_mpi.shard_format import Manifest
+
+    prepared = prepare(checkpoints("qwen3_moe"), tmp_path / "p", ParallelConfig(1), "fp32")
+    mf = Manifest.load(prepared / "rank0")
+    expert_bytes = mf.files["layer000.expert000.safetensors"]["size"]
+    assert len(mf.expert_files()) == 6                         # layer 0 routes; layer 1 is dense
+    kept, window = run_with_capacity(prepared, float("inf"), [5, 9, 13], 6)
+    assert window.experts.resident and window.experts.bytes_read == 6 * expert_bytes   # all read once, at load
+    reads = {}
+    for capacity in (0, 3 * expert_bytes):                     # none kept; half of them kept
+        streamed, window = run_with_capacity(prepared, capacity, [5, 9, 13], 6)
+        assert all(torch.equal(a, b) for a, b in zip(kept, streamed))
+        reads[capacity] = window.experts.bytes_read / expert_bytes
+    # nothing kept: the prompt reads the union of its 3 tokens' experts (2 to 6), each of the 5
+    # decode steps its 2 routed experts, and nothing else
+    assert 2 + 5 * 2 <= reads[0] <= 6 + 5 * 2, reads
+    assert reads[3 * expert_bytes] < reads[0], reads           # what is kept is not read again

@@ -110,7 +110,7 @@ def test_moe_gguf_computes_the_files_own_numbers(tmp_path, arch, qtype, n):
     prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(n), "fp32")
     mf = Manifest.load(prepared / "rank0")
     assert mf.model.n_experts == EXPERTS and mf.model.moe_layers == (0,)
-    assert mf.files["layer000.mlp.safetensors"]["quant"]["experts.3.down.weight"] == qtype.name
+    assert mf.files["layer000.expert003.safetensors"]["quant"]["down.weight"] == qtype.name
     (tmp_path / "hf").mkdir()
     check(prepared, n, hf, arch=arch, folder=tmp_path / "hf")
 

@@ -10,6 +10,7 @@ The embedding lookup is not here either: only rank 0 holds the table (generate.p
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from .batch import Batch, Rows
 from .config import ModelConfig
-from .parallel import ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind
+from .parallel import ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind, unbind
 
 
 class RMSNorm(nn.Module):
@@ -194,14 +195,17 @@ class MixtureOfExperts(nn.Module):
         self.experts = nn.ModuleList(Expert() for _ in range(m.n_experts))
         self.k, self.normalize = m.n_routed, m.norm_routed
         self.sum = ParallelSum(comm)                                             # allreduce inside
+        self.routed = None      # routed(ids) -> (expert, tensors) of each, read only then (the weight window's)
 
     def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
         weights, chosen = route(self.router(x, rows), self.k, self.normalize)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():                                       # ascending: a fixed order of the sum
+        for e, tensors in self.routed(chosen.unique().tolist()):                 # ascending: a fixed order of the sum
             token, slot = (chosen == e).nonzero(as_tuple=True)                   # tokens ascending
+            bind(self.experts[e], tensors)
             y = self.experts[e](x[token], rows.subset(token))
+            unbind(self.experts[e], tensors)
             out.index_add_(0, token, y * weights[token, slot, None])
         return self.sum(out)
 
@@ -238,6 +242,9 @@ class Transformer(nn.Module):
         self.head = VocabParallelHead(comm, [s.vocab for s in shards])
         self.rope = Rope(m, dtype)
         self.window = window
+        for layer in self.layers:
+            if isinstance(layer.mlp, MixtureOfExperts):
+                layer.mlp.routed = functools.partial(window.routed_experts, layer.index)
 
     def load_resident(self, tensors: dict[str, Tensor]) -> None:
         """Norms and the head rows stay in memory for the whole run."""

@@ -24,7 +24,7 @@ from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import FFN_UNIT, RankShard, plan_shards
 from .quant import QTYPES, block_size, quantize
-from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP,
+from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP, expert_file,
                            TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256, quant_weight)
 
 
@@ -229,11 +229,8 @@ def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dty
             spec["o.bias"] = {}
         if m.qk_norm:                 # one head_dim vector each, the same for every head: every rank a copy
             spec |= {"q_norm.weight": {}, "k_norm.weight": {}}
-    elif m.is_moe(layer):             # the router whole on every rank, each expert's columns split
+    elif m.is_moe(layer):             # the router, whole on every rank; the experts have files of their own
         spec = {"router.weight": {}}
-        for e in range(m.n_experts):
-            spec |= {f"experts.{e}.gate.weight": {"rows": s.expert_ffn}, f"experts.{e}.up.weight": {"rows": s.expert_ffn},
-                     f"experts.{e}.down.weight": {"cols": s.expert_ffn}}
     else:
         spec = {"gate.weight": {"rows": s.ffn}, "up.weight": {"rows": s.ffn}, "down.weight": {"cols": s.ffn}}
         if m.mlp_bias:
@@ -244,6 +241,14 @@ def _block_tensors(src, m: ModelConfig, s: RankShard, layer: int, kind: str, dty
             out.add(name, _matrix(src, mode, dtype, name, layer, **how))
         else:
             out[name] = src.read(name, layer, **how).to(dtype)
+    return out
+
+
+def _expert_tensors(src, s: RankShard, layer: int, expert: int, dtype, mode: str) -> Stored:
+    """This rank's columns of one expert, as its own file: read only when routed."""
+    out = Stored(dtype)
+    for proj, how in (("gate", {"rows": s.expert_ffn}), ("up", {"rows": s.expert_ffn}), ("down", {"cols": s.expert_ffn})):
+        out.add(f"{proj}.weight", _matrix(src, mode, dtype, f"experts.{expert}.{proj}.weight", layer, **how))
     return out
 
 
@@ -310,7 +315,7 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
         for s in shards:
             (staging / f"rank{s.rank}").mkdir(parents=True)
         files: list[dict] = [{} for _ in shards]
-        steps = m.n_layers * 2 * par.world + 2 * par.world
+        steps = (m.n_layers * 2 + len(m.moe_layers) * m.n_experts) * par.world + 2 * par.world
         bar = progress(total=steps, desc="prepare", unit="block") if progress else None
         for i in range(m.n_layers):
             for kind in KINDS:
@@ -319,6 +324,12 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
                     tensors = _block_tensors(src, m, s, i, kind, torch_dtype, quant)
                     files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors)
                     del tensors
+                    bar and bar.update()
+            for e in range(m.n_experts if m.is_moe(i) else 0):
+                for s in shards:
+                    name = expert_file(i, e)
+                    files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name,
+                                                       _expert_tensors(src, s, i, e, torch_dtype, quant))
                     bar and bar.update()
         for s in shards:
             files[s.rank][COMMON] = _save_atomic(staging / f"rank{s.rank}" / COMMON,

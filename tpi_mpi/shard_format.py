@@ -53,6 +53,11 @@ def block_file(layer: int, kind: str) -> str:
     return f"layer{layer:03d}.{kind}.safetensors"
 
 
+def expert_file(layer: int, expert: int) -> str:
+    """One expert's slice in an MoE layer: read only when the router picks it (weights.ExpertStore)."""
+    return f"layer{layer:03d}.expert{expert:03d}.safetensors"
+
+
 def file_sha256(path: Path, drop_cache: bool = False) -> str:
     """sha256 of a file, read in chunks (a block can be hundreds of MB); `drop_cache` then tells
     the OS its pages are no longer needed."""
@@ -217,3 +222,8 @@ class Manifest:
     def block_files(self) -> list[str]:
         """The streamed blocks' file names, in execution order."""
         return [block_file(i, k) for i in range(self.model.n_layers) for k in KINDS]
+
+    def expert_files(self) -> list[str]:
+        """Every MoE layer's expert files (empty for a dense model)."""
+        m = self.model
+        return [expert_file(i, e) for i in m.moe_layers for e in range(m.n_experts)]

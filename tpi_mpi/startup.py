@@ -27,7 +27,7 @@ from .ship import ship
 from .shard_format import COMMON
 from .text import TextCodec
 from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
-                      disk_read_bytes, memory_domain, plan_window, resident_dequantized, slot_bytes)
+                      disk_read_bytes, expert_capacity, memory_domain, plan_window, resident_dequantized, slot_bytes)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
 
@@ -103,6 +103,10 @@ class Session:
                 per_rank = ", ".join(str(w) if w == "all" else f"{w} (+{p} resident)" for w, p in zip(self.windows, self.pinned))
                 self.log(f"weight window per rank (blocks in memory): {per_rank} "
                          f"(--memory-budget {format_size(self.budget)}{'' if cfg.memory_budget else ': its share of the free memory'})")
+        experts = self.window.experts
+        if experts and not experts.resident:
+            self.log(f"experts: read when routed, up to {format_size(experts.capacity)} of the most recently used kept "
+                     f"in memory (rank 0; all experts: {format_size(sum(experts.sizes.values()))})")
         self.forward_s = 0.0      # time inside the model: compute + communication + weight waits
         self.cpu_at_reset = time.process_time()
         self.disk_at_reset = disk_read_bytes()
@@ -135,8 +139,11 @@ class Session:
         # asked for where the budget holds the whole shard keeps the pages in the page cache
         dequantize = depth is None and resident_dequantized(self.shard, budget, context, self.baseline)
         cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
+        # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
+        capacity = (float("inf") if cfg.window is None or not self.m.moe_layers else
+                    expert_capacity(self.shard, budget, context, self.baseline, depth, pinned))
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
-                                   dequantize=dequantize, cached=cached)
+                                   dequantize=dequantize, cached=cached, expert_capacity=capacity)
         self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
                                  self.context)
         common = self.shard.read(COMMON)[1]

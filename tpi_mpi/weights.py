@@ -112,10 +112,11 @@ class WeightWindow:
     most `depth` blocks are mapped at once."""
 
     def __init__(self, shard: Shard, depth: int | None = None, progress=None, pinned: int = 0,
-                 dequantize: bool = False, cached: bool = False) -> None:
+                 dequantize: bool = False, cached: bool = False, expert_capacity: float = float("inf")) -> None:
         if depth is not None and depth < 1:
             raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
         self.shard, self.depth = shard, depth
+        self.experts = None
         self.order = [(i, k) for i in range(shard.model.n_layers) for k in KINDS]
         self.wait_s = 0.0          # main thread blocked on the loader
         self.read_s = 0.0          # loader thread reading (and, on the first pass, hashing)
@@ -132,6 +133,9 @@ class WeightWindow:
             self.bytes_read += shard.files[block_file(i, k)]["size"]
             bar and bar.update()
         bar and bar.close()
+        if shard.model.moe_layers:     # an MoE model's experts: read when routed, kept as the budget allows
+            from .experts import ExpertStore
+            self.experts = ExpertStore(shard, expert_capacity, self, cached, progress)
         if self.depth is None:
             return
         self.streamed = self.order[pinned:]
@@ -188,11 +192,18 @@ class WeightWindow:
             del tensors, item                    # a mapped block is unmapped with its last view
             self._free.put(buf)
 
+    def routed_experts(self, layer: int, ids: list[int]):
+        """(expert, tensors) for the experts of MoE layer `layer` the router picked (experts.py)."""
+        return self.experts.routed(layer, ids)
+
     def resident_bytes(self) -> int:
         """File bytes of the blocks kept in memory (all of them when the shard is resident)."""
-        return sum(self.shard.files[block_file(i, k)]["size"] for i, k in self.resident)
+        return sum(self.shard.files[block_file(i, k)]["size"] for i, k in self.resident) + (
+            self.experts.kept_bytes if self.experts else 0)
 
     def close(self) -> None:
+        if self.experts:
+            self.experts.close()
         if self.depth is not None:
             self._stop.set()
             self._free.put(None)
@@ -301,7 +312,23 @@ def _peak_terms(shard: Shard, context: int, baseline: int) -> tuple[list[int], i
     peak) of plan_window's formula."""
     resident = shard.files[COMMON]["size"]                   # norms and head rows; embeddings stay on disk
     sizes = [shard.files[name]["size"] for name in shard.manifest.block_files()]
-    return sizes, slot_bytes(shard), baseline + resident + kv_cache_bytes(shard, context)
+    return sizes, slot_bytes(shard), baseline + resident + kv_cache_bytes(shard, context) + experts_in_flight(shard)
+
+
+def experts_in_flight(shard: Shard) -> int:
+    """An MoE model's experts being read and computed at once (experts.AHEAD ahead of the one computing)."""
+    from .experts import AHEAD
+
+    names = shard.manifest.expert_files()
+    return (AHEAD + 1) * max(shard.files[n]["size"] for n in names) if names else 0
+
+
+def expert_capacity(shard: Shard, budget: int, context: int, baseline: int, depth: int | None, pinned: int) -> int:
+    """What the budget leaves for keeping routed experts in memory, beside the window as planned:
+    attention and routers are read every token, so they come first; experts are kept with the rest."""
+    sizes, block, fixed = _peak_terms(shard, context, baseline)
+    used = fixed + sum(sizes[:pinned]) + (block if depth is None else (depth + 1) * block)
+    return max(0, budget - used)
 
 
 def slot_bytes(shard: Shard) -> int:
