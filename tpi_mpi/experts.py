@@ -11,6 +11,7 @@ window's counters, so the benchmarks see them with the blocks'.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,10 @@ class ExpertStore:
         self.kept: OrderedDict[tuple[int, int], dict[str, Tensor]] = OrderedDict()   # least recently used first
         self.kept_bytes = 0
         self.bytes_read = 0                     # experts' own share of counters.bytes_read
+        self.routed_bytes = 0                   # of the experts routed to, read or kept: what a token needs
+        # benchmarks only: TPI_MPI_READ_EXPERTS=all reads every expert of a layer at each step (still
+        # computing the routed ones), what streaming a layer's experts as one block would read
+        self.read_all = os.environ.get("TPI_MPI_READ_EXPERTS") == "all"
         self._verified: set[str] = set()
         self.pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="expert-reader")
         self.resident = sum(self.sizes.values()) <= capacity
@@ -70,6 +75,9 @@ class ExpertStore:
                 return self.kept[key]
             return self.pool.submit(self._read, layer, e)
 
+        wanted = set(ids)
+        if self.read_all:
+            ids = list(range(self.shard.model.n_experts))
         pending = [start(e) for e in ids[:AHEAD]]
         for n, e in enumerate(ids):
             if n + AHEAD < len(ids):
@@ -84,7 +92,9 @@ class ExpertStore:
                 self.counters.wait_s += time.perf_counter() - t0
                 self._keep((layer, e), got)
             pending[n] = None
-            yield e, got
+            if e in wanted:
+                self.routed_bytes += self.sizes[(layer, e)]
+                yield e, got
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -156,6 +156,8 @@ class Session:
         self.comm.stats = CommStats()
         self.window.wait_s = self.window.read_s = 0.0
         self.window.bytes_read = 0
+        if self.window.experts:
+            self.window.experts.routed_bytes = self.window.experts.bytes_read = 0
         self.forward_s = 0.0
         self.cpu_at_reset = time.process_time()
         self.disk_at_reset = disk_read_bytes()
@@ -182,6 +184,9 @@ class Session:
             "wait_s": self.window.wait_s,            # waiting for the weight loader
             "sent_bytes": float(self.comm.stats.bytes_sent),
             "read_bytes": float(self.window.bytes_read),                     # blocks the loader read or mapped
+            # an MoE model's routed experts, read or kept: what reading only the routed experts needs
+            "routed_bytes": float(self.window.experts.routed_bytes if self.window.experts else 0),
+            "expert_read_bytes": float(self.window.experts.bytes_read if self.window.experts else 0),
             "disk_read_bytes": float(disk_read_bytes() - self.disk_at_reset),  # of which fetched from storage
             "read_s": self.window.read_s,
             "cpu_s": time.process_time() - self.cpu_at_reset,   # all threads: a waiting rank must not spin

@@ -81,6 +81,10 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         "sent_kB": max(per_rank["sent_bytes"]) / steps / 1024,
         "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,           # blocks read or mapped
         "disk_MB_per_token": max(per_rank["disk_read_bytes"]) / steps / 1e6,      # fetched from storage
+        "routed_MB_per_token": max(per_rank["routed_bytes"]) / steps / 1e6,       # MoE: the routed experts' bytes
+        # MoE: the blocks read that are no expert (attention, routers) beside them
+        "dense_read_MB_per_token": max(r - e for r, e in zip(per_rank["read_bytes"], per_rank["expert_read_bytes"]))
+        / steps / 1e6,
         "cpu_per_wall": [c / (g.s_per_token * steps) for c in per_rank["cpu_s"]],
         "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),

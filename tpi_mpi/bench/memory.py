@@ -239,8 +239,10 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
                        rss_within_bound=None if None in bound else all(p <= b for p, b in zip(pr["peak_rss_mib"], bound)))
             records.append(rec)
             append_json(out, rec)
+    moe = any(rec.get("routed_MB_per_token") for rec in records)
     print(f"{'window':>8} {'TTFT s':>7} {'s/token':>8} {'read MB/token':>13} {'disk MB/token':>13} {'floor s':>7} "
-          f"{'hidden':>7} {'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / floor':>15}")
+          f"{'hidden':>7} {'peak RSS MiB per rank':>28} {'bound MiB (rank 0)':>18} {'s/token / floor':>15}"
+          + (f" {'routed+dense MB/token':>21} {'disk / that':>11}" if moe else ""))
     for rec in records:
         hidden = [h for h in rec["read_hidden"] if h is not None]
         hidden_text = f"{100 * min(hidden):.0f}%" if hidden else "-"
@@ -248,9 +250,11 @@ def bench_memory(model: str, ranks: int, windows: list[str], cap: int | None, pr
         bound = rec["rss_bound_mib"][0]
         bound_text = f"{bound:.0f}" if bound else "-"
         ratio = rec["s_per_token_over_read_time"]
+        needed = rec.get("routed_MB_per_token", 0) + rec.get("dense_read_MB_per_token", 0)
         print(f"{window_label(rec):>8} {rec['ttft_s']:7.2f} {rec['s_per_token']:8.3f} {rec['read_MB_per_token']:13.1f} "
               f"{rec['disk_MB_per_token']:13.1f} {rec['read_s_per_token']:7.3f} "
-              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>15}")
+              f"{hidden_text:>7} {rss_text:>28} {bound_text:>18} {(f'{ratio:.2f}' if ratio else '-'):>15}"
+              + (f" {needed:21.1f} {rec['disk_MB_per_token'] / needed if needed else 0:11.2f}" if moe else ""))
     if hf and records:
         compare_with_transformers(hf, min(records, key=lambda r: r["s_per_token"]), cap, disk_rate, prompt_tokens,
                                   new_tokens, out)
