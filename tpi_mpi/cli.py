@@ -136,10 +136,9 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
             dense = shard_bytes(m, s, itemsize)       # a quantized block computes one matrix dequantized at a time
             kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
             block = max(b["attn"], b["mlp"], max(dense["attn"], dense["mlp"]) // 2 if modes[mode] else 0)
-            streamed = m.n_layers * (b["attn"] + b["mlp"])
-            # of an MoE layer's experts a token needs only the routed ones
-            experts = m.n_experts * 3 * (s.expert_ffn[1] - s.expert_ffn[0]) * m.dim * (modes[mode] or itemsize)
-            routed = streamed - len(m.moe_layers) * experts * (1 - m.n_routed / max(m.n_experts, 1))
+            experts = len(m.moe_layers) * m.n_experts * b["expert"]     # of which a token needs the routed ones
+            streamed = m.n_layers * (b["attn"] + b["mlp"]) + experts
+            routed = streamed - experts * (1 - m.n_routed / max(m.n_experts, 1))
             rows.append((streamed + b["common"] + b["embed"], s, block, streamed,
                          baseline + b["common"] + 2 * block + kv, routed))   # window 1, as plan_window counts
         return rows
@@ -171,9 +170,8 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
             click.echo(f"{mode:>33} {per or itemsize:>11.3f} {format_size(shard):>11} {format_size(streamed):>15} "
                        f"{format_size(minimum):>11}" + (f" {format_size(routed):>19}" if m.n_experts else ""))
         click.echo("read per token: every block streamed once per token (a window smaller than the shard)"
-                   + ("; routed experts only: the dense parts and the routed experts' share, what reading only "
-                      "the experts a token uses would take (not built yet: today a block holds all its experts)"
-                      if m.n_experts else ""))
+                   + ("; routed experts only: the dense parts and the routed experts, what a token reads "
+                      "when no expert is kept in memory" if m.n_experts else ""))
 
 
 def _builtin() -> Path:

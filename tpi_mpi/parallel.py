@@ -164,59 +164,50 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, 
     return F.linear(x, weight, bias)
 
 
-MAX_ROWS = 16       # one-row pieces per BLAS call at most
-PROBE_ROWS = 8      # random rows _band_start tries per band
+BLOCK_ROWS = (8, 16, 4)    # row counts tried for the fixed-size products of one-row pieces, in order
+PROBE_ROWS = 8             # random rows `_fixed_rows` tries at every place of a block
 
 
 def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     """x @ weight^T with every row of x computed as it would be alone (batch invariant), in one pass
-    over the weight for up to MAX_ROWS rows.
+    over the weight for up to a block of rows.
 
-    Quantized weights: numba's row kernels. Float weights: BLAS, whose result for a row depends
-    on the number of rows only in bands (here: float32 1 | 2-3 | 4-16), so calls are padded with
-    zero rows up to the band that reaches MAX_ROWS (`_band_start` finds it once per shape); where
-    there is no such band, numba's float kernels (3-4x slower than BLAS), else a call per row."""
+    Quantized weights: numba's row kernels. Float weights: BLAS on blocks of exactly the same
+    number of rows (zero padded): its result for a row depends on how many rows the product has
+    (and, at some counts, on the row's place), but not, for a fixed count, on the place or the other
+    rows: `_fixed_rows` finds such a count once per shape; where none is found, a call per row."""
     if isinstance(weight, QuantWeight):
         from .quant_numba import matmul_numba, numba_available
         if numba_available():
             return matmul_numba(x, weight)
         return torch.cat([matmul(row[None].clone(), weight) for row in x])
-    least = _band_start(tuple(weight.shape), weight.dtype, x.dtype, torch.get_num_threads())
-    if least is not None:
-        parts = []
-        for rows in x.split(MAX_ROWS):
-            if rows.shape[0] < least:
-                rows = torch.cat([rows, rows.new_zeros(least - rows.shape[0], rows.shape[1])])
-            parts.append(F.linear(rows, weight))
-        return torch.cat(parts)[:x.shape[0]]
-    from .dense_numba import dense_numba_available, matmul_dense_numba
-    if dense_numba_available():
-        return matmul_dense_numba(x, weight)
-    return torch.cat([F.linear(row[None].clone(), weight) for row in x])
+    n = _fixed_rows(tuple(weight.shape), weight.dtype, x.dtype, torch.get_num_threads())
+    if n is None:
+        return torch.cat([F.linear(row[None].clone(), weight) for row in x])
+    blocks = x.new_zeros(-(-x.shape[0] // n) * n, x.shape[1])
+    blocks[:x.shape[0]] = x
+    return torch.cat([F.linear(b, weight) for b in blocks.split(n)])[:x.shape[0]]
 
 
 @functools.cache
-def _band_start(shape: tuple[int, int], w_dtype: torch.dtype, x_dtype: torch.dtype, threads: int) -> int | None:
-    """The fewest rows from which, up to MAX_ROWS, BLAS gives a row the same bits whatever the
-    number of rows, the row's place and the other rows: checked on random numbers, not assumed.
-    Several rows are tried, since rounding to bf16 often hides a different order of the sum."""
+def _fixed_rows(shape: tuple[int, int], w_dtype: torch.dtype, x_dtype: torch.dtype, threads: int) -> int | None:
+    """A row count (of BLOCK_ROWS) at which BLAS gives a row the same bits at every place of the
+    product and whatever the other rows hold: checked on random numbers, not assumed (several rows
+    at every place, since rounding to bf16 often hides a different order of the sum)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g).to(w_dtype)
-
-    def result(row: Tensor, n: int, place: int) -> Tensor:
-        rows = torch.randn(n, shape[1], generator=g).to(x_dtype)
-        rows[place] = row
-        return F.linear(rows, w)[place]
-
-    for least in (1, 2, 4, 8):
-        shapes = ((least, least - 1), (least + 1, least // 2), (MAX_ROWS // 2, 3), (MAX_ROWS, MAX_ROWS - 1))
+    for n in BLOCK_ROWS:
         for _ in range(PROBE_ROWS):
             row = torch.randn(shape[1], generator=g).to(x_dtype)
-            first = result(row, least, 0)
-            if not all(torch.equal(first, result(row, n, place)) for n, place in shapes):
+            results = []
+            for place in range(n):
+                rows = torch.randn(n, shape[1], generator=g).to(x_dtype)
+                rows[place] = row
+                results.append(F.linear(rows, w)[place])
+            if not all(torch.equal(results[0], r) for r in results[1:]):
                 break
         else:
-            return least
+            return n
     return None
 
 
@@ -235,20 +226,21 @@ def unbind(module: nn.Module, names) -> None:
 
 def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float | None = None) -> dict[str, int]:
     """Bytes of each kind of tensor a rank holds (before file headers): one attention block, one
-    MLP block, the resident rest (norms, head rows) and, on rank 0, the embedding table. Weight
-    matrices take `matrix_bytes` per value when quantized (18/32 for Q4_0), the rest `itemsize`."""
+    MLP block (of an MoE model: the largest, a dense MLP or a router), one expert's slice, the
+    resident rest (norms, head rows) and, on rank 0, the embedding table. Weight matrices take
+    `matrix_bytes` per value when quantized (18/32 for Q4_0), the rest `itemsize`."""
     hd = m.head_dim
     per = itemsize if matrix_bytes is None else matrix_bytes
     q, kv, ffn = s.n_heads * hd, s.n_kv_heads * hd, s.ffn[1] - s.ffn[0]
     attn = (2 * q * m.dim + 2 * kv * m.dim) * per + ((q + 2 * kv) * m.qkv_bias + m.dim * m.o_bias
                                                      + 2 * hd * m.qk_norm) * itemsize
     mlp = 3 * ffn * m.dim * per + (2 * ffn + m.dim) * m.mlp_bias * itemsize
-    if m.moe_layers:            # an MoE layer's block: its router and every expert's slice
-        mlp = max(mlp if len(m.moe_layers) < m.n_layers else 0,
-                  m.n_experts * 3 * (s.expert_ffn[1] - s.expert_ffn[0]) * m.dim * per + m.n_experts * m.dim * itemsize)
+    if m.moe_layers:            # an MoE layer's MLP block is its router; its experts are files of their own
+        mlp = max(mlp if len(m.moe_layers) < m.n_layers else 0, m.n_experts * m.dim * itemsize)
+    expert = 3 * (s.expert_ffn[1] - s.expert_ffn[0]) * m.dim * per
     common = (2 * m.n_layers + 1) * m.dim * itemsize + (s.vocab[1] - s.vocab[0]) * m.dim * per
     embed = m.vocab_size * m.dim * per if s.rank == 0 else 0
-    return {k: int(v) for k, v in {"attn": attn, "mlp": mlp, "common": common, "embed": embed}.items()}
+    return {k: int(v) for k, v in {"attn": attn, "mlp": mlp, "expert": expert, "common": common, "embed": embed}.items()}
 
 
 def parameter_count(m: ModelConfig) -> int:

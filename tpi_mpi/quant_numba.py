@@ -18,7 +18,7 @@ from .quant import QuantWeight, _blocks
 # fastmath, so no contraction into fused multiply-adds) and multiplied into one of 32 or 64 float32
 # lanes per token (LLVM vectorizes across lanes), rows split across threads: y[t, r] = the sum of
 # token t's lanes in lane order. That is the same operations whatever T is and whatever the other
-# tokens hold (batch invariance: dense_numba.py's docstring says why); only that order of the sum
+# tokens hold (batch invariance: batch.py's docstring says why); only that order of the sum
 # differs from BLAS. A batch of T tokens decodes each block once, not T times.
 
 ROWS_PER_TASK = 16       # rows of W per parallel task (the lanes are allocated per task)
@@ -151,8 +151,7 @@ def _nb_accumulate(acc, w, x, at, n):
     """acc[t, i] += w[i] * x[t, at + i] for i < n, every token t: one decoded block, all tokens.
     n arrives at run time on purpose (and the kernels' decode loops run to `lanes`, an argument,
     for the same reason): LLVM unrolls a loop of a constant 32 fully and, numba keeping SLP
-    vectorization off, leaves it scalar; a loop of unknown length over 1-D views it vectorizes.
-    (A copy of dense_numba's: numba's cache only notices changes to a kernel's own file.)"""
+    vectorization off, leaves it scalar; a loop of unknown length over 1-D views it vectorizes."""
     for t in range(acc.shape[0]):
         a, xt = acc[t], x[t, at:at + n]
         for i in range(n):

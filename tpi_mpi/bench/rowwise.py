@@ -1,6 +1,6 @@
 """`bench rows`: the batch-invariant decode kernels against what they replace, ms per call for
 T = 1 and T = 8 rows: float weights through parallel.linear_rows (BLAS in a row-count band, what
-serving uses) and dense_numba against plain F.linear, GGML blocks (quant_numba) against a call per row.
+serving uses) against plain F.linear, GGML blocks (quant_numba) against a call per row.
 
     python -m tpi_mpi bench rows --threads 2 [--repeats 30] [--out FILE]
 
@@ -16,7 +16,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import dense_numba as DN
 from .. import quant as Q
 from .. import quant_numba as QN
 from ..parallel import linear_rows
@@ -40,7 +39,7 @@ def time_ops(ops: dict, repeats: int, rounds: int = 3) -> dict:
 
 
 def dense_rows(dtype: torch.dtype, repeats: int, out: str | None) -> None:
-    print(f"\nfloat weights, {dtype}, ms: F.linear | linear_rows (served) | matmul_dense_numba")
+    print(f"\nfloat weights, {dtype}, ms: F.linear | linear_rows (served)")
     for rows, n in DENSE_SHAPES:
         w = (torch.randn(rows, n) * 0.02).to(dtype)
         xs = {T: torch.randn(T, n).to(dtype) for T in TOKENS}
@@ -49,9 +48,8 @@ def dense_rows(dtype: torch.dtype, repeats: int, out: str | None) -> None:
         for T in TOKENS:
             ops[("linear", T)] = lambda T=T: F.linear(xs[T], w)
             ops[("rows", T)] = lambda T=T: linear_rows(xs[T], w)
-            ops[("numba", T)] = lambda T=T: DN.matmul_dense_numba(xs[T], w)
         ms = time_ops(ops, repeats)
-        cells = [f"T={T}: {ms[('linear', T)]:7.3f} | {ms[('rows', T)]:7.3f} | {ms[('numba', T)]:7.3f}" for T in TOKENS]
+        cells = [f"T={T}: {ms[('linear', T)]:7.3f} | {ms[('rows', T)]:7.3f}" for T in TOKENS]
         print(f"  {rows:>5}x{n:<5} " + "   ".join(cells))
         append_json(out, {"bench": "rows", "dtype": str(dtype), "shape": [rows, n], "threads": torch.get_num_threads(),
                           **{f"{k}_T{T}_ms": v for (k, T), v in ms.items()}, "commit": git_commit(), **host_fields()})
@@ -78,7 +76,7 @@ def quant_rows(repeats: int, out: str | None) -> None:
 def bench_rows(threads: int, repeats: int, out: str | None) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    DN.matmul_dense_numba(torch.randn(1, 32), torch.randn(2, 32))          # compile or load first
+    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(Q.quantize(torch.randn(2, 32), "Q8_0"), "Q8_0", 32))  # compile
     print(f"{torch.get_num_threads()} threads")
     dense_rows(torch.float32, repeats, out)
     dense_rows(torch.bfloat16, repeats, out)
