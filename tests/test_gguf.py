@@ -186,7 +186,8 @@ def test_llama3_rope_factors_become_llama3_scaling(tmp_path):
     ({"arch": "gpt2"}, "'gpt2'"),
     ({"qtype": Q.Q5_0}, "Q5_0"),
     ({"extra": {"llama.rope.scaling.type": ("yarn", GGUFValueType.STRING)}}, "yarn"),
-    ({"extra": {"llama.expert_count": (8, GGUFValueType.UINT32)}}, "expert_count"),
+    ({"arch": "qwen2", "extra": {"qwen2.expert_count": (8, GGUFValueType.UINT32)}}, "expert_count"),
+    ({"extra": {"llama.expert_count": (8, GGUFValueType.UINT32)}}, "ffn_gate_inp"),   # experts said, none stored
 ])
 def test_unsupported_files_are_refused_by_name(tmp_path, kw, named):
     write_tiny(tmp_path / "bad.gguf", **kw)
