@@ -43,9 +43,15 @@ CASES = [
     ("llama_hd", 4, (), None, "split"),        # 6 heads over 4 ranks, head_dim 16 != 48 / 6
     ("mistral", 2, (), None, "split"),         # 4 query heads share 1 kv head
     ("qwen3", 1, (), None, "split"),           # q/k norms, head_dim 32 with hidden 64 over 4 heads
+    ("qwen3", 2, (), None, "split"),
     ("qwen3", 3, (), 1, "split"),              # streamed, a kv head on two ranks
+    ("qwen3", 4, (), None, "split"),
     ("qwen3_moe", 1, (), None, "split"),       # routed experts, a dense layer beside them
-    ("qwen3_moe", 2, (), 1, "split"),          # streamed: one block (a layer's experts) at a time
+    ("qwen3_moe", 2, (), 1, "split"),          # streamed blocks (attention, routers, the dense MLP)
+    ("qwen3_moe", 3, (), None, "split"),       # 64 expert columns over 3 ranks: one with none
+    ("qwen3_moe", 4, (), None, "split"),
+    ("mixtral", 1, (), None, "split"),
+    ("mixtral", 2, (), 1, "split"),
     ("mixtral", 3, (), None, "split"),         # 96 expert columns over 3 ranks: 32 each
     ("mixtral", 4, (3, 1, 1, 1), None, "split"),   # uneven: a rank with no expert columns
     ("llama", 2, (3, 1), None, "split"),       # uneven ratios
