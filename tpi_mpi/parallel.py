@@ -164,7 +164,7 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, 
     return F.linear(x, weight, bias)
 
 
-BLOCK_ROWS = (8, 16, 4)    # row counts tried for the fixed-size products of one-row pieces, in order
+BLOCK_ROWS = (4, 8, 16)    # row counts tried for the fixed-size products of one-row pieces, in order
 PROBE_ROWS = 8             # random rows `_fixed_rows` tries at every place of a block
 
 
