@@ -131,7 +131,8 @@ class Attention(nn.Module):
         v = self.v(x, rows).view(T, self.n_kv_heads, self.head_dim)
         out = torch.empty_like(q)
         for p in rows.pieces:             # each sequence against its own cache, piece by piece in order
-            cache = self.caches.setdefault(batch.seqs[p.seq].slot, KVCache(self.context))
+            slot = batch.seqs[p.seq].slot
+            cache = self.caches.get(slot) or self.caches.setdefault(slot, KVCache(self.context))
             out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos, cache)
         return self.o(out.view(T, self.n_heads * self.head_dim), rows)
 
