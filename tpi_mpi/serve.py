@@ -78,7 +78,7 @@ class Engine:
         self.failed: str | None = None       # why the engine stopped; new requests get 503
         self.mean_job_s = 1.0                # running mean, for Retry-After
         s = root.s
-        self.context = min(s.context, s.m.max_seq_len)
+        self.context = s.context                 # positions per request (--context, capped at the model's)
         chunk = cfg.prefill_chunk or default_prefill_chunk(s)
         self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.m.eos_ids) | s.codec.stop_ids())
 
