@@ -178,6 +178,8 @@ def test_a_cgroup_limit_counts_its_anonymous_memory_not_its_page_cache(tmp_path,
     domain = weights.memory_domain()
     assert domain > 0
     monkeypatch.setattr(weights, "current_rss", lambda: 100 * mib)
-    assert weights.default_budget(2) == 100 * mib + int(0.9 * 280 * mib / 2)
+    assert weights.default_budget(2) == int(0.9 * 400 * mib / 2)   # not 100 + 0.9 * 280 / 2: never past the limit
+    monkeypatch.setattr(weights, "current_rss", lambda: 20 * mib)
+    assert weights.default_budget(2) == 20 * mib + int(0.9 * 280 * mib / 2)
     (group / "memory.limit_in_bytes").write_text(str(2**63 - 4096))   # "no limit"
     assert weights.memory_domain() == 0 and weights.available_memory() > 280 * mib

@@ -260,8 +260,13 @@ def _limited_cgroups() -> list[tuple[Path, int, tuple[str, ...]]]:
 def default_budget(ranks_sharing: int) -> int:
     """This rank's memory budget when none is given: what it holds now plus its share of 90% of the
     free memory, shared with the `ranks_sharing` ranks that draw from the same memory (this host's,
-    or the same cgroup: see memory_domain). Measured before any rank loads weights."""
-    return current_rss() + int(0.9 * available_memory() / ranks_sharing)
+    or the same cgroup: see memory_domain). Measured before any rank loads weights. Under a cgroup
+    limit, never more than its share of 90% of the limit: the budget is compared with resident
+    memory, which counts library pages the group was not charged for, so `held + free` can
+    overshoot the limit (a 430 MiB cap gave 491 MiB, and an MoE run reading experts was killed)."""
+    budget = current_rss() + int(0.9 * available_memory() / ranks_sharing)
+    limits = [limit for _, limit, _ in _limited_cgroups()]
+    return min([budget] + [int(0.9 * limit / ranks_sharing) for limit in limits])
 
 
 def memory_domain() -> int:
