@@ -40,11 +40,18 @@ def synthetic_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(10, vocab_size - 10, size=n).tolist()
 
 
-def print_row(record: dict, header: bool = True) -> None:
-    cols = [("runner", 12, "{}"), ("ranks", 5, "{}"), ("allreduce", 9, "{}"), ("window", 6, "{}"),
-            ("threads", 7, "{}"), ("prefill_tok_s", 13, "{:.1f}"), ("ttft_s", 7, "{:.3f}"),
-            ("s_per_token", 11, "{:.4f}"), ("compute_ms", 10, "{:.2f}"), ("comm_ms", 8, "{:.2f}"),
-            ("wait_ms", 8, "{:.2f}"), ("sent_kB", 8, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
+GENERATE_COLUMNS = [("runner", 12, "{}"), ("ranks", 5, "{}"), ("allreduce", 9, "{}"), ("window", 6, "{}"),
+                    ("threads", 7, "{}"), ("prefill_tok_s", 13, "{:.1f}"), ("ttft_s", 7, "{:.3f}"),
+                    ("s_per_token", 11, "{:.4f}"), ("compute_ms", 10, "{:.2f}"), ("comm_ms", 8, "{:.2f}"),
+                    ("wait_ms", 8, "{:.2f}"), ("sent_kB", 8, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
+BATCH_COLUMNS = [("batch", 5, "{}"), ("ranks", 5, "{}"), ("window", 6, "{}"), ("prefill_s", 9, "{:.2f}"),
+                 ("s_per_step", 10, "{:.4f}"), ("tokens_per_s", 12, "{:.1f}"), ("speedup", 7, "{:.2f}"),
+                 ("compute_ms", 10, "{:.1f}"), ("comm_ms", 8, "{:.1f}"), ("wait_ms", 8, "{:.1f}"),
+                 ("disk_MB_per_step", 16, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
+
+
+def print_row(record: dict, header: bool = True, cols=GENERATE_COLUMNS) -> None:
+    """One fixed-width table row (and the header above it); a missing figure prints as "-"."""
     if header:
         print(" ".join(name.rjust(w) for name, w, _ in cols))
     cells = []
@@ -68,16 +75,10 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     steps = new_tokens - 1     # decode steps counted after prefill
     if s.rank != 0:
         return
-    comm_ms = 1000 * max(per_rank["comm_s"]) / steps
-    wait_ms = 1000 * max(per_rank["wait_s"]) / steps
     record = {
         **run_fields(s, cfg, prompt_tokens, new_tokens), "allreduce": s.comm.describe(),
         "ttft_s": g.ttft_s, "prefill_tok_s": prompt_tokens / g.ttft_s, "s_per_token": g.s_per_token,
-        "tokens_per_s": g.tokens_per_s or None,
-        # rank 0's view of a forward pass, split: communication includes waiting for slower peers
-        "compute_ms": 1000 * per_rank["forward_s"][0] / steps - 1000 * per_rank["comm_s"][0] / steps
-        - 1000 * per_rank["wait_s"][0] / steps,
-        "comm_ms": comm_ms, "wait_ms": wait_ms,
+        "tokens_per_s": g.tokens_per_s or None, **step_ms(per_rank, steps),
         "sent_kB": max(per_rank["sent_bytes"]) / steps / 1024,
         "read_MB_per_token": max(per_rank["read_bytes"]) / steps / 1e6,           # blocks read or mapped
         "disk_MB_per_token": max(per_rank["disk_read_bytes"]) / steps / 1e6,      # fetched from storage
@@ -91,6 +92,13 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
     }
     print_row(record)
     append_json(out, record)
+
+
+def step_ms(per_rank: dict, steps: int) -> dict[str, float]:
+    """Rank 0's forward pass per step split into compute, communication (including waiting for slower
+    peers) and waiting for weights; communication and waits as the slowest rank had them."""
+    return {"compute_ms": 1000 * (per_rank["forward_s"][0] - per_rank["comm_s"][0] - per_rank["wait_s"][0]) / steps,
+            "comm_ms": 1000 * max(per_rank["comm_s"]) / steps, "wait_ms": 1000 * max(per_rank["wait_s"]) / steps}
 
 
 def bench_batch(cfg: RunConfig, sizes: list[int], prompt_tokens: int, new_tokens: int, warmup: int,
@@ -117,23 +125,11 @@ def bench_batch(cfg: RunConfig, sizes: list[int], prompt_tokens: int, new_tokens
         base = base or b / step_s
         record = {**run_fields(s, cfg, prompt_tokens, new_tokens), "allreduce": s.comm.describe(), "batch": b,
                   "prefill_s": run.prefill_s, "s_per_step": step_s, "tokens_per_s": b / step_s,
-                  "speedup": b / step_s / base,
-                  "compute_ms": 1000 * (per_rank["forward_s"][0] - per_rank["comm_s"][0] - per_rank["wait_s"][0]) / steps,
-                  "comm_ms": 1000 * max(per_rank["comm_s"]) / steps, "wait_ms": 1000 * max(per_rank["wait_s"]) / steps,
+                  "speedup": b / step_s / base, **step_ms(per_rank, steps),
                   "disk_MB_per_step": max(per_rank["disk_read_bytes"]) / steps / 1e6,
                   "max_rss_MiB": max(per_rank["peak_rss_mib"]), "per_rank": per_rank}
-        print_batch_row(record, header=i == 0)
+        print_row(record, header=i == 0, cols=BATCH_COLUMNS)
         append_json(out, record)
-
-
-def print_batch_row(record: dict, header: bool) -> None:
-    cols = [("batch", 5, "{}"), ("ranks", 5, "{}"), ("window", 6, "{}"), ("prefill_s", 9, "{:.2f}"),
-            ("s_per_step", 10, "{:.4f}"), ("tokens_per_s", 12, "{:.1f}"), ("speedup", 7, "{:.2f}"),
-            ("compute_ms", 10, "{:.1f}"), ("comm_ms", 8, "{:.1f}"), ("wait_ms", 8, "{:.1f}"),
-            ("disk_MB_per_step", 16, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
-    if header:
-        print(" ".join(name.rjust(w) for name, w, _ in cols))
-    print(" ".join(fmt.format(record[name]).rjust(w) for name, w, fmt in cols), flush=True)
 
 
 def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) -> dict:
