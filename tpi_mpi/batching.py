@@ -116,7 +116,7 @@ class Batcher:
         for s in self.running:
             if s.job.cancelled:
                 s.reason = "gone"
-        plan = [(s, n) for s, n in plan_step([s for s in self.running if not s.reason], self.chunk)]
+        plan = plan_step([s for s in self.running if not s.reason], self.chunk)
         if plan:
             parts = [s.next_input(n) for s, n in plan]
             logits = self.root.step([p[0] for p in parts], [t for p in parts for t in p[1]])
