@@ -13,7 +13,7 @@ import torch
 
 from fake_comm import run_ranks
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
-from tpi_mpi.batching import Sequence, plan_step
+from tpi_mpi.batching import Job, Sequence, plan_step
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.model import Transformer
 from tpi_mpi.prepare import prepare
@@ -69,7 +69,7 @@ def test_split_rows_computes_single_rows_together_and_pieces_alone():
 
 def seq(slot: int, prompt: int, fed: int = 0, generated: int = 0) -> Sequence:
     job = SimpleNamespace(prompt_ids=list(range(prompt)), cancelled=False)
-    return Sequence(job, slot, None, None, None, fed=fed, generated=[1] * generated)
+    return Sequence(job, slot, None, None, None, fed=fed, generated=[1] * generated, prefill=job.prompt_ids)
 
 
 def test_plan_step_decodes_all_and_finishes_short_prompts_before_long_ones():
@@ -108,7 +108,7 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
                         i = pending.pop(0)
                         slot = min(set(range(3)) - {s.slot for s in running.values()})
                         running[i] = seq(slot, 0)
-                        running[i].job.prompt_ids = requests[i][1]
+                        running[i].prefill = requests[i][1]
                     plan = plan_step(list(running.values()), chunk) if running else []
                     parts = [s.next_input(k) for s, k in plan]
                     header[:] = len(parts), sum(p[0].n_tokens for p in parts), not (pending or running)
@@ -201,13 +201,28 @@ class ScriptedRoot:
         return out
 
 
-def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False):
+class ListJob(Job):
+    """A Job whose events go to a list."""
+
+    def send(self, kind, value):
+        self.__dict__.setdefault("events", []).append((kind, value))
+
+
+class TokenJob(ListJob):
+    """Records each token the batcher sends and the text sent with it."""
+
+    def token(self, token, text):
+        self.__dict__.setdefault("tokens", []).append(token)
+        self.__dict__.setdefault("texts", []).append(text)
+        super().token(token, text)
+
+
+def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False, generated=()):
     from tpi_mpi.sampling import SamplingConfig
 
-    events = []
-    j = SimpleNamespace(prompt_ids=list(range(1, prompt + 1)), sampling=SamplingConfig(0.0), max_tokens=max_tokens,
-                        stops=list(stops), ignore_eos=ignore_eos, cancelled=False, events=events,
-                        send=lambda kind, value: events.append((kind, value)))
+    j = TokenJob("j", list(range(1, prompt + 1)), SamplingConfig(0.0), max_tokens, list(stops), ignore_eos,
+                generated=list(generated))
+    j.events = []
     return j
 
 
@@ -250,3 +265,55 @@ def test_batcher_drops_a_cancelled_sequence_without_a_reply():
     j.cancelled = True
     assert [s.reason for s in b.step()] == ["gone"]
     assert not b.running and not [e for e in j.events if e[0] == "done"]
+
+
+class RandomRoot(ScriptedRoot):
+    """Logits drawn anew for every position, the same whichever way the position was reached."""
+
+    def step(self, seqs, ids):
+        out = []
+        for s in seqs:
+            done = s.pos + s.n_tokens - len(self.prompts[s.slot])
+            g = torch.Generator().manual_seed(done)
+            out.append(None if s.want == Want.NONE else torch.randn(1, 128, generator=g) * 3)
+        return out
+
+
+def run_alone(root, job_, max_batch=1):
+    from tpi_mpi.batching import Batcher
+
+    b = Batcher(root, max_batch=max_batch, chunk=PIECE, context=64, eos={0})
+    root.prompts = {b.admit(job_).slot: job_.prompt_ids}
+    while b.running:
+        b.step()
+    return job_
+
+
+@pytest.mark.parametrize("cut", [0, 3, 4, 7, 9])
+def test_a_resumed_request_sends_exactly_the_rest_of_its_answer(cut):
+    """A request resumed with the tokens its client had (as after an engine restart): the text sent
+    before the cut plus the text sent after it is the uninterrupted text; the stop string spans the cut."""
+    from tpi_mpi.sampling import SamplingConfig
+
+    script = [ord(c) for c in "hello world"]
+    whole = run_alone(ScriptedRoot({0: script}), job(5, stops=["lo w"], max_tokens=20))
+    before = "".join(whole.texts[:cut])                  # what the client had with the first `cut` tokens
+    sent = script[:cut]
+    rest = run_alone(ScriptedRoot({0: script}), job(5, stops=["lo w"], max_tokens=20, generated=sent))
+    assert before + "".join(v for k, v in rest.events if k == "text") == "hel"
+    assert [v for k, v in rest.events if k == "done"] == [v for k, v in whole.events if k == "done"]
+
+    # sampled with a seed: the generator moves on as if the first tokens had been sampled here
+    def sampled(generated=()):
+        j = TokenJob("s", [1, 2, 3], SamplingConfig(1.0, seed=5), 12, [], True, generated=list(generated))
+        return run_alone(RandomRoot({}), j)
+
+    tokens = sampled().tokens
+    assert len(set(tokens)) > 3                                 # really sampled
+    assert sampled(tokens[:cut]).tokens == tokens[cut:]
+
+
+def test_a_resumed_request_that_had_ended_ends_at_once():
+    rest = run_alone(ScriptedRoot({0: [ord("a")] * 9}), job(3, max_tokens=4, generated=[ord("a")] * 4))
+    assert rest.events == [("done", {"finish_reason": "length", "usage": {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})]

@@ -17,17 +17,11 @@ import click
 from .errors import PeerFailed, TpiError
 
 
-def _env_rank() -> int:
-    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
 def main(argv: list[str] | None = None) -> None:
     from .cli import cli
+    from .comm import launch_rank
 
-    rank = _env_rank()
+    rank = launch_rank()
     debug = "--debug" in (argv if argv is not None else sys.argv)
     try:
         cli.main(args=argv, prog_name="tpi_mpi", standalone_mode=False)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .batch import PIECE, SeqStep, Want
 from .openai_api import ApiError, StopFilter
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, sample, sample_draws
 from .text import Streamer
 
 FINISHING = 4        # prompts that end in this step may take this many chunks together
@@ -29,19 +29,35 @@ FINISHING = 4        # prompts that end in this step may take this many chunks t
 
 @dataclass(eq=False)
 class Job:
-    """One request, from the HTTP thread to the main thread."""
+    """One request as the engine sees it; where its answer goes is a subclass's affair (serve.py: to
+    the HTTP handler; channel.py: to the supervisor)."""
     id: str
     prompt_ids: list[int]
     sampling: SamplingConfig
     max_tokens: int
     stops: list[str]
     ignore_eos: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)   # ("text", str) ... ("done", dict) | ("error", ApiError)
-    cancelled: bool = False      # set by the HTTP thread when the client has gone
+    # a request resumed on a new engine: the tokens its client has had already (their text is not resent)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False      # set by the front when the client has gone
 
     def send(self, kind: str, value) -> None:
-        """Main thread -> this request's handler."""
+        """Engine -> the request's client: ("text", str), ("done", dict) or ("error", ApiError)."""
+        raise NotImplementedError
+
+    def token(self, token: int, text: str) -> None:
+        """A new token and the text it completes (empty while a character or a stop string is pending)."""
+        if text:
+            self.send("text", text)
+
+
+@dataclass(eq=False)
+class HttpJob(Job):
+    """A request of this process's HTTP thread: events go into its handler's asyncio queue."""
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def send(self, kind: str, value) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:     # the event loop has closed: nobody is listening
@@ -61,16 +77,18 @@ class Sequence:
     started: float = field(default_factory=time.perf_counter)
     reason: str | None = None                    # why it ended: "stop", "length", "gone"
 
+    prefill: list[int] = field(default_factory=list)   # read before sampling: the prompt (+ resumed tokens)
+
     @property
     def prompt_left(self) -> int:
-        return max(0, len(self.job.prompt_ids) - self.fed)
+        return max(0, len(self.prefill) - self.fed)
 
     def next_input(self, budget: int) -> tuple[SeqStep, list[int]]:
         """Its part of the next step: up to `budget` prompt tokens, or the last token it generated."""
         if self.prompt_left:
             n = min(self.prompt_left, budget)
             want = Want.LAST if n == self.prompt_left else Want.NONE
-            return SeqStep(self.slot, self.fed, n, want), self.job.prompt_ids[self.fed:self.fed + n]
+            return SeqStep(self.slot, self.fed, n, want), self.prefill[self.fed:self.fed + n]
         return SeqStep(self.slot, self.fed, 1), self.generated[-1:]
 
 
@@ -107,7 +125,12 @@ class Batcher:
         used = {s.slot for s in self.running}
         slot = next(i for i in range(self.max_batch) if i not in used)
         seq = Sequence(job, slot, Streamer(self.root.s.codec), StopFilter(job.stops),
-                       np.random.default_rng(job.sampling.seed))
+                       np.random.default_rng(job.sampling.seed), prefill=job.prompt_ids + job.generated)
+        # a resumed request: its sampler, text and stop state as they were after the tokens it has had;
+        # their text is not sent again (should they have ended it, the end is sent now)
+        for token in job.generated:
+            if not seq.reason:
+                self._take(seq, token, resumed=True)
         self.running.append(seq)
         return seq
 
@@ -128,15 +151,18 @@ class Batcher:
         self.running = [s for s in self.running if not s.reason]
         return ended
 
-    def _take(self, s: Sequence, token: int) -> None:
+    def _take(self, s: Sequence, token: int, resumed: bool = False) -> None:
         """A new token for `s`: its text out to the client, and whether it ends the sequence."""
+        if resumed:
+            sample_draws(s.rng, s.job.sampling, 1)       # as the sampler did for it
         s.generated.append(token)
         job = s.job
-        if out := s.stop.push(s.streamer.push(token)):
-            job.send("text", out)
+        text = s.stop.push(s.streamer.push(token))
+        if not resumed:
+            job.token(token, text)
         if s.stop.stopped or (token in self.eos and not job.ignore_eos):
             s.reason = "stop"
-        elif len(s.generated) >= job.max_tokens or s.fed + 1 >= self.context:
+        elif len(s.generated) >= job.max_tokens or len(job.prompt_ids) + len(s.generated) >= self.context:
             s.reason = "length"
         elif job.cancelled:
             s.reason = "gone"

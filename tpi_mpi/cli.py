@@ -296,11 +296,19 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
               help="Require 'Authorization: Bearer KEY' on every request.")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Tokens per answer when a request sets no max_tokens.")
-def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens, **kw) -> None:
+@click.option("--ranks", type=int, help="Supervise: launch the engine on this many ranks with mpirun and, when "
+              "one fails, again on the ranks left, resuming the answers in flight (run without mpirun).")
+@click.option("--hostfile", help="With --ranks: the devices (Open MPI hostfile, this host first); re-read at each "
+              "launch, so editing it brings dropped devices back.")
+@click.option("--launcher-args", default="", help="With --ranks: more mpirun options, e.g. '--mca btl_tcp_if_include eth0'.")
+@click.option("--channel", hidden=True, help="Set by the supervisor: the socket rank 0 answers it on.")
+def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens, ranks, hostfile, launcher_args,
+          channel, **kw) -> None:
     """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), many requests at a time.
 
     POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
     A request without temperature, top_p or top_k gets this tool's defaults (0.8, 0.95, 40).
+    With --ranks it runs outside MPI and keeps serving when a device drops (docs/supervisor.md).
     """
     from .batch import PIECE
     from .startup import Session
@@ -320,8 +328,59 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
         raise ConfigError(f"--max-tokens {max_tokens}: must be at least 1")
     cfg = ServeConfig(host, port, queue_size, max_batch, prefill_chunk, api_key or None, max_tokens,
                       model_id(kw["model"]))
+    if ranks is not None:
+        return _supervise(cfg, ranks, hostfile, launcher_args)
+    if hostfile or launcher_args:
+        raise ConfigError("--hostfile and --launcher-args go with --ranks (the supervisor launches mpirun)")
+    if channel:
+        return _serve_supervised(cfg, channel, kw)
     with Session(run_config(kw, max_batch)) as s:
         run_steps(s, lambda root: serve_http(root, cfg))
+
+
+# the options only the supervisor reads; it passes every other one on to the engine
+SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel"}
+
+
+def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str) -> None:
+    import shlex
+
+    from .comm import launch_rank
+    from .supervisor import SupervisorConfig, supervise
+
+    if launch_rank() != 0 or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        raise ConfigError("serve --ranks launches mpirun itself: run it without mpirun")
+    if ranks < 1:
+        raise ConfigError(f"--ranks {ranks}: must be at least 1")
+    ctx = click.get_current_context()
+    engine_args = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
+            continue
+        engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
+    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args)))
+
+
+def _serve_supervised(cfg, channel_path: str, kw: dict) -> None:
+    """Rank 0 answers the supervisor over its channel; a failure is reported there before the job ends."""
+    from .comm import launch_rank
+    from .startup import Session
+    from .steps import run_steps
+
+    channel = None
+    if launch_rank() == 0:
+        from .channel import Channel, failure_message
+        from .serve import serve_channel
+
+        channel = Channel.connect(channel_path)
+    try:
+        with Session(run_config(kw, cfg.max_batch)) as s:
+            run_steps(s, lambda root: serve_channel(root, cfg, channel))
+    except BaseException as e:
+        if channel is not None:
+            channel.send({"failed": failure_message(e)})
+        raise
 
 
 @cli.command()

@@ -35,8 +35,9 @@ from .allreduce import Allreduce
 from .errors import CommError, ConfigError, PeerFailed
 
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
-TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL = 31, 32, 33, 34
+TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL, TAG_ROLL_ASK = 31, 32, 33, 34, 35
 ROLL_CALL_S = 2.0           # how long a timed-out collective waits for its peers to answer a roll call
+ANSWER_AFTER_S = 0.01       # a wait longer than this answers roll calls while it polls
 # Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
 # has answered a handshake, and that answer queues in the one TCP stream between the two ranks
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
@@ -180,6 +181,8 @@ class MpiComm(Comm):
         record = os.environ.get("TPI_MPI_RECORD")
         self.recorder = Recorder(record, self.rank) if record else None
         self.allreduce = Allreduce(self, mode, hub)
+        self._here, self._asked = np.array([self.rank], dtype=np.int64), np.empty(1, dtype=np.int64)
+        self._roll_sends: list = []
 
     @property
     def mode(self) -> str:
@@ -209,28 +212,40 @@ class MpiComm(Comm):
             waited = time.monotonic() - start
             # short waits (a peer computing) stay responsive; long idles poll rarely
             pause = min(pause * 2, _MAX_PAUSE if waited < 1.0 else _IDLE_PAUSE)
+            if waited > ANSWER_AFTER_S:
+                self._answer_roll_calls()
             if timeout is not None and waited > timeout:
                 n = len(peers or [])
                 silent = [p for r, p in zip(reqs[:n], peers or []) if not r.Test()]
                 deaf = [p for r, p in zip(reqs[n:], sent_to or []) if not r.Test()]
                 if peers is None:             # a collective: MPI does not say whom it waits for
                     silent = self._roll_call()
+                named = list(dict.fromkeys(silent or deaf))
                 who = ("rank {} sent nothing" if silent else "rank {} took nothing" if deaf else
-                       "a peer rank did not answer").format(", ".join(map(str, dict.fromkeys(silent or deaf))))
+                       "a peer rank did not answer").format(", ".join(map(str, named)))
                 raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
-                                f"(raise --comm-timeout if it is only slow)")
+                                f"(raise --comm-timeout if it is only slow)", named)
 
     def _roll_call(self) -> list[int]:
-        """The ranks that send nothing within ROLL_CALL_S, asked when a collective timed out. Every
-        live rank in it times out at about the same moment and answers; a dead or frozen one cannot."""
-        here = np.array([self.rank], dtype=np.int64)
+        """The ranks that do not answer within ROLL_CALL_S, asked when a collective timed out. A live
+        rank is waiting in the same collective (or soon will be) and answers from its polling loop,
+        whenever its own time limit runs out; a dead or frozen one cannot."""
         answers = {r: np.empty(1, dtype=np.int64) for r in range(self.size) if r != self.rank}
         reqs = {r: self.world.Irecv(buf, source=r, tag=TAG_ROLL) for r, buf in answers.items()}
-        self._roll_sends = [self.world.Isend(here, dest=r, tag=TAG_ROLL) for r in answers]   # the job is ending
+        self._roll_sends += [self.world.Isend(self._here, dest=r, tag=TAG_ROLL_ASK) for r in answers]
         end = time.monotonic() + ROLL_CALL_S
         while time.monotonic() < end and not all(req.Test() for req in reqs.values()):
             time.sleep(0.01)
+            self._answer_roll_calls()            # another rank may be asking at the same moment
         return [r for r, req in reqs.items() if not req.Test()]
+
+    def _answer_roll_calls(self) -> None:
+        """Tell every rank that asks (its collective timed out) that this one is alive."""
+        status = self.MPI.Status()
+        while self.world.Iprobe(source=self.MPI.ANY_SOURCE, tag=TAG_ROLL_ASK, status=status):
+            asker = status.Get_source()
+            self.world.Recv(self._asked, source=asker, tag=TAG_ROLL_ASK)
+            self._roll_sends.append(self.world.Isend(self._here, dest=asker, tag=TAG_ROLL))   # the job is ending
 
     def _timed(self, nbytes: int):
         self.stats.calls += 1
@@ -375,6 +390,14 @@ def abort_job(code: int = 1) -> None:
     if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() \
             and mpi4py.COMM_WORLD.Get_size() > 1:
         mpi4py.COMM_WORLD.Abort(code)
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched by mpirun), before MPI starts."""
+    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 def _launched_by_mpi() -> bool:

@@ -14,8 +14,16 @@ class ShardError(TpiError):
 
 
 class CommError(TpiError):
-    """A rank that died, froze or broke the protocol."""
+    """A rank that died, froze or broke the protocol; `ranks`: the ones named (empty: unknown)."""
+
+    def __init__(self, message: str, ranks: list[int] | tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)
 
 
 class PeerFailed(TpiError):
-    """Another rank failed and reports why itself; this one leaves quietly."""
+    """Another rank failed and reports why itself; this one leaves quietly. `ranks`: which one."""
+
+    def __init__(self, message: str, ranks: list[int] | tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)

@@ -47,4 +47,10 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
         kept = np.zeros_like(p)
         kept[keep] = p[keep]
         p = kept / kept.sum()
-    return int(rng.choice(p.size, p=p))
+    return int(rng.choice(p.size, p=p))       # one draw: sample_draws relies on it
+
+
+def sample_draws(rng: np.random.Generator, cfg: SamplingConfig, n: int) -> None:
+    """Move `rng` on as `n` calls of `sample` would: a resumed request samples as if never stopped."""
+    if cfg.temperature > 0:
+        rng.random(n)

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import Batcher, Job
+from .batching import Batcher, HttpJob, Job
 from .errors import ConfigError, TpiError
 from .openai_api import (ApiError, chat_messages, completion_prompt, flag_field, number_field, parse_max_tokens,
                          parse_sampling, parse_stops, read_json, sse)
@@ -71,7 +71,7 @@ class Engine:
     """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
 
     def __init__(self, root: Root, cfg: ServeConfig) -> None:
-        self.root, self.cfg = root, cfg
+        self.root, self.cfg, self.codec = root, cfg, root.s.codec
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
         self.lock = threading.Lock()
@@ -93,22 +93,38 @@ class Engine:
         with self.lock:
             full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
             if not full:
-                self.admitted += 1
-                self.jobs.put_nowait(job)
+                self.enqueue(job)
         if full:
-            wait = max(1, math.ceil(self.mean_job_s * self.cfg.queue_size / self.cfg.max_batch))
-            raise ApiError(429, f"{self.cfg.queue_size} request(s) are waiting already (--queue-size): "
-                                f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+            raise queue_full(self.cfg, self.mean_job_s)
 
-    def loop(self, http: "HttpThread") -> None:
-        """Main thread: step the batch until the HTTP thread ends or the engine fails."""
+    def enqueue(self, job: Job) -> None:
+        """Queue a job unconditionally (a supervisor in front has admitted it already)."""
+        with self.lock:
+            self.admitted += 1
+            self.jobs.put_nowait(job)
+
+    def health(self) -> tuple[dict, int]:
+        if self.failed:
+            return {"status": "error", "error": self.failed}, 503
+        s = self.root.s
+        return {"status": "ok", "model": self.cfg.model_id, "busy": self.busy > 0, "running": self.busy,
+                "max_batch": self.cfg.max_batch, "queued": self.jobs.qsize(), "ranks": s.comm.size,
+                "allreduce": s.comm.mode, "windows": s.windows}, 200
+
+    def log(self, msg: str) -> None:
+        self.root.s.log(msg)
+
+    def loop(self, front) -> None:
+        """Main thread: step the batch until the front (HTTP thread or supervisor channel) closes or
+        the engine fails. `front.is_open()` is False once it asked to stop, and raises if it died."""
         try:
-            while True:
-                self._admit(block=not self.batch.running, http=http)
+            while self._admit(block=not self.batch.running, front=front):
                 for seq in self.batch.step():
                     self._ended(seq)
         except BaseException as e:
             self.failed = str(e) or type(e).__name__
+            if getattr(front, "resumes", False):   # a supervisor sends them again to the next engine
+                raise
             self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
             while True:                          # nobody will answer the queued requests
                 try:
@@ -118,9 +134,9 @@ class Engine:
                     break
             raise
 
-    def _admit(self, block: bool, http: "HttpThread") -> None:
+    def _admit(self, block: bool, front) -> bool:
         """Move queued jobs into free slots; with nothing running, wait for one (the workers are told
-        that the next step may be long in coming)."""
+        that the next step may be long in coming). False: the front has closed, nothing runs."""
         if block:
             self.root.idle()
         while self.batch.free_slots:
@@ -128,16 +144,17 @@ class Engine:
                 job = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
             except queue.Empty:
                 if block:
-                    if not http.thread.is_alive():
-                        raise TpiError("the HTTP server stopped unexpectedly") from None
+                    if not front.is_open():
+                        return False
                     continue
-                return
+                return True
             if job.cancelled:
                 job.send("error", ApiError(499, "the client closed the request"))
                 self._release()
                 continue
             self.batch.admit(job)
             block = False
+        return True
 
     def _ended(self, seq) -> None:
         self._release()
@@ -149,6 +166,12 @@ class Engine:
     def _release(self) -> None:
         with self.lock:
             self.admitted -= 1
+
+
+def queue_full(cfg: ServeConfig, mean_job_s: float) -> ApiError:
+    wait = max(1, math.ceil(mean_job_s * cfg.queue_size / cfg.max_batch))
+    return ApiError(429, f"{cfg.queue_size} request(s) are waiting already (--queue-size): retry in {wait} s",
+                    code="queue_full", headers={"Retry-After": str(wait)})
 
 
 def default_prefill_chunk(s) -> int:
@@ -169,12 +192,12 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 
 class Api:
-    """The routes; runs in the HTTP thread."""
+    """The routes; runs in the HTTP thread. `front` takes the jobs: the Engine on rank 0, or a
+    supervisor (supervisor.py) that relays them to the engine it runs."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.cfg = engine, engine.cfg
-        self.codec = engine.root.s.codec
-        self.context = engine.context                 # per request: the KV-cache slot's positions
+    def __init__(self, front) -> None:
+        self.front, self.cfg, self.codec = front, front.cfg, front.codec
+        self.context = front.context                  # per request: the KV-cache slot's positions
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -199,7 +222,7 @@ class Api:
             except ApiError as e:
                 return e.response()
             except Exception as e:               # a bug here must not look like a hang to the client
-                self.engine.root.s.log(f"internal error in {request.url.path}: {type(e).__name__}: {e}")
+                self.front.log(f"internal error in {request.url.path}: {type(e).__name__}: {e}")
                 return ApiError(500, f"internal error {type(e).__name__}: {e}").response()
         return handle
 
@@ -212,13 +235,8 @@ class Api:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     async def health(self, request: Request) -> Response:
-        e = self.engine
-        if e.failed:
-            return JSONResponse({"status": "error", "error": e.failed}, status_code=503)
-        s = e.root.s
-        return JSONResponse({"status": "ok", "model": self.cfg.model_id, "busy": e.busy > 0, "running": e.busy,
-                             "max_batch": self.cfg.max_batch, "queued": e.jobs.qsize(),
-                             "ranks": s.comm.size, "allreduce": s.comm.mode, "windows": s.windows})
+        body, status = self.front.health()
+        return JSONResponse(body, status_code=status)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -248,7 +266,7 @@ class Api:
                                 "(serve --context): shorten it", param="messages" if prefix == "chatcmpl" else "prompt",
                            code="context_length_exceeded")
         max_tokens = parse_max_tokens(body, max_keys) or self.cfg.max_tokens
-        return Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
+        return HttpJob(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
                    max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=flag_field(body, "ignore_eos"),
                    loop=asyncio.get_running_loop())
 
@@ -256,7 +274,7 @@ class Api:
         stream = flag_field(body, "stream")
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        self.engine.submit(job)
+        self.front.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             first = await job.events.get()       # headers wait for the first token: errors keep their status
@@ -350,6 +368,12 @@ class HttpThread:
                 raise TpiError("the HTTP server did not start (see the messages above)")
             time.sleep(0.01)
 
+    def is_open(self) -> bool:
+        """The engine's front stays open while uvicorn runs (it stops only with the process)."""
+        if not self.thread.is_alive():
+            raise TpiError("the HTTP server stopped unexpectedly")
+        return True
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
@@ -369,3 +393,16 @@ def serve(root: Root, cfg: ServeConfig) -> None:
         engine.loop(http)
     finally:
         http.stop()                              # lets the failed requests' answers go out first
+
+
+def serve_channel(root: Root, cfg: ServeConfig, channel) -> None:
+    """Rank 0 under a supervisor (supervisor.py): take requests from `channel` until it closes."""
+    from .channel import ChannelFront
+
+    engine = Engine(root, cfg)
+    front = ChannelFront(channel, engine)
+    s = root.s
+    channel.send({"ready": {"ranks": s.comm.size, "pids": s.pids, "context": engine.context,
+                            "codec": str(s.shard.folder), "allreduce": s.comm.mode, "windows": s.windows}})
+    front.start()
+    engine.loop(front)

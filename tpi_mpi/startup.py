@@ -44,7 +44,7 @@ def on_all_ranks(comm, fn, timeout: float | None = None):
     if bad < 0:
         return result
     if comm.rank != bad:
-        error = PeerFailed(f"rank {bad} failed")
+        error = PeerFailed(f"rank {bad} failed", [bad])
     error.coordinated = True      # every rank knows: exit quietly, no MPI_Abort needed
     raise error
 
@@ -96,7 +96,9 @@ class Session:
         on_all_ranks(comm, self._load, timeout=max(600.0, cfg.comm_timeout))
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         pinned = comm.gather_floats(self.window.pinned)
+        pids = comm.gather_floats(os.getpid())          # so a supervisor can tell which process is which rank
         if self.rank == 0:
+            self.pids = [int(p) for p in pids]
             self.windows = ["all" if w < 0 else int(w) for w in windows]
             self.pinned = [int(p) for p in pinned]
             if cfg.window == "auto":

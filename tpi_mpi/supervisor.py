@@ -1,0 +1,484 @@
+"""`tpi_mpi serve --ranks N [--hostfile H]`: the HTTP front as a supervisor outside MPI, which keeps
+serving when a device drops.
+
+The supervisor launches the engine (`mpirun ... python -m tpi_mpi serve --channel PATH`) and talks
+to its rank 0 over a local channel (channel.py). It admits requests, sends them to the engine as
+token ids and records every token each client has had. When the engine fails (a rank killed, a
+rank silent past --comm-timeout, a host gone), it learns which rank failed (rank 0's report over
+the channel, else mpirun's own lines), drops that rank's device, ends every process of the job and
+launches again on the devices left: the engine prepares the shards for the new world size (cached
+per world size) and ships them. Every request in flight is then sent again with the tokens its
+client has had, so the engine prefills prompt + those tokens and its stream goes on where it
+stopped. New requests wait meanwhile (429 past the queue); while no engine can start they get 503
+with Retry-After.
+
+Devices are slots: the hostfile's, in order (mpirun places rank r on the r-th slot, --map-by slot),
+or N slots on this host. A dropped slot comes back when the hostfile changes (it is re-read at each
+launch). Rank 0 runs on the first slot, which must be this host: if it goes, so does the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import DEVNULL, PIPE, STDOUT, Popen
+
+from .channel import Channel, job_message, with_seed
+from .errors import ConfigError, TpiError
+from .openai_api import ApiError
+from .serve import Api, HttpThread, ServeConfig, queue_full
+from .text import TextCodec
+
+FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
+EXIT_GRACE_S = 3.0     # after a failure: how long mpirun may take to end the job itself
+RETRY_AFTER_S = 10     # Retry-After while no engine can start
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def log(msg: str) -> None:
+    print(f"tpi_mpi: supervisor: {msg}", file=sys.stderr, flush=True)
+
+
+# --- devices ----------------------------------------------------------------------------------------
+
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """(host, slots) per line of an Open MPI hostfile ('host slots=N', '#' comments)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--hostfile {path}: {e.strerror}") from None
+    hosts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        slots = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")), "1")
+        if not slots.isdigit() or int(slots) < 1:
+            raise ConfigError(f"--hostfile {path} line {n}: slots={slots}: write a positive number")
+        hosts.append((words[0], int(slots)))
+    if not hosts:
+        raise ConfigError(f"--hostfile {path} lists no host")
+    return hosts
+
+
+def is_this_host(name: str) -> bool:
+    if name in LOCAL_NAMES or name in (socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        return socket.gethostbyname(name).startswith("127.") or \
+            socket.gethostbyname(name) == socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return False
+
+
+class Devices:
+    """The slots the engine may run on, in rank order, less the ones dropped since the hostfile
+    last changed."""
+
+    def __init__(self, ranks: int, hostfile: str | None) -> None:
+        self.ranks, self.hostfile = ranks, Path(hostfile).expanduser() if hostfile else None
+        self.dropped: Counter = Counter()
+        self.stamp = None
+        self.all = self._read()
+
+    def _read(self) -> list[str]:
+        if self.hostfile is None:
+            return ["localhost"] * self.ranks
+        hosts = read_hostfile(self.hostfile)
+        if not is_this_host(hosts[0][0]):
+            raise ConfigError(f"--hostfile {self.hostfile}: its first host ({hosts[0][0]}) must be this machine: "
+                              "rank 0 runs beside the supervisor")
+        slots = [h for h, n in hosts for _ in range(n)]
+        return slots[:self.ranks]
+
+    def refresh(self) -> bool:
+        """Re-read the hostfile; if it changed, every slot in it is back. True if it changed."""
+        if self.hostfile is None:
+            return False
+        try:
+            stat = self.hostfile.stat()
+            stamp = (stat.st_mtime_ns, self.hostfile.read_bytes())
+        except OSError:
+            return False
+        if stamp == self.stamp:
+            return False
+        changed = self.stamp is not None
+        self.stamp, self.all, self.dropped = stamp, self._read(), Counter()
+        return changed
+
+    def current(self) -> list[str]:
+        left, dropped = [], self.dropped.copy()
+        for host in self.all:
+            if dropped[host]:
+                dropped[host] -= 1
+            else:
+                left.append(host)
+        return left
+
+    def drop(self, hosts: list[str]) -> None:
+        self.dropped.update(hosts)
+
+
+# --- the engine: mpirun and its processes -------------------------------------------------------
+
+# how mpirun and our entry point name a rank that failed (rank, why), most telling first
+RANK_PATTERNS = [re.compile(p) for p in (
+    r"process rank (\d+) with PID \d+ on node \S+ (exited on signal \d+ \(\w+\))",
+    r"tpi_mpi: rank (\d+): (error: [^\n]*)",
+    r"process rank (\d+) with PID \d+ on node \S+ (exited [^.]*)",
+    r"MPI_ABORT was invoked on rank (\d+) (in communicator)",
+)]
+
+
+def ranks_named(lines: list[str]) -> tuple[list[int], str]:
+    """The ranks that mpirun's and the ranks' own lines name as failed, and why."""
+    text = "\n".join(" ".join(ln.split()) for ln in lines)
+    wrapped = " ".join(text.split())                  # mpirun wraps its messages over lines
+    for pattern in RANK_PATTERNS:
+        if found := pattern.findall(text if "error" in pattern.pattern else wrapped):
+            ranks = list(dict.fromkeys(int(r) for r, _ in found))
+            return ranks, found[0][1]
+    return [], ""
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process of session `sid`: mpirun (started as its leader) and the ranks it forked,
+    which Open MPI puts in process groups of their own."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()       # after "pid (comm) "
+        if int(fields[3]) == sid:                          # state ppid pgrp session
+            pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class Failure:
+    message: str
+    ranks: list[int] = field(default_factory=list)     # the ranks to drop
+    fatal: bool = False                                 # starting again would fail alike
+
+
+class Engine:
+    """One launch of the engine: mpirun in a session of its own, its output relayed to ours (the
+    last lines kept, to learn which rank failed), and the channel its rank 0 opens."""
+
+    def __init__(self, argv: list[str], listener: socket.socket) -> None:
+        env = dict(os.environ)
+        if os.geteuid() == 0:          # the supervisor was run as root: so are the ranks it launches
+            env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        self.proc = Popen(argv, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT, env=env, start_new_session=True)
+        self.tail: deque[str] = deque(maxlen=200)
+        self.relay = threading.Thread(target=self._relay, daemon=True, name="tpi_mpi-engine-output")
+        self.relay.start()
+        self.listener, self.channel = listener, None
+        self.ready: dict | None = None
+
+    def _relay(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.tail.append(line)
+            sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def start(self, stopping: threading.Event) -> dict | Failure:
+        """Wait until rank 0 reports ready (its info) or the launch failed."""
+        while self.channel is None:
+            if stopping.is_set():
+                return Failure("stopped")
+            if self.proc.poll() is not None:
+                return self.failure(None)
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.channel = Channel(sock)
+        while True:                  # rank 0 prepares, ships and loads the shards: as long as it takes
+            if stopping.is_set():
+                return Failure("stopped")
+            try:
+                message = self.channel.recv(timeout=0.2)
+                break
+            except TimeoutError:
+                continue
+        if message is None or "failed" in message:
+            return self.failure(message and message["failed"])
+        self.ready = message["ready"]
+        return self.ready
+
+    def failure(self, report: dict | None) -> Failure:
+        """Why the engine ended: rank 0's report, else what mpirun and the ranks printed."""
+        self.end(grace=EXIT_GRACE_S)
+        if report:
+            return Failure(report["message"], report["ranks"], report["fatal"])
+        ranks, why = ranks_named(list(self.tail))
+        if ranks:
+            return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks)
+        last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
+        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}")
+
+    def end(self, grace: float = 0.0) -> None:
+        """Close the channel (the engine's stop), give mpirun `grace` seconds to end the job, then
+        kill every process of its session, ranks frozen by SIGSTOP included."""
+        if self.channel:
+            self.channel.close()
+        try:
+            self.proc.wait(timeout=grace)
+        except Exception:
+            pass
+        for pid in session_pids(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self.relay.join(timeout=2)
+
+
+# --- the supervisor ---------------------------------------------------------------------------
+
+@dataclass
+class SupervisorConfig:
+    serve: ServeConfig
+    ranks: int
+    hostfile: str | None
+    engine_args: list[str]          # the serve options the engine runs with
+    launcher_args: list[str]        # extra mpirun options
+
+
+class Supervisor:
+    """The HTTP front's jobs, relayed to the engine; restarts the engine when it fails. The HTTP
+    thread calls submit/health; everything else runs on the main thread."""
+
+    def __init__(self, cfg: SupervisorConfig) -> None:
+        self.cfg = cfg.serve
+        self.sup = cfg
+        self.devices = Devices(cfg.ranks, cfg.hostfile)
+        self.devices.refresh()
+        self.launcher = shutil.which("mpirun")
+        if self.launcher is None:
+            raise ConfigError("mpirun is not on PATH: pip install 'tpi_mpi[mpi]' (or install Open MPI)")
+        self.dir = Path(tempfile.mkdtemp(prefix="tpi_mpi-supervisor-"))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.dir / "channel"))
+        self.listener.listen(1)
+        self.listener.settimeout(0.2)
+        self.lock = threading.Lock()
+        self.jobs: dict = {}                # id -> HttpJob, admitted and not ended, in arrival order
+        self.engine: Engine | None = None
+        self.live = False                   # the engine is ready and has every job in self.jobs
+        self.state, self.error = "starting", None
+        self.hosts: list[str] = []
+        self.restarts, self.last_failure = 0, None
+        self.finished = self.fruitless = 0   # requests finished by this engine; failures that achieved nothing
+        self.stopping = threading.Event()
+        self.codec, self.context = None, 0
+        self.mean_job_s = 1.0
+
+    # -- HTTP thread ----------------------------------------------------------------------------
+    def submit(self, job) -> None:
+        if self.state == "failed":
+            raise ApiError(503, f"no engine can start: {self.error}", code="unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.stopping.is_set():
+            raise ApiError(503, "the server is shutting down", code="unavailable")
+        with_seed(job, random.getrandbits(63))
+        with self.lock:
+            if len(self.jobs) >= self.cfg.queue_size + self.cfg.max_batch:
+                raise queue_full(self.cfg, self.mean_job_s)
+            job.admitted_at = time.monotonic()
+            self.jobs[job.id] = job
+            if self.live:
+                self.engine.channel.send(job_message(job))
+
+    def health(self) -> tuple[dict, int]:
+        ready = self.engine.ready if self.engine and self.live else None
+        body = {"status": {"serving": "ok"}.get(self.state, self.state), "model": self.cfg.model_id,
+                "ranks": len(self.hosts), "hosts": self.hosts, "pids": ready["pids"] if ready else [],
+                "allreduce": ready["allreduce"] if ready else None, "restarts": self.restarts,
+                "last_failure": self.last_failure, "requests": len(self.jobs), "max_batch": self.cfg.max_batch}
+        if self.error:
+            body["error"] = self.error
+        return body, 503 if self.state == "failed" else 200      # restarting: requests wait, none is lost
+
+    def log(self, msg: str) -> None:
+        log(msg)
+
+    # -- main thread ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM; the HTTP side starts once the first engine is ready."""
+        http = None
+        try:
+            while not self.stopping.is_set():
+                if self.state == "failed" and not self.devices.refresh():
+                    self.stopping.wait(2.0)          # until the hostfile brings devices back
+                    continue
+                self.devices.refresh()
+                outcome = self._launch()
+                if not isinstance(outcome, Failure):
+                    http = http or self._start_http(outcome)
+                    outcome = self._pump()
+                if self.stopping.is_set():
+                    break
+                self._failed(outcome)
+                if http is None and self.state == "failed":
+                    raise TpiError(outcome.message)    # never served: end as serve without a supervisor would
+        finally:
+            self.stopping.set()
+            if self.engine:
+                self.engine.end(grace=EXIT_GRACE_S)
+            self._fail_all(ApiError(503, "the server is shutting down", code="unavailable"))
+            if http:
+                http.stop()
+            self.listener.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _launch(self) -> dict | Failure:
+        hosts = self.devices.current()
+        self.hosts, self.live, self.finished = hosts, False, 0
+        if self.engine is not None:
+            self.restarts += 1
+        if not hosts:
+            return Failure("no device is left", fatal=True)
+        argv = [self.launcher, "-n", str(len(hosts)), "--map-by", "slot"]
+        if self.devices.hostfile is None:
+            argv += ["--oversubscribe"]
+        else:
+            path = self.dir / "hostfile"
+            counts = Counter(hosts)
+            path.write_text("".join(f"{h} slots={counts[h]}\n" for h in dict.fromkeys(hosts)))
+            argv += ["--hostfile", str(path)]
+        argv += [*self.sup.launcher_args, sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
+                 "--channel", str(self.dir / "channel")]
+        t0 = time.monotonic()
+        log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
+        self.engine = Engine(argv, self.listener)
+        outcome = self.engine.start(self.stopping)
+        if isinstance(outcome, Failure):
+            return outcome
+        with self.lock:
+            for job in self.jobs.values():           # the requests in flight, with what they have had
+                self.engine.channel.send(job_message(job))
+            self.live, self.state, self.error = True, "serving", None
+            resumed = sum(1 for j in self.jobs.values() if j.generated)
+        seconds = time.monotonic() - t0
+        if self.last_failure and self.last_failure.get("recovery_s") is None:
+            self.last_failure["recovery_s"] = round(time.monotonic() - self.failed_at, 2)
+        log(f"engine ready on {len(hosts)} rank(s) in {seconds:.1f} s"
+            + (f"; {resumed} answer(s) resumed, {len(self.jobs) - resumed} request(s) sent" if self.jobs else ""))
+        return outcome
+
+    def _start_http(self, ready: dict) -> HttpThread:
+        self.codec, self.context = TextCodec(ready["codec"]), ready["context"]
+        http = HttpThread(Api(self).app(), self.cfg.host, self.cfg.port)
+        http.start()
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        log(f"serving {self.cfg.model_id} at http://{host}:{http.port}/v1 on {len(self.hosts)} rank(s), "
+            "restarted on the ranks left if one fails")
+        return http
+
+    def _pump(self) -> Failure:
+        """Relay the engine's answers to the clients until the engine fails or we stop."""
+        channel = self.engine.channel
+        while not self.stopping.is_set():
+            self._cancel_gone(channel)
+            try:
+                message = channel.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            if message is None or "failed" in message:
+                with self.lock:
+                    self.live = False
+                return self.engine.failure(message and message["failed"])
+            job = self.jobs.get(message.get("id"))
+            if job is None:                          # ended or cancelled meanwhile
+                continue
+            if "token" in message:
+                job.generated.append(message["token"])
+                if message["text"]:
+                    job.send("text", message["text"])
+            elif "text" in message:
+                job.send("text", message["text"])
+            elif "done" in message or "error" in message:
+                if "done" in message:
+                    job.send("done", message["done"])
+                    self.finished += 1
+                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.monotonic() - job.admitted_at)
+                else:
+                    e = message["error"]
+                    job.send("error", ApiError(e["status"], e["message"], code=e["code"]))
+                with self.lock:
+                    self.jobs.pop(job.id, None)
+        return Failure("stopped")
+
+    def _cancel_gone(self, channel: Channel) -> None:
+        with self.lock:
+            gone = [j for j in self.jobs.values() if j.cancelled]
+            for job in gone:
+                del self.jobs[job.id]
+        for job in gone:
+            channel.send({"cancel": job.id})
+
+    def _failed(self, failure: Failure) -> None:
+        """Drop the failed ranks' devices, or give up (until the hostfile changes) when starting again
+        would fail alike: a setting or the memory, or FAILED_STARTS failures in a row that named no
+        device and let no request finish."""
+        hosts = self.hosts
+        lost = [hosts[r] for r in failure.ranks if 0 < r < len(hosts)]
+        self.fruitless = 0 if lost or self.finished else self.fruitless + 1
+        give_up = failure.fatal or self.fruitless >= FAILED_STARTS
+        self.failed_at = time.monotonic()
+        self.last_failure = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": failure.message,
+                             "ranks": failure.ranks, "hosts": lost, "recovery_s": None}
+        if give_up:
+            self.state, self.error = "failed", failure.message
+            until = "" if self.devices.hostfile is None else " until the hostfile changes"
+            log(f"error: {failure.message}; no engine can start: requests get 503{until}")
+            self._fail_all(ApiError(503, f"the engine cannot start: {failure.message}", code="unavailable",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)}))
+            return
+        self.devices.drop(lost)
+        self.state = "restarting"
+        if self.fruitless:
+            time.sleep(1.0)                  # not at full speed into the same failure
+        log(f"the engine failed: {failure.message}; "
+            + (f"dropping rank {', '.join(map(str, failure.ranks))} ({', '.join(lost)}), " if lost else "")
+            + f"{len(self.jobs)} request(s) wait")
+
+    def _fail_all(self, error: ApiError) -> None:
+        with self.lock:
+            jobs, self.jobs = list(self.jobs.values()), {}
+        for job in jobs:
+            job.send("error", error)
+
+    def stop(self, *_) -> None:
+        self.stopping.set()
+
+
+def supervise(cfg: SupervisorConfig) -> None:
+    """Run the supervisor in this (main) thread; SIGINT or SIGTERM end it and every process it started."""
+    sup = Supervisor(cfg)
+    previous = {s: signal.signal(s, sup.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sup.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
