@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launcher_failed, mpi_env, mpirun_cmd, run_tpi
+from conftest import alive, descendants, free_port, launcher_failed, mpi_env, mpirun_cmd, run_tpi
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -76,43 +75,6 @@ def test_request_fields():
 
 
 # -- a server under mpirun ------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> dict[int, int | None]:
-    """{pid: MPI rank or None} of every process below `pid` (prterun's ranks)."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in found:
-                try:
-                    env = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    env = []
-                rank = next((int(v.split(b"=")[1]) for v in env if v.startswith(b"OMPI_COMM_WORLD_RANK=")), None)
-                found[child] = rank
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 class Server:
     """`mpirun -n 2 python -m tpi_mpi serve ...` on a free localhost port."""

@@ -43,6 +43,7 @@ def star(p, buf: np.ndarray, hub: int = 0) -> None:
     else:
         (total,) = p.scratch(buf.shape, 1)   # a send buffer must not be written while in flight
         # waits a little longer than the hub, so that the hub, which knows who is missing, reports first
+        # (rank 0 would anyway; another hub is given the time here)
         p.exchange([(buf, hub)], [(total, hub)], TAG_PART, "star allreduce: the total from the hub",
                    recv_tag=TAG_SUM, grace=2.0)
         buf[...] = total

@@ -56,6 +56,7 @@ class HttpJob(Job):
     """A request of this process's HTTP thread: events go into its handler's asyncio queue."""
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
 
     def send(self, kind: str, value) -> None:
         try:

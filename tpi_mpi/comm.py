@@ -38,6 +38,9 @@ _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seco
 TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL, TAG_ROLL_ASK = 31, 32, 33, 34, 35
 ROLL_CALL_S = 2.0           # how long a timed-out collective waits for its peers to answer a roll call
 ANSWER_AFTER_S = 0.01       # a wait longer than this answers roll calls while it polls
+# the other ranks wait this much longer than rank 0, so that rank 0, which reports for the job (to the
+# user, or to a supervisor), times out first and has named the silent rank before anyone gives up
+REPORTER_LEAD_S = ROLL_CALL_S + 1.0
 # Open MPI's TCP transport sends a message over its eager limit (64 KiB) only once the receiver
 # has answered a handshake, and that answer queues in the one TCP stream between the two ranks
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
@@ -205,6 +208,8 @@ class MpiComm(Comm):
         if test(reqs):
             return
         timeout = self.timeout if timeout is True else timeout
+        if timeout is not None and self.rank != 0:
+            timeout += REPORTER_LEAD_S
         start = time.monotonic()
         pause = _FIRST_PAUSE
         while not test(reqs):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -84,14 +83,17 @@ def is_this_host(name: str) -> bool:
 
 
 class Devices:
-    """The slots the engine may run on, in rank order, less the ones dropped since the hostfile
-    last changed."""
+    """The slots the engine may run on, in rank order, less the ones dropped since the hostfile last
+    changed; with --ratio, each slot's share."""
 
-    def __init__(self, ranks: int, hostfile: str | None) -> None:
+    def __init__(self, ranks: int, hostfile: str | None, ratio: tuple[float, ...] = ()) -> None:
         self.ranks, self.hostfile = ranks, Path(hostfile).expanduser() if hostfile else None
-        self.dropped: Counter = Counter()
+        self.ratio = ratio
+        self.dropped: set[int] = set()
         self.stamp = None
-        self.all = self._read()
+        self.slots = self._read()
+        if ratio and len(ratio) != len(self.slots):
+            raise ConfigError(f"--ratio has {len(ratio)} parts for {len(self.slots)} rank(s): give one per rank")
 
     def _read(self) -> list[str]:
         if self.hostfile is None:
@@ -108,27 +110,27 @@ class Devices:
         if self.hostfile is None:
             return False
         try:
-            stat = self.hostfile.stat()
-            stamp = (stat.st_mtime_ns, self.hostfile.read_bytes())
-        except OSError:
+            stamp = (self.hostfile.stat().st_mtime_ns, self.hostfile.read_bytes())
+            slots = self._read()
+        except (OSError, ConfigError) as e:
+            log(f"the hostfile cannot be read again, keeping the devices known: {e}")
             return False
         if stamp == self.stamp:
             return False
         changed = self.stamp is not None
-        self.stamp, self.all, self.dropped = stamp, self._read(), Counter()
+        self.stamp, self.dropped = stamp, set()
+        if self.ratio and len(slots) != len(self.ratio):
+            log(f"--ratio has {len(self.ratio)} parts, the hostfile now {len(slots)} slot(s): splitting evenly")
+            self.ratio = ()
+        self.slots = slots
         return changed
 
-    def current(self) -> list[str]:
-        left, dropped = [], self.dropped.copy()
-        for host in self.all:
-            if dropped[host]:
-                dropped[host] -= 1
-            else:
-                left.append(host)
-        return left
+    def current(self) -> list[int]:
+        """The slots left, in rank order."""
+        return [i for i in range(len(self.slots)) if i not in self.dropped]
 
-    def drop(self, hosts: list[str]) -> None:
-        self.dropped.update(hosts)
+    def ratio_of(self, slots: list[int]) -> str | None:
+        return ",".join(f"{self.ratio[i]:g}" for i in slots) if self.ratio else None
 
 
 # --- the engine: mpirun and its processes -------------------------------------------------------
@@ -175,6 +177,8 @@ class Failure:
     message: str
     ranks: list[int] = field(default_factory=list)     # the ranks to drop
     fatal: bool = False                                 # starting again would fail alike
+    hosts: list[str] = field(default_factory=list)     # hosts the launcher could not reach (all their slots go)
+    at: float = field(default_factory=time.time)       # when the supervisor learned of it
 
 
 class Engine:
@@ -199,13 +203,13 @@ class Engine:
             sys.stderr.write(line)
         sys.stderr.flush()
 
-    def start(self, stopping: threading.Event) -> dict | Failure:
+    def start(self, stopping: threading.Event, hosts: list[str]) -> dict | Failure:
         """Wait until rank 0 reports ready (its info) or the launch failed."""
         while self.channel is None:
             if stopping.is_set():
                 return Failure("stopped")
             if self.proc.poll() is not None:
-                return self.failure(None)
+                return self.failure(None, hosts)
             try:
                 sock, _ = self.listener.accept()
             except TimeoutError:
@@ -220,20 +224,25 @@ class Engine:
             except TimeoutError:
                 continue
         if message is None or "failed" in message:
-            return self.failure(message and message["failed"])
+            return self.failure(message and message["failed"], hosts)
         self.ready = message["ready"]
         return self.ready
 
-    def failure(self, report: dict | None) -> Failure:
-        """Why the engine ended: rank 0's report, else what mpirun and the ranks printed."""
+    def failure(self, report: dict | None, hosts: list[str]) -> Failure:
+        """Why the engine ended: rank 0's report, else what mpirun and the ranks printed (a rank
+        named, or else another of `hosts` than rank 0's named in an error line)."""
+        at = time.time()
         self.end(grace=EXIT_GRACE_S)
         if report:
-            return Failure(report["message"], report["ranks"], report["fatal"])
+            return Failure(report["message"], report["ranks"], report["fatal"], at=at)
         ranks, why = ranks_named(list(self.tail))
         if ranks:
-            return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks)
+            return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks, at=at)
         last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
-        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}")
+        text = " ".join(self.tail)
+        unreachable = [h for h in dict.fromkeys(hosts[1:]) if h != hosts[0] and re.search(rf"\b{re.escape(h)}\b", text)]
+        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}",
+                       hosts=unreachable, at=at)
 
     def end(self, grace: float = 0.0) -> None:
         """Close the channel (the engine's stop), give mpirun `grace` seconds to end the job, then
@@ -260,8 +269,9 @@ class SupervisorConfig:
     serve: ServeConfig
     ranks: int
     hostfile: str | None
-    engine_args: list[str]          # the serve options the engine runs with
+    engine_args: list[str]          # the serve options the engine runs with (but --ratio)
     launcher_args: list[str]        # extra mpirun options
+    ratio: tuple[float, ...] = ()   # each device's share, in rank order
 
 
 class Supervisor:
@@ -271,9 +281,10 @@ class Supervisor:
     def __init__(self, cfg: SupervisorConfig) -> None:
         self.cfg = cfg.serve
         self.sup = cfg
-        self.devices = Devices(cfg.ranks, cfg.hostfile)
+        self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio)
         self.devices.refresh()
-        self.launcher = shutil.which("mpirun")
+        here = os.path.dirname(sys.executable)           # a virtual environment's own mpirun first
+        self.launcher = shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
         if self.launcher is None:
             raise ConfigError("mpirun is not on PATH: pip install 'tpi_mpi[mpi]' (or install Open MPI)")
         self.dir = Path(tempfile.mkdtemp(prefix="tpi_mpi-supervisor-"))
@@ -286,6 +297,7 @@ class Supervisor:
         self.engine: Engine | None = None
         self.live = False                   # the engine is ready and has every job in self.jobs
         self.state, self.error = "starting", None
+        self.slots: list[int] = []          # the devices in use, by rank
         self.hosts: list[str] = []
         self.restarts, self.last_failure = 0, None
         self.finished = self.fruitless = 0   # requests finished by this engine; failures that achieved nothing
@@ -304,7 +316,6 @@ class Supervisor:
         with self.lock:
             if len(self.jobs) >= self.cfg.queue_size + self.cfg.max_batch:
                 raise queue_full(self.cfg, self.mean_job_s)
-            job.admitted_at = time.monotonic()
             self.jobs[job.id] = job
             if self.live:
                 self.engine.channel.send(job_message(job))
@@ -352,7 +363,8 @@ class Supervisor:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _launch(self) -> dict | Failure:
-        hosts = self.devices.current()
+        self.slots = self.devices.current()
+        hosts = [self.devices.slots[i] for i in self.slots]
         self.hosts, self.live, self.finished = hosts, False, 0
         if self.engine is not None:
             self.restarts += 1
@@ -366,12 +378,13 @@ class Supervisor:
             counts = Counter(hosts)
             path.write_text("".join(f"{h} slots={counts[h]}\n" for h in dict.fromkeys(hosts)))
             argv += ["--hostfile", str(path)]
+        ratio = self.devices.ratio_of(self.slots)
         argv += [*self.sup.launcher_args, sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
-                 "--channel", str(self.dir / "channel")]
+                 *(["--ratio", ratio] if ratio else []), "--channel", str(self.dir / "channel")]
         t0 = time.monotonic()
         log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
         self.engine = Engine(argv, self.listener)
-        outcome = self.engine.start(self.stopping)
+        outcome = self.engine.start(self.stopping, hosts)
         if isinstance(outcome, Failure):
             return outcome
         with self.lock:
@@ -381,7 +394,7 @@ class Supervisor:
             resumed = sum(1 for j in self.jobs.values() if j.generated)
         seconds = time.monotonic() - t0
         if self.last_failure and self.last_failure.get("recovery_s") is None:
-            self.last_failure["recovery_s"] = round(time.monotonic() - self.failed_at, 2)
+            self.last_failure["recovery_s"] = round(time.time() - self.last_failure["at"], 2)
         log(f"engine ready on {len(hosts)} rank(s) in {seconds:.1f} s"
             + (f"; {resumed} answer(s) resumed, {len(self.jobs) - resumed} request(s) sent" if self.jobs else ""))
         return outcome
@@ -407,7 +420,7 @@ class Supervisor:
             if message is None or "failed" in message:
                 with self.lock:
                     self.live = False
-                return self.engine.failure(message and message["failed"])
+                return self.engine.failure(message and message["failed"], self.hosts)
             job = self.jobs.get(message.get("id"))
             if job is None:                          # ended or cancelled meanwhile
                 continue
@@ -421,7 +434,7 @@ class Supervisor:
                 if "done" in message:
                     job.send("done", message["done"])
                     self.finished += 1
-                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.monotonic() - job.admitted_at)
+                    self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * (time.monotonic() - job.created)
                 else:
                     e = message["error"]
                     job.send("error", ApiError(e["status"], e["message"], code=e["code"]))
@@ -441,12 +454,12 @@ class Supervisor:
         """Drop the failed ranks' devices, or give up (until the hostfile changes) when starting again
         would fail alike: a setting or the memory, or FAILED_STARTS failures in a row that named no
         device and let no request finish."""
-        hosts = self.hosts
-        lost = [hosts[r] for r in failure.ranks if 0 < r < len(hosts)]
+        ranks = [r for r in failure.ranks if 0 < r < len(self.slots)]    # rank 0's host is ours: never dropped
+        ranks += [r for r, h in enumerate(self.hosts) if h in failure.hosts and r > 0 and r not in ranks]
+        lost = [self.hosts[r] for r in ranks]
         self.fruitless = 0 if lost or self.finished else self.fruitless + 1
         give_up = failure.fatal or self.fruitless >= FAILED_STARTS
-        self.failed_at = time.monotonic()
-        self.last_failure = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": failure.message,
+        self.last_failure = {"at": round(failure.at, 3), "message": failure.message,
                              "ranks": failure.ranks, "hosts": lost, "recovery_s": None}
         if give_up:
             self.state, self.error = "failed", failure.message
@@ -455,12 +468,12 @@ class Supervisor:
             self._fail_all(ApiError(503, f"the engine cannot start: {failure.message}", code="unavailable",
                                     headers={"Retry-After": str(RETRY_AFTER_S)}))
             return
-        self.devices.drop(lost)
+        self.devices.dropped.update(self.slots[r] for r in ranks)
         self.state = "restarting"
         if self.fruitless:
             time.sleep(1.0)                  # not at full speed into the same failure
         log(f"the engine failed: {failure.message}; "
-            + (f"dropping rank {', '.join(map(str, failure.ranks))} ({', '.join(lost)}), " if lost else "")
+            + (f"dropping rank {', '.join(map(str, ranks))} ({', '.join(lost)}), " if lost else "")
             + f"{len(self.jobs)} request(s) wait")
 
     def _fail_all(self, error: ApiError) -> None:
