@@ -362,3 +362,48 @@ def test_a_soak_of_kills_loses_no_request(checkpoints, tmp_path):
               f"{h['last_failure']['recovery_s']} s")
     finally:
         server.close()
+
+
+@pytest.mark.mpi
+def test_too_few_ranks_for_the_memory_is_a_clear_error_and_503(checkpoints, tmp_path):
+    """A budget that holds the KV cache at 3 ranks but not at 2: the first start with too small a
+    budget ends the supervisor with the memory error; after a lost device the service stays up,
+    says why on /health and answers 503 with Retry-After."""
+    import re
+
+    model = checkpoints("llama_hd", context=4096)      # 1 KV head per rank at 3 ranks, 2 at 2 ranks
+    args = ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--max-batch", "100"]
+    probe = subprocess.run([sys.executable, "-m", "tpi_mpi", "serve", "--ranks", "3", "--port", str(free_port()),
+                            *args, "--memory-budget", "1MiB"], capture_output=True, text=True, timeout=300,
+                           env=mpi_env(), stdin=subprocess.DEVNULL)
+    assert probe.returncode != 0
+    error = probe.stderr.strip().splitlines()[-1]
+    assert error.startswith("tpi_mpi: error: a memory budget of 1.00 MiB is too small"), probe.stderr[-2000:]
+    need, unit = re.search(r"needs at least ([\d.]+) (MiB|GiB)", error).groups()
+    need_mib = float(need) * (1024 if unit == "GiB" else 1)
+    # at 2 ranks each rank holds 100 MiB more KV cache (100 slots x 4096 positions x one more head)
+    server = Supervised(tmp_path, [*args, "--memory-budget", f"{need_mib + 50:.0f}MiB"], ranks=3)
+    try:
+        h = server.wait()
+        client = server.client()
+        assert client.completions.create(model="x", prompt="Hi", max_tokens=4, **GREEDY).choices[0].text
+        os.kill(h["pids"][2], signal.SIGKILL)
+        h = server.wait(lambda h: h["status"] == "failed")
+        assert "too small" in h["error"] and "add ranks" in h["error"], h
+        status, headers, body = raw_post(server.port, {"model": "x", "prompt": "Hi", "max_tokens": 4})
+        assert status == 503 and int(headers["Retry-After"]) > 0 and "too small" in body["error"]["message"]
+        assert server.health()[0] == 503
+    finally:
+        server.close()
+
+
+def raw_post(port: int, body: dict):
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, r.headers, json.loads(r.read())
+    finally:
+        c.close()

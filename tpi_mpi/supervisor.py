@@ -234,7 +234,11 @@ class Engine:
         at = time.time()
         self.end(grace=EXIT_GRACE_S)
         if report:
-            return Failure(report["message"], report["ranks"], report["fatal"], at=at)
+            message = report["message"]
+            if report["fatal"] and report["ranks"]:          # another rank's own error: it printed it
+                message = next((ln.strip().removeprefix("tpi_mpi: ") for ln in reversed(self.tail)
+                                if ln.startswith("tpi_mpi: error:")), message)
+            return Failure(message, report["ranks"], report["fatal"], at=at)
         ranks, why = ranks_named(list(self.tail))
         if ranks:
             return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks, at=at)
@@ -464,7 +468,8 @@ class Supervisor:
         if give_up:
             self.state, self.error = "failed", failure.message
             until = "" if self.devices.hostfile is None else " until the hostfile changes"
-            log(f"error: {failure.message}; no engine can start: requests get 503{until}")
+            log(f"error: {failure.message}; no engine can start on the {len(self.hosts)} rank(s) left: "
+                f"requests get 503{until}")
             self._fail_all(ApiError(503, f"the engine cannot start: {failure.message}", code="unavailable",
                                     headers={"Retry-After": str(RETRY_AFTER_S)}))
             return
