@@ -145,6 +145,36 @@ def bench_serve(url, requests, clients, max_tokens, long_prompt, probe_only, pro
         probe_delay=probe_delay, probe_repeats=probe_repeats, probe_tokens=probe_tokens)
 
 
+@bench.command("failover")
+@click.option("--ranks", "-n", type=int, default=3, show_default=True, help="The server's ranks (serve --ranks).")
+@click.option("--model", "-m", help="Served model [default: the built-in SmolLM2-135M-Instruct].")
+@click.option("--cache-dir", help="The server's shard cache [default: ~/.cache/tpi_mpi].")
+@click.option("--requests", type=int, default=30, show_default=True, help="Requests of the soak.")
+@click.option("--clients", type=int, default=4, show_default=True, help="Client threads of the soak.")
+@click.option("--max-batch", type=int, default=4, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True,
+              help="Tokens per answer (greedy, ignore_eos: exactly this many).")
+@click.option("--kills", type=int, default=10, show_default=True, help="Worker ranks killed during the soak.")
+@click.option("--stop-share", type=float, default=0.0, show_default=True,
+              help="Share of the kills that are SIGSTOP (a frozen rank, found after --comm-timeout), not SIGKILL.")
+@click.option("--comm-timeout", type=float, default=10.0, show_default=True)
+@click.option("--kill-gap", type=float, help="Mean seconds from a recovery to the next kill [default: the soak's "
+              "length without kills, estimated from the reference requests, over kills + 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the kills' moments, ranks and signals.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds for the server to start, a request, and a recovery.")
+@click.option("--out", default="bench-results/failover.jsonl", show_default=True,
+              help="Append the JSON record to this file ('' : none).")
+def bench_failover(**kw) -> None:
+    """Start a supervised server (serve --ranks, a hostfile of this host), take every prompt's greedy text
+    alone, then stream --requests answers while worker ranks are killed at random moments: every answer
+    must come whole and equal its reference. Per kill: recovery and the longest pause a client saw;
+    then the time for every process to end after SIGINT (do not launch under mpirun)."""
+    from .failover import bench_failover as run
+
+    run(**kw)
+
+
 @bench.command("transformers")
 @click.option("--model", "-m", required=True, help="Hugging Face folder or .gguf file.")
 @click.option("--threads", type=int, default=os.cpu_count(), show_default=True)
