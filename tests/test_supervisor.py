@@ -407,3 +407,22 @@ def raw_post(port: int, body: dict):
         return r.status, r.headers, json.loads(r.read())
     finally:
         c.close()
+
+
+def test_supervisor_options_are_checked_before_anything_starts(tmp_path):
+    def run(args, env=None):
+        r = subprocess.run([sys.executable, "-m", "tpi_mpi", "serve", *args], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+        return r.returncode, r.stderr.strip().splitlines()[-1]
+
+    assert run(["--ranks", "2"], {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}) == \
+        (1, "tpi_mpi: error: serve --ranks launches mpirun itself: run it without mpirun")
+    assert run(["--hostfile", "h"]) == \
+        (1, "tpi_mpi: error: --hostfile and --launcher-args go with --ranks (the supervisor launches mpirun)")
+    assert run(["--ranks", "0"]) == (1, "tpi_mpi: error: --ranks 0: must be at least 1")
+    assert run(["--ranks", "2", "--ratio", "1,1,1"]) == \
+        (1, "tpi_mpi: error: --ratio has 3 parts for 2 rank(s): give one per rank")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("board-b.invalid slots=2\n")
+    code, line = run(["--ranks", "2", "--hostfile", str(hosts)])
+    assert code == 1 and "its first host (board-b.invalid) must be this machine" in line

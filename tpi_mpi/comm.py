@@ -220,16 +220,28 @@ class MpiComm(Comm):
             if waited > ANSWER_AFTER_S:
                 self._answer_roll_calls()
             if timeout is not None and waited > timeout:
-                n = len(peers or [])
-                silent = [p for r, p in zip(reqs[:n], peers or []) if not r.Test()]
-                deaf = [p for r, p in zip(reqs[n:], sent_to or []) if not r.Test()]
-                if peers is None:             # a collective: MPI does not say whom it waits for
-                    silent = self._roll_call()
-                named = list(dict.fromkeys(silent or deaf))
-                who = ("rank {} sent nothing" if silent else "rank {} took nothing" if deaf else
-                       "a peer rank did not answer").format(", ".join(map(str, named)))
-                raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
-                                f"(raise --comm-timeout if it is only slow)", named)
+                self._timed_out(reqs, what, timeout, peers, sent_to)
+
+    def _timed_out(self, reqs: list, what: str, timeout: float, peers: list[int] | None,
+                   sent_to: list[int] | None) -> None:
+        """Raise the CommError naming the rank that has died or frozen. The peer waited on may be
+        alive and waiting in turn for a silent third (recursive doubling at 3 ranks: rank 0 waits on
+        rank 1, which waits on rank 2), so beyond two ranks a roll call names the silent ones."""
+        n = len(peers or [])
+        silent = [p for r, p in zip(reqs[:n], peers or []) if not r.Test()]
+        deaf = [p for r, p in zip(reqs[n:], sent_to or []) if not r.Test()]
+        waited_on = list(dict.fromkeys(silent or deaf))
+        absent = self._roll_call() if peers is None or self.size > 2 else waited_on
+        named = absent or waited_on
+        ranks = ", ".join(map(str, named))
+        if not named:
+            who = "a peer rank did not answer"
+        elif waited_on and set(named) != set(waited_on):
+            who = f"rank {ranks} answered no roll call (rank {', '.join(map(str, waited_on))} waited on it)"
+        else:
+            who = f"rank {ranks} {'took' if deaf and not silent else 'sent'} nothing"
+        raise CommError(f"{who} for {timeout:g} s ({what}): it has died or frozen "
+                        f"(raise --comm-timeout if it is only slow)", named)
 
     def _roll_call(self) -> list[int]:
         """The ranks that do not answer within ROLL_CALL_S, asked when a collective timed out. A live

@@ -394,11 +394,11 @@ class Supervisor:
         with self.lock:
             for job in self.jobs.values():           # the requests in flight, with what they have had
                 self.engine.channel.send(job_message(job))
+            if self.last_failure and self.last_failure.get("recovery_s") is None:
+                self.last_failure["recovery_s"] = round(time.time() - self.last_failure["at"], 2)
             self.live, self.state, self.error = True, "serving", None
             resumed = sum(1 for j in self.jobs.values() if j.generated)
         seconds = time.monotonic() - t0
-        if self.last_failure and self.last_failure.get("recovery_s") is None:
-            self.last_failure["recovery_s"] = round(time.time() - self.last_failure["at"], 2)
         log(f"engine ready on {len(hosts)} rank(s) in {seconds:.1f} s"
             + (f"; {resumed} answer(s) resumed, {len(self.jobs) - resumed} request(s) sent" if self.jobs else ""))
         return outcome
