@@ -93,15 +93,18 @@ class Engine:
         with self.lock:
             full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
             if not full:
-                self.enqueue(job)
+                self._put(job)
         if full:
             raise queue_full(self.cfg, self.mean_job_s)
 
     def enqueue(self, job: Job) -> None:
         """Queue a job unconditionally (a supervisor in front has admitted it already)."""
         with self.lock:
-            self.admitted += 1
-            self.jobs.put_nowait(job)
+            self._put(job)
+
+    def _put(self, job: Job) -> None:
+        self.admitted += 1
+        self.jobs.put_nowait(job)
 
     def health(self) -> tuple[dict, int]:
         if self.failed:
