@@ -227,6 +227,7 @@ class Supervised:
             os.kill(p, signal.SIGKILL)
         self.proc.wait(timeout=10)
         assert not left, f"still running {STOP_WITHIN_S + 10} s after SIGINT: {left}"
+        assert seconds < STOP_WITHIN_S, f"every process ended {seconds:.1f} s after SIGINT"
         return seconds
 
 

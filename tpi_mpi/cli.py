@@ -329,7 +329,7 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
     cfg = ServeConfig(host, port, queue_size, max_batch, prefill_chunk, api_key or None, max_tokens,
                       model_id(kw["model"]))
     if ranks is not None:
-        return _supervise(cfg, ranks, hostfile, launcher_args, parse_ratio(kw["ratio"]))
+        return _supervise(cfg, ranks, hostfile, launcher_args, parse_ratio(kw["ratio"]), kw["model"])
     if hostfile or launcher_args:
         raise ConfigError("--hostfile and --launcher-args go with --ranks (the supervisor launches mpirun)")
     if channel:
@@ -342,7 +342,8 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
 SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio"}
 
 
-def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio: tuple[float, ...]) -> None:
+def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio: tuple[float, ...],
+               model: str | None) -> None:
     import shlex
 
     from .comm import launch_rank
@@ -359,7 +360,7 @@ def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio:
         if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
             continue
         engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
-    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args), ratio))
+    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args), ratio, model))
 
 
 def _serve_supervised(cfg, channel_path: str, kw: dict) -> None:

@@ -38,6 +38,7 @@ from .channel import Channel, job_message, with_seed
 from .errors import ConfigError, TpiError
 from .openai_api import ApiError
 from .serve import Api, HttpThread, ServeConfig, queue_full
+from .shard_format import MANIFEST
 from .text import TextCodec
 
 FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
@@ -276,6 +277,7 @@ class SupervisorConfig:
     engine_args: list[str]          # the serve options the engine runs with (but --ratio)
     launcher_args: list[str]        # extra mpirun options
     ratio: tuple[float, ...] = ()   # each device's share, in rank order
+    model: str | None = None        # --model, as given
 
 
 class Supervisor:
@@ -287,6 +289,9 @@ class Supervisor:
         self.sup = cfg
         self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio)
         self.devices.refresh()
+        if cfg.model and (Path(cfg.model).expanduser() / "rank0" / MANIFEST).exists():
+            log(f"warning: {cfg.model} is prepared for one world size: a lost device will end the service; "
+                "give the original model (Hugging Face folder or GGUF), which is split again for the ranks left")
         here = os.path.dirname(sys.executable)           # a virtual environment's own mpirun first
         self.launcher = shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
         if self.launcher is None:
