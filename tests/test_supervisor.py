@@ -419,7 +419,8 @@ def test_supervisor_options_are_checked_before_anything_starts(tmp_path):
     assert run(["--ranks", "2"], {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}) == \
         (1, "tpi_mpi: error: serve --ranks launches mpirun itself: run it without mpirun")
     assert run(["--hostfile", "h"]) == \
-        (1, "tpi_mpi: error: --hostfile and --launcher-args go with --ranks (the supervisor launches mpirun)")
+        (1, "tpi_mpi: error: --hostfile, --launcher-args and --prepare-ahead go with --ranks (the supervisor "
+            "launches mpirun)")
     assert run(["--ranks", "0"]) == (1, "tpi_mpi: error: --ranks 0: must be at least 1")
     assert run(["--ranks", "2", "--ratio", "1,1,1"]) == \
         (1, "tpi_mpi: error: --ratio has 3 parts for 2 rank(s): give one per rank")
@@ -427,3 +428,24 @@ def test_supervisor_options_are_checked_before_anything_starts(tmp_path):
     hosts.write_text("board-b.invalid slots=2\n")
     code, line = run(["--ranks", "2", "--hostfile", str(hosts)])
     assert code == 1 and "its first host (board-b.invalid) must be this machine" in line
+
+
+@pytest.mark.mpi
+def test_prepare_ahead_makes_the_split_for_one_rank_fewer_before_it_is_needed(checkpoints, tmp_path):
+    model = checkpoints("llama")
+    cache = tmp_path / "c"
+    server = Supervised(tmp_path, ["--model", str(model), "--cache-dir", str(cache), "--prepare-ahead"], ranks=2)
+    try:
+        h = server.wait()
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("*-w1-*/rank0/manifest.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(cache.glob("*-w1-*/rank0/manifest.json")), server.log.read_text()[-2000:]
+        os.kill(h["pids"][1], signal.SIGKILL)
+        h = server.wait(lambda h: h["status"] == "ok" and h["restarts"] == 1)
+        assert h["ranks"] == 1
+        lines = [ln for ln in server.log.read_text(errors="replace").splitlines() if "preparing" in ln]
+        assert [ln.startswith("tpi_mpi: in the background, preparing") for ln in lines] == [False, True], lines
+        assert server.client().completions.create(model="x", prompt="Hi", max_tokens=4, **GREEDY).choices[0].text
+    finally:
+        server.close()

@@ -301,9 +301,13 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
 @click.option("--hostfile", help="With --ranks: the devices (Open MPI hostfile, this host first); re-read at each "
               "launch, so editing it brings dropped devices back.")
 @click.option("--launcher-args", default="", help="With --ranks: more mpirun options, e.g. '--mca btl_tcp_if_include eth0'.")
+@click.option("--prepare-ahead", is_flag=True, help="With --ranks: prepare the model for one rank fewer in the "
+              "background (lowest CPU priority), so that a lost device costs a relaunch, not a prepare; it takes a "
+              "prepare's memory and disk beside the engine.")
 @click.option("--channel", hidden=True, help="Set by the supervisor: the socket rank 0 answers it on.")
+@click.option("--prepare-for", type=int, hidden=True, help="Set by the supervisor: prepare for N ranks into the cache.")
 def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens, ranks, hostfile, launcher_args,
-          channel, **kw) -> None:
+          prepare_ahead, channel, prepare_for, **kw) -> None:
     """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), many requests at a time.
 
     POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
@@ -328,10 +332,17 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
         raise ConfigError(f"--max-tokens {max_tokens}: must be at least 1")
     cfg = ServeConfig(host, port, queue_size, max_batch, prefill_chunk, api_key or None, max_tokens,
                       model_id(kw["model"]))
+    if prepare_for:
+        from . import cache
+
+        log = (lambda m: None) if kw["quiet"] else (lambda m: print(f"tpi_mpi: in the background, {m}", file=sys.stderr))
+        cache.locate(run_config(kw, max_batch), prepare_for, log)
+        return
     if ranks is not None:
-        return _supervise(cfg, ranks, hostfile, launcher_args, parse_ratio(kw["ratio"]), kw["model"])
-    if hostfile or launcher_args:
-        raise ConfigError("--hostfile and --launcher-args go with --ranks (the supervisor launches mpirun)")
+        return _supervise(cfg, ranks, hostfile, launcher_args, parse_ratio(kw["ratio"]), kw["model"], prepare_ahead)
+    if hostfile or launcher_args or prepare_ahead:
+        raise ConfigError("--hostfile, --launcher-args and --prepare-ahead go with --ranks (the supervisor launches "
+                          "mpirun)")
     if channel:
         return _serve_supervised(cfg, channel, kw)
     with Session(run_config(kw, max_batch)) as s:
@@ -339,11 +350,12 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
 
 
 # the options only the supervisor reads; it passes every other one on to the engine
-SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio"}
+SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio", "prepare_ahead",
+                   "prepare_for"}
 
 
 def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio: tuple[float, ...],
-               model: str | None) -> None:
+               model: str | None, prepare_ahead: bool) -> None:
     import shlex
 
     from .comm import launch_rank
@@ -360,7 +372,8 @@ def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio:
         if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
             continue
         engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
-    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args), ratio, model))
+    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args), ratio, model,
+                               prepare_ahead))
 
 
 def _serve_supervised(cfg, channel_path: str, kw: dict) -> None:

@@ -267,6 +267,39 @@ class Engine:
         self.relay.join(timeout=2)
 
 
+class Ahead:
+    """The model prepared for `world` ranks into the cache by a process at the lowest CPU priority,
+    while the engine serves on one rank more."""
+
+    def __init__(self, argv: list[str], world: int) -> None:
+        self.world = world
+        self.proc = Popen(argv, stdin=DEVNULL, stdout=DEVNULL, start_new_session=True)
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+        except OSError:
+            pass
+
+    def finish(self, world: int | None) -> None:
+        """Before a launch on `world` ranks: wait for it if it prepares that size, else stop it (SIGINT:
+        prepare removes its staging folder)."""
+        if self.proc.poll() is not None:
+            return
+        if world == self.world:
+            log(f"waiting for the model being prepared for {world} rank(s)")
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0)     # nothing else runs now
+            except OSError:
+                pass
+            self.proc.wait()
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
 # --- the supervisor ---------------------------------------------------------------------------
 
 @dataclass
@@ -278,6 +311,7 @@ class SupervisorConfig:
     launcher_args: list[str]        # extra mpirun options
     ratio: tuple[float, ...] = ()   # each device's share, in rank order
     model: str | None = None        # --model, as given
+    prepare_ahead: bool = False     # prepare for one rank fewer in the background
 
 
 class Supervisor:
@@ -289,7 +323,9 @@ class Supervisor:
         self.sup = cfg
         self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio)
         self.devices.refresh()
-        if cfg.model and (Path(cfg.model).expanduser() / "rank0" / MANIFEST).exists():
+        self.prepared = bool(cfg.model) and (Path(cfg.model).expanduser() / "rank0" / MANIFEST).exists()
+        self.ahead: Ahead | None = None
+        if self.prepared:
             log(f"warning: {cfg.model} is prepared for one world size: a lost device will end the service; "
                 "give the original model (Hugging Face folder or GGUF), which is split again for the ranks left")
         here = os.path.dirname(sys.executable)           # a virtual environment's own mpirun first
@@ -363,6 +399,8 @@ class Supervisor:
                     raise TpiError(outcome.message)    # never served: end as serve without a supervisor would
         finally:
             self.stopping.set()
+            if self.ahead:
+                self.ahead.finish(None)
             if self.engine:
                 self.engine.end(grace=EXIT_GRACE_S)
             self._fail_all(ApiError(503, "the server is shutting down", code="unavailable"))
@@ -390,6 +428,8 @@ class Supervisor:
         ratio = self.devices.ratio_of(self.slots)
         argv += [*self.sup.launcher_args, sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
                  *(["--ratio", ratio] if ratio else []), "--channel", str(self.dir / "channel")]
+        if self.ahead:
+            self.ahead.finish(len(hosts))
         t0 = time.monotonic()
         log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
         self.engine = Engine(argv, self.listener)
@@ -406,6 +446,11 @@ class Supervisor:
         seconds = time.monotonic() - t0
         log(f"engine ready on {len(hosts)} rank(s) in {seconds:.1f} s"
             + (f"; {resumed} answer(s) resumed, {len(self.jobs) - resumed} request(s) sent" if self.jobs else ""))
+        world = len(hosts) - 1
+        if self.sup.prepare_ahead and world and not self.prepared and not self.devices.ratio and \
+                not (self.ahead and self.ahead.world == world):
+            self.ahead = Ahead([sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
+                                "--prepare-for", str(world)], world)
         return outcome
 
     def _start_http(self, ready: dict) -> HttpThread:
