@@ -302,6 +302,8 @@ def test_a_frozen_worker_is_named_within_the_timeout_and_dropped(checkpoints, tm
         from tpi_mpi.comm import ROLL_CALL_S
         # the wait times out after --comm-timeout; the roll call that names the silent rank takes up to ROLL_CALL_S
         assert failure["at"] - stopped[0] < timeout + ROLL_CALL_S + 1.5, (failure, stopped)
+        print(f"\nrank 1 frozen: named after {failure['at'] - stopped[0]:.2f} s (--comm-timeout {timeout}), engine "
+              f"back {failure['recovery_s']:.2f} s after that, longest pause {pause:.2f} s")
         assert not alive(frozen)                     # the frozen process is gone
     finally:
         server.close()

@@ -9,7 +9,9 @@ Two threads on rank 0, each with one role:
   one thread-safe way into an event loop).
 A client that goes away sets `job.cancelled`; its sequence ends at the next step and frees its slot. An
 engine error fails the running and the queued requests with HTTP 5xx, stops the HTTP side and is
-raised, so the job ends with the command line's one-line message.
+raised, so the job ends with the command line's one-line message. Under a supervisor (`serve
+--ranks`, supervisor.py) the same engine takes its jobs from the supervisor's channel instead of the
+HTTP thread (serve_channel), and an engine error leaves the requests to the supervisor to resume.
 
 Streams are server-sent events ending with `data: [DONE]`; the last chunk with a finish_reason
 always carries `usage`, and `stream_options: {"include_usage": true}` adds OpenAI's own usage-only
@@ -270,8 +272,8 @@ class Api:
                            code="context_length_exceeded")
         max_tokens = parse_max_tokens(body, max_keys) or self.cfg.max_tokens
         return HttpJob(id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt_ids=ids, sampling=parse_sampling(body),
-                   max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=flag_field(body, "ignore_eos"),
-                   loop=asyncio.get_running_loop())
+                       max_tokens=max_tokens, stops=parse_stops(body), ignore_eos=flag_field(body, "ignore_eos"),
+                       loop=asyncio.get_running_loop())
 
     async def _answer(self, request: Request, body: dict, job: Job, chat: bool) -> Response:
         stream = flag_field(body, "stream")
