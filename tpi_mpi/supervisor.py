@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from subprocess import DEVNULL, PIPE, STDOUT, Popen
+from subprocess import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired
 
 from .channel import Channel, job_message, with_seed
 from .errors import ConfigError, TpiError
@@ -237,7 +237,7 @@ class Engine:
         if report:
             message = report["message"]
             if report["fatal"] and report["ranks"]:          # another rank's own error: it printed it
-                message = next((ln.strip().removeprefix("tpi_mpi: ") for ln in reversed(self.tail)
+                message = next((ln.strip().removeprefix("tpi_mpi: error: ") for ln in reversed(self.tail)
                                 if ln.startswith("tpi_mpi: error:")), message)
             return Failure(message, report["ranks"], report["fatal"], at=at)
         ranks, why = ranks_named(list(self.tail))
@@ -256,7 +256,7 @@ class Engine:
             self.channel.close()
         try:
             self.proc.wait(timeout=grace)
-        except Exception:
+        except TimeoutExpired:
             pass
         for pid in session_pids(self.proc.pid):
             try:
@@ -295,7 +295,7 @@ class Ahead:
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=10)
-        except Exception:
+        except TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
@@ -430,6 +430,7 @@ class Supervisor:
                  *(["--ratio", ratio] if ratio else []), "--channel", str(self.dir / "channel")]
         if self.ahead:
             self.ahead.finish(len(hosts))
+        self._drain_listener()
         t0 = time.monotonic()
         log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
         self.engine = Engine(argv, self.listener)
@@ -452,6 +453,18 @@ class Supervisor:
             self.ahead = Ahead([sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
                                 "--prepare-for", str(world)], world)
         return outcome
+
+    def _drain_listener(self) -> None:
+        """Drop connections a failed engine's rank 0 made too late to be taken: the next engine's
+        rank 0 must be the one answered."""
+        self.listener.settimeout(0)
+        try:
+            while True:
+                self.listener.accept()[0].close()
+        except OSError:
+            pass
+        finally:
+            self.listener.settimeout(0.2)
 
     def _start_http(self, ready: dict) -> HttpThread:
         self.codec, self.context = TextCodec(ready["codec"]), ready["context"]
