@@ -13,7 +13,8 @@ import torch
 
 from fake_comm import run_ranks
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
-from tpi_mpi.batching import Job, Sequence, plan_step
+from tpi_mpi.batching import Sequence, plan_step
+from tpi_mpi.jobs import Job
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.model import Transformer
 from tpi_mpi.prepare import prepare

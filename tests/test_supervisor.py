@@ -19,7 +19,7 @@ import pytest
 
 from conftest import alive, descendants, free_port, mpi_env
 
-from tpi_mpi.batching import Job
+from tpi_mpi.jobs import Job
 from tpi_mpi.channel import Channel, ChannelFront, failure_message, job_message, with_seed
 from tpi_mpi.errors import CommError, ConfigError, PeerFailed, ShardError
 from tpi_mpi.sampling import SamplingConfig
@@ -253,6 +253,9 @@ def test_a_killed_worker_costs_the_stream_a_pause_not_a_token(tmp_path):
     server = Supervised(tmp_path, ["--cache-dir", str(tmp_path / "c")], ranks=3)
     try:
         h = server.wait()
+        # the supervisor shares rank 0's device: it loads no torch (about 50 MiB instead of 250)
+        maps = open(f"/proc/{server.proc.pid}/maps").read()
+        assert "libtorch" not in maps and "libmpi" not in maps
         client = server.client()
         request = dict(prompt="The history of the bicycle", max_tokens=200, **GREEDY)
         whole = client.completions.create(model="x", **request).choices[0].text     # 3 ranks, no failure

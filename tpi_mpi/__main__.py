@@ -19,7 +19,7 @@ from .errors import PeerFailed, TpiError
 
 def main(argv: list[str] | None = None) -> None:
     from .cli import cli
-    from .comm import launch_rank
+    from .launcher import launch_rank
 
     rank = launch_rank()
     debug = "--debug" in (argv if argv is not None else sys.argv)

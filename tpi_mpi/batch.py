@@ -21,7 +21,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-PIECE = 32      # prompt tokens per matmul and attention call (the unit of exactness, not of scheduling)
+from .config import PIECE
 
 
 class Want(IntEnum):

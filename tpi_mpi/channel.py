@@ -21,7 +21,7 @@ import socket
 import threading
 from dataclasses import dataclass, replace
 
-from .batching import Job
+from .jobs import Job
 from .errors import CommError, PeerFailed, TpiError
 from .openai_api import ApiError
 from .sampling import SamplingConfig

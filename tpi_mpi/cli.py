@@ -314,12 +314,10 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
     A request without temperature, top_p or top_k gets this tool's defaults (0.8, 0.95, 40).
     With --ranks it runs outside MPI and keeps serving when a device drops (docs/supervisor.md).
     """
-    from .batch import PIECE
-    from .startup import Session
-    from .steps import run_steps
+    from .config import PIECE
 
     try:
-        from .serve import ServeConfig, model_id, serve as serve_http
+        from .serve import ServeConfig, model_id
     except ImportError as e:
         raise ConfigError(f"serve needs the HTTP stack ({e.name} is missing): pip install 'tpi_mpi[serve]'") from None
     if not 0 <= port <= 65535:
@@ -345,6 +343,10 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
                           "mpirun)")
     if channel:
         return _serve_supervised(cfg, channel, kw)
+    from .serve import serve as serve_http      # the engine's modules (torch) only where an engine runs
+    from .startup import Session
+    from .steps import run_steps
+
     with Session(run_config(kw, max_batch)) as s:
         run_steps(s, lambda root: serve_http(root, cfg))
 
@@ -358,10 +360,10 @@ def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio:
                model: str | None, prepare_ahead: bool) -> None:
     import shlex
 
-    from .comm import launch_rank
+    from .launcher import launched_by_mpi
     from .supervisor import SupervisorConfig, supervise
 
-    if launch_rank() != 0 or "OMPI_COMM_WORLD_SIZE" in os.environ:
+    if launched_by_mpi():
         raise ConfigError("serve --ranks launches mpirun itself: run it without mpirun")
     if ranks < 1:
         raise ConfigError(f"--ranks {ranks}: must be at least 1")
@@ -378,7 +380,7 @@ def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio:
 
 def _serve_supervised(cfg, channel_path: str, kw: dict) -> None:
     """Rank 0 answers the supervisor over its channel; a failure is reported there before the job ends."""
-    from .comm import launch_rank
+    from .launcher import launch_rank
     from .startup import Session
     from .steps import run_steps
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .allreduce import Allreduce
 from .errors import CommError, ConfigError, PeerFailed
+from .launcher import launched_by_mpi
 
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
 TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL, TAG_ROLL_ASK = 31, 32, 33, 34, 35
@@ -394,7 +395,7 @@ def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_mode
     """MpiComm when launched by mpirun with more than one rank, else LocalComm.
     `link_model` ('2ms,300mbit'): charge each message that link's time (SimulatedLink)."""
     link = SimulatedLink.parse(link_model) if link_model else None
-    if not _launched_by_mpi():
+    if not launched_by_mpi():
         return LocalComm()
     comm = MpiComm(mode, timeout, hub, link)
     return LocalComm() if comm.size == 1 else comm
@@ -407,19 +408,6 @@ def abort_job(code: int = 1) -> None:
     if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() \
             and mpi4py.COMM_WORLD.Get_size() > 1:
         mpi4py.COMM_WORLD.Abort(code)
-
-
-def launch_rank() -> int:
-    """This process's rank as the launcher set it (0 when not launched by mpirun), before MPI starts."""
-    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
-def _launched_by_mpi() -> bool:
-    env = os.environ
-    return any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
 
 
 class Recorder:

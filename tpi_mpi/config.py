@@ -16,6 +16,10 @@ from typing import Any, Sequence
 
 from .errors import ConfigError
 
+# batch.py: with --max-batch > 1, prompt tokens per matmul and attention call (the unit of exactness,
+# not of scheduling); here so that serve's options are checked without importing torch
+PIECE = 32
+
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")

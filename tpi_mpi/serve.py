@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
@@ -40,11 +41,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import Batcher, HttpJob, Job
+from .jobs import HttpJob, Job
 from .errors import ConfigError, TpiError
 from .openai_api import (ApiError, chat_messages, completion_prompt, flag_field, number_field, parse_max_tokens,
                          parse_sampling, parse_stops, read_json, sse)
-from .steps import Root
+
+if TYPE_CHECKING:              # the supervisor imports this module for its HTTP side: no torch there
+    from .steps import Root
 
 BUILTIN_MODEL_ID = "smollm2-135m-instruct"
 POLL_S = 0.5                 # how often the idle main thread checks that the HTTP thread still runs
@@ -73,6 +76,8 @@ class Engine:
     """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
 
     def __init__(self, root: Root, cfg: ServeConfig) -> None:
+        from .batching import Batcher
+
         self.root, self.cfg, self.codec = root, cfg, root.s.codec
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch

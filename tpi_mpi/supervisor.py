@@ -38,7 +38,6 @@ from .channel import Channel, job_message, with_seed
 from .errors import ConfigError, TpiError
 from .openai_api import ApiError
 from .serve import Api, HttpThread, ServeConfig, queue_full
-from .shard_format import MANIFEST
 from .text import TextCodec
 
 FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
@@ -323,7 +322,7 @@ class Supervisor:
         self.sup = cfg
         self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio)
         self.devices.refresh()
-        self.prepared = bool(cfg.model) and (Path(cfg.model).expanduser() / "rank0" / MANIFEST).exists()
+        self.prepared = bool(cfg.model) and (Path(cfg.model).expanduser() / "rank0").is_dir()   # holds rank0/, ...
         self.ahead: Ahead | None = None
         if self.prepared:
             log(f"warning: {cfg.model} is prepared for one world size: a lost device will end the service; "

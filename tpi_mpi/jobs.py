@@ -1,0 +1,50 @@
+"""A request as the engine sees it (`Job`) and where its answer goes: to this process's HTTP
+handler (`HttpJob`) or, under a supervisor, over the channel (channel.ChannelJob). No torch here:
+the supervisor builds jobs too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .sampling import SamplingConfig
+
+
+@dataclass(eq=False)
+class Job:
+    """One request as the engine sees it; where its answer goes is a subclass's affair (serve.py: to
+    the HTTP handler; channel.py: to the supervisor)."""
+    id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_tokens: int
+    stops: list[str]
+    ignore_eos: bool
+    # a request resumed on a new engine: the tokens its client has had already (their text is not resent)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False      # set by the front when the client has gone
+
+    def send(self, kind: str, value) -> None:
+        """Engine -> the request's client: ("text", str), ("done", dict) or ("error", ApiError)."""
+        raise NotImplementedError
+
+    def token(self, token: int, text: str) -> None:
+        """A new token and the text it completes (empty while a character or a stop string is pending)."""
+        if text:
+            self.send("text", text)
+
+
+@dataclass(eq=False)
+class HttpJob(Job):
+    """A request of this process's HTTP thread: events go into its handler's asyncio queue."""
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+
+    def send(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:     # the event loop has closed: nobody is listening
+            self.cancelled = True
