@@ -454,3 +454,24 @@ def test_prepare_ahead_makes_the_split_for_one_rank_fewer_before_it_is_needed(ch
         assert server.client().completions.create(model="x", prompt="Hi", max_tokens=4, **GREEDY).choices[0].text
     finally:
         server.close()
+
+
+@pytest.mark.mpi
+def test_sigint_mid_stream_ends_everything_and_tells_the_client(tmp_path):
+    # the built-in model: slow enough here (about 10 tokens/s at 3 ranks) that the stream is cut
+    server = Supervised(tmp_path, ["--cache-dir", str(tmp_path / "c")], ranks=3)
+    closed = []
+    try:
+        server.wait()
+        client = server.client()
+
+        def interrupt(i):
+            if i == 5:
+                closed.append(server.close())          # SIGINT, and every process gone (asserted there)
+
+        with pytest.raises(Exception, match="shutting down|closed|incomplete|disconnected"):
+            stream(client, interrupt, prompt="Once upon a time", max_tokens=200, **GREEDY)
+        assert closed and closed[0] < STOP_WITHIN_S
+    finally:
+        if not closed:
+            server.close()
