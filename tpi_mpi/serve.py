@@ -133,7 +133,7 @@ class Engine:
                     self._ended(seq)
         except BaseException as e:
             self.failed = str(e) or type(e).__name__
-            if getattr(front, "resumes", False):   # a supervisor sends them again to the next engine
+            if front.resumes:                    # a supervisor sends them again to the next engine
                 raise
             self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
             while True:                          # nobody will answer the queued requests
@@ -353,6 +353,8 @@ class Api:
 class HttpThread:
     """uvicorn in a daemon thread with its own event loop, on a socket bound beforehand (so a busy
     port is a clear error before any request is accepted)."""
+
+    resumes = False      # if the engine fails, nobody sends its requests again: they get a 5xx
 
     def __init__(self, app: Starlette, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

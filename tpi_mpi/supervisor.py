@@ -155,21 +155,21 @@ def ranks_named(lines: list[str]) -> tuple[list[int], str]:
     return [], ""
 
 
-def session_pids(sid: int) -> list[int]:
-    """Every process of session `sid`: mpirun (started as its leader) and the ranks it forked,
-    which Open MPI puts in process groups of their own."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()       # after "pid (comm) "
-        if int(fields[3]) == sid:                          # state ppid pgrp session
-            pids.append(int(entry))
-    return pids
+def proc_stat(pid: int | str) -> tuple[str, int, int] | None:
+    """(state, ppid, session) of a process from /proc, None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()          # after "pid (comm) "
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def session_pids(*sids: int) -> list[int]:
+    """Every live process (zombies are over) of these sessions: mpirun, started as a session's
+    leader, and the ranks it forked, which Open MPI puts in process groups of their own."""
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and (s := proc_stat(e)) and s[2] in sids and s[0] != "Z"]
 
 
 @dataclass

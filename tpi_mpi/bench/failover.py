@@ -7,8 +7,7 @@ waits for /health to say the engine is back. If it came back short of a rank, th
 the hostfile so the dropped device returns at the next relaunch; only then, since the supervisor
 takes any change of the file as "every slot is back", the rank just killed included. Per kill:
 which rank, how long the supervisor took (its recovery_s) and the longest pause a client saw; at the
-end, SIGINT to the supervisor and the time until none of its processes is left. No torch here:
-/proc is read directly (supervisor.py would import it).
+end, SIGINT to the supervisor and the time until none of its processes is left.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from pathlib import Path
 from subprocess import DEVNULL, STDOUT, Popen
 
 from ..errors import ConfigError, TpiError
+from ..supervisor import proc_stat, session_pids
 from .record import append_json, host_fields
 from .serve import print_table
 from .serve_client import Server
@@ -60,22 +60,6 @@ class Stream:
 
 
 # --- processes ------------------------------------------------------------------------------------
-
-def proc_stat(pid: int | str) -> tuple[str, int, int] | None:
-    """(state, ppid, session) of a process, None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()          # after "pid (comm) "
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def alive_in(sessions: set[int]) -> list[int]:
-    """The processes of these sessions that still run (zombies are over)."""
-    return [int(e) for e in os.listdir("/proc")
-            if e.isdigit() and (s := proc_stat(e)) and s[2] in sessions and s[0] != "Z"]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -111,10 +95,10 @@ def shutdown(proc: Popen, sessions: set[int], timeout: float = 60.0) -> tuple[fl
     proc.send_signal(signal.SIGINT)
     while time.monotonic() - t0 < timeout:
         proc.poll()                          # reap the supervisor, our child
-        if not alive_in(sessions):
+        if not session_pids(*sessions):
             return time.monotonic() - t0, []
         time.sleep(0.05)
-    left = alive_in(sessions)
+    left = session_pids(*sessions)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
