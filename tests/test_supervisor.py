@@ -289,7 +289,7 @@ def test_a_frozen_worker_is_named_within_the_timeout_and_dropped(checkpoints, tm
     try:
         h = server.wait()
         client = server.client()
-        request = dict(prompt="Once upon a time", max_tokens=60, **GREEDY)
+        request = dict(prompt="Once upon a time", max_tokens=200, **GREEDY)     # still decoding when rank 1 freezes
         whole = client.completions.create(model="x", **request).choices[0].text
         frozen, stopped = h["pids"][1], []
 
