@@ -229,8 +229,8 @@ def test_bench_generate_compare_refuses_an_unknown_algorithm():
 def test_a_send_that_never_completes_names_its_destination():
     """A rank frozen while another sends it more than the link buffers: the sender's timeout names
     the frozen rank (before: 'a peer rank did not answer')."""
-    script = Path(__file__).parent / "mpi" / "check_frozen_send.py"
-    r = run_mpi(mpirun_cmd(2) + [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+    script = Path(__file__).parent / "mpi" / "check_frozen.py"
+    r = run_mpi(mpirun_cmd(2) + [sys.executable, str(script), "send"], capture_output=True, text=True, timeout=120,
                 env=mpi_env())
     assert "error: rank 1 took nothing for 2 s (sending to a frozen rank)" in r.stdout, (r.stdout, r.stderr)
 
@@ -239,8 +239,8 @@ def test_a_send_that_never_completes_names_its_destination():
 def test_a_rank_waited_on_that_waits_in_turn_is_not_the_one_named():
     """Recursive doubling at 3 ranks with rank 2 frozen: rank 0 waits on rank 1, which waits on
     rank 2. The roll call names rank 2 (before: rank 1, and a supervisor dropped the healthy one)."""
-    script = Path(__file__).parent / "mpi" / "check_frozen_third.py"
-    r = run_mpi(mpirun_cmd(3) + [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+    script = Path(__file__).parent / "mpi" / "check_frozen.py"
+    r = run_mpi(mpirun_cmd(3) + [sys.executable, str(script), "third"], capture_output=True, text=True, timeout=120,
                 env=mpi_env())
     assert "error: rank 2 " in r.stdout and "rank 1" in r.stdout, (r.stdout, r.stderr)
     assert "error: rank 2 answered no roll call (rank 1 waited on it) for 2 s" in r.stdout, r.stdout
