@@ -28,6 +28,9 @@ HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, 
 # how weight matrices are stored: "keep" a GGUF's own types, "none" floats, or quantize floats at prepare;
 # "auto" is keep for a GGUF and none otherwise
 QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
+# how quantized matrices are multiplied: int8 activations and integer dot products (llama.cpp's way,
+# quant_int8.py) or the exact float path (quant.py); auto: int8 unless --dtype fp32 is asked for
+MATMUL_MODES = ("auto", "int8", "exact")
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ class RunConfig:
     dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
     head_on: str = "split"
     quant: str = "auto"                 # see QUANT_MODES
+    matmul: str = "auto"                # see MATMUL_MODES
     threads: int = 0                    # 0 = cores on this host / ranks on this host
     comm_timeout: float = 60.0
     link_model: str | None = None       # "2ms,300mbit": charge each message that link's time (comm.py)
@@ -286,6 +290,8 @@ class RunConfig:
             raise ConfigError(f"--head-on {self.head_on!r}: use one of {', '.join(HEAD_PLACES)}")
         if self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant {self.quant!r}: use one of {', '.join(QUANT_MODES)}")
+        if self.matmul not in MATMUL_MODES:
+            raise ConfigError(f"--matmul {self.matmul!r}: use one of {', '.join(MATMUL_MODES)}")
         if not (self.window in (None, "auto") or isinstance(self.window, int) and self.window >= 1):
             raise ConfigError(f"--window {self.window!r}: give a number of blocks (at least 1), 'all' or 'auto'")
         if self.memory_budget is not None and self.window != "auto":

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, QUANT_MODES, RunConfig, parse_ratio, parse_size, parse_window
+from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio, parse_size, parse_window
 
 QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
               "(floats, --dtype), or quantize floats to q8_0, q4_0 or q4_1 when preparing; auto: keep for a "
@@ -42,6 +42,10 @@ def run_options(f):
         click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True),
         click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True),
         click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP),
+        click.option("--matmul", type=click.Choice(MATMUL_MODES), default="auto", show_default=True,
+                     help="Quantized matrices: int8 quantizes activations to 8 bits per 32 values and takes integer "
+                          "dot products (llama.cpp's way, fast); exact multiplies the stored weights in float32 "
+                          "(the file's own numbers); auto: int8, or exact with --dtype fp32."),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),
@@ -59,6 +63,7 @@ def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"], max_batch=max_batch, cache_dir=kw["cache_dir"],
                      ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
+                     matmul=kw["matmul"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
                      link_model=kw["link_model"])
 

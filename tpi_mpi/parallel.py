@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .batch import Rows, split_rows
 from .config import ModelConfig, ParallelConfig
-from .quant import QuantWeight, matmul
+from .quant import QuantWeight, int8_on, matmul
 
 FFN_UNIT = 32   # MLP columns move between ranks in multiples of this (a quant block; 256 for K-quants)
 
@@ -178,6 +178,9 @@ def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     rows: `_fixed_rows` finds such a count once per shape; where none is found, a call per row."""
     if isinstance(weight, QuantWeight):
         from .quant_numba import matmul_numba, numba_available
+        if int8_on():                       # the int8 kernels compute every row alone whatever the call
+            from .quant_int8 import matmul_int8
+            return matmul_int8(x, weight).to(x.dtype)
         if numba_available():
             return matmul_numba(x, weight)
         return torch.cat([matmul(row[None].clone(), weight) for row in x])

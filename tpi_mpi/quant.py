@@ -359,17 +359,40 @@ class QuantWeight:
 
 NUMBA_MAX_T = 4          # tokens up to which the numba kernels are used (a call per token), above: steps
 TORCH_F32_MAX_T = 8      # bf16/fp16 x with at most this many tokens is multiplied in float32 (faster there)
+INT8_MAX_T = 16          # tokens up to which the int8 kernels are used; above, dequantized steps and BLAS
+_int8 = False            # the process's choice (use_int8): a run's --matmul
+
+
+def use_int8(on: bool) -> None:
+    """Multiply with int8 activations (quant_int8.py, not exact) from now on, or with the exact float
+    path; a process-wide choice, as torch's thread count is. Raises if int8 is asked and not built."""
+    global _int8
+    from .quant_int8 import int8_available
+
+    if on and not int8_available():
+        raise RuntimeError("--matmul int8 needs tpi_mpi._qdot, which was not compiled at install (no C compiler?): "
+                           "install gcc and reinstall, or use --matmul exact")
+    _int8 = on
+
+
+def int8_on() -> bool:
+    return _int8
 
 
 def matmul(x: Tensor, w: QuantWeight) -> Tensor:
-    """x (..., cols) float -> x @ W^T (..., rows) in x.dtype: up to NUMBA_MAX_T tokens with the
-    numba kernel when numba imports, else matmul_steps."""
+    """x (..., cols) float -> x @ W^T (..., rows) in x.dtype. With use_int8: up to INT8_MAX_T tokens
+    with the int8 kernels. Exact: up to NUMBA_MAX_T tokens with the numba kernel when numba imports;
+    else (and for prefill) matmul_steps."""
     if x.shape[-1] != w.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
     from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
 
     x2 = x.reshape(-1, w.cols)
-    if x2.shape[0] <= NUMBA_MAX_T and numba_available():
+    if _int8 and x2.shape[0] <= INT8_MAX_T:
+        from .quant_int8 import matmul_int8
+
+        y = matmul_int8(x2, w).to(x.dtype)
+    elif x2.shape[0] <= NUMBA_MAX_T and numba_available():
         y = matmul_numba(x2, w)
     else:
         y = matmul_steps(x2, w)

@@ -21,7 +21,7 @@ from . import cache
 from .batch import Batch
 from .comm import CommStats, make_comm
 from .config import RunConfig, format_size
-from .errors import PeerFailed, TpiError
+from .errors import ConfigError, PeerFailed, TpiError
 from .model import Transformer
 from .ship import ship
 from .shard_format import COMMON
@@ -47,6 +47,20 @@ def on_all_ranks(comm, fn, timeout: float | None = None):
         error = PeerFailed(f"rank {bad} failed", [bad])
     error.coordinated = True      # every rank knows: exit quietly, no MPI_Abort needed
     raise error
+
+
+def use_int8_matmul(cfg: RunConfig) -> bool:
+    """Apply --matmul to this process (quant.use_int8): int8 where asked, or by default unless
+    --dtype fp32 asks for float32 throughout (the file's own numbers) or the kernels were not built."""
+    from .quant import use_int8
+    from .quant_int8 import int8_available
+
+    on = cfg.matmul == "int8" or cfg.matmul == "auto" and cfg.dtype != "fp32" and int8_available()
+    try:
+        use_int8(on)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    return on
 
 
 def peak_rss_mib() -> float:
@@ -83,6 +97,7 @@ class Session:
                      f"differ in a batch from alone (auto or star keep it the same)")
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(self.threads)
+        self.int8 = on_all_ranks(comm, lambda: use_int8_matmul(cfg))
 
         self.root = self._find_prepared()
         # without a shared filesystem a rank gets its shard from rank 0 over MPI
@@ -137,9 +152,11 @@ class Session:
             depth, pinned = plan_window(self.shard, budget, context, self.baseline)
         else:
             depth, pinned = cfg.window, 0
-        # quantized blocks that stay in memory are dequantized once if the budget holds them so; a window
-        # asked for where the budget holds the whole shard keeps the pages in the page cache
-        dequantize = depth is None and resident_dequantized(self.shard, budget, context, self.baseline)
+        # quantized blocks that stay in memory are dequantized once if the budget holds them so, for the
+        # exact path (the int8 kernels are faster on the blocks); a window asked for where the budget
+        # holds the whole shard keeps the pages in the page cache
+        dequantize = (depth is None and not self.int8
+                      and resident_dequantized(self.shard, budget, context, self.baseline))
         cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
         capacity = (float("inf") if cfg.window is None or not self.m.moe_layers else

@@ -1,0 +1,114 @@
+"""The int8 kernels (tpi_mpi/csrc/qdot.c through quant_int8.py): x quantized to 8-bit blocks of 32
+values, integer dot products with the weight blocks.
+
+The reference is independent: x quantized here in torch by the rule the kernels state (scale = the
+block's largest magnitude / 127, values rounded half to even), multiplied in float64 with the
+weights gguf's dequantization gives (quant.dequantize equals gguf.quants.dequantize, test_quant.py).
+The kernels compute that sum exactly up to float32 rounding; against the float path they differ by
+what 8-bit activations lose. Both instruction sets (AVX2 where the CPU has it, the portable C
+loops) are checked, each batch invariant: a row's result does not depend on the other rows.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_rowwise_kernels import assert_rows_invariant, quant_weight
+from tpi_mpi import quant as Q
+from tpi_mpi import quant_int8 as QI
+from tpi_mpi.config import RunConfig
+from tpi_mpi.errors import ConfigError
+from tpi_mpi.startup import use_int8_matmul
+
+pytestmark = pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
+
+ISAS = ["generic", pytest.param("avx2", marks=pytest.mark.skipif(
+    QI.instruction_set() != "avx2", reason="this CPU has no AVX2"))]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    from tpi_mpi import _qdot
+
+    _qdot.force_generic(request.param == "generic")
+    yield request.param
+    _qdot.force_generic(False)
+
+
+@pytest.fixture
+def int8_off_after():
+    yield
+    Q.use_int8(False)
+
+
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: per 32 values, d = max|x| / 127 and round(x * (1 / d)) * d, rounded
+    half to even, in float32 as the kernels compute it."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(b * inv).double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", list(Q.QTYPES))
+@pytest.mark.parametrize("rows", [19, 200])          # a group of 8 rows cut short; several tasks
+def test_int8_matmul_is_the_integer_sum(isa, qtype, rows):
+    w = quant_weight(qtype, rows=rows, cols=768 if qtype in ("Q8_0", "Q4_0", "Q4_1") else 512)
+    x = torch.randn(6, w.cols) * 3
+    ref = quantized_x(x) @ w.dequantize().double().T
+    y = QI.matmul_int8(x, w)
+    assert y.dtype == torch.float32 and y.shape == (6, rows)
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-6, err
+    # and against the float path: what 8-bit activations lose, no more
+    exact = F.linear(x.double(), w.dequantize().double())
+    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 3e-2
+
+
+@pytest.mark.parametrize("qtype", list(Q.QTYPES))
+def test_int8_rows_batch_invariant(isa, qtype):
+    w = quant_weight(qtype, rows=37)
+    assert_rows_invariant(lambda v: QI.matmul_int8(v, w), torch.randn(9, w.cols))
+
+
+def test_int8_threads_and_long_calls_change_nothing():
+    w = quant_weight("Q4_0", rows=300)
+    x = torch.randn(300, w.cols)                         # more tokens than one kernel call takes (256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = QI.matmul_int8(x, w)
+        torch.set_num_threads(3)
+        assert torch.equal(QI.matmul_int8(x, w), one)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[280:], QI.matmul_int8(x[280:], w))
+
+
+def test_zero_blocks_give_zeros():
+    w = quant_weight("Q4_1", rows=8)
+    assert torch.equal(QI.matmul_int8(torch.zeros(2, w.cols), w), torch.zeros(2, 8))
+
+
+def test_matmul_takes_the_int8_path_only_when_asked(int8_off_after):
+    w = quant_weight("Q4_0", rows=16)
+    x = torch.randn(2, w.cols)
+    exact = Q.matmul(x, w)
+    Q.use_int8(True)
+    assert torch.equal(Q.matmul(x, w), QI.matmul_int8(x, w))
+    assert not torch.equal(Q.matmul(x, w), exact)
+    Q.use_int8(False)
+    assert torch.equal(Q.matmul(x, w), exact)
+
+
+def test_matmul_mode_follows_the_options(int8_off_after, monkeypatch):
+    assert use_int8_matmul(RunConfig()) and Q.int8_on()
+    assert not use_int8_matmul(RunConfig(dtype="fp32")) and not Q.int8_on()      # --dtype fp32: the file's numbers
+    assert use_int8_matmul(RunConfig(dtype="fp32", matmul="int8"))
+    assert not use_int8_matmul(RunConfig(matmul="exact"))
+    with pytest.raises(ConfigError, match="--matmul 'fast'"):
+        RunConfig(matmul="fast")
+    monkeypatch.setattr(QI, "int8_available", lambda: False)
+    assert not use_int8_matmul(RunConfig())                                      # not built: exact, quietly
+    with pytest.raises(ConfigError, match="was not compiled at install"):
+        use_int8_matmul(RunConfig(matmul="int8"))

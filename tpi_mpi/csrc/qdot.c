@@ -1,0 +1,626 @@
+/* x @ W^T for GGML block weights, with x quantized to 8-bit blocks and integer dot products.
+ *
+ * llama.cpp's way of decoding on a CPU (ggml-cpu's vec_dot_q4_0_q8_0 and friends): each token's
+ * activations are cut into blocks of 32 values, each stored as int8 with one float scale (and the
+ * sum of its int8 values); a weight block then meets its activation block in an integer dot
+ * product (AVX2: maddubs + madd), and one float multiply-add per 32 values applies both scales.
+ * The activations lose a little precision (8 bits per value against a 32-value block's largest),
+ * which docs/quant-kernels.md measures as perplexity; quant.py keeps the exact float path.
+ *
+ * Every output value is the same sequence of operations whatever the number of tokens T and
+ * whatever the other tokens hold (batch invariance, batch.py): tokens are only ever computed side by
+ * side, never summed together, and the split of rows between threads does not change a row's sum.
+ *
+ * One entry point, matmul(qtype, w, rows, cols, x, T, y, threads): pointers are passed as integers
+ * (torch's data_ptr()); quant_int8.py checks shapes, types and contiguity before calling. The GIL
+ * is released while the kernel runs, rows are split between this thread and a small pool of
+ * worker threads (pthreads: torch's OpenMP pool is not reachable from here, and a second OpenMP
+ * runtime beside torch's would be a second set of spinning threads).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QDOT_X86 1
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, N_TYPES };
+static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256};
+static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210};
+
+/* One activation block: 32 int8 values, their scale and their sum. */
+typedef struct {
+    float d;
+    int32_t sum;
+    int8_t q[32];
+} xblock;
+
+/* ---- scalar helpers ---------------------------------------------------------------------------- */
+
+static float half_to_float(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 31) {
+        bits = sign | 0x7F800000u | (m << 13);
+    } else if (e == 0) {
+        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
+        return sign ? -v : v;
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4). */
+static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* ---- activations to 8-bit blocks --------------------------------------------------------------- */
+
+static void quantize_row_scalar(const float *x, xblock *out, int nb) {
+    for (int b = 0; b < nb; b++) {
+        const float *v = x + 32 * b;
+        float amax = 0;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float d = amax / 127, id = d ? 1 / d : 0;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int q = (int)nearbyintf(v[i] * id);            /* round half to even, as cvtps_epi32 */
+            out[b].q[i] = (int8_t)q;
+            sum += q;
+        }
+        out[b].d = d;
+        out[b].sum = sum;
+    }
+}
+
+#ifdef QDOT_X86
+AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < nb; b++) {
+        const float *v = x + 32 * b;
+        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+               v3 = _mm256_loadu_ps(v + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4), d = amax / 127, id = d ? 1 / d : 0;
+        __m256 s = _mm256_set1_ps(id);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
+        out[b].sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
+        _mm256_storeu_si256((__m256i *)out[b].q, p);
+        out[b].d = d;
+    }
+}
+#endif
+
+/* ---- dot products: one weight row against NT tokens' activation rows ---------------------------
+ * w: the row's blocks; x[t]: token t's activation blocks; out[t] = the dot product. Tokens come in
+ * tiles of up to TILE: a weight block is unpacked once per tile. */
+
+#define TILE 4
+#define ROWS_AT_ONCE 4   /* rows computed side by side for one token */
+
+static void dot_scalar(int qt, const uint8_t *w, const xblock *const *x, int nt, int cols, float *out) {
+    int nbx = cols / 32;
+    for (int t = 0; t < nt; t++) out[t] = 0;
+    for (int kb = 0; kb < nbx; kb++) {                       /* one 32-value activation block at a time */
+        int8_t q[32];                                        /* the weights' integers */
+        float dw = 0, mw = 0;                                /* w = dw * q (+ scaled min mw) */
+        int sc16[2] = {1, 1};
+        if (qt == Q8_0 || qt == Q4_0 || qt == Q4_1) {
+            const uint8_t *b = w + (size_t)kb * BLOCK_BYTES[qt];
+            dw = half_to_float(b);
+            if (qt == Q8_0) {
+                memcpy(q, b + 2, 32);
+            } else {
+                const uint8_t *qs = b + (qt == Q4_1 ? 4 : 2);
+                int off = qt == Q4_0 ? 8 : 0;
+                for (int i = 0; i < 16; i++) {
+                    q[i] = (int8_t)((qs[i] & 15) - off);
+                    q[i + 16] = (int8_t)((qs[i] >> 4) - off);
+                }
+                if (qt == Q4_1) mw = half_to_float(b + 2);
+            }
+        } else {
+            const uint8_t *b = w + (size_t)(kb / 8) * BLOCK_BYTES[qt];
+            int j = kb % 8;
+            if (qt == Q6_K) {
+                int h = j / 4, s = j % 4;
+                const uint8_t *ql = b + 64 * h + 32 * (s & 1), *qh = b + 128 + 32 * h;
+                for (int i = 0; i < 32; i++)
+                    q[i] = (int8_t)((((ql[i] >> (4 * (s >> 1))) & 15) | (((qh[i] >> (2 * s)) & 3) << 4)) - 32);
+                dw = half_to_float(b + 208);
+                sc16[0] = (int8_t)b[192 + 8 * h + 2 * s];
+                sc16[1] = (int8_t)b[193 + 8 * h + 2 * s];
+            } else {
+                int sc, mn, g = j / 2, hi = j & 1;
+                scale_min_k4(j, b + 4, &sc, &mn);
+                const uint8_t *qs = b + (qt == Q5_K ? 48 : 16) + 32 * g;
+                for (int i = 0; i < 32; i++) {
+                    int v = hi ? qs[i] >> 4 : qs[i] & 15;
+                    if (qt == Q5_K) v |= ((b[16 + i] >> j) & 1) << 4;
+                    q[i] = (int8_t)v;
+                }
+                dw = half_to_float(b) * (float)sc;
+                mw = -half_to_float(b + 2) * (float)mn;
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            const xblock *xb = x[t] + kb;
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < 16; i++) lo += q[i] * xb->q[i];
+            for (int i = 16; i < 32; i++) hi += q[i] * xb->q[i];
+            out[t] += (float)(lo * sc16[0] + hi * sc16[1]) * (dw * xb->d) + mw * xb->d * (float)xb->sum;
+        }
+    }
+}
+
+#ifdef QDOT_X86
+/* Integer sums of 32 int8 pairs as 8 int32 lanes: w signed (-127..127), y signed. */
+AVX2 static inline __m256i dot_signed(__m256i w, __m256i y) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* w unsigned (0..63), y signed. */
+AVX2 static inline __m256i dot_unsigned(__m256i w, __m256i y) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
+}
+
+AVX2 static inline __m256i load_nibbles(const uint8_t *p) {      /* 16 bytes -> 32 values: low then high */
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+#define XQ(t, kb) _mm256_loadu_si256((const __m256i *)x[t][kb].q)
+
+/* NR rows against NT tokens, both constants once inlined (dot_avx2 below): the loops over rows and
+ * tokens unroll and the NR x NT accumulators stay in registers. Rows side by side give the core
+ * independent chains of multiply-adds to overlap; each row's arithmetic is the same whatever NR. */
+#define W(r) (w + (r) * rb)
+AVX2 static inline __attribute__((always_inline)) void dot_avx2_n(int qt, const uint8_t *w, size_t rb, const int nr,
+                                                                  const xblock *const *x, const int nt, int cols,
+                                                                  float *out) {
+    __m256 acc[4][TILE];
+    float extra[4][TILE];                                     /* min terms: a float per block */
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) { acc[r][t] = _mm256_setzero_ps(); extra[r][t] = 0; }
+    int nbx = cols / 32;
+    switch (qt) {
+    case Q8_0:
+    case Q4_0:
+        for (int kb = 0; kb < nbx; kb++) {
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *b = W(r) + (size_t)kb * BLOCK_BYTES[qt];
+                __m256i q = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(b + 2))
+                                       : _mm256_sub_epi8(load_nibbles(b + 2), _mm256_set1_epi8(8));
+                float dw = _cvtsh_ss(*(const uint16_t *)b);
+                for (int t = 0; t < nt; t++)
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_signed(q, XQ(t, kb))),
+                                                _mm256_set1_ps(dw * x[t][kb].d), acc[r][t]);
+            }
+        }
+        break;
+    case Q4_1:
+        for (int kb = 0; kb < nbx; kb++) {
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *b = W(r) + (size_t)kb * 20;
+                __m256i q = load_nibbles(b + 4);
+                float dw = _cvtsh_ss(*(const uint16_t *)b), mw = _cvtsh_ss(*(const uint16_t *)(b + 2));
+                for (int t = 0; t < nt; t++) {
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_unsigned(q, XQ(t, kb))),
+                                                _mm256_set1_ps(dw * x[t][kb].d), acc[r][t]);
+                    extra[r][t] += mw * x[t][kb].d * (float)x[t][kb].sum;
+                }
+            }
+        }
+        break;
+    case Q4_K:
+    case Q5_K:
+        for (int k = 0; k < nbx / 8; k++) {
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *b = W(r) + (size_t)k * BLOCK_BYTES[qt];
+                float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
+                const uint8_t *qs = b + (qt == Q5_K ? 48 : 16);
+                __m256i qh = qt == Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+                for (int g = 0; g < 4; g++) {
+                    __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+                    for (int hi = 0; hi < 2; hi++) {
+                        int j = 2 * g + hi, kb = 8 * k + j, sc, mn;
+                        scale_min_k4(j, b + 4, &sc, &mn);
+                        __m256i q = _mm256_and_si256(hi ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
+                        if (qt == Q5_K) {
+                            __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1));
+                            q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+                        }
+                        float ds = d * (float)sc, dm = dmin * (float)mn;
+                        for (int t = 0; t < nt; t++) {
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_unsigned(q, XQ(t, kb))),
+                                                        _mm256_set1_ps(ds * x[t][kb].d), acc[r][t]);
+                            extra[r][t] -= dm * x[t][kb].d * (float)x[t][kb].sum;
+                        }
+                    }
+                }
+            }
+        }
+        break;
+    case Q6_K:
+        for (int k = 0; k < nbx / 8; k++) {
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *b = W(r) + (size_t)k * 210;
+                float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
+                for (int h = 0; h < 2; h++) {
+                    __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                    for (int s = 0; s < 4; s++) {
+                        int kb = 8 * k + 4 * h + s;
+                        __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (s & 1)));
+                        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (s >> 1)), _mm256_set1_epi8(15));
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), _mm256_set1_epi8(3));
+                        __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+                        __m256i sc = _mm256_set_m128i(_mm_set1_epi16((int8_t)b[193 + 8 * h + 2 * s]),
+                                                      _mm_set1_epi16((int8_t)b[192 + 8 * h + 2 * s]));
+                        for (int t = 0; t < nt; t++) {
+                            __m256i y = XQ(t, kb);
+                            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, sc)),
+                                                        _mm256_set1_ps(d * x[t][kb].d), acc[r][t]);
+                        }
+                    }
+                }
+            }
+        }
+        break;
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) out[r * TILE + t] = hsum_ps(acc[r][t]) + extra[r][t];
+}
+#undef W
+
+/* The 32-value types, 8 rows at once: lane r of every float vector is row r. Per block, each row's
+ * integer dot product (exact, so its order does not matter) is reduced into its lane by a tree of
+ * horizontal adds, then one multiply-add applies the 8 rows' scales times the token's. The float
+ * arithmetic per row is a fixed sequence over blocks, the same for any number of tokens. */
+AVX2 static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5,
+                                   __m256i p6, __m256i p7) {
+    __m256i b0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    __m256i b1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+AVX2 static inline __m256 scales8(const uint8_t *const *row, size_t at) {   /* 8 rows' fp16 at byte `at` */
+    __m128i h = _mm_setr_epi16(*(const int16_t *)(row[0] + at), *(const int16_t *)(row[1] + at),
+                               *(const int16_t *)(row[2] + at), *(const int16_t *)(row[3] + at),
+                               *(const int16_t *)(row[4] + at), *(const int16_t *)(row[5] + at),
+                               *(const int16_t *)(row[6] + at), *(const int16_t *)(row[7] + at));
+    return _mm256_cvtph_ps(h);
+}
+
+AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const uint8_t *w, size_t rb, int nr,
+                                                                   const xblock *const *x, const int nt, int cols,
+                                                                   float *out) {
+    const uint8_t *row[8];
+    for (int r = 0; r < 8; r++) row[r] = w + (r < nr ? r : nr - 1) * rb;    /* a short group repeats its last row */
+    __m256 acc[TILE];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    const int bytes = BLOCK_BYTES[qt], qs_at = qt == Q4_1 ? 4 : 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int kb = 0; kb < cols / 32; kb++) {
+        size_t at = (size_t)kb * bytes;
+        __m256i q[8];
+        for (int r = 0; r < 8; r++)
+            q[r] = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(row[r] + at + 2)) : load_nibbles(row[r] + at + qs_at);
+        __m256 d = scales8(row, at);
+        __m256 m = qt == Q4_1 ? scales8(row, at + 2) : _mm256_setzero_ps();
+        for (int t = 0; t < nt; t++) {
+            __m256i y = XQ(t, kb), p[8];
+            for (int r = 0; r < 8; r++)
+                p[r] = qt == Q8_0 ? _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q[r], q[r]),
+                                                                           _mm256_sign_epi8(y, q[r])), ones)
+                                  : _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], y), ones);
+            __m256i isum = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+            if (qt == Q4_0)                                   /* sum (q - 8) * y = sum q * y - 8 * sum y */
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * x[t][kb].sum));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x[t][kb].d)), acc[t]);
+            if (qt == Q4_1)                                   /* + m * (d_x * sum y) */
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t][kb].d * (float)x[t][kb].sum), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc[t]);
+        for (int r = 0; r < nr; r++) out[r * TILE + t] = lanes[r];
+    }
+}
+
+AVX2 static void dot8_avx2(int qt, const uint8_t *w, size_t rb, int nr, const xblock *const *x, int nt, int cols,
+                           float *out) {
+    switch (nt) {
+    case 1: dot8_avx2_n(qt, w, rb, nr, x, 1, cols, out); break;
+    case 2: dot8_avx2_n(qt, w, rb, nr, x, 2, cols, out); break;
+    case 3: dot8_avx2_n(qt, w, rb, nr, x, 3, cols, out); break;
+    default: dot8_avx2_n(qt, w, rb, nr, x, 4, cols, out); break;
+    }
+}
+
+/* out[r * TILE + t] for nr rows (1 or ROWS_AT_ONCE) and nt tokens (1..TILE). */
+AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const xblock *const *x, int nt, int cols,
+                          float *out) {
+    if (nr == ROWS_AT_ONCE && nt == 1) {
+        dot_avx2_n(qt, w, rb, ROWS_AT_ONCE, x, 1, cols, out);
+        return;
+    }
+    for (int r = 0; r < nr; r++, w += rb, out += TILE) {
+        switch (nt) {
+        case 1: dot_avx2_n(qt, w, rb, 1, x, 1, cols, out); break;
+        case 2: dot_avx2_n(qt, w, rb, 1, x, 2, cols, out); break;
+        case 3: dot_avx2_n(qt, w, rb, 1, x, 3, cols, out); break;
+        default: dot_avx2_n(qt, w, rb, 1, x, 4, cols, out); break;
+        }
+    }
+}
+#endif
+
+/* ---- the thread pool ------------------------------------------------------------------------------
+ * Workers wait for a new generation of work, spinning for SPIN_NS first (the next matmul of a layer
+ * usually comes within tens of microseconds) and then sleeping on a condition variable. The
+ * calling thread takes tasks too. Tasks are handed out by an atomic counter. */
+
+#define MAX_THREADS 64
+#define SPIN_NS 200000
+
+typedef struct {
+    int qt, cols, rows, nt, chunk;
+    const uint8_t *w;
+    size_t row_bytes;
+    const xblock *const *x;
+    float *y;
+    size_t ldy;
+    int use_avx2;
+} job_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    pthread_mutex_t call;                    /* one matmul at a time: the pool has one job slot */
+    int workers, active;                     /* started; taking part in the current job */
+    atomic_uint gen;
+    atomic_int next, done, left;             /* next task; tasks done; workers still in this job */
+    int ntasks;
+    job_t job;
+    pid_t pid;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void run_task(const job_t *j, int task) {
+    int r0 = task * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
+    int group = j->qt <= Q4_1 && j->use_avx2 ? 8 : ROWS_AT_ONCE;
+    float out[8 * TILE];
+    for (int r = r0; r < r1; r += group) {
+        int nr = r1 - r < group ? r1 - r : group;
+        const uint8_t *w = j->w + (size_t)r * j->row_bytes;
+        for (int t0 = 0; t0 < j->nt; t0 += TILE) {
+            int n = j->nt - t0 < TILE ? j->nt - t0 : TILE;
+#ifdef QDOT_X86
+            if (j->use_avx2 && group == 8)
+                dot8_avx2(j->qt, w, j->row_bytes, nr, j->x + t0, n, j->cols, out);
+            else if (j->use_avx2)
+                dot_avx2(j->qt, w, j->row_bytes, nr, j->x + t0, n, j->cols, out);
+            else
+#endif
+                for (int i = 0; i < nr; i++)
+                    dot_scalar(j->qt, w + i * j->row_bytes, j->x + t0, n, j->cols, out + i * TILE);
+            for (int i = 0; i < nr; i++)
+                for (int t = 0; t < n; t++) j->y[(size_t)(t0 + t) * j->ldy + r + i] = out[i * TILE + t];
+        }
+    }
+}
+
+static void take_tasks(void) {
+    int t;
+    while ((t = atomic_fetch_add(&pool.next, 1)) < pool.ntasks) {
+        run_task(&pool.job, t);
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)((uintptr_t)arg & 255);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 8);     /* the generation before its first job */
+    for (;;) {
+        int64_t until = now_ns() + SPIN_NS;
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+#ifdef QDOT_X86
+            _mm_pause();
+#endif
+            if (++spins % 256 == 0 && now_ns() > until) {
+                pthread_mutex_lock(&pool.mu);
+                while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+                pthread_mutex_unlock(&pool.mu);
+                break;
+            }
+        }
+        seen = g;
+        if (id < pool.active) {
+            take_tasks();
+            atomic_fetch_sub_explicit(&pool.left, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static int ensure_workers(int n) {
+    if (pool.pid != getpid()) {              /* a forked child has none of its parent's threads */
+        pool.workers = 0;
+        pool.pid = getpid();
+    }
+    while (pool.workers < n) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&th, &attr, worker_main,
+                                 (void *)((uintptr_t)atomic_load(&pool.gen) << 8 | (uintptr_t)pool.workers));
+        pthread_attr_destroy(&attr);
+        if (err) return -1;
+        pool.workers++;
+    }
+    return 0;
+}
+
+static void run_job(const job_t *j, int threads) {
+    int ntasks = (j->rows + j->chunk - 1) / j->chunk;
+    int helpers = threads - 1 < ntasks - 1 ? threads - 1 : ntasks - 1;
+    if (helpers > 0 && ensure_workers(helpers) != 0) helpers = 0;
+    pool.job = *j;
+    pool.ntasks = ntasks;
+    pool.active = helpers > 0 ? helpers : 0;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.left, pool.active);
+    if (pool.active) {
+        pthread_mutex_lock(&pool.mu);
+        atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    take_tasks();
+    /* until every task is done and every worker is out of take_tasks: none may touch the next job's counters */
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < ntasks ||
+           atomic_load_explicit(&pool.left, memory_order_acquire) > 0) {
+#ifdef QDOT_X86
+        _mm_pause();
+#endif
+    }
+}
+
+/* ---- Python ------------------------------------------------------------------------------------ */
+
+static int cpu_has_avx2(void) {
+#ifdef QDOT_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static int use_avx2 = -1;
+static xblock *xbuf;
+static size_t xbuf_len;
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    int qt, rows, cols, nt, threads;
+    unsigned long long wp, xp, yp;
+    if (!PyArg_ParseTuple(args, "iKiiKiKi", &qt, &wp, &rows, &cols, &xp, &nt, &yp, &threads)) return NULL;
+    if (qt < 0 || qt >= N_TYPES || rows <= 0 || nt <= 0 || cols <= 0 || cols % BLOCK_VALUES[qt]) {
+        PyErr_Format(PyExc_ValueError, "qdot.matmul: type %d with %d columns, %d rows, %d tokens", qt, cols, rows, nt);
+        return NULL;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int nbx = cols / 32;
+    const xblock *xrows[256];
+    if (nt > 256) {
+        PyErr_SetString(PyExc_ValueError, "qdot.matmul: at most 256 tokens a call");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&pool.call);
+    if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
+    size_t need = (size_t)nt * nbx;
+    if (need > xbuf_len) {
+        free(xbuf);
+        xbuf = malloc(need * sizeof(xblock));
+        xbuf_len = xbuf ? need : 0;
+    }
+    if (xbuf) {
+        const float *x = (const float *)(uintptr_t)xp;
+        for (int t = 0; t < nt; t++) {
+#ifdef QDOT_X86
+            if (use_avx2)
+                quantize_row_avx2(x + (size_t)t * cols, xbuf + (size_t)t * nbx, nbx);
+            else
+#endif
+                quantize_row_scalar(x + (size_t)t * cols, xbuf + (size_t)t * nbx, nbx);
+            xrows[t] = xbuf + (size_t)t * nbx;
+        }
+        job_t j = {qt, cols, rows, nt, 16, (const uint8_t *)(uintptr_t)wp,
+                   (size_t)(cols / BLOCK_VALUES[qt]) * BLOCK_BYTES[qt], xrows, (float *)(uintptr_t)yp,
+                   (size_t)rows, use_avx2};
+        run_job(&j, threads);
+    }
+    pthread_mutex_unlock(&pool.call);
+    Py_END_ALLOW_THREADS
+    if (!xbuf) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
+}
+
+static PyObject *py_force_generic(PyObject *self, PyObject *arg) {
+    use_avx2 = PyObject_IsTrue(arg) ? 0 : cpu_has_avx2();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS,
+     "matmul(qtype, w_ptr, rows, cols, x_ptr, tokens, y_ptr, threads): y (tokens, rows) = x @ W^T"},
+    {"isa", py_isa, METH_NOARGS, "the instruction set the kernels use: 'avx2' or 'generic'"},
+    {"force_generic", py_force_generic, METH_O, "force_generic(True): use the portable kernels (for tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qdot", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__qdot(void) { return PyModule_Create(&module); }
