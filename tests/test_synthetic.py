@@ -1,7 +1,9 @@
 """Synthetic models: a rank's slice is the same as the slice of the whole tensor, and the Hugging
 Face copy that `bench synthetic-hf` writes is the model that `prepare --synthetic` shards
-(transformers' logits on it match ours)."""
+(transformers' logits on it match ours); the GGUF copy of `bench synthetic-gguf` holds the same
+weights quantized."""
 
+import dataclasses
 import json
 import os
 
@@ -66,6 +68,38 @@ def test_hf_copy_gives_transformers_our_logits(tiny, tmp_path):
     err = np.abs(g.prompt_logits - ref).max() / np.abs(ref).max()
     assert err < 1e-4, err
     assert g.generated_ids == greedy.tolist()
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0", "f16"])
+def test_gguf_copy_holds_the_synthetic_weights_quantized(tiny, tmp_path, quant):
+    """bench synthetic-gguf: every matrix is the synthetic one quantized (q/k permuted the way
+    llama.cpp's converter does, which our reader undoes), norms F32, a tokenizer that loads."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    from tpi_mpi.gguf import GGUFSource
+    from tpi_mpi.gguf_tokenizer import build_tokenizer
+
+    path = synthetic.write_gguf(tiny, tmp_path / "tiny.gguf", quant)
+    assert not list(tmp_path.glob(".tiny.gguf.partial-*"))
+    with pytest.raises(ConfigError, match="already exists"):
+        synthetic.write_gguf(tiny, path, quant)
+    src, ref = GGUFSource(path), synthetic.SyntheticSource(tiny)
+    assert src.config.norm_eps == pytest.approx(ref.config.norm_eps)          # stored as float32
+    assert dataclasses.replace(src.config, norm_eps=ref.config.norm_eps) == ref.config
+    qtype = Q[quant.upper()]
+    assert src.meta["general.file_type"] == {"q4_0": 2, "q8_0": 7, "f16": 1}[quant]
+    for ours, layer in [("embed.weight", None), ("head.weight", None), ("norm.weight", None),
+                        *[(t, 1) for t in synthetic.LAYER_TENSORS]]:
+        w = ref.read(ours, layer).numpy()
+        expect = w if w.ndim == 1 else dequantize(quantize(w, qtype), qtype)
+        assert src.tensor(ours, layer).qtype == (Q.F32 if w.ndim == 1 else qtype), ours
+        np.testing.assert_array_equal(src.read(ours, layer).numpy(), expect, err_msg=ours)
+    tokens = src.meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(set(tokens)) == 300 and tokens[1:3] == ["<s>", "</s>"]
+    tok = build_tokenizer(src.meta, path.name)
+    ids = tok.encode("12 hi").ids
+    assert ids[:2] == [1, tokens.index("\u258112")] and tok.decode(ids) == "12 hi"   # hi: byte tokens
 
 
 def test_bench_transformers_offloads_under_a_memory_cap(monkeypatch, tmp_path):

@@ -4,16 +4,20 @@
 `prepare --synthetic llama2-7b` writes shards directly, with no source checkpoint and never a
 whole tensor in memory: every tensor is made in chunks of 32 along the axis it is split on, each
 chunk from its own seed, so any rank's slice can be made alone and always gets the same values.
+The same weights also go out as a Hugging Face folder (write_hf_checkpoint, for transformers) and
+as a GGUF file (write_gguf, for llama.cpp's llama-bench).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -169,3 +173,119 @@ def write_hf_checkpoint(name: str, out: str | Path, progress=None) -> Path:
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+# ---- the same model as a GGUF file, as llama.cpp's converter and quantizer would write it ------------
+
+GGUF_QUANTS = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+
+
+def gguf_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece vocabulary of n tokens that both llama.cpp and tpi_mpi load: <unk> <s> </s>, the
+    256 byte tokens, "▁" and the digits, then "▁0", "▁1", ... (each the merge of a shorter one and a
+    digit, so numbers are single tokens and any other text falls back to bytes)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + list("0123456789")
+    if n < len(tokens) + 1:
+        raise ConfigError(f"a GGUF vocabulary needs more than {len(tokens)} tokens, not {n}")
+    tokens += [f"\u2581{i}" for i in range(n - len(tokens))]
+    scores = [0.0] * 259 + [-float(i) for i in range(n - 259)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (n - 259)         # unknown, control, byte, normal
+    return tokens, scores, types
+
+
+def permute_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Hugging Face's q/k row order -> llama.cpp's (the converter's permute; gguf.py's unpermute_heads undoes it)."""
+    n = w.shape[0] // head_dim
+    return w.reshape(n, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def write_gguf(name: str, out: str | Path, quant: str = "q4_0", progress=None) -> Path:
+    """The synthetic model `name` (prepare --synthetic NAME: the same weights) as a llama GGUF file
+    with every matrix in `quant` (token_embd and output too; norms in F32) and a SentencePiece
+    vocabulary (gguf_vocab): a file llama.cpp's llama-bench and tpi_mpi both load. One tensor in
+    memory at a time (the header first, then each tensor's blocks); written beside `out` and renamed
+    when complete."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from .gguf_config import GLOBAL_NAMES, LAYER_NAMES
+    from .quant import quantize, row_bytes
+
+    if quant not in GGUF_QUANTS:
+        raise ConfigError(f"--quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
+    src, out, qtype = SyntheticSource(name), Path(out), GGUF_QUANTS[quant]
+    m = src.config
+    if m.arch != "llama" or m.n_experts:
+        raise ConfigError(f"{name}: synthetic-gguf writes dense Llama shapes only")
+    if out.exists():
+        raise ConfigError(f"{out} already exists: remove it or choose another --out")
+    tensors = [("embed.weight", None)] + [(t, i) for i in range(m.n_layers) for t in LAYER_TENSORS] \
+        + [("norm.weight", None), ("head.weight", None)]
+
+    def gguf_name(ours: str, layer: int | None) -> str:
+        if layer is None:
+            return GLOBAL_NAMES[ours]
+        proj, kind = ours.split(".")
+        return f"blk.{layer}.{LAYER_NAMES[proj]}.{kind}"
+
+    def encode(ours: str, layer: int | None) -> np.ndarray:
+        w = src.read(ours, layer)
+        if w.dim() == 1 or qtype == "F32":
+            return w.float().numpy()
+        if ours in ("q.weight", "k.weight"):
+            w = permute_heads(w, m.head_dim)
+        return w.half().numpy() if qtype == "F16" else quantize(w, qtype).numpy()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.partial-*"):             # left by a killed run
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            old.unlink(missing_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    w = gguf.GGUFWriter(staging, "llama")
+    w.add_name(f"synthetic {name}")
+    w.add_file_type(int(getattr(gguf.LlamaFileType, "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}")))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(m.n_layers)
+    w.add_context_length(m.max_seq_len)
+    w.add_embedding_length(m.dim)
+    w.add_feed_forward_length(m.ffn_dim)
+    w.add_head_count(m.n_heads)
+    w.add_head_count_kv(m.n_kv_heads)
+    w.add_rope_dimension_count(m.head_dim)
+    w.add_layer_norm_rms_eps(m.norm_eps)
+    w.add_rope_freq_base(m.rope_theta)
+    w.add_vocab_size(m.vocab_size)
+    tokens, scores, types = gguf_vocab(m.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(m.bos_id)
+    w.add_eos_token_id(m.eos_ids[0])
+    w.add_add_bos_token(True)
+    for ours, layer in tensors:                                      # shapes and types only, no data yet
+        shape = src._shape(ours) if not ours.endswith("norm.weight") else (m.dim,)
+        if len(shape) == 1 or qtype == "F32":
+            w.add_tensor_info(gguf_name(ours, layer), shape, np.dtype(np.float32), 4 * math.prod(shape))
+        elif qtype == "F16":
+            w.add_tensor_info(gguf_name(ours, layer), shape, np.dtype(np.float16), 2 * math.prod(shape))
+        else:
+            byte_shape = (shape[0], row_bytes(qtype, shape[1]))
+            w.add_tensor_info(gguf_name(ours, layer), byte_shape, np.dtype(np.uint8), math.prod(byte_shape),
+                              raw_dtype=Q[qtype])
+    bar = progress(total=len(tensors), desc=f"synthetic {quant} gguf", unit="tensor") if progress else None
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for ours, layer in tensors:
+            w.write_tensor_data(encode(ours, layer))
+            bar and bar.update()
+        w.close()
+        bar and bar.close()
+        staging.rename(out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return out

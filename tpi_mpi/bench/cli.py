@@ -208,6 +208,20 @@ def bench_synthetic_hf(name, out, quiet) -> None:
     click.echo(f"wrote {write_hf_checkpoint(name, out, progress_bar(quiet))}", err=True)
 
 
+@bench.command("synthetic-gguf")
+@click.argument("name")
+@click.option("--quant", type=click.Choice(["q4_0", "q4_1", "q8_0", "f16", "f32"]), default="q4_0",
+              show_default=True, help="Every matrix's type, token_embd and output included (norms stay F32).")
+@click.option("--out", required=True, help="The .gguf file to write.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def bench_synthetic_gguf(name, quant, out, quiet) -> None:
+    """A synthetic model (prepare --synthetic NAME, e.g. llama2-7b) as a llama GGUF file that
+    llama.cpp loads too (for bench llama beside tpi_mpi on the same file)."""
+    from ..synthetic import write_gguf
+
+    click.echo(f"wrote {write_gguf(name, out, quant, progress_bar(quiet))}", err=True)
+
+
 @bench.command("quant")
 @click.option("--shape", "shapes", multiple=True, default=("4096x2752", "2752x4096"), show_default=True,
               help="ROWSxCOLS of the matrix (repeatable or comma separated); default: what one rank holds of a "
