@@ -196,6 +196,33 @@ def bench_transformers(model, threads, dtype, prompt_tokens, new_tokens, warmup,
         parse_size(memory_cap) if memory_cap else None, parse_size(disk_rate) if disk_rate else None)
 
 
+@bench.command("llama")
+@click.option("--model", "-m", required=True, help="A .gguf file (bench synthetic-gguf writes a 7B-shaped one).")
+@click.option("--llama-bench", "binary", help="llama.cpp's llama-bench (or its folder) [default: the one on PATH].")
+@click.option("--threads", default="2,1", show_default=True, help="Thread counts, a llama-bench run each.")
+@click.option("--pin", is_flag=True, help="Run -t T under taskset -c 0-(T-1): one core for -t 1.")
+@click.option("--n-gen", type=int, default=16, show_default=True,
+              help="Decode test: tokens from an empty context (0: none).")
+@click.option("--n-prompt", type=int, default=128, show_default=True, help="Prefill test: prompt tokens (0: none).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Runs per test (after llama-bench's warm-up).")
+@click.option("--out", default="bench-results/llama.jsonl", show_default=True,
+              help="Append one JSON line per thread count to this file ('' : none).")
+def bench_llama(model, binary, threads, pin, n_gen, n_prompt, repeats, out) -> None:
+    """llama.cpp's llama-bench on the same GGUF file (the baseline beside transformers): per thread
+    count, decode s/token and prefill s per prompt token, medians of --repeats runs (one process, no MPI)."""
+    from .llama import bench_llama as run
+
+    try:
+        counts = [int(t) for t in threads.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts:
+        raise ConfigError(f"--threads {threads!r}: thread counts like 2,1")
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    run(model, binary, counts, n_gen, n_prompt, repeats, pin, out or None)
+
+
 @bench.command("synthetic-hf")
 @click.argument("name")
 @click.option("--out", required=True, help="Folder to create.")
