@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from .batch import Batch, Rows
 from .config import ModelConfig
-from .parallel import ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind, unbind
+from .parallel import (ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind, project,
+                       unbind)
 
 
 class RMSNorm(nn.Module):
@@ -123,12 +124,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
         T, rows = x.shape[0], batch.rows                                         # x: (T, dim), every sequence's rows
-        q = self.q(x, rows).view(T, self.n_heads, self.head_dim)
-        k = self.k(x, rows).view(T, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q, self.k, self.v), rows)
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v(x, rows).view(T, self.n_kv_heads, self.head_dim)
+        v = v.view(T, self.n_kv_heads, self.head_dim)
         out = torch.empty_like(q)
         for p in rows.pieces:             # each sequence against its own cache, piece by piece in order
             slot = batch.seqs[p.seq].slot
@@ -160,7 +162,8 @@ class FeedForward(nn.Module):
         self.down = RowParallelLinear(comm)                                      # allreduce inside
 
     def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
-        return self.down(F.silu(self.gate(x, rows)) * self.up(x, rows), rows)
+        gate, up = project(x, (self.gate, self.up), rows)
+        return self.down(F.silu(gate) * up, rows)
 
 
 def route(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -182,7 +185,8 @@ class Expert(nn.Module):
         self.gate, self.up, self.down = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
 
     def forward(self, x: Tensor, rows: Rows | None) -> Tensor:
-        return self.down(F.silu(self.gate(x, rows)) * self.up(x, rows), rows)
+        gate, up = project(x, (self.gate, self.up), rows)
+        return self.down(F.silu(gate) * up, rows)
 
 
 class MixtureOfExperts(nn.Module):

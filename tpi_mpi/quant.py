@@ -359,7 +359,6 @@ class QuantWeight:
 
 NUMBA_MAX_T = 4          # tokens up to which the numba kernels are used (a call per token), above: steps
 TORCH_F32_MAX_T = 8      # bf16/fp16 x with at most this many tokens is multiplied in float32 (faster there)
-INT8_MAX_T = 16          # tokens up to which the int8 kernels are used; above, dequantized steps and BLAS
 _int8 = False            # the process's choice (use_int8): a run's --matmul
 
 
@@ -380,15 +379,16 @@ def int8_on() -> bool:
 
 
 def matmul(x: Tensor, w: QuantWeight) -> Tensor:
-    """x (..., cols) float -> x @ W^T (..., rows) in x.dtype. With use_int8: up to INT8_MAX_T tokens
-    with the int8 kernels. Exact: up to NUMBA_MAX_T tokens with the numba kernel when numba imports;
-    else (and for prefill) matmul_steps."""
+    """x (..., cols) float -> x @ W^T (..., rows) in x.dtype. With use_int8: the int8 kernels, for
+    decode and prefill alike (faster than dequantized steps and BLAS at 32 and 128 tokens too:
+    docs/quant-kernels.md). Exact: up to NUMBA_MAX_T tokens with the numba kernel when numba
+    imports; else (and for prefill) matmul_steps."""
     if x.shape[-1] != w.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
     from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
 
     x2 = x.reshape(-1, w.cols)
-    if _int8 and x2.shape[0] <= INT8_MAX_T:
+    if _int8:
         from .quant_int8 import matmul_int8
 
         y = matmul_int8(x2, w).to(x.dtype)

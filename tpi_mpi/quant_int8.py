@@ -17,6 +17,7 @@ from torch import Tensor
 
 TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}    # qdot.c's enum
 MAX_TOKENS = 256          # tokens a call of the kernel takes; more are cut into calls of this many
+_threads = 0              # the kernels' threads (set_threads); 0: torch's count
 
 
 @functools.cache
@@ -37,15 +38,33 @@ def instruction_set() -> str:
     return _qdot().isa() if int8_available() else "none"
 
 
+def set_threads(n: int) -> None:
+    """Threads for the kernels from now on (0: torch.get_num_threads() at each call)."""
+    global _threads
+    _threads = n
+
+
 def matmul_int8(x: Tensor, w) -> Tensor:
     """x (T, cols) float -> x @ W^T (T, rows) float32, W a quant.QuantWeight."""
-    kernel = _qdot()
-    rows, cols = w.shape
-    xf = x.to(torch.float32).contiguous()
-    y = torch.empty(xf.shape[0], rows, dtype=torch.float32)
-    raw = w.raw if w.raw.is_contiguous() else w.raw.contiguous()
-    threads = torch.get_num_threads()
-    for t0 in range(0, xf.shape[0], MAX_TOKENS):
-        xt, yt = xf[t0:t0 + MAX_TOKENS], y[t0:t0 + MAX_TOKENS]
-        kernel.matmul(TYPE_IDS[w.qtype], raw.data_ptr(), rows, cols, xt.data_ptr(), xt.shape[0], yt.data_ptr(), threads)
-    return y
+    return matmul_int8_many(x, (w,))[0]
+
+
+def matmul_int8_many(x: Tensor, weights) -> list[Tensor]:
+    """x @ W^T for each of up to 4 QuantWeights of x's columns, x quantized once (float32 results).
+    Lean on purpose: at SmolLM2's sizes a call computes in 10-30 us, as long as tensor indexing."""
+    cols = x.shape[-1]
+    mats = []
+    for w in weights:
+        if w.cols != cols or not w.raw.is_contiguous():
+            raise ValueError(f"x has {cols} features, the {w.qtype} matrix {w.shape} takes {w.cols}"
+                             if w.cols != cols else "the int8 kernels read contiguous blocks")
+        mats.append((TYPE_IDS[w.qtype], w.raw.data_ptr(), w.raw.shape[0]))
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    T = xf.shape[0]
+    ys = [torch.empty(T, rows, dtype=torch.float32) for _, _, rows in mats]
+    threads = _threads or torch.get_num_threads()
+    x_at, y_at = xf.data_ptr(), [y.data_ptr() for y in ys]
+    for t0 in range(0, T, MAX_TOKENS):                 # pointers advanced by hand: indexing costs a few us
+        call = [(qt, w, rows, y + 4 * t0 * rows) for (qt, w, rows), y in zip(mats, y_at)]
+        _qdot().matmul(call, cols, x_at + 4 * t0 * cols, min(MAX_TOKENS, T - t0), threads)
+    return ys

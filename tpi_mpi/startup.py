@@ -23,6 +23,7 @@ from .comm import CommStats, make_comm
 from .config import RunConfig, format_size
 from .errors import ConfigError, PeerFailed, TpiError
 from .model import Transformer
+from .quant_int8 import set_threads
 from .ship import ship
 from .shard_format import COMMON
 from .text import TextCodec
@@ -145,6 +146,11 @@ class Session:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
         self.m, self.dtype = self.shard.model, self.shard.dtype
+        if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
+            # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
+            # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
+            set_threads(self.threads)
+            torch.set_num_threads(1)
         # the budget holds a KV cache of `context` positions for each of max_batch sequences
         self.context = min(cfg.context, self.m.max_seq_len)
         budget, context = self.budget, self.context * cfg.max_batch

@@ -11,8 +11,10 @@
  * whatever the other tokens hold (batch invariance, batch.py): tokens are only ever computed side by
  * side, never summed together, and the split of rows between threads does not change a row's sum.
  *
- * One entry point, matmul(qtype, w, rows, cols, x, T, y, threads): pointers are passed as integers
- * (torch's data_ptr()); quant_int8.py checks shapes, types and contiguity before calling. The GIL
+ * One entry point, matmul(mats, cols, x, T, threads), for up to MAX_MATS matrices that multiply the same x
+ * (a layer's q, k and v: x is quantized once, and one call's overhead is paid instead of three).
+ * Pointers are passed as integers (torch's data_ptr()); quant_int8.py checks shapes, types and
+ * contiguity before calling. The GIL
  * is released while the kernel runs, rows are split between this thread and a small pool of
  * worker threads (pthreads: torch's OpenMP pool is not reachable from here, and a second OpenMP
  * runtime beside torch's would be a second set of spinning threads).
@@ -138,6 +140,7 @@ AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
  * tiles of up to TILE: a weight block is unpacked once per tile. */
 
 #define TILE 4
+#define PREFETCH_BYTES 512   /* how far ahead in each row the 8-row kernel asks for its bytes */
 #define ROWS_AT_ONCE 4   /* rows computed side by side for one token */
 
 static void dot_scalar(int qt, const uint8_t *w, const xblock *const *x, int nt, int cols, float *out) {
@@ -348,8 +351,10 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
     for (int kb = 0; kb < cols / 32; kb++) {
         size_t at = (size_t)kb * bytes;
         __m256i q[8];
-        for (int r = 0; r < 8; r++)
+        for (int r = 0; r < 8; r++) {                 /* 8 short streams: the prefetchers need help */
+            _mm_prefetch((const char *)(row[r] + at + PREFETCH_BYTES), _MM_HINT_T0);
             q[r] = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(row[r] + at + 2)) : load_nibbles(row[r] + at + qs_at);
+        }
         __m256 d = scales8(row, at);
         __m256 m = qt == Q4_1 ? scales8(row, at + 2) : _mm256_setzero_ps();
         for (int t = 0; t < nt; t++) {
@@ -409,13 +414,20 @@ AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const xbl
 #define MAX_THREADS 64
 #define SPIN_NS 200000
 
+#define MAX_MATS 4        /* matrices one call multiplies by the same x (q, k, v; gate, up) */
+
 typedef struct {
-    int qt, cols, rows, nt, chunk;
+    int qt, rows;
     const uint8_t *w;
     size_t row_bytes;
+    float *y;                /* (nt, rows) */
+} mat_t;
+
+typedef struct {
+    mat_t m[MAX_MATS];
+    int first_task[MAX_MATS + 1];    /* matrix i's tasks are first_task[i] .. first_task[i + 1] - 1 */
+    int nmats, cols, nt, chunk;
     const xblock *const *x;
-    float *y;
-    size_t ldy;
     int use_avx2;
 } job_t;
 
@@ -438,25 +450,28 @@ static int64_t now_ns(void) {
 }
 
 static void run_task(const job_t *j, int task) {
-    int r0 = task * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-    int group = j->qt <= Q4_1 && j->use_avx2 ? 8 : ROWS_AT_ONCE;
+    int i = 0;
+    while (task >= j->first_task[i + 1]) i++;
+    const mat_t *m = &j->m[i];
+    int r0 = (task - j->first_task[i]) * j->chunk, r1 = r0 + j->chunk < m->rows ? r0 + j->chunk : m->rows;
+    int group = m->qt <= Q4_1 && j->use_avx2 ? 8 : ROWS_AT_ONCE;
     float out[8 * TILE];
     for (int r = r0; r < r1; r += group) {
         int nr = r1 - r < group ? r1 - r : group;
-        const uint8_t *w = j->w + (size_t)r * j->row_bytes;
+        const uint8_t *w = m->w + (size_t)r * m->row_bytes;
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE;
 #ifdef QDOT_X86
             if (j->use_avx2 && group == 8)
-                dot8_avx2(j->qt, w, j->row_bytes, nr, j->x + t0, n, j->cols, out);
+                dot8_avx2(m->qt, w, m->row_bytes, nr, j->x + t0, n, j->cols, out);
             else if (j->use_avx2)
-                dot_avx2(j->qt, w, j->row_bytes, nr, j->x + t0, n, j->cols, out);
+                dot_avx2(m->qt, w, m->row_bytes, nr, j->x + t0, n, j->cols, out);
             else
 #endif
-                for (int i = 0; i < nr; i++)
-                    dot_scalar(j->qt, w + i * j->row_bytes, j->x + t0, n, j->cols, out + i * TILE);
-            for (int i = 0; i < nr; i++)
-                for (int t = 0; t < n; t++) j->y[(size_t)(t0 + t) * j->ldy + r + i] = out[i * TILE + t];
+                for (int k = 0; k < nr; k++)
+                    dot_scalar(m->qt, w + k * m->row_bytes, j->x + t0, n, j->cols, out + k * TILE);
+            for (int k = 0; k < nr; k++)
+                for (int t = 0; t < n; t++) m->y[(size_t)(t0 + t) * m->rows + r + k] = out[k * TILE + t];
         }
     }
 }
@@ -516,7 +531,7 @@ static int ensure_workers(int n) {
 }
 
 static void run_job(const job_t *j, int threads) {
-    int ntasks = (j->rows + j->chunk - 1) / j->chunk;
+    int ntasks = j->first_task[j->nmats];
     int helpers = threads - 1 < ntasks - 1 ? threads - 1 : ntasks - 1;
     if (helpers > 0 && ensure_workers(helpers) != 0) helpers = 0;
     pool.job = *j;
@@ -556,22 +571,45 @@ static int use_avx2 = -1;
 static xblock *xbuf;
 static size_t xbuf_len;
 
+/* matmul(mats, cols, x_ptr, tokens, threads), mats a sequence of (qtype, w_ptr, rows, y_ptr): each
+ * matrix's y (tokens, rows) = x @ W^T, x (tokens, cols) float32 quantized once for all of them. */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    int qt, rows, cols, nt, threads;
-    unsigned long long wp, xp, yp;
-    if (!PyArg_ParseTuple(args, "iKiiKiKi", &qt, &wp, &rows, &cols, &xp, &nt, &yp, &threads)) return NULL;
-    if (qt < 0 || qt >= N_TYPES || rows <= 0 || nt <= 0 || cols <= 0 || cols % BLOCK_VALUES[qt]) {
-        PyErr_Format(PyExc_ValueError, "qdot.matmul: type %d with %d columns, %d rows, %d tokens", qt, cols, rows, nt);
+    PyObject *mats;
+    int cols, nt, threads;
+    unsigned long long xp;
+    if (!PyArg_ParseTuple(args, "OiKii", &mats, &cols, &xp, &nt, &threads)) return NULL;
+    PyObject *seq = PySequence_Fast(mats, "qdot.matmul: mats must be a sequence of (qtype, w_ptr, rows, y_ptr)");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_MATS || nt < 1 || nt > 256 || cols < 32 || cols % 32) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "qdot.matmul: %zd matrices (1 to %d), %d tokens (1 to 256), %d columns", n,
+                     MAX_MATS, nt, cols);
         return NULL;
     }
+    job_t j = {.nmats = (int)n, .cols = cols, .nt = nt, .chunk = 16};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long wp, yp;
+        mat_t *m = &j.m[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iKiK", &m->qt, &wp, &m->rows, &yp)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (m->qt < 0 || m->qt >= N_TYPES || m->rows < 1 || cols % BLOCK_VALUES[m->qt]) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "qdot.matmul: type %d with %d columns, %d rows", m->qt, cols, m->rows);
+            return NULL;
+        }
+        m->w = (const uint8_t *)(uintptr_t)wp;
+        m->y = (float *)(uintptr_t)yp;
+        m->row_bytes = (size_t)(cols / BLOCK_VALUES[m->qt]) * BLOCK_BYTES[m->qt];
+        j.first_task[i + 1] = j.first_task[i] + (m->rows + j.chunk - 1) / j.chunk;
+    }
+    Py_DECREF(seq);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int nbx = cols / 32;
     const xblock *xrows[256];
-    if (nt > 256) {
-        PyErr_SetString(PyExc_ValueError, "qdot.matmul: at most 256 tokens a call");
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&pool.call);
     if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
@@ -592,9 +630,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
                 quantize_row_scalar(x + (size_t)t * cols, xbuf + (size_t)t * nbx, nbx);
             xrows[t] = xbuf + (size_t)t * nbx;
         }
-        job_t j = {qt, cols, rows, nt, 16, (const uint8_t *)(uintptr_t)wp,
-                   (size_t)(cols / BLOCK_VALUES[qt]) * BLOCK_BYTES[qt], xrows, (float *)(uintptr_t)yp,
-                   (size_t)rows, use_avx2};
+        j.x = xrows;
+        j.use_avx2 = use_avx2;
         run_job(&j, threads);
     }
     pthread_mutex_unlock(&pool.call);
@@ -615,7 +652,7 @@ static PyObject *py_force_generic(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS,
-     "matmul(qtype, w_ptr, rows, cols, x_ptr, tokens, y_ptr, threads): y (tokens, rows) = x @ W^T"},
+     "matmul(mats, cols, x_ptr, tokens, threads), mats ((qtype, w_ptr, rows, y_ptr), ...): y = x @ W^T each"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels use: 'avx2' or 'generic'"},
     {"force_generic", py_force_generic, METH_O, "force_generic(True): use the portable kernels (for tests)"},
     {NULL, NULL, 0, NULL},
