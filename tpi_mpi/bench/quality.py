@@ -1,6 +1,7 @@
 """`bench quality`: what quantizing at prepare costs in quality: perplexity on a fixed paragraph, and
 how many greedy tokens agree with floats (continuing the paragraph, and answering the default chat
-prompt), for each --quant on the same Hugging Face checkpoint.
+prompt), for each --quant on the same Hugging Face checkpoint; or, on a GGUF file, what the int8
+kernels cost against the exact path (modes keep:exact,keep:int8).
 
 Each mode is one `python -m tpi_mpi generate` run (under mpirun for 2 ranks or more) with a cache
 folder of this benchmark's own, computing in float32 so that only the storage differs. Perplexity
@@ -40,18 +41,29 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
+def parse_mode(mode: str) -> tuple[str, str, str]:
+    """'QUANT[@DTYPE][:MATMUL]' -> (quant, dtype, matmul): dtype fp32 and matmul exact unless given."""
+    rest, _, matmul = mode.partition(":")
+    quant, _, dtype = rest.partition("@")
+    return quant, dtype or "fp32", matmul or "exact"
+
+
 def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, out: str | None) -> list[dict]:
-    if not (Path(model) / "config.json").exists():
-        raise ConfigError(f"--model {model}: give a Hugging Face folder (quantizing at prepare starts from floats)")
+    gguf = str(model).endswith(".gguf")
+    if not gguf and not (Path(model) / "config.json").exists():
+        raise ConfigError(f"--model {model}: give a Hugging Face folder (quantizing at prepare starts from floats) "
+                          f"or a .gguf file (modes keep:exact, keep:int8)")
+    if gguf and any(parse_mode(q)[0] not in ("keep", "auto") for q in quants):
+        raise ConfigError(f"--model {model}: a GGUF file keeps its own types: use modes keep:exact, keep:int8")
     work = Path(tempfile.mkdtemp(prefix="tpi-quality-"))
     env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     launch = ["mpirun", "--oversubscribe", "-n", str(ranks)] if ranks > 1 else []
     records = []
 
     def generate(mode: str, *args: str) -> dict:
-        q, _, dtype = mode.partition("@")           # "none@bf16": floats computed in bf16, a yardstick
+        q, dtype, matmul = parse_mode(mode)         # "none@bf16": floats computed in bf16, a yardstick
         cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
-                        "--dtype", dtype or "fp32",
+                        "--dtype", dtype, "--matmul", matmul,
                         "--cache-dir", str(work / "cache"), "--temperature", "0", "--ignore-eos", "--max-new-tokens",
                         str(new_tokens), "--json", "--quiet", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -66,8 +78,8 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
                          str(work / f"{q}-next.npy"))
             chat = generate(q, "--prompt", DEFAULT_PROMPT, "--chat")
             first = np.sort(np.load(work / f"{q}-next.npy"))
-            quant, _, dtype = q.partition("@")
-            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{dtype or 'fp32'}-{quant}-*/rank*/*.safetensors"))
+            quant, dtype, _ = parse_mode(q)
+            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{dtype}-{quant}-*/rank*/*.safetensors"))
             records.append({"bench": "quality", "model": model, "quant": q, "ranks": ranks,
                             "perplexity": perplexity(np.load(logits), g["prompt_ids"]),
                             "prompt_tokens": len(g["prompt_ids"]), "generated_ids": g["generated_ids"],
@@ -75,7 +87,7 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
                             "shard_bytes": shard, "commit": git_commit()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = next((r for r in records if r["quant"] == "none"), records[0])
+    base = next((r for r in records if r["quant"] in ("none", "keep:exact")), records[0])
 
     def agreement(a: list[int], b: list[int]) -> int:
         """How many leading tokens agree."""
