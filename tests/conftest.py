@@ -68,6 +68,21 @@ def _no_mpirun_outside_mpi_tests(request, _mpirun_guard, monkeypatch):
                     f"(a command it ran tried to start it)", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def _matmul_mode_restored():
+    """A run started in-process (a Session) sets process-wide state for its --matmul: int8 on, the
+    kernels' threads, torch at one thread. Each test starts from the library's defaults."""
+    import torch
+
+    from tpi_mpi import quant, quant_int8
+
+    threads = torch.get_num_threads()
+    yield
+    quant.use_int8(False)
+    quant_int8.set_threads(0)
+    torch.set_num_threads(threads)
+
+
 def mpi_env() -> dict:
     env = dict(os.environ)
     # as root OpenMPI refuses to start without these; they change nothing for other users

@@ -250,7 +250,9 @@ GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 def test_a_killed_worker_costs_the_stream_a_pause_not_a_token(tmp_path):
     """The issue's acceptance: the built-in model at 3 ranks, a greedy 200-token stream, SIGKILL to a
     worker after 20 chunks: the stream ends normally with the text of an uninterrupted run."""
-    server = Supervised(tmp_path, ["--cache-dir", str(tmp_path / "c")], ranks=3)
+    # --matmul exact: the resumed part is computed at 2 ranks; int8 activations turn the float sums'
+    # other order there into other 8-bit values now and then, so its text may part from 3 ranks' (docs/supervisor.md)
+    server = Supervised(tmp_path, ["--cache-dir", str(tmp_path / "c"), "--matmul", "exact"], ranks=3)
     try:
         h = server.wait()
         # the supervisor shares rank 0's device: it loads no torch (80 MiB resident instead of 266)

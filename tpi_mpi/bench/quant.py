@@ -3,8 +3,9 @@
 For each shape (default: the matrices one rank holds of a 7B model at 4 ranks, 4096 x 2752 and
 2752 x 4096) and each type whose block divides the columns: dequantize to float32 (a new tensor,
 and into a reused buffer), to bf16; dequantize + F.linear for one token (the baseline); the
-stepped torch matmul and the numba kernel for one token; matmul (what the model calls) for 1 and
-128 tokens with float32 and bf16 activations; and F.linear on float32 and bf16 weights.
+stepped torch matmul and the numba kernel for one token; matmul (the exact path the model calls) for
+1 and 128 tokens with float32 and bf16 activations; the int8 kernels (quant_int8.py, --matmul int8)
+for 1 and 128 tokens; and F.linear on float32 and bf16 weights.
 
 Noise: the host is a shared VM, so the ops are timed in 3 rounds, each op in turn a warm-up call
 and a third of --repeats calls back to back; the table shows medians, the JSON lines p10/p90 too.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant as Q
+from .. import quant_int8 as QI
 from .. import quant_numba as QN
 
 PREFILL = 128
@@ -64,6 +66,9 @@ def _ops(rows: int, cols: int, qtype: str | None, w: torch.Tensor) -> dict[tuple
     }
     if QN.numba_available():
         ops[("matmul_numba", 1, "fp32")] = lambda: QN.matmul_numba(x[1], qw)
+    if QI.int8_available():
+        for T in (1, PREFILL):
+            ops[("matmul_int8", T, "fp32")] = lambda T=T: QI.matmul_int8(x[T], qw)
     for T in (1, PREFILL):
         ops[("matmul", T, "fp32")] = lambda T=T: Q.matmul(x[T], qw)
         ops[("matmul", T, "bf16")] = lambda T=T: Q.matmul(xb[T], qw)
@@ -98,6 +103,7 @@ COLUMNS = [  # (header, op, T, dtype)
     ("deq+lin", "deq+linear", 1, "fp32"), ("steps 1", "matmul_steps", 1, "fp32"), ("numba 1", "matmul_numba", 1, "fp32"),
     ("mm1 f32", "matmul", 1, "fp32"), ("mm1 bf16", "matmul", 1, "bf16"),
     (f"mm{PREFILL} f32", "matmul", PREFILL, "fp32"), (f"mm{PREFILL} bf16", "matmul", PREFILL, "bf16"),
+    ("int8 1", "matmul_int8", 1, "fp32"), (f"int8 {PREFILL}", "matmul_int8", PREFILL, "fp32"),
 ]
 
 
@@ -114,15 +120,16 @@ def print_table(shape: tuple[int, int], records: dict, types: list[str]) -> None
     """ms per call (median); B/w: bytes per weight; G/s: weights per second of mm1 (one token)."""
     rows, cols = shape
     print(f"\n{rows}x{cols}, {torch.get_num_threads()} threads, ms (median)")
-    heads = ["type", "B/w"] + [h for h, *_ in COLUMNS] + ["G/s 1"]
+    heads = ["type", "B/w"] + [h for h, *_ in COLUMNS] + ["G/s 1", "G/s i8"]
     print(" ".join(f"{h:>9}" for h in heads))
     for t in types:
         bpw = 4.0 if t == "F32" else 2.0 if t == "BF16" else Q.QTYPES[t][1] / Q.QTYPES[t][0]
         cells = [_cell(records, t, op, T, dt) for _, op, T, dt in COLUMNS]
         mm1 = (records.get((t, "linear", 1, "fp32" if t == "F32" else "bf16")) if t in ("F32", "BF16")
                else records.get((t, "matmul", 1, "fp32")))
-        gs = f"{rows * cols / mm1['ms'] / 1e6:.1f}" if mm1 else ""
-        print(" ".join(f"{c:>9}" for c in [t, f"{bpw:.4f}"] + cells + [gs]))
+        i8 = records.get((t, "matmul_int8", 1, "fp32"))
+        gs = [f"{rows * cols / r['ms'] / 1e6:.1f}" if r else "" for r in (mm1, i8)]
+        print(" ".join(f"{c:>9}" for c in [t, f"{bpw:.4f}"] + cells + gs))
 
 
 def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: str | None) -> list[dict]:
@@ -157,5 +164,6 @@ def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: 
             block = Q.block_size(skipped[0])
             print(f"  not run: {', '.join(skipped)} (their {block}-value blocks do not divide {cols} columns)")
     print(f"\nnumba: {'yes' if QN.numba_available() else 'no (pip install numba for the numba 1 column)'}; "
+          f"int8 kernels: {QI.instruction_set()}; "
           f"load average at start {load:.2f}; host {host}; commit {commit}")
     return out_records
