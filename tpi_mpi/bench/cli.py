@@ -293,8 +293,14 @@ def bench_rows(threads, repeats, out) -> None:
 @click.option("--ranks", "-n", type=int, default=2, show_default=True, help="Runs mpirun itself with this many ranks.")
 @click.option("--new-tokens", type=int, default=30, show_default=True, help="Greedy tokens compared.")
 @click.option("--out", help="Append the JSON records to this file.")
-def bench_quality(model, quants, ranks, new_tokens, out) -> None:
+@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+              help="Perplexity on this text file instead of the built-in paragraph (its tokens' logits are kept: "
+                   "a few thousand characters).")
+def bench_quality(model, quants, ranks, new_tokens, out, text) -> None:
     """Perplexity on a fixed paragraph and the greedy continuation per --quant (do not launch under mpirun)."""
-    from .quality import bench_quality as run
+    from pathlib import Path
 
-    run(model, [q.strip() for q in quants.split(",") if q.strip()], ranks, new_tokens, out)
+    from .quality import PARAGRAPH, bench_quality as run
+
+    run(model, [q.strip() for q in quants.split(",") if q.strip()], ranks, new_tokens, out,
+        Path(text).read_text() if text else PARAGRAPH)

@@ -48,7 +48,8 @@ def parse_mode(mode: str) -> tuple[str, str, str]:
     return quant, dtype or "fp32", matmul or "exact"
 
 
-def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, out: str | None) -> list[dict]:
+def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, out: str | None,
+                  text: str = PARAGRAPH) -> list[dict]:
     gguf = str(model).endswith(".gguf")
     if not gguf and not (Path(model) / "config.json").exists():
         raise ConfigError(f"--model {model}: give a Hugging Face folder (quantizing at prepare starts from floats) "
@@ -74,7 +75,7 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
     try:
         for q in quants:
             logits = work / f"{q}.npy"
-            g = generate(q, "--prompt", PARAGRAPH, "--dump-prompt-logits", str(logits), "--dump-logits",
+            g = generate(q, "--prompt", text, "--dump-prompt-logits", str(logits), "--dump-logits",
                          str(work / f"{q}-next.npy"))
             chat = generate(q, "--prompt", DEFAULT_PROMPT, "--chat")
             first = np.sort(np.load(work / f"{q}-next.npy"))
