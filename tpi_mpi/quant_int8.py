@@ -4,7 +4,7 @@ block in an integer dot product (tpi_mpi/csrc/qdot.c, compiled at install as tpi
 
 Not exact: the activations lose what 8 bits per value against their block's largest loses
 (docs/quant-kernels.md measures the perplexity it costs). quant.py keeps the exact float path, and
-takes this one only where the run asks for it (quant.set_int8). A row's result is the same whatever
+takes this one only where the run asks for it (quant.use_int8). A row's result is the same whatever
 the other tokens of the call hold (batch invariance, batch.py).
 """
 

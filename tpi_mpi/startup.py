@@ -56,7 +56,7 @@ def use_int8_matmul(cfg: RunConfig) -> bool:
     from .quant import use_int8
     from .quant_int8 import int8_available
 
-    on = cfg.matmul == "int8" or cfg.matmul == "auto" and cfg.dtype != "fp32" and int8_available()
+    on = cfg.matmul == "int8" or (cfg.matmul == "auto" and cfg.dtype != "fp32" and int8_available())
     try:
         use_int8(on)
     except RuntimeError as e:

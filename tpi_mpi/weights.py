@@ -162,10 +162,12 @@ class WeightWindow:
             try:
                 t0 = time.perf_counter()
                 verify = name not in self._verified
-                if self.cached:
-                    tensors = self._mapped.get(name) or self._mapped.setdefault(name, self.shard.map(name, verify))
-                else:
+                if not self.cached:
                     tensors = self.shard.read(name, buf, verify)[1]
+                else:
+                    if name not in self._mapped:
+                        self._mapped[name] = self.shard.map(name, verify)
+                    tensors = self._mapped[name]
                 self.read_s += time.perf_counter() - t0
                 self._verified.add(name)
                 self.bytes_read += self.shard.files[name]["size"]
