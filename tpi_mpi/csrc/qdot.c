@@ -135,9 +135,9 @@ AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
 }
 #endif
 
-/* ---- dot products: one weight row against NT tokens' activation rows ---------------------------
- * w: the row's blocks; x[t]: token t's activation blocks; out[t] = the dot product. Tokens come in
- * tiles of up to TILE: a weight block is unpacked once per tile. */
+/* ---- dot products: weight rows against NT tokens' activation rows ------------------------------
+ * w: the rows' blocks; x[t]: token t's activation blocks; out[r * TILE + t] = the dot product. Tokens
+ * come in tiles of up to TILE: a weight block is unpacked once per tile. */
 
 #define TILE 4
 #define PREFETCH_BYTES 512   /* how far ahead in each row the 8-row kernel asks for its bytes */
@@ -218,9 +218,9 @@ AVX2 static inline __m256i load_nibbles(const uint8_t *p) {      /* 16 bytes -> 
 
 #define XQ(t, kb) _mm256_loadu_si256((const __m256i *)x[t][kb].q)
 
-/* NR rows against NT tokens, both constants once inlined (dot_avx2 below): the loops over rows and
- * tokens unroll and the NR x NT accumulators stay in registers. Rows side by side give the core
- * independent chains of multiply-adds to overlap; each row's arithmetic is the same whatever NR. */
+/* The K-quants: NR rows against NT tokens, both constants once inlined (dot_avx2 below): the loops
+ * over rows and tokens unroll and the NR x NT accumulators stay in registers. Rows side by side
+ * give the core independent chains of multiply-adds; each row's arithmetic is the same whatever NR. */
 #define W(r) (w + (r) * rb)
 AVX2 static inline __attribute__((always_inline)) void dot_avx2_n(int qt, const uint8_t *w, size_t rb, const int nr,
                                                                   const xblock *const *x, const int nt, int cols,
@@ -231,34 +231,6 @@ AVX2 static inline __attribute__((always_inline)) void dot_avx2_n(int qt, const 
         for (int t = 0; t < nt; t++) { acc[r][t] = _mm256_setzero_ps(); extra[r][t] = 0; }
     int nbx = cols / 32;
     switch (qt) {
-    case Q8_0:
-    case Q4_0:
-        for (int kb = 0; kb < nbx; kb++) {
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *b = W(r) + (size_t)kb * BLOCK_BYTES[qt];
-                __m256i q = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(b + 2))
-                                       : _mm256_sub_epi8(load_nibbles(b + 2), _mm256_set1_epi8(8));
-                float dw = _cvtsh_ss(*(const uint16_t *)b);
-                for (int t = 0; t < nt; t++)
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_signed(q, XQ(t, kb))),
-                                                _mm256_set1_ps(dw * x[t][kb].d), acc[r][t]);
-            }
-        }
-        break;
-    case Q4_1:
-        for (int kb = 0; kb < nbx; kb++) {
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *b = W(r) + (size_t)kb * 20;
-                __m256i q = load_nibbles(b + 4);
-                float dw = _cvtsh_ss(*(const uint16_t *)b), mw = _cvtsh_ss(*(const uint16_t *)(b + 2));
-                for (int t = 0; t < nt; t++) {
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_unsigned(q, XQ(t, kb))),
-                                                _mm256_set1_ps(dw * x[t][kb].d), acc[r][t]);
-                    extra[r][t] += mw * x[t][kb].d * (float)x[t][kb].sum;
-                }
-            }
-        }
-        break;
     case Q4_K:
     case Q5_K:
         for (int k = 0; k < nbx / 8; k++) {
@@ -300,7 +272,8 @@ AVX2 static inline __attribute__((always_inline)) void dot_avx2_n(int qt, const 
                         __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (s & 1)));
                         __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (s >> 1)), _mm256_set1_epi8(15));
                         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), _mm256_set1_epi8(3));
-                        __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+                        __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
+                                                    _mm256_set1_epi8(32));
                         __m256i sc = _mm256_set_m128i(_mm_set1_epi16((int8_t)b[193 + 8 * h + 2 * s]),
                                                       _mm_set1_epi16((int8_t)b[192 + 8 * h + 2 * s]));
                         for (int t = 0; t < nt; t++) {
@@ -353,7 +326,8 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
         __m256i q[8];
         for (int r = 0; r < 8; r++) {                 /* 8 short streams: the prefetchers need help */
             _mm_prefetch((const char *)(row[r] + at + PREFETCH_BYTES), _MM_HINT_T0);
-            q[r] = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(row[r] + at + 2)) : load_nibbles(row[r] + at + qs_at);
+            q[r] = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(row[r] + at + 2))
+                              : load_nibbles(row[r] + at + qs_at);
         }
         __m256 d = scales8(row, at);
         __m256 m = qt == Q4_1 ? scales8(row, at + 2) : _mm256_setzero_ps();
