@@ -74,11 +74,11 @@ def _matmul_mode_restored():
     kernels' threads, torch at one thread. Each test starts from the library's defaults."""
     import torch
 
-    from tpi_mpi import quant, quant_int8
+    from tpi_mpi import quant_int8
 
     threads = torch.get_num_threads()
     yield
-    quant.use_int8(False)
+    quant_int8.use_int8(False)
     quant_int8.set_threads(0)
     torch.set_num_threads(threads)
 

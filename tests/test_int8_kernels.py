@@ -38,7 +38,7 @@ def isa(request):
 @pytest.fixture
 def int8_off_after():
     yield
-    Q.use_int8(False)
+    QI.use_int8(False)
 
 
 def quantized_x(x: torch.Tensor) -> torch.Tensor:
@@ -94,16 +94,16 @@ def test_matmul_takes_the_int8_path_only_when_asked(int8_off_after):
     w = quant_weight("Q4_0", rows=16)
     x = torch.randn(2, w.cols)
     exact = Q.matmul(x, w)
-    Q.use_int8(True)
+    QI.use_int8(True)
     assert torch.equal(Q.matmul(x, w), QI.matmul_int8(x, w))
     assert not torch.equal(Q.matmul(x, w), exact)
-    Q.use_int8(False)
+    QI.use_int8(False)
     assert torch.equal(Q.matmul(x, w), exact)
 
 
 def test_matmul_mode_follows_the_options(int8_off_after, monkeypatch):
-    assert use_int8_matmul(RunConfig()) and Q.int8_on()
-    assert not use_int8_matmul(RunConfig(dtype="fp32")) and not Q.int8_on()      # --dtype fp32: the file's numbers
+    assert use_int8_matmul(RunConfig()) and QI.int8_on()
+    assert not use_int8_matmul(RunConfig(dtype="fp32")) and not QI.int8_on()      # --dtype fp32: the file's numbers
     assert use_int8_matmul(RunConfig(dtype="fp32", matmul="int8"))
     assert not use_int8_matmul(RunConfig(matmul="exact"))
     with pytest.raises(ConfigError, match="--matmul 'fast'"):

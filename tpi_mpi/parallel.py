@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .batch import Rows, split_rows
 from .config import ModelConfig, ParallelConfig
-from .quant import QuantWeight, int8_on, matmul
+from .quant import QuantWeight, matmul
+from .quant_int8 import int8_on, matmul_int8, matmul_int8_many
 
 FFN_UNIT = 32   # MLP columns move between ranks in multiples of this (a quant block; 256 for K-quants)
 
@@ -114,8 +115,6 @@ def project(x: Tensor, layers: Sequence[ColumnParallelLinear], rows: Rows | None
     the int8 kernels go in one call: x quantized once, one call's overhead instead of several."""
     weights = [layer.weight for layer in layers]
     if int8_on() and len(layers) <= 4 and all(isinstance(w, QuantWeight) for w in weights):
-        from .quant_int8 import matmul_int8_many
-
         out = []
         for y, layer in zip(matmul_int8_many(x.reshape(-1, x.shape[-1]), weights), layers):
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
@@ -192,10 +191,9 @@ def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     (and, at some counts, on the row's place), but not, for a fixed count, on the place or the other
     rows: `_fixed_rows` finds such a count once per shape; where none is found, a call per row."""
     if isinstance(weight, QuantWeight):
-        from .quant_numba import matmul_numba, numba_available
         if int8_on():                       # the int8 kernels compute every row alone whatever the call
-            from .quant_int8 import matmul_int8
             return matmul_int8(x, weight).to(x.dtype)
+        from .quant_numba import matmul_numba, numba_available
         if numba_available():
             return matmul_numba(x, weight)
         return torch.cat([matmul(row[None].clone(), weight) for row in x])

@@ -6,10 +6,10 @@ gguf-py's gguf/quants.py operation by operation (same products, same order, no f
 multiply-add), so dequantize() in float32 equals gguf.quants.dequantize bit for bit, and
 quantize() equals gguf.quants.quantize byte for byte.
 
-matmul(x, w) = x @ W^T without the whole W in memory: for a few tokens, quant_numba.py's kernels
-compute straight from the blocks when numba imports; else W is dequantized a few rows at a time,
-each step multiplied while in cache (docs/quant-kernels.md). Either way the weights multiplied are
-exactly the dequantized ones; only the order of the float32 sum differs from F.linear's.
+matmul(x, w) = x @ W^T without the whole W in memory: with --matmul int8, quant_int8.py's kernels.
+Exactly: for a few tokens numba's kernels (quant_numba.py) compute from the blocks; else W is
+dequantized a few rows at a time, each step multiplied while in cache (docs/quant-kernels.md): the
+weights multiplied are exactly the dequantized ones, only the float32 sum's order differs from F.linear's.
 
 This module owns the formats and their kernels only: no file I/O, no MPI, no model code.
 """
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .quant_int8 import int8_on, matmul_int8
 
 QK_K = 256                                              # values per K-quant super-block
 QTYPES: dict[str, tuple[int, int]] = {                  # name -> (values per block, bytes per block)
@@ -359,43 +361,18 @@ class QuantWeight:
 
 NUMBA_MAX_T = 4          # tokens up to which the numba kernels are used (a call per token), above: steps
 TORCH_F32_MAX_T = 8      # bf16/fp16 x with at most this many tokens is multiplied in float32 (faster there)
-_int8 = False            # the process's choice (use_int8): a run's --matmul
-
-
-def use_int8(on: bool) -> None:
-    """Multiply with int8 activations (quant_int8.py, not exact) from now on, or with the exact float
-    path; a process-wide choice, as torch's thread count is. Raises if int8 is asked and not built."""
-    global _int8
-    from .quant_int8 import int8_available
-
-    if on and not int8_available():
-        raise RuntimeError("--matmul int8 needs tpi_mpi._qdot, which was not compiled at install (no C compiler?): "
-                           "install gcc and reinstall, or use --matmul exact")
-    _int8 = on
-
-
-def int8_on() -> bool:
-    return _int8
 
 
 def matmul(x: Tensor, w: QuantWeight) -> Tensor:
-    """x (..., cols) float -> x @ W^T (..., rows) in x.dtype. With use_int8: the int8 kernels, for
-    decode and prefill alike (faster than dequantized steps and BLAS at 32 and 128 tokens too:
-    docs/quant-kernels.md). Exact: up to NUMBA_MAX_T tokens with the numba kernel when numba
-    imports; else (and for prefill) matmul_steps."""
+    """x (..., cols) -> x @ W^T (..., rows) in x.dtype: int8 kernels (use_int8), else exact (see above)."""
     if x.shape[-1] != w.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
-    from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
-
     x2 = x.reshape(-1, w.cols)
-    if _int8:
-        from .quant_int8 import matmul_int8
-
+    if int8_on():
         y = matmul_int8(x2, w).to(x.dtype)
-    elif x2.shape[0] <= NUMBA_MAX_T and numba_available():
-        y = matmul_numba(x2, w)
     else:
-        y = matmul_steps(x2, w)
+        from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
+        y = matmul_numba(x2, w) if x2.shape[0] <= NUMBA_MAX_T and numba_available() else matmul_steps(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -4,8 +4,8 @@ block in an integer dot product (tpi_mpi/csrc/qdot.c, compiled at install as tpi
 
 Not exact: the activations lose what 8 bits per value against their block's largest loses
 (docs/quant-kernels.md measures the perplexity it costs). quant.py keeps the exact float path, and
-takes this one only where the run asks for it (quant.use_int8). A row's result is the same whatever
-the other tokens of the call hold (batch invariance, batch.py).
+takes this one only where the run asks for it (use_int8, set from --matmul). A row's result is the
+same whatever the other tokens of the call hold (batch invariance, batch.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import functools
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}    # qdot.c's enum
 MAX_TOKENS = 256          # tokens a call of the kernel takes; more are cut into calls of this many
 _threads = 0              # the kernels' threads (set_threads); 0: torch's count
+_on = False               # the process's choice (use_int8): a run's --matmul
 
 
 @functools.cache
@@ -36,6 +39,20 @@ def int8_available() -> bool:
 def instruction_set() -> str:
     """'avx2', 'generic' (the portable C loops) or 'none' (not compiled)."""
     return _qdot().isa() if int8_available() else "none"
+
+
+def use_int8(on: bool) -> None:
+    """Multiply quantized matrices with these kernels from now on (quant.matmul, parallel.project), or
+    on the exact path: a process-wide choice, as torch's thread count is."""
+    global _on
+    if on and not int8_available():
+        raise ConfigError("--matmul int8 needs tpi_mpi._qdot, which was not compiled at install (no C compiler?): "
+                          "install gcc and reinstall, or use --matmul exact")
+    _on = on
+
+
+def int8_on() -> bool:
+    return _on
 
 
 def set_threads(n: int) -> None:

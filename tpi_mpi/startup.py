@@ -21,9 +21,9 @@ from . import cache
 from .batch import Batch
 from .comm import CommStats, make_comm
 from .config import RunConfig, format_size
-from .errors import ConfigError, PeerFailed, TpiError
+from .errors import PeerFailed, TpiError
 from .model import Transformer
-from .quant_int8 import set_threads
+from . import quant_int8
 from .ship import ship
 from .shard_format import COMMON
 from .text import TextCodec
@@ -51,16 +51,10 @@ def on_all_ranks(comm, fn, timeout: float | None = None):
 
 
 def use_int8_matmul(cfg: RunConfig) -> bool:
-    """Apply --matmul to this process (quant.use_int8): int8 where asked, or by default unless
+    """Apply --matmul to this process (quant_int8.use_int8): int8 where asked, or by default unless
     --dtype fp32 asks for float32 throughout (the file's own numbers) or the kernels were not built."""
-    from .quant import use_int8
-    from .quant_int8 import int8_available
-
-    on = cfg.matmul == "int8" or (cfg.matmul == "auto" and cfg.dtype != "fp32" and int8_available())
-    try:
-        use_int8(on)
-    except RuntimeError as e:
-        raise ConfigError(str(e)) from None
+    on = cfg.matmul == "int8" or (cfg.matmul == "auto" and cfg.dtype != "fp32" and quant_int8.int8_available())
+    quant_int8.use_int8(on)
     return on
 
 
@@ -149,7 +143,7 @@ class Session:
         if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
             # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
             # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
-            set_threads(self.threads)
+            quant_int8.set_threads(self.threads)
             torch.set_num_threads(1)
         # the budget holds a KV cache of `context` positions for each of max_batch sequences
         self.context = min(cfg.context, self.m.max_seq_len)
