@@ -85,6 +85,31 @@ def test_int8_threads_and_long_calls_change_nothing():
     assert torch.equal(one[280:], QI.matmul_int8(x[280:], w))
 
 
+@pytest.mark.parametrize("qtype", list(QI.INTERLEAVED_TYPES))
+@pytest.mark.parametrize("rows", [19, 200])          # whole groups of 8 and 3 rows left as stored
+def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after):
+    w = quant_weight(qtype, rows=rows)
+    x = torch.randn(5, w.cols)
+    plain = QI.matmul_int8(x, w)
+    raw = w.raw.clone()
+    il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
+    g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]       # row r's block b at (b * 8 + r) of its group
+    by_block = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2).reshape(g, -1)
+    assert il.interleaved and torch.equal(il.raw, torch.cat([by_block, raw[g:]]))
+    assert torch.equal(QI.matmul_int8(x, il), plain)                          # the same bits
+    assert torch.equal(QI.plain_layout(il).raw, raw) and il.plain().raw.data_ptr() != il.raw.data_ptr()
+    assert torch.equal(il.dequantize(), w.dequantize())
+    assert torch.equal(il.rows([0, rows - 1]), w.rows([0, rows - 1]))
+    assert torch.equal(Q.matmul(x, il), Q.matmul(x, w))                       # the exact path reads it too
+    QI.use_int8(True)
+    assert torch.equal(Q.matmul(x, il), plain)
+
+
+def test_only_the_8_row_types_interleave():
+    for w in (quant_weight("Q6_K", rows=16), quant_weight("Q4_0", rows=7)):
+        assert QI.interleave(w) is w
+
+
 def test_zero_blocks_give_zeros():
     w = quant_weight("Q4_1", rows=8)
     assert torch.equal(QI.matmul_int8(torch.zeros(2, w.cols), w), torch.zeros(2, 8))

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from checkpoints import greedy_reference, write_tokenizer
 from test_gguf import DIM, EXPERTS, FFN, HEADS, KV_HEADS, ROUTED, VOCAB, write_tiny as write_gguf
 from test_ranks_in_process import LOGITS_TOL, generate_in_threads, one_thread_each  # noqa: F401 (an autouse fixture)
+from tpi_mpi import quant_int8 as QI
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.errors import ConfigError
 from tpi_mpi.prepare import hf_name, prepare
@@ -173,3 +174,20 @@ def test_a_streamed_window_computes_the_resident_bits(tmp_path, cached):
     streamed, streamed_tokens, _ = generate_in_threads(prepared, 3, PROMPT, N_NEW, depth=1, cached=cached)
     np.testing.assert_array_equal(streamed, resident)
     assert streamed_tokens == tokens
+
+
+@pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_int8_kernels_on_interleaved_resident_blocks_compute_the_streamed_bits(tmp_path, qtype):
+    """Under the int8 kernels, blocks kept in memory are regrouped 8 rows at a time (one stream for
+    the prefetchers); streamed blocks stay as stored. The same bits either way, at 2 ranks."""
+    write_tiny(tmp_path / "tiny.gguf", "llama", qtype)
+    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(2), "fp32")
+    QI.use_int8(True)
+    resident, tokens, results = generate_in_threads(prepared, 2, PROMPT, N_NEW, resident_form=QI.interleaved)
+    streamed, streamed_tokens, _ = generate_in_threads(prepared, 2, PROMPT, N_NEW, depth=1)
+    np.testing.assert_array_equal(streamed, resident)
+    assert streamed_tokens == tokens
+    window = results[0][2]
+    mlp = window.resident[(0, "mlp")]
+    assert all(w.interleaved for w in mlp.values()) and mlp["gate.weight"].shape[0] >= 8

@@ -94,18 +94,20 @@ def reference(checkpoints):
 
 
 def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, depth: int | None = None,
-                        cached: bool = False):
+                        cached: bool = False, resident_form=None):
     """Greedy generation on n rank threads: (rank 0's prompt logits, its tokens, every rank's results).
-    `cached`: a window maps its blocks from the page cache instead of reading them into buffers."""
+    `cached`: a window maps its blocks from the page cache instead of reading them into buffers;
+    `resident_form`: what blocks kept in memory are turned into at load (WeightWindow)."""
 
     def rank_main(comm):
         r = comm.rank
         shard = Shard(prepared / f"rank{r}", r, n)
-        window = WeightWindow(shard, depth, cached=cached)
+        window = WeightWindow(shard, depth, cached=cached, resident_form=resident_form)
         try:
             m = shard.model
             model = Transformer(m, shard.shards, r, comm, window, torch.float32)
-            model.load_resident(shard.read("common.safetensors")[1])
+            common = shard.read("common.safetensors")[1]
+            model.load_resident(resident_form(common) if resident_form else common)
             embed = EmbeddingTable(shard) if r == 0 else None
 
             def step(ids: list[int] | None, pos: int, all_logits: bool = False):
@@ -127,7 +129,7 @@ def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, dep
                 if r == 0:
                     assert logits.shape == (1, m.vocab_size)
                     tokens.append(int(logits[-1].argmax()))
-            return outputs, tokens, window.depth
+            return outputs, tokens, window
         finally:
             window.close()
 
@@ -146,8 +148,8 @@ def test_threaded_ranks_match_transformers(checkpoints, reference, tmp_path, nam
     err = np.abs(ours - ref_logits).max() / np.abs(ref_logits).max()
     assert err < LOGITS_TOL, err
     assert tokens == ref_tokens
-    for r, (outputs, worker_tokens, window_depth) in enumerate(results):
-        assert window_depth == depth                      # the window asked for is the one that ran
+    for r, (outputs, worker_tokens, window) in enumerate(results):
+        assert window.depth == depth                      # the window asked for is the one that ran
         if r:                                             # the logits exist on rank 0 only
             assert all(o is None for o in outputs) and worker_tokens == []
 

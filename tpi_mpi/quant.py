@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .quant_int8 import int8_on, matmul_int8
+from .quant_int8 import int8_on, matmul_int8, plain_layout
 
 QK_K = 256                                              # values per K-quant super-block
 QTYPES: dict[str, tuple[int, int]] = {                  # name -> (values per block, bytes per block)
@@ -332,10 +332,12 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class QuantWeight:
-    """A (rows, cols) matrix as GGML blocks: raw is uint8 (rows, row_bytes(qtype, cols))."""
+    """A (rows, cols) matrix as GGML blocks: raw is uint8 (rows, row_bytes(qtype, cols)), its rows in
+    groups of 8 stored block by block if `interleaved` (the int8 kernels' layout: quant_int8.interleave)."""
     raw: Tensor
     qtype: str
     cols: int
+    interleaved: bool = False
 
     def __post_init__(self) -> None:
         _blocks(self.raw, self.qtype, self.cols)
@@ -348,13 +350,17 @@ class QuantWeight:
     def nbytes(self) -> int:
         return self.raw.numel()
 
+    def plain(self) -> QuantWeight:
+        """The matrix in the stored layout, row after row."""
+        return plain_layout(self) if self.interleaved else self
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self.raw, self.qtype, self.cols, dtype)
+        return dequantize(self.plain().raw, self.qtype, self.cols, dtype)
 
     def rows(self, ids, dtype: torch.dtype = torch.float32) -> Tensor:
         """Only rows `ids` dequantized, (len(ids), cols): an embedding lookup."""
         idx = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        return dequantize(self.raw.index_select(0, idx), self.qtype, self.cols, dtype)
+        return dequantize(self.plain().raw.index_select(0, idx), self.qtype, self.cols, dtype)
 
 
 # ---- matmul -----------------------------------------------------------------------------------------
@@ -371,6 +377,7 @@ def matmul(x: Tensor, w: QuantWeight) -> Tensor:
     if int8_on():
         y = matmul_int8(x2, w).to(x.dtype)
     else:
+        w = w.plain()
         from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
         y = matmul_numba(x2, w) if x2.shape[0] <= NUMBA_MAX_T and numba_available() else matmul_steps(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -320,6 +320,7 @@ def matmul_numba(x: Tensor, w: QuantWeight) -> Tensor:
     import numba
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     rows, cols = w.shape
+    w = w.plain()
     b = _blocks(w.raw, w.qtype, cols)
     y = torch.empty(x.shape[0], rows)
     blocks = (b.view(torch.int8) if w.qtype == "Q8_0" else b).numpy()       # Q8_0's weights are int8

@@ -8,6 +8,7 @@ at once, with the failing rank's own message, so no rank is left waiting in a co
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -153,20 +154,22 @@ class Session:
         else:
             depth, pinned = cfg.window, 0
         # quantized blocks that stay in memory are dequantized once if the budget holds them so, for the
-        # exact path (the int8 kernels are faster on the blocks); a window asked for where the budget
-        # holds the whole shard keeps the pages in the page cache
+        # exact path, or interleaved for the int8 kernels; a window asked for where the budget holds the
+        # whole shard keeps the pages in the page cache
         dequantize = (depth is None and not self.int8
                       and resident_dequantized(self.shard, budget, context, self.baseline))
+        form = (functools.partial(dequantized, dtype=self.dtype) if dequantize
+                else quant_int8.interleaved if self.int8 else None)
         cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
         capacity = (float("inf") if cfg.window is None or not self.m.moe_layers else
                     expert_capacity(self.shard, budget, context, self.baseline, depth, pinned))
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
-                                   dequantize=dequantize, cached=cached, expert_capacity=capacity)
+                                   resident_form=form, cached=cached, expert_capacity=capacity)
         self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
                                  self.context)
         common = self.shard.read(COMMON)[1]
-        self.model.load_resident(dequantized(common, self.dtype) if dequantize else common)
+        self.model.load_resident(form(common) if form else common)
         if self.rank == 0:
             self.codec = TextCodec(self.shard.folder)
             self.embed = EmbeddingTable(self.shard)

@@ -103,7 +103,9 @@ def dequantized(tensors: dict, dtype: torch.dtype) -> dict[str, Tensor]:
 
 class WeightWindow:
     """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory;
-    with `pinned`, the first `pinned` blocks stay resident and only the others stream.
+    with `pinned`, the first `pinned` blocks stay resident and only the others stream. `resident_form`
+    turns a block kept in memory into the form it is computed in, once, at load (dequantized for
+    the exact path, interleaved for the int8 kernels).
 
     Streamed blocks are read into `depth` reused buffers and their pages dropped from the page
     cache, so that the window is all the memory they take: the right thing when memory is short.
@@ -113,7 +115,7 @@ class WeightWindow:
     anew the next token made a token 2.6x as slow as resident)."""
 
     def __init__(self, shard: Shard, depth: int | None = None, progress=None, pinned: int = 0,
-                 dequantize: bool = False, cached: bool = False, expert_capacity: float = float("inf")) -> None:
+                 resident_form=None, cached: bool = False, expert_capacity: float = float("inf")) -> None:
         if depth is not None and depth < 1:
             raise ShardError(f"--window {depth}: the window must hold at least 1 block (or 'all')")
         self.shard, self.depth = shard, depth
@@ -123,6 +125,7 @@ class WeightWindow:
         self.read_s = 0.0          # loader thread reading (and, on the first pass, hashing)
         self.bytes_read = 0
         self.resident: dict[tuple[int, str], dict[str, Tensor]] = {}   # blocks kept in memory
+        self._bound: dict[tuple[int, str], object] = {}                 # the module each is bound to
         if depth is None or pinned + depth >= len(self.order):
             self.depth, pinned = None, len(self.order)
         self.pinned = pinned
@@ -130,7 +133,7 @@ class WeightWindow:
         bar = progress(total=pinned, desc="load", unit="block") if progress and pinned else None
         for i, k in self.order[:pinned]:
             tensors = shard.read(block_file(i, k))[1]
-            self.resident[(i, k)] = dequantized(tensors, shard.dtype) if dequantize else tensors
+            self.resident[(i, k)] = resident_form(tensors) if resident_form else tensors
             self.bytes_read += shard.files[block_file(i, k)]["size"]
             bar and bar.update()
         bar and bar.close()
@@ -181,7 +184,9 @@ class WeightWindow:
     def use(self, layer: int, kind: str, module):
         """Bind block (layer, kind) to `module` for the duration of the `with`."""
         if (layer, kind) in self.resident:
-            bind(module, self.resident[(layer, kind)])
+            if self._bound.get((layer, kind)) is not module:      # once: nothing unbinds a resident block
+                bind(module, self.resident[(layer, kind)])
+                self._bound[(layer, kind)] = module
             yield
             return
         t0 = time.perf_counter()
