@@ -196,6 +196,19 @@ def test_unsupported_files_are_refused_by_name(tmp_path, kw, named):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_a_refused_expert_model_is_told_experts_are_implemented(tmp_path, arch):
+    """The refusal lists what tpi_mpi implements; an MoE file refused for something else (yarn) must
+    not read as if experts were the problem: both kinds load (test_tiny_tensors_read_back_in_hf_layout)."""
+    key = "qwen3moe" if arch == "qwen3moe" else "llama"
+    write_tiny(tmp_path / "bad.gguf", arch, extra={f"{key}.rope.scaling.type": ("yarn", GGUFValueType.STRING)})
+    with pytest.raises(ConfigError, match="yarn") as e:
+        GGUFSource(tmp_path / "bad.gguf")
+    said = str(e.value).split("; ", 1)[1]
+    assert "dense" not in said and all(name in said for name in ("Llama", "Mistral", "Qwen2", "Qwen3", "Mixtral",
+                                                                  "Qwen3-MoE")), said
+
+
 @pytest.mark.parametrize("damage,named", [
     (lambda b: b"not a model at all" + b[18:], "not a GGUF file"),
     (lambda b: b[:2], "not a GGUF file"),

@@ -1,6 +1,6 @@
 """A GGUF file's metadata as our ModelConfig, and the names of its tensors: what llama.cpp calls the
-parts of a Llama, Mistral, Qwen2 or Qwen3 model, checked so that anything we would compute wrongly is
-refused by name (gguf.py reads the file).
+parts of a Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE model, checked so that anything we would
+compute wrongly is refused by name (gguf.py reads the file).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def config_from_gguf(meta: dict, tensors: dict, source: str, load_tensor=None) -
         return v
 
     def refuse(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements dense Llama, Mistral, Qwen2 and Qwen3 models")
+        raise ConfigError(f"{source}: {key} {why}; tpi_mpi implements Llama, Mistral, Qwen2 and Qwen3 models and "
+                          f"the Mixtral and Qwen3-MoE experts, as llama.cpp's converter writes them")
 
     experts = int(get("expert_count", 0))
     if experts and arch not in ("llama", "qwen3moe"):
