@@ -43,6 +43,24 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert drawn == {1, 3}
 
 
+def test_top_p_applies_to_the_k_kept():
+    """top_k first, then top_p over the k renormalised: the 3 best have 0.50, 0.31, 0.09 of the whole,
+    0.56, 0.34, 0.10 of the three, so top_p 0.85 keeps two (over the whole, 0.81 would not reach it)."""
+    p = np.exp(LOGITS - LOGITS.max())
+    p /= p.sum()
+    kept = np.array([1, 3, 4])
+    q = p[kept] / p[kept].sum()
+    ref = np.zeros(5)
+    ref[[1, 3]] = q[:2] / q[:2].sum()
+    n, r = 20000, rng(3)
+    counts = np.bincount([sample(LOGITS, SamplingConfig(temperature=1.0, top_k=3, top_p=0.85), r) for _ in range(n)],
+                         minlength=5)
+    assert np.abs(counts / n - ref).max() < 0.015
+    big = np.random.default_rng(0).standard_normal(50000).astype(np.float32)
+    best = set(np.argsort(-big)[:40].tolist())
+    assert {sample(big, SamplingConfig(temperature=2.0, top_k=40, top_p=0.95), rng(s)) for s in range(200)} <= best
+
+
 def test_same_seed_same_tokens():
     cfg = SamplingConfig(temperature=1.0, top_k=0, seed=7)
     a = [sample(LOGITS, cfg, r) for r in [rng(7)] for _ in range(50)]

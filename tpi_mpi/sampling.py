@@ -31,23 +31,21 @@ SamplingConfig.DEFAULT = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95)
 
 
 def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
-    """One token id from full-vocabulary float32 logits."""
+    """One token id from full-vocabulary float32 logits: temperature, then the top_k best (by id),
+    then of those the smallest set, most likely first, whose probability reaches top_p. Only the k
+    kept are sorted, not the vocabulary."""
     if cfg.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / cfg.temperature
-    if 0 < cfg.top_k < z.size:
-        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
+    ids = np.sort(np.argpartition(z, -cfg.top_k)[-cfg.top_k:]) if 0 < cfg.top_k < z.size else np.arange(z.size)
+    if cfg.top_p < 1:
+        ids = ids[np.argsort(-z[ids], kind="stable")]
+    p = np.exp(z[ids] - z[ids].max())
     p /= p.sum()
     if cfg.top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, cfg.top_p)) + 1]   # smallest set reaching top_p
-        kept = np.zeros_like(p)
-        kept[keep] = p[keep]
-        p = kept / kept.sum()
-    return int(rng.choice(p.size, p=p))       # one draw: sample_draws relies on it
+        n = int(np.searchsorted(np.cumsum(p), cfg.top_p)) + 1
+        ids, p = ids[:n], p[:n] / p[:n].sum()
+    return int(ids[rng.choice(p.size, p=p)])       # one draw: sample_draws relies on it
 
 
 def sample_draws(rng: np.random.Generator, cfg: SamplingConfig, n: int) -> None:
