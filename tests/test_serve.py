@@ -22,7 +22,9 @@ pytest.importorskip("starlette", reason="the serve extra is not installed (pip i
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai package is not installed (test extra)")
 
-from tpi_mpi.openai_api import ApiError, StopFilter, chat_messages, completion_prompt, parse_sampling, parse_stops  # noqa: E402
+from tpi_mpi.jobs import ApiError  # noqa: E402
+from tpi_mpi.openai_api import chat_messages, completion_prompt, parse_sampling, parse_stops  # noqa: E402
+from tpi_mpi.text import StopFilter  # noqa: E402
 from tpi_mpi.sampling import SamplingConfig  # noqa: E402
 
 KEY = "test-key-123"

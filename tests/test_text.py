@@ -49,6 +49,27 @@ def test_streamer_holds_back_incomplete_characters(folder):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_streamed_text_is_the_whole_decode_from_a_few_tokens_at_a_time(folder):
+    """Deltas joined equal transformers' decode of all the ids, for text and for random ids (bytes
+    that make no character, stray spaces); each token decodes a few ids, not the whole answer."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(folder)
+    codec = TextCodec(folder)
+    decoded_lengths = []
+    decode = codec.decode
+    codec.decode = lambda ids: decoded_lengths.append(len(ids)) or decode(ids)
+    rng = np.random.default_rng(0)
+    cases = [codec.encode(" ".join(TEXTS * 20))]
+    cases += [rng.integers(0, codec.tokenizer.get_vocab_size(), 60).tolist() for _ in range(50)]
+    for ids in cases:
+        s = Streamer(codec)
+        text = "".join(s.push(i) for i in ids) + s.finish()
+        assert text == s.shown == ref.decode(ids, skip_special_tokens=True)
+    assert len(cases[0]) > 200 and max(decoded_lengths) < 20
+
+
 def test_missing_tokenizer_and_template(tmp_path, folder):
     with pytest.raises(ConfigError, match="tokenizer.json is missing"):
         TextCodec(tmp_path)

@@ -21,9 +21,8 @@ import socket
 import threading
 from dataclasses import dataclass, replace
 
-from .jobs import Job
 from .errors import CommError, PeerFailed, TpiError
-from .openai_api import ApiError
+from .jobs import ApiError, Job
 from .sampling import SamplingConfig
 
 

@@ -1,4 +1,4 @@
-"""OpenAI request bodies to tpi_mpi's types: pure functions, the error in OpenAI's shape, and the
+"""OpenAI request bodies to tpi_mpi's types: pure functions, the error as an HTTP response, and the
 body read in / events written out.
 
 Used by serve.py's HTTP side; no threads and no model here, so each rule is tested on its own.
@@ -12,30 +12,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .errors import ConfigError
+from .jobs import ApiError
 from .sampling import SamplingConfig
 
 MAX_STOPS = 4                # as OpenAI
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-class ApiError(Exception):
-    """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def number_field(body: dict, key: str, default, kind=float):
@@ -129,34 +114,6 @@ def completion_prompt(body: dict) -> str:
     if not prompt.strip():
         raise ApiError(400, "the prompt is empty: give some text", param="prompt")
     return prompt
-
-
-class StopFilter:
-    """Cuts the text at the first stop string and holds back a tail that may begin one, so that a
-    stream never shows a stop string, nor part of one (OpenAI leaves it out of the text)."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending, self.text, self.stopped = "", "", False
-
-    def push(self, delta: str) -> str:
-        if self.stopped:
-            return ""
-        buf = self.pending + delta
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = buf[:min(hits)], "", True
-        else:
-            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
-                        if buf.endswith(s[:k])), default=0)
-            out, self.pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
-        self.text += out
-        return out
-
-    def finish(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        self.text += out
-        return out
 
 
 # --- the HTTP body in, server-sent events out ---------------------------------------------------

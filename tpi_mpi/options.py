@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio, parse_size, parse_window
+from .progress import progress_bar  # noqa: F401 (the commands' progress bars)
 
 QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
               "(floats, --dtype), or quantize floats to q8_0, q4_0 or q4_1 when preparing; auto: keep for a "
@@ -67,11 +66,3 @@ def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
                      link_model=kw["link_model"])
 
-
-def progress_bar(quiet: bool):
-    """A tqdm factory for progress bars on stderr, or None when quiet."""
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return lambda **kw: tqdm(file=sys.stderr, **kw)

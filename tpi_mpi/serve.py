@@ -3,15 +3,12 @@
 Two threads on rank 0, each with one role:
 - the HTTP thread runs uvicorn (Starlette app, its own event loop): it checks the key, parses and
   tokenizes each request, and puts a `Job` on a bounded queue (full: HTTP 429). It never touches MPI.
-- the main thread is the only one that talks to the other ranks: it moves jobs into the batch's
-  free slots (up to --max-batch answered together, batching.py), runs one step for all of them at a
-  time and sends each its text through the job's asyncio queue (`loop.call_soon_threadsafe`, the
-  one thread-safe way into an event loop).
-A client that goes away sets `job.cancelled`; its sequence ends at the next step and frees its slot. An
-engine error fails the running and the queued requests with HTTP 5xx, stops the HTTP side and is
-raised, so the job ends with the command line's one-line message. Under a supervisor (`serve
---ranks`, supervisor.py) the same engine takes its jobs from the supervisor's channel instead of the
-HTTP thread (serve_channel), and an engine error leaves the requests to the supervisor to resume.
+- the main thread runs the serving loop (serving.py): it moves jobs into the batch's free slots, runs
+  one step for all of them at a time and sends each its text through the job's asyncio queue
+  (`loop.call_soon_threadsafe`, the one thread-safe way into an event loop).
+An engine error fails the requests with HTTP 5xx, stops the HTTP side and is raised, so the job ends
+with the command line's one-line message. Under a supervisor (`serve --ranks`, supervisor.py) the
+same loop takes its jobs from the supervisor's channel instead (serve_channel).
 
 Streams are server-sent events ending with `data: [DONE]`; the last chunk with a finish_reason
 always carries `usage`, and `stream_options: {"include_usage": true}` adds OpenAI's own usage-only
@@ -23,14 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import math
-import queue
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -41,153 +34,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .jobs import HttpJob, Job
 from .errors import ConfigError, TpiError
-from .openai_api import (ApiError, chat_messages, completion_prompt, flag_field, number_field, parse_max_tokens,
+from .jobs import ApiError, HttpJob, Job
+from .openai_api import (chat_messages, completion_prompt, error_response, flag_field, number_field, parse_max_tokens,
                          parse_sampling, parse_stops, read_json, sse)
+from .serving import BUILTIN_MODEL_ID, Engine, ServeConfig, model_id, queue_full  # noqa: F401 (the CLI's and the supervisor's)
 
 if TYPE_CHECKING:              # the supervisor imports this module for its HTTP side: no torch there
     from .steps import Root
-
-BUILTIN_MODEL_ID = "smollm2-135m-instruct"
-POLL_S = 0.5                 # how often the idle main thread checks that the HTTP thread still runs
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    queue_size: int = 8          # requests waiting while max_batch are answered
-    max_batch: int = 8           # requests answered together, each in a KV-cache slot of its own
-    prefill_chunk: int = 0       # prompt tokens per step (a multiple of batch.PIECE); 0: default_prefill_chunk
-    api_key: str | None = None
-    max_tokens: int = 512        # per answer when a request sets no max_tokens
-    model_id: str = BUILTIN_MODEL_ID
-
-
-def model_id(model: str | None) -> str:
-    """The name /v1/models gives: the model's folder or file name."""
-    return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
-
-
-# --- the main thread: admission and steps ----------------------------------------------------------
-
-class Engine:
-    """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
-
-    def __init__(self, root: Root, cfg: ServeConfig) -> None:
-        from .batching import Batcher
-
-        self.root, self.cfg, self.codec = root, cfg, root.s.codec
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
-        self.lock = threading.Lock()
-        self.failed: str | None = None       # why the engine stopped; new requests get 503
-        self.mean_job_s = 1.0                # running mean, for Retry-After
-        s = root.s
-        self.context = s.context                 # positions per request (--context, capped at the model's)
-        chunk = cfg.prefill_chunk or default_prefill_chunk(s)
-        self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.m.eos_ids) | s.codec.stop_ids())
-
-    @property
-    def busy(self) -> int:
-        return len(self.batch.running)
-
-    def submit(self, job: Job) -> None:
-        """HTTP thread: queue a job or refuse it."""
-        if self.failed:
-            raise ApiError(503, f"the server is shutting down: {self.failed}", code="unavailable")
-        with self.lock:
-            full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
-            if not full:
-                self._put(job)
-        if full:
-            raise queue_full(self.cfg, self.mean_job_s)
-
-    def enqueue(self, job: Job) -> None:
-        """Queue a job unconditionally (a supervisor in front has admitted it already)."""
-        with self.lock:
-            self._put(job)
-
-    def _put(self, job: Job) -> None:
-        self.admitted += 1
-        self.jobs.put_nowait(job)
-
-    def health(self) -> tuple[dict, int]:
-        if self.failed:
-            return {"status": "error", "error": self.failed}, 503
-        s = self.root.s
-        return {"status": "ok", "model": self.cfg.model_id, "busy": self.busy > 0, "running": self.busy,
-                "max_batch": self.cfg.max_batch, "queued": self.jobs.qsize(), "ranks": s.comm.size,
-                "allreduce": s.comm.mode, "windows": s.windows}, 200
-
-    def log(self, msg: str) -> None:
-        self.root.s.log(msg)
-
-    def loop(self, front) -> None:
-        """Main thread: step the batch until the front (HTTP thread or supervisor channel) closes or
-        the engine fails. `front.is_open()` is False once it asked to stop, and raises if it died."""
-        try:
-            while self._admit(block=not self.batch.running, front=front):
-                for seq in self.batch.step():
-                    self._ended(seq)
-        except BaseException as e:
-            self.failed = str(e) or type(e).__name__
-            if front.resumes:                    # a supervisor sends them again to the next engine
-                raise
-            self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
-            while True:                          # nobody will answer the queued requests
-                try:
-                    self.jobs.get_nowait().send("error", ApiError(503, f"the server stopped: {self.failed}",
-                                                                  code="unavailable"))
-                except queue.Empty:
-                    break
-            raise
-
-    def _admit(self, block: bool, front) -> bool:
-        """Move queued jobs into free slots; with nothing running, wait for one (the workers are told
-        that the next step may be long in coming). False: the front has closed, nothing runs."""
-        if block:
-            self.root.idle()
-        while self.batch.free_slots:
-            try:
-                job = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
-            except queue.Empty:
-                if block:
-                    if not front.is_open():
-                        return False
-                    continue
-                return True
-            if job.cancelled:
-                job.send("error", ApiError(499, "the client closed the request"))
-                self._release()
-                continue
-            self.batch.admit(job)
-            block = False
-        return True
-
-    def _ended(self, seq) -> None:
-        self._release()
-        seconds = time.perf_counter() - seq.started
-        self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
-        self.root.s.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
-                        f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}")
-
-    def _release(self) -> None:
-        with self.lock:
-            self.admitted -= 1
-
-
-def queue_full(cfg: ServeConfig, mean_job_s: float) -> ApiError:
-    wait = max(1, math.ceil(mean_job_s * cfg.queue_size / cfg.max_batch))
-    return ApiError(429, f"{cfg.queue_size} request(s) are waiting already (--queue-size): retry in {wait} s",
-                    code="queue_full", headers={"Retry-After": str(wait)})
-
-
-def default_prefill_chunk(s) -> int:
-    """Prompt tokens per step: few when the weights are in memory (a step is cheap, so a short
-    request waits little behind a long prompt); many when they stream (a step reads every weight)."""
-    return 64 if all(w == "all" for w in s.windows) else 512
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -215,7 +69,7 @@ class Api:
             return Route(path, self._guarded(fn), methods=[method])
 
         async def http_error(request: Request, exc: HTTPException) -> Response:
-            return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+            return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
         return Starlette(routes=[
             route("/health", self.health, "GET"),
@@ -230,10 +84,10 @@ class Api:
                 self._check_key(request)
                 return await fn(request)
             except ApiError as e:
-                return e.response()
+                return error_response(e)
             except Exception as e:               # a bug here must not look like a hang to the client
                 self.front.log(f"internal error in {request.url.path}: {type(e).__name__}: {e}")
-                return ApiError(500, f"internal error {type(e).__name__}: {e}").response()
+                return error_response(ApiError(500, f"internal error {type(e).__name__}: {e}"))
         return handle
 
     def _check_key(self, request: Request) -> None:

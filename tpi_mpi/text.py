@@ -96,21 +96,61 @@ class TextCodec:
 
 
 class Streamer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters.
+
+    Incremental (as vLLM's detokenizer): a token decodes only the ids since the last text given out
+    plus the few before them (`ids[prefix:]`), whose text is known, so that the tokenizer's rules at
+    a boundary (a leading space dropped at the start of a decode) see the same neighbours as in the
+    whole answer. Decoding the whole answer every token made a long answer's text cost O(n^2)."""
 
     def __init__(self, codec: TextCodec) -> None:
         self.codec, self.ids, self.shown = codec, [], ""
+        self.prefix = self.read = 0          # ids[prefix:read]: already given out, kept as context
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):          # a multi-byte character is not complete yet
+        known = self.codec.decode(self.ids[self.prefix:self.read])
+        text = self.codec.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(known):   # a multi-byte character is not complete yet
             return ""
-        delta, self.shown = text[len(self.shown):], text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._out(text[len(known):])
 
     def finish(self) -> str:
         """Whatever is still held back once generation has ended."""
-        text = self.codec.decode(self.ids)
-        delta, self.shown = text[len(self.shown):], text
+        known = self.codec.decode(self.ids[self.prefix:self.read])
+        text = self.codec.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return self._out(text[len(known):])
+
+    def _out(self, delta: str) -> str:
+        self.shown += delta
         return delta
+
+
+class StopFilter:
+    """Cuts the text at the first stop string and holds back a tail that may begin one, so that a
+    stream never shows a stop string, nor part of one (OpenAI leaves it out of the text)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending, self.text, self.stopped = "", "", False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self.pending + delta
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = buf[:min(hits)], "", True
+        else:
+            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
+                        if buf.endswith(s[:k])), default=0)
+            out, self.pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        self.text += out
+        return out

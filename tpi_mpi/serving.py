@@ -1,0 +1,164 @@
+"""Rank 0's serving loop, no HTTP here: requests (`Job`s) from a bounded queue into the batch's
+KV-cache slots (batching.Batcher), one step at a time for all of them. serve.py puts this loop
+behind an HTTP thread; under a supervisor, serve_channel puts it behind the supervisor's channel.
+
+The main thread is the only one that talks to the other ranks. A client that goes away sets
+`job.cancelled`; its sequence ends at the next step and frees its slot. An engine error fails the
+running and the queued requests (HTTP 5xx) and is raised; behind a supervisor the requests are
+left to it, which resumes them on the next engine.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .jobs import ApiError, Job
+
+if TYPE_CHECKING:              # the supervisor imports this module for ServeConfig: no torch there
+    from .steps import Root
+
+BUILTIN_MODEL_ID = "smollm2-135m-instruct"
+POLL_S = 0.5                 # how often the idle main thread checks that its front still runs
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    queue_size: int = 8          # requests waiting while max_batch are answered
+    max_batch: int = 8           # requests answered together, each in a KV-cache slot of its own
+    prefill_chunk: int = 0       # prompt tokens per step (a multiple of batch.PIECE); 0: default_prefill_chunk
+    api_key: str | None = None
+    max_tokens: int = 512        # per answer when a request sets no max_tokens
+    model_id: str = BUILTIN_MODEL_ID
+
+
+def model_id(model: str | None) -> str:
+    """The name /v1/models gives: the model's folder or file name."""
+    return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
+
+
+# --- the main thread: admission and steps ----------------------------------------------------------
+
+class Engine:
+    """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
+
+    def __init__(self, root: Root, cfg: ServeConfig) -> None:
+        from .batching import Batcher
+
+        self.root, self.cfg, self.codec = root, cfg, root.s.codec
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
+        self.lock = threading.Lock()
+        self.failed: str | None = None       # why the engine stopped; new requests get 503
+        self.mean_job_s = 1.0                # running mean, for Retry-After
+        s = root.s
+        self.context = s.context                 # positions per request (--context, capped at the model's)
+        chunk = cfg.prefill_chunk or default_prefill_chunk(s)
+        self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.m.eos_ids) | s.codec.stop_ids())
+
+    @property
+    def busy(self) -> int:
+        return len(self.batch.running)
+
+    def submit(self, job: Job) -> None:
+        """HTTP thread: queue a job or refuse it."""
+        if self.failed:
+            raise ApiError(503, f"the server is shutting down: {self.failed}", code="unavailable")
+        with self.lock:
+            full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
+            if not full:
+                self._put(job)
+        if full:
+            raise queue_full(self.cfg, self.mean_job_s)
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a job unconditionally (a supervisor in front has admitted it already)."""
+        with self.lock:
+            self._put(job)
+
+    def _put(self, job: Job) -> None:
+        self.admitted += 1
+        self.jobs.put_nowait(job)
+
+    def health(self) -> tuple[dict, int]:
+        if self.failed:
+            return {"status": "error", "error": self.failed}, 503
+        s = self.root.s
+        return {"status": "ok", "model": self.cfg.model_id, "busy": self.busy > 0, "running": self.busy,
+                "max_batch": self.cfg.max_batch, "queued": self.jobs.qsize(), "ranks": s.comm.size,
+                "allreduce": s.comm.mode, "windows": s.windows}, 200
+
+    def log(self, msg: str) -> None:
+        self.root.s.log(msg)
+
+    def loop(self, front) -> None:
+        """Main thread: step the batch until the front (HTTP thread or supervisor channel) closes or
+        the engine fails. `front.is_open()` is False once it asked to stop, and raises if it died."""
+        try:
+            while self._admit(block=not self.batch.running, front=front):
+                for seq in self.batch.step():
+                    self._ended(seq)
+        except BaseException as e:
+            self.failed = str(e) or type(e).__name__
+            if front.resumes:                    # a supervisor sends them again to the next engine
+                raise
+            self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
+            while True:                          # nobody will answer the queued requests
+                try:
+                    self.jobs.get_nowait().send("error", ApiError(503, f"the server stopped: {self.failed}",
+                                                                  code="unavailable"))
+                except queue.Empty:
+                    break
+            raise
+
+    def _admit(self, block: bool, front) -> bool:
+        """Move queued jobs into free slots; with nothing running, wait for one (the workers are told
+        that the next step may be long in coming). False: the front has closed, nothing runs."""
+        if block:
+            self.root.idle()
+        while self.batch.free_slots:
+            try:
+                job = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
+            except queue.Empty:
+                if block:
+                    if not front.is_open():
+                        return False
+                    continue
+                return True
+            if job.cancelled:
+                job.send("error", ApiError(499, "the client closed the request"))
+                self._release()
+                continue
+            self.batch.admit(job)
+            block = False
+        return True
+
+    def _ended(self, seq) -> None:
+        self._release()
+        seconds = time.perf_counter() - seq.started
+        self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
+        self.root.s.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
+                        f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}")
+
+    def _release(self) -> None:
+        with self.lock:
+            self.admitted -= 1
+
+
+def queue_full(cfg: ServeConfig, mean_job_s: float) -> ApiError:
+    wait = max(1, math.ceil(mean_job_s * cfg.queue_size / cfg.max_batch))
+    return ApiError(429, f"{cfg.queue_size} request(s) are waiting already (--queue-size): retry in {wait} s",
+                    code="queue_full", headers={"Retry-After": str(wait)})
+
+
+def default_prefill_chunk(s) -> int:
+    """Prompt tokens per step: few when the weights are in memory (a step is cheap, so a short
+    request waits little behind a long prompt); many when they stream (a step reads every weight)."""
+    return 64 if all(w == "all" for w in s.windows) else 512
