@@ -69,7 +69,7 @@ def test_split_rows_computes_single_rows_together_and_pieces_alone():
 
 
 def seq(slot: int, prompt: int, fed: int = 0, generated: int = 0) -> Sequence:
-    job = SimpleNamespace(prompt_ids=list(range(prompt)), cancelled=False)
+    job = SimpleNamespace(prompt_ids=list(range(prompt)), cancelled=False, keep_prompt_logits=False)
     return Sequence(job, slot, None, None, None, fed=fed, generated=[1] * generated, prefill=job.prompt_ids)
 
 

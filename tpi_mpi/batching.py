@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch import PIECE, SeqStep, Want
-from .jobs import Job
-from .openai_api import ApiError, StopFilter
+from .jobs import ApiError, Job
 from .sampling import sample, sample_draws
-from .text import Streamer
+from .text import StopFilter, Streamer
 
 FINISHING = 4        # prompts that end in this step may take this many chunks together
 
@@ -41,6 +40,8 @@ class Sequence:
     reason: str | None = None                    # why it ended: "stop", "length", "gone"
 
     prefill: list[int] = field(default_factory=list)   # read before sampling: the prompt (+ resumed tokens)
+    first_logits: object = None                  # the logits its first new token was sampled from (a tensor)
+    prompt_logits: list = field(default_factory=list)  # every prompt position's, when the job keeps them
 
     @property
     def prompt_left(self) -> int:
@@ -50,7 +51,7 @@ class Sequence:
         """Its part of the next step: up to `budget` prompt tokens, or the last token it generated."""
         if self.prompt_left:
             n = min(self.prompt_left, budget)
-            want = Want.LAST if n == self.prompt_left else Want.NONE
+            want = Want.ALL if self.job.keep_prompt_logits else Want.LAST if n == self.prompt_left else Want.NONE
             return SeqStep(self.slot, self.fed, n, want), self.prefill[self.fed:self.fed + n]
         return SeqStep(self.slot, self.fed, 1), self.generated[-1:]
 
@@ -88,7 +89,8 @@ class Batcher:
         used = {s.slot for s in self.running}
         slot = next(i for i in range(self.max_batch) if i not in used)
         seq = Sequence(job, slot, Streamer(self.root.s.codec), StopFilter(job.stops),
-                       np.random.default_rng(job.sampling.seed), prefill=job.prompt_ids + job.generated)
+                       job.rng or np.random.default_rng(job.sampling.seed), fed=job.cached,
+                       prefill=job.prompt_ids + job.generated)
         # a resumed request: its sampler, text and stop state as they were after the tokens it has had;
         # their text is not sent again (should they have ended it, the end is sent now)
         for token in job.generated:
@@ -108,7 +110,13 @@ class Batcher:
             logits = self.root.step([p[0] for p in parts], [t for p in parts for t in p[1]])
             for (s, _), (seq_step, _), out in zip(plan, parts, logits):
                 s.fed += seq_step.n_tokens
-                if out is not None:
+                if out is None:
+                    continue
+                if seq_step.want == Want.ALL:
+                    s.prompt_logits.append(out)
+                if not s.prompt_left:                    # its prompt is read: the next token
+                    if not s.generated:
+                        s.first_logits = out[-1]
                     self._take(s, sample(out[-1].numpy(), s.job.sampling, s.rng))
         ended = [s for s in self.running if s.reason]
         self.running = [s for s in self.running if not s.reason]

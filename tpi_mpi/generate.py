@@ -1,21 +1,26 @@
-"""Prefill and decode on rank 0: a prompt in, tokens out, streamed as text.
+"""Requests of this process (generate, chat, bench generate) on rank 0: they go through the scheduler
+that serve runs (batching.Batcher), one request as a batch of one, so that every command decodes,
+samples, stops and turns tokens into text by the same code.
 
-Each step goes through steps.py's `Root.forward`, which the other ranks follow; sampling and the
-text never leave rank 0.
+Each step goes through steps.py's `Root.step`, which the other ranks follow; sampling and the text
+never leave rank 0.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from .batching import FINISHING, Batcher, Sequence
+from .config import PIECE
 from .errors import ConfigError
-from .batch import SeqStep
-from .sampling import SamplingConfig, sample
+from .jobs import Job
+from .sampling import SamplingConfig
 from .steps import Root
-from .text import Streamer
 
 
 @dataclass
@@ -37,80 +42,91 @@ class Generation:
         return 1 / self.s_per_token if self.s_per_token else 0.0
 
 
+@dataclass(eq=False)
+class LocalJob(Job):
+    """A request of this process: its text goes to `on_text` as it grows; its tokens' times are kept."""
+    on_text: Callable[[str], None] | None = None
+    text: str = ""
+    token_times: list[float] = field(default_factory=list)
+
+    def token(self, token: int, text: str) -> None:
+        self.token_times.append(time.perf_counter())
+        super().token(token, text)
+
+    def send(self, kind: str, value) -> None:
+        if kind == "text":                   # "done" needs nothing here; "error" comes from serve's engine only
+            self.text += value
+            if self.on_text:
+                self.on_text(value)
+
+
+@dataclass
+class Decoded:
+    seqs: list[Sequence]        # in the jobs' order
+    step_s: list[float]         # each step's seconds
+    prefill_steps: int          # the first steps, until every prompt was read
+
+
+def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
+    """Run `jobs` together to their ends. Prompts are read in as few steps as the scheduler allows
+    (one here); `after_prefill()` is called once every prompt has been read (benchmarks zero their
+    counters then)."""
+    s = root.s
+    prompts = [len(j.prompt_ids) - j.cached for j in jobs]
+    chunk = PIECE * math.ceil(max(max(prompts), math.ceil(sum(prompts) / FINISHING)) / PIECE)
+    batcher = Batcher(root, len(jobs), chunk, s.m.max_seq_len, set(s.m.eos_ids) | s.codec.stop_ids())
+    run = Decoded([batcher.admit(job) for job in jobs], [], 0)
+    while batcher.running:
+        t = time.perf_counter()
+        batcher.step()
+        run.step_s.append(time.perf_counter() - t)
+        if not run.prefill_steps and all(not q.prompt_left for q in run.seqs):
+            run.prefill_steps = len(run.step_s)
+            if after_prefill:
+                after_prefill()
+    return run
+
+
 def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
                    ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False,
-                   after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None,
-                   should_stop=None) -> Generation:
-    """Prefill the prompt in one pass, then decode token by token (rank 0).
+                   after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None) -> Generation:
+    """Prefill the prompt in one step, then decode token by token (rank 0).
 
     `cached`: how many leading prompt tokens the KV caches already hold (a chat's earlier turns);
-    only the rest is prefilled. `on_text(delta)` receives the text as it grows; `should_stop(text)`
-    is asked after every token (a stop string, a client gone) and ends the generation when true.
+    only the rest is prefilled. `on_text(delta)` receives the text as it grows.
     """
-    s = root.s
-    m = s.m
+    m = root.s.m
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give some text with --prompt")
     if len(prompt_ids) >= m.max_seq_len:
         raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, the model's context is {m.max_seq_len}: shorten it")
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    rng = rng or np.random.default_rng(sampling.seed)
-    eos = set(m.eos_ids) | s.codec.stop_ids()
-    streamer = Streamer(s.codec)
-    g = Generation(list(prompt_ids))
-    start = 0 if keep_prompt_logits else min(cached, len(prompt_ids) - 1)
+    job = LocalJob("generate", list(prompt_ids), sampling, max_new_tokens, [], ignore_eos,
+                   cached=0 if keep_prompt_logits else min(cached, len(prompt_ids) - 1),
+                   keep_prompt_logits=keep_prompt_logits, rng=rng, on_text=on_text)
     t0 = time.perf_counter()
-    logits = root.forward(g.prompt_ids[start:], start, all_logits=keep_prompt_logits)
-    g.first_logits = logits[-1].numpy().copy()
+    seq = decode(root, [job], after_prefill).seqs[0]
+    times = [t0, *job.token_times]
+    g = Generation(job.prompt_ids, seq.generated, job.text, times[1] - t0, list(np.diff(times[1:])),
+                   seq.first_logits.numpy().copy())
     if keep_prompt_logits:
-        g.prompt_logits = logits.numpy().copy()
-    token = sample(g.first_logits, sampling, rng)
-    g.ttft_s = time.perf_counter() - t0
-    if after_prefill:
-        after_prefill()
-    pos = len(g.prompt_ids)
-    while True:
-        g.generated_ids.append(token)
-        delta = streamer.push(token)
-        if on_text and delta:
-            on_text(delta)
-        done = (token in eos and not ignore_eos) or len(g.generated_ids) >= max_new_tokens \
-            or pos + 1 >= m.max_seq_len or (should_stop is not None and should_stop(streamer.shown))
-        if done:
-            break
-        t = time.perf_counter()
-        logits = root.forward([token], pos)
-        token = sample(logits[-1].numpy(), sampling, rng)
-        g.step_s.append(time.perf_counter() - t)
-        pos += 1
-    rest = streamer.finish()
-    if on_text and rest:
-        on_text(rest)
-    g.text = streamer.shown
+        g.prompt_logits = np.concatenate([x.numpy() for x in seq.prompt_logits])
     return g
 
 
 @dataclass
 class BatchRun:
-    """Greedy generation of several prompts in lockstep (bench generate --batch)."""
+    """Greedy generation of several prompts together (bench generate --batch)."""
     prefill_s: float
     step_s: list[float]
     tokens: list[list[int]]
 
 
 def run_batch(root: Root, prompts: list[list[int]], new_tokens: int, after_prefill=None) -> BatchRun:
-    """Prefill every prompt in one step (slot i for prompt i), then decode one token of each per step."""
-    t0 = time.perf_counter()
-    ids = [t for p in prompts for t in p]
-    logits = root.step([SeqStep(i, 0, len(p)) for i, p in enumerate(prompts)], ids)
-    run = BatchRun(time.perf_counter() - t0, [], [[int(x[-1].argmax())] for x in logits])
-    if after_prefill:
-        after_prefill()
-    for k in range(new_tokens - 1):
-        t = time.perf_counter()
-        logits = root.step([SeqStep(i, len(p) + k, 1) for i, p in enumerate(prompts)], [g[-1] for g in run.tokens])
-        for g, x in zip(run.tokens, logits):
-            g.append(int(x[-1].argmax()))
-        run.step_s.append(time.perf_counter() - t)
-    return run
+    """Every prompt a request of its own, all admitted at once: the prompts read together, then one
+    token of each per step, through the scheduler, the sampler and the detokenizer as serve runs them."""
+    jobs = [LocalJob(f"batch-{i}", p, SamplingConfig(0.0), new_tokens, [], True) for i, p in enumerate(prompts)]
+    run = decode(root, jobs, after_prefill)
+    n = run.prefill_steps
+    return BatchRun(sum(run.step_s[:n]), run.step_s[n:], [q.generated for q in run.seqs])

@@ -26,6 +26,7 @@ from .errors import PeerFailed, TpiError
 from .model import Transformer
 from . import quant_int8
 from .ship import ship
+from .progress import progress_bar
 from .shard_format import COMMON
 from .text import TextCodec
 from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
@@ -95,10 +96,10 @@ class Session:
         torch.set_num_threads(self.threads)
         self.int8 = on_all_ranks(comm, lambda: use_int8_matmul(cfg))
 
-        self.root = self._find_prepared()
+        self.prepared = self._find_prepared()         # the prepared folder (rank 0's; Root is rank 0's driver)
         # without a shared filesystem a rank gets its shard from rank 0 over MPI
-        self.local_root = cache.rank_root(cfg, self.root, self.rank)
-        ship(comm, self.root, self.local_root, progress=self._progress(), log=self.log)
+        self.local_root = cache.rank_root(cfg, self.prepared, self.rank)
+        ship(comm, self.prepared, self.local_root, progress=self._progress(), log=self.log)
 
         self.baseline = current_rss()   # the process before any weights: the budget's start
         comm.agree(True, None)          # every rank is here, none has loaded weights: measure the free memory
@@ -192,11 +193,7 @@ class Session:
 
     def _progress(self):
         """A tqdm factory for rank 0's progress bars, or None when quiet."""
-        if self.rank != 0 or self.cfg.quiet:
-            return None
-        from tqdm import tqdm
-
-        return lambda **kw: tqdm(file=sys.stderr, **kw)
+        return progress_bar(self.rank != 0 or self.cfg.quiet)
 
     def gather_stats(self) -> dict[str, list[float]] | None:
         """Every rank's counters since the last reset, as lists on rank 0 (None elsewhere)."""
