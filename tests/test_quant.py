@@ -46,8 +46,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def matmul_path(path: str):
-    if path == "numba" and not QN.numba_available():
-        pytest.skip("numba is not installed")
     return {"auto": Q.matmul, "steps": Q.matmul_steps, "numba": QN.matmul_numba}[path]
 
 
@@ -200,8 +198,7 @@ def test_matmul_keeps_leading_dims_and_checks_features():
 
 def test_numba_reads_every_fp16_exactly():
     """The kernels convert the fp16 scales themselves: all 65536 bit patterns against numpy's."""
-    if not QN.numba_available():
-        pytest.skip("numba is not installed")
+    QN._numba_kernels()                                 # jits _half
     bits = np.arange(65536, dtype=np.uint16)
     blocks = bits.view(np.uint8).reshape(1, -1, 2)
     got = np.array([QN._half(blocks, 0, k, 0) for k in range(65536)], dtype=np.float32)

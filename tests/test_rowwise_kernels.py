@@ -20,12 +20,6 @@ T = 9
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def _needs_numba():
-    if not QN.numba_available():
-        pytest.skip("numba is not installed")
-
-
 def quant_weight(qtype: str, rows: int = 19, cols: int = 512) -> Q.QuantWeight:
     gen = torch.Generator().manual_seed(1)
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):

@@ -193,10 +193,8 @@ def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     if isinstance(weight, QuantWeight):
         if int8_on():                       # the int8 kernels compute every row alone whatever the call
             return matmul_int8(x, weight).to(x.dtype)
-        from .quant_numba import matmul_numba, numba_available
-        if numba_available():
-            return matmul_numba(x, weight)
-        return torch.cat([matmul(row[None].clone(), weight) for row in x])
+        from .quant_numba import matmul_numba
+        return matmul_numba(x, weight)
     n = _fixed_rows(tuple(weight.shape), weight.dtype, x.dtype, torch.get_num_threads())
     if n is None:
         return torch.cat([F.linear(row[None].clone(), weight) for row in x])

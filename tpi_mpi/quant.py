@@ -378,8 +378,8 @@ def matmul(x: Tensor, w: QuantWeight) -> Tensor:
         y = matmul_int8(x2, w).to(x.dtype)
     else:
         w = w.plain()
-        from .quant_numba import matmul_numba, numba_available   # numba is imported on first use only
-        y = matmul_numba(x2, w) if x2.shape[0] <= NUMBA_MAX_T and numba_available() else matmul_steps(x2, w)
+        from .quant_numba import matmul_numba   # numba is imported on first use only
+        y = matmul_numba(x2, w) if x2.shape[0] <= NUMBA_MAX_T else matmul_steps(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -1,6 +1,6 @@
-"""Optional numba kernels for quant.py's `matmul`: x @ W^T straight from the GGML blocks, for a few
-tokens at a time (decode). numba is imported on first use (`numba_available`); without it, quant.py's
-stepped torch path does the same work. docs/quant-kernels.md has the measurements that chose this.
+"""numba kernels for quant.py's `matmul`: x @ W^T straight from the GGML blocks, for a few tokens at a
+time (decode). numba (a dependency) is imported on the first call, not with this module, so a run that
+never takes this path (--matmul int8) never loads it. docs/quant-kernels.md has the measurements.
 """
 
 from __future__ import annotations
@@ -290,11 +290,9 @@ _LANES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 32
 
 
 @functools.cache
-def _numba_kernels() -> dict | None:
-    try:
-        import numba
-    except ImportError:
-        return None
+def _numba_kernels() -> dict:
+    import numba
+
     global _prange, _half, _scale_min, _accumulate, _lane_sums     # globals numba reads when it compiles
     _prange = numba.prange
     _half, _scale_min, _accumulate, _lane_sums = (numba.njit(f, inline="always", cache=True) for f in (
@@ -306,17 +304,11 @@ def _numba_kernels() -> dict | None:
     return {name: (jit(_ONE_TOKEN[name]), jit(fn)) for name, fn in _NUMBA_SOURCES.items()}
 
 
-def numba_available() -> bool:
-    return _numba_kernels() is not None
-
-
 def matmul_numba(x: Tensor, w: QuantWeight) -> Tensor:
     """x (T, cols) @ W^T with w.qtype's numba kernel, one call for all T tokens (each block decoded
     once), on as many threads as torch uses. Row t of the result depends on x[t] and w only, bit for
-    bit. Raises RuntimeError when numba is missing."""
+    bit."""
     kernels = _numba_kernels()
-    if kernels is None:
-        raise RuntimeError("matmul_numba needs numba (pip install numba)")
     import numba
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     rows, cols = w.shape

@@ -63,9 +63,8 @@ def _ops(rows: int, cols: int, qtype: str | None, w: torch.Tensor) -> dict[tuple
         ("dequantize", 0, "bf16"): lambda: Q.dequantize(raw, qtype, cols, torch.bfloat16),
         ("deq+linear", 1, "fp32"): lambda: F.linear(x[1], Q.dequantize(raw, qtype, cols)),
         ("matmul_steps", 1, "fp32"): lambda: Q.matmul_steps(x[1], qw),
+        ("matmul_numba", 1, "fp32"): lambda: QN.matmul_numba(x[1], qw),
     }
-    if QN.numba_available():
-        ops[("matmul_numba", 1, "fp32")] = lambda: QN.matmul_numba(x[1], qw)
     if QI.int8_available():
         for T in (1, PREFILL):
             ops[("matmul_int8", T, "fp32")] = lambda T=T: QI.matmul_int8(x[T], qw)
@@ -139,8 +138,7 @@ def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: 
     torch.manual_seed(0)
     commit, host = git_commit(), platform.node()
     load = os.getloadavg()[0]
-    if QN.numba_available():                             # compile (or load from cache) before timing
-        QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(Q.quantize(torch.randn(1, 32), "Q4_0"), "Q4_0", 32))
+    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(Q.quantize(torch.randn(1, 32), "Q4_0"), "Q4_0", 32))
     out_records = []
     for rows, cols in shapes:
         w = torch.randn(rows, cols) * 0.02
@@ -154,7 +152,7 @@ def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: 
                 name = qtype or ("F32" if dtype == "fp32" else "BF16")
                 rec = {"bench": "quant", "type": name, "op": op, "T": T, "dtype": dtype, "ms": med * 1e3,
                        "p10_ms": p10 * 1e3, "p90_ms": p90 * 1e3, "repeats": len(v), "threads": threads,
-                       "shape": f"{rows}x{cols}", "numba": QN.numba_available(), "load1": load,
+                       "shape": f"{rows}x{cols}", "load1": load,
                        "commit": commit, "host": host}
                 records[(name, op, T, dtype)] = rec
                 out_records.append(rec)
@@ -163,7 +161,6 @@ def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: 
         if skipped:
             block = Q.block_size(skipped[0])
             print(f"  not run: {', '.join(skipped)} (their {block}-value blocks do not divide {cols} columns)")
-    print(f"\nnumba: {'yes' if QN.numba_available() else 'no (pip install numba for the numba 1 column)'}; "
-          f"int8 kernels: {QI.instruction_set()}; "
+    print(f"\nint8 kernels: {QI.instruction_set()}; "
           f"load average at start {load:.2f}; host {host}; commit {commit}")
     return out_records
