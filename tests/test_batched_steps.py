@@ -1,4 +1,4 @@
-"""Batched steps (batch.py, batching.plan_step, the model over a Batch): the bookkeeping, the
+"""Batched steps (batch.py, scheduler.plan_step, the model over a Batch): the bookkeeping, the
 scheduling policy, and the promise they exist for: a sequence's logits are the same bits whether
 it runs alone or among others that arrive at other steps with other prompt lengths. Ranks are
 threads (fake_comm), as in test_ranks_in_process; no mpirun."""
@@ -13,7 +13,7 @@ import torch
 
 from fake_comm import run_ranks
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
-from tpi_mpi.batching import Sequence, plan_step
+from tpi_mpi.scheduler import Sequence, plan_step
 from tpi_mpi.jobs import Job
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.model import Transformer
@@ -228,7 +228,7 @@ def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False, generated
 
 
 def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
-    from tpi_mpi.batching import Batcher
+    from tpi_mpi.scheduler import Batcher
 
     eos = 0
     root = ScriptedRoot({0: [ord(c) for c in "abcdef"], 1: [ord("x"), ord("y"), eos, ord("z")],
@@ -255,7 +255,7 @@ def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
 
 
 def test_batcher_drops_a_cancelled_sequence_without_a_reply():
-    from tpi_mpi.batching import Batcher
+    from tpi_mpi.scheduler import Batcher
 
     root = ScriptedRoot({0: [ord("a")] * 50})
     b = Batcher(root, max_batch=2, chunk=PIECE, context=64, eos=set())
@@ -281,7 +281,7 @@ class RandomRoot(ScriptedRoot):
 
 
 def run_alone(root, job_, max_batch=1):
-    from tpi_mpi.batching import Batcher
+    from tpi_mpi.scheduler import Batcher
 
     b = Batcher(root, max_batch=max_batch, chunk=PIECE, context=64, eos={0})
     root.prompts = {b.admit(job_).slot: job_.prompt_ids}

@@ -5,7 +5,7 @@ engine needs neither, and the tools (serve's HTTP side, the supervisor, bench, t
 import subprocess
 import sys
 
-ENGINE = ["model", "parallel", "comm", "allreduce", "weights", "steps", "batch", "batching", "generate",
+ENGINE = ["model", "parallel", "comm", "allreduce", "weights", "steps", "batch", "scheduler", "generate",
           "chat", "serving", "startup", "sampling", "text", "jobs", "channel", "quant", "quant_int8", "prepare", "cache"]
 TOOLS_ONLY = ["starlette", "uvicorn", "click", "fastapi", "httpx"]
 

@@ -1,5 +1,5 @@
 """Requests of this process (generate, chat, bench generate) on rank 0: they go through the scheduler
-that serve runs (batching.Batcher), one request as a batch of one, so that every command decodes,
+that serve runs (scheduler.Batcher), one request as a batch of one, so that every command decodes,
 samples, stops and turns tokens into text by the same code.
 
 Each step goes through steps.py's `Root.step`, which the other ranks follow; sampling and the text
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batching import FINISHING, Batcher, Sequence
+from .scheduler import FINISHING, Batcher, Sequence
 from .config import PIECE
 from .errors import ConfigError
 from .jobs import Job

@@ -1,5 +1,5 @@
 """Rank 0's serving loop, no HTTP here: requests (`Job`s) from a bounded queue into the batch's
-KV-cache slots (batching.Batcher), one step at a time for all of them. serve.py puts this loop
+KV-cache slots (scheduler.Batcher), one step at a time for all of them. serve.py puts this loop
 behind an HTTP thread; under a supervisor, serve_channel puts it behind the supervisor's channel.
 
 The main thread is the only one that talks to the other ranks. A client that goes away sets
@@ -50,7 +50,7 @@ class Engine:
     """The main thread's side: jobs from a bounded queue into the batch's slots, one step at a time."""
 
     def __init__(self, root: Root, cfg: ServeConfig) -> None:
-        from .batching import Batcher
+        from .scheduler import Batcher
 
         self.root, self.cfg, self.codec = root, cfg, root.s.codec
         self.jobs: queue.Queue[Job] = queue.Queue()

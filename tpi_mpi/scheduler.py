@@ -1,4 +1,6 @@
-"""Continuous batching on rank 0 (serve's main thread): requests join and leave between steps.
+"""The scheduler on rank 0, continuous batching: requests join and leave between steps. Every
+command decodes through it (serve's loop with up to --max-batch requests; generate, chat and bench
+as a batch of one or a few, generate.py).
 
 Each admitted request holds one of `max_batch` KV-cache slots until it ends. Every step carries
 one token of each sequence that is decoding and, as the prefill budget allows, prompt tokens:
