@@ -143,12 +143,22 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
     return run_ranks(n, rank_main)[0]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The rank threads compute with one torch thread each (the machine may have 2 cores); the count is
+    put back after the test."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("name,n,dtype,quant", [("llama", 1, "fp32", "none"), ("llama", 2, "fp32", "none"),
                                                 ("llama", 3, "fp32", "none"), ("mistral", 2, "bf16", "none"),
                                                 ("qwen2", 2, "fp32", "q8_0"), ("llama", 3, "fp32", "q4_0"),
                                                 ("qwen3_moe", 2, "fp32", "none"), ("mixtral", 3, "fp32", "q8_0")])
-def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, dtype, quant):
-    torch.set_num_threads(1)
+def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_path, name, n, dtype, quant,
+                                                            one_torch_thread):
     prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), dtype, quant=quant)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 200, size=k).tolist() for k in (5, 70, 33, 1)]
