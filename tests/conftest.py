@@ -1,6 +1,5 @@
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import make_checkpoint  # noqa: E402
+from tpi_mpi.processes import free_port  # noqa: E402,F401  (the tests take it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,12 +160,6 @@ def checkpoints(tmp_path_factory):
 
 
 # -- servers ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def descendants(pid: int) -> dict[int, int | None]:
     """{pid: MPI rank or None} of every process below `pid` (prterun's ranks)."""

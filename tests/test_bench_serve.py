@@ -10,7 +10,6 @@ tpi_mpi serve), otherwise requests run side by side.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +19,7 @@ import pytest
 from tpi_mpi.bench.serve import bench_serve, level_record
 from tpi_mpi.bench.serve_client import Reply, read_events
 from tpi_mpi.errors import ConfigError
+from tpi_mpi.processes import free_port
 
 PREFILL_BASE = 0.05
 TEMPLATE_TOKENS = 5
@@ -177,9 +177,7 @@ def test_a_server_that_interleaves_answers_the_short_request_first(fake):
 
 
 def test_no_server_is_one_clear_error_naming_the_url():
-    with socket.socket() as s:                          # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                                  # a port nobody listens on
     with pytest.raises(ConfigError, match=rf"no server at http://127.0.0.1:{port} .*serve"):
         bench_serve(f"http://127.0.0.1:{port}/v1", requests=1, clients=(1,))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from subprocess import DEVNULL, STDOUT, Popen
 
 from ..errors import ConfigError, TpiError
-from ..supervisor import proc_stat, session_pids
+from ..processes import free_port, proc_stat, session_pids
 from .record import append_json, host_fields
 from .serve import print_table
 from .serve_client import Server
@@ -60,12 +59,6 @@ class Stream:
 
 
 # --- processes ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server(argv: list[str], log: Path, server: Server, timeout: float) -> Popen:
     """The supervisor in a session of its own (so its processes can be found), ready once /health answers."""
