@@ -12,15 +12,14 @@ never as pickled objects. Every wait polls a non-blocking request and sleeps bet
 rank waiting for its peers leaves the core to the ranks that compute (4 ranks on 2 cores is a
 normal setup), and a peer that never answers becomes an error after `timeout` seconds.
 
-`--link-model 2ms,300mbit` (a `SimulatedLink`) charges every message a modelled link time, for
-what-if runs on one machine without root (tpi_mpi.netem emulates the link for real).
+`--link-model 2ms,300mbit` (a `SimulatedLink`, link_model.py) charges every message a modelled
+link time, for what-if runs on one machine without root (tpi_mpi.netem emulates the link for real).
+TPI_MPI_RECORD=folder keeps every buffer a rank receives (a `Recorder`, recorder.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -34,6 +33,8 @@ from torch import Tensor
 from .allreduce import Allreduce
 from .errors import CommError, ConfigError, PeerFailed
 from .launcher import launched_by_mpi
+from .link_model import SimulatedLink
+from .recorder import Recorder
 
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
 TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL, TAG_ROLL_ASK = 31, 32, 33, 34, 35
@@ -59,41 +60,6 @@ class CommStats:
     seconds: float = 0.0      # wall time inside communication calls
     bytes_sent: int = 0
     calls: int = 0
-
-
-@dataclass(frozen=True)
-class SimulatedLink:
-    """A link of one-way `delay` seconds and `rate` bits per second, charged in the comm layer.
-
-    Every message that MpiComm.exchange receives costs delay + bytes / rate, slept on the receiving
-    rank after it arrived; messages received in one exchange share the receiver's link, one after
-    the other (a star's hub pays delay + (n - 1) bytes / rate). The sender's uplink is not modelled
-    apart, so a hub's n - 1 sends back count as parallel. An `mpi` allreduce (MPI_Allreduce, whose
-    messages are out of sight) is charged as the ring's pattern: 2 (n - 1) steps of delay +
-    (bytes / n) / rate. Broadcasts and gathers are not charged (one of each per token)."""
-
-    delay: float
-    rate: float
-
-    @classmethod
-    def parse(cls, text: str) -> SimulatedLink:
-        """'2ms,300mbit' -> SimulatedLink(0.002, 3e8); delays in us/ms/s, rates in kbit/mbit/gbit."""
-        m = re.fullmatch(r"\s*([0-9.]+)\s*(us|ms|s)\s*,\s*([0-9.]+)\s*(kbit|mbit|gbit)\s*", text.lower())
-        try:
-            link = m and cls(float(m[1]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m[2]],
-                             float(m[3]) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m[4]])
-        except ValueError:
-            link = None
-        if not link or link.rate <= 0:
-            raise ConfigError(f"--link-model {text!r}: write a one-way delay and a rate, e.g. 2ms,300mbit")
-        return link
-
-    def cost(self, nbytes: int) -> float:
-        """Seconds until the last of messages of `nbytes` in all, sent together, has arrived."""
-        return self.delay + nbytes * 8 / self.rate
-
-    def describe(self) -> str:
-        return f"{self.delay * 1e3:g}ms,{self.rate / 1e6:g}mbit"
 
 
 class Comm(Protocol):
@@ -409,20 +375,3 @@ def abort_job(code: int = 1) -> None:
             and mpi4py.COMM_WORLD.Get_size() > 1:
         mpi4py.COMM_WORLD.Abort(code)
 
-
-class Recorder:
-    """Every buffer this rank receives, appended raw to rankN.bin with a JSON line each in rankN.jsonl
-    (set TPI_MPI_RECORD=folder). It lets a test prove what a worker ever gets to see."""
-
-    def __init__(self, folder: str, rank: int) -> None:
-        os.makedirs(folder, exist_ok=True)
-        self.bin = open(os.path.join(folder, f"rank{rank}.bin"), "ab")
-        self.index = open(os.path.join(folder, f"rank{rank}.jsonl"), "a")
-
-    def add(self, op: str, buf: np.ndarray) -> None:
-        offset = self.bin.tell()
-        self.bin.write(buf.tobytes())
-        self.bin.flush()
-        self.index.write(json.dumps({"op": op, "dtype": str(buf.dtype), "shape": list(buf.shape),
-                                     "offset": offset, "nbytes": buf.nbytes}) + "\n")
-        self.index.flush()

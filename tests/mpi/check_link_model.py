@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from mpi_check import report
 
-from tpi_mpi.comm import MpiComm, SimulatedLink
+from tpi_mpi.comm import MpiComm
+from tpi_mpi.link_model import SimulatedLink
 
 DELAY = 0.005
 
