@@ -102,76 +102,11 @@ def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> N
     """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed and
     the minimum memory budget, for each --quant (SRC: a model folder, .gguf file or prepared folder
     [default: the built-in model])."""
-    from .parallel import FFN_UNIT, parameter_count, plan_shards, shard_bytes
-    from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
-    from .shard_format import DTYPE_NAMES as DTYPE_NAMES_OF, DTYPES, MANIFEST, Manifest
-    from .weights import current_rss
+    from .sizing import Sizing, report
 
     source = _source(src, synthetic) or _builtin()
-    opened, prepared, modes = None, None, {}      # modes: --quant -> bytes per matrix value (None: floats)
-    if isinstance(source, (str, Path)) and (Path(source) / "rank0" / MANIFEST).exists():   # prepared
-        mf = Manifest.load(Path(source) / "rank0")
-        m, stored, quant, prepared = mf.model, mf.dtype, mf.quant, list(mf.shards)
-        world_size, ratio = mf.world_size, ",".join(map(str, mf.ratio))
-        blocks = mf.block_files()
-        modes[quant] = (sum(mf.files[b]["size"] for b in blocks) / sum(mf.files[b].get("dequantized", mf.files[b]["size"])
-                        for b in blocks) * DTYPES[stored].itemsize) if quant != "none" else None
-    else:
-        opened = open_source(source) if isinstance(source, (str, Path)) else source
-        m, stored = opened.config, DTYPE_NAMES_OF[opened.dtype]
-        quant = resolve_quant(opened, quant)
-        modes = {"none": None, **({"keep": opened.matrix_bytes()} if hasattr(opened, "matrix_bytes") else {}),
-                 **QUANT_BYTES}
-    itemsize = DTYPES[stored if dtype == "auto" else dtype].itemsize
-    par = ParallelConfig(world_size, parse_ratio(ratio))
-    ctx = min(context, m.max_seq_len)
-    baseline = current_rss()    # this process after importing torch: about what a rank starts with
-
-    def plan(mode: str):
-        """Per rank: (shard, RankShard, block bytes, streamed bytes per token, min budget)."""
-        shards = prepared or plan_shards(m, par, head_on, ffn_unit(opened, mode, m) if opened else FFN_UNIT)
-        rows = []
-        for s in shards:
-            b = shard_bytes(m, s, itemsize, modes[mode])
-            dense = shard_bytes(m, s, itemsize)       # a quantized block computes one matrix dequantized at a time
-            kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
-            block = max(b["attn"], b["mlp"], max(dense["attn"], dense["mlp"]) // 2 if modes[mode] else 0)
-            experts = len(m.moe_layers) * m.n_experts * b["expert"]     # of which a token needs the routed ones
-            streamed = m.n_layers * (b["attn"] + b["mlp"]) + experts
-            routed = streamed - experts * (1 - m.n_routed / max(m.n_experts, 1))
-            rows.append((streamed + b["common"] + b["embed"], s, block, streamed,
-                         baseline + b["common"] + 2 * block + kv, routed))   # window 1, as plan_window counts
-        return rows
-
-    n = parameter_count(m)
-    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-    click.echo(f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
-               f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
-               f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {stored}, --quant {quant}")
-    if m.n_experts:
-        click.echo(f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
-                   f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
-    click.echo(f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
-               f"{'KV cache':>10} {'min budget':>11}")
-    for shard, s, block, _, minimum, _ in plan(quant):
-        kv = 2 * m.n_layers * s.n_kv_heads * m.head_dim * ctx * itemsize
-        cols = s.expert_ffn if m.n_experts and len(m.moe_layers) == m.n_layers else s.ffn   # each expert's, if all MoE
-        click.echo(f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {cols[0]:>5}-{cols[1]:<5} "
-                   f"{format_size(shard):>11} {format_size(block):>14} {format_size(kv):>10} {format_size(minimum):>11}")
-    click.echo("heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1")
-    click.echo(f"min budget = runtime baseline ({format_size(baseline)}) + resident tensors + 2 blocks + "
-               f"KV cache for {ctx} tokens: --memory-budget below it is refused")
-    if len(modes) > 1:
-        routed_col = f" {'routed experts only':>19}" if m.n_experts else ""
-        click.echo(f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "
-                   f"{'min budget':>11}{routed_col}")
-        for mode, per in modes.items():
-            shard, _, _, streamed, minimum, routed = max(plan(mode), key=lambda row: row[0])
-            click.echo(f"{mode:>33} {per or itemsize:>11.3f} {format_size(shard):>11} {format_size(streamed):>15} "
-                       f"{format_size(minimum):>11}" + (f" {format_size(routed):>19}" if m.n_experts else ""))
-        click.echo("read per token: every block streamed once per token (a window smaller than the shard)"
-                   + ("; routed experts only: the dense parts and the routed experts, what a token reads "
-                      "when no expert is kept in memory" if m.n_experts else ""))
+    for line in report(Sizing(source, world_size, ratio, dtype, head_on, quant, context)):
+        click.echo(line)
 
 
 def _builtin() -> Path:

@@ -1,0 +1,112 @@
+"""What a model needs on each rank, for `tpi_mpi info`: bytes held, bytes read per token when the
+weights stream, and the minimum memory budget, for each --quant the source can take. Arithmetic
+over the shard plan (parallel.py) and the manifest (shard_format.py) and the lines that print it;
+no click here (cli.py echoes the lines), no weights read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from .config import ParallelConfig, format_size, parse_ratio
+from .parallel import FFN_UNIT, RankShard, parameter_count, plan_shards, shard_bytes
+from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
+from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest
+from .weights import current_rss
+
+
+class RankNeeds(NamedTuple):
+    """One rank's bytes under one --quant."""
+    shard: int          # everything it holds: the streamed blocks, the resident tensors, its embedding rows
+    rank: RankShard
+    block: int          # the largest block the window holds at once
+    streamed: int       # read per token when every block streams
+    minimum: int        # the smallest --memory-budget it starts with (a window of 1)
+    routed: int         # read per token with the routed experts only
+
+
+class Sizing:
+    """A model source (a model folder, .gguf file, synthetic source or prepared folder) planned for
+    `world_size` ranks; `plan(mode)` gives each rank's needs under --quant `mode`."""
+
+    def __init__(self, source, world_size: int, ratio: str | None, dtype: str, head_on: str, quant: str,
+                 context: int) -> None:
+        self.opened, self.prepared = None, None
+        self.modes: dict[str, float | None] = {}     # --quant -> bytes per matrix value (None: floats)
+        if isinstance(source, (str, Path)) and (Path(source) / "rank0" / MANIFEST).exists():   # prepared
+            mf = Manifest.load(Path(source) / "rank0")
+            self.model, self.stored, self.quant, self.prepared = mf.model, mf.dtype, mf.quant, list(mf.shards)
+            world_size, ratio = mf.world_size, ",".join(map(str, mf.ratio))
+            blocks = mf.block_files()
+            self.modes[self.quant] = (sum(mf.files[b]["size"] for b in blocks) / sum(
+                mf.files[b].get("dequantized", mf.files[b]["size"]) for b in blocks)
+                * DTYPES[self.stored].itemsize) if self.quant != "none" else None
+        else:
+            self.opened = open_source(source) if isinstance(source, (str, Path)) else source
+            self.model, self.stored = self.opened.config, DTYPE_NAMES[self.opened.dtype]
+            self.quant = resolve_quant(self.opened, quant)
+            self.modes = {"none": None, **({"keep": self.opened.matrix_bytes()}
+                                           if hasattr(self.opened, "matrix_bytes") else {}), **QUANT_BYTES}
+        self.itemsize = DTYPES[self.stored if dtype == "auto" else dtype].itemsize
+        self.par = ParallelConfig(world_size, parse_ratio(ratio))
+        self.head_on = head_on
+        self.context = min(context, self.model.max_seq_len)
+        self.baseline = current_rss()    # this process after importing torch: about what a rank starts with
+
+    def kv_bytes(self, s: RankShard) -> int:
+        """The rank's KV cache for `context` positions."""
+        m = self.model
+        return 2 * m.n_layers * s.n_kv_heads * m.head_dim * self.context * self.itemsize
+
+    def plan(self, mode: str) -> list[RankNeeds]:
+        m, per = self.model, self.modes[mode]
+        shards = self.prepared or plan_shards(m, self.par, self.head_on,
+                                              ffn_unit(self.opened, mode, m) if self.opened else FFN_UNIT)
+        rows = []
+        for s in shards:
+            b = shard_bytes(m, s, self.itemsize, per)
+            dense = shard_bytes(m, s, self.itemsize)       # a quantized block computes one matrix dequantized at a time
+            block = max(b["attn"], b["mlp"], max(dense["attn"], dense["mlp"]) // 2 if per else 0)
+            experts = len(m.moe_layers) * m.n_experts * b["expert"]     # of which a token needs the routed ones
+            streamed = m.n_layers * (b["attn"] + b["mlp"]) + experts
+            routed = streamed - experts * (1 - m.n_routed / max(m.n_experts, 1))
+            minimum = self.baseline + b["common"] + 2 * block + self.kv_bytes(s)   # window 1, as plan_window counts
+            rows.append(RankNeeds(streamed + b["common"] + b["embed"], s, block, streamed, minimum, routed))
+        return rows
+
+
+def report(sizing: Sizing) -> Iterator[str]:
+    """The lines `info` prints: the architecture, a table of the ranks under the source's --quant,
+    and, when the source can take others, the largest rank under each."""
+    m = sizing.model
+    n = parameter_count(m)
+    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+    yield (f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
+           f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
+           f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {sizing.stored}, --quant {sizing.quant}")
+    if m.n_experts:
+        yield (f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
+               f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
+    yield (f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
+           f"{'KV cache':>10} {'min budget':>11}")
+    for r in sizing.plan(sizing.quant):
+        s = r.rank
+        cols = s.expert_ffn if m.n_experts and len(m.moe_layers) == m.n_layers else s.ffn   # each expert's, if all MoE
+        yield (f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {cols[0]:>5}-{cols[1]:<5} "
+               f"{format_size(r.shard):>11} {format_size(r.block):>14} {format_size(sizing.kv_bytes(s)):>10} "
+               f"{format_size(r.minimum):>11}")
+    yield "heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1"
+    yield (f"min budget = runtime baseline ({format_size(sizing.baseline)}) + resident tensors + 2 blocks + "
+           f"KV cache for {sizing.context} tokens: --memory-budget below it is refused")
+    if len(sizing.modes) > 1:
+        routed_col = f" {'routed experts only':>19}" if m.n_experts else ""
+        yield (f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "
+               f"{'min budget':>11}{routed_col}")
+        for mode, per in sizing.modes.items():
+            r = max(sizing.plan(mode), key=lambda row: row.shard)
+            yield (f"{mode:>33} {per or sizing.itemsize:>11.3f} {format_size(r.shard):>11} "
+                   f"{format_size(r.streamed):>15} {format_size(r.minimum):>11}"
+                   + (f" {format_size(r.routed):>19}" if m.n_experts else ""))
+        yield ("read per token: every block streamed once per token (a window smaller than the shard)"
+               + ("; routed experts only: the dense parts and the routed experts, what a token reads "
+                  "when no expert is kept in memory" if m.n_experts else ""))
