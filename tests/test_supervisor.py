@@ -25,7 +25,9 @@ from tpi_mpi.errors import CommError, ConfigError, PeerFailed, ShardError
 from tpi_mpi.sampling import SamplingConfig
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
-from tpi_mpi.supervisor import Devices, ranks_named, read_hostfile, session_pids  # noqa: E402
+from tpi_mpi.devices import Devices, read_hostfile  # noqa: E402
+from tpi_mpi.engine_process import ranks_named  # noqa: E402
+from tpi_mpi.processes import session_pids  # noqa: E402
 
 
 def test_hostfile_lines_and_their_errors(tmp_path):
@@ -45,7 +47,8 @@ def test_hostfile_lines_and_their_errors(tmp_path):
 def test_devices_drop_slots_and_get_them_back_when_the_hostfile_changes(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("localhost slots=2\nboard-b slots=2\n")
-    d = Devices(4, str(f), ratio=(2, 1, 1, 1))
+    logged = []
+    d = Devices(4, str(f), ratio=(2, 1, 1, 1), log=logged.append)
     d.refresh()
     assert d.current() == [0, 1, 2, 3] and d.slots == ["localhost", "localhost", "board-b", "board-b"]
     d.dropped.update({2})
@@ -57,17 +60,18 @@ def test_devices_drop_slots_and_get_them_back_when_the_hostfile_changes(tmp_path
     assert d.refresh() and d.current() == [0, 1, 2, 3]
     f.write_text("localhost slots=1\nboard-b slots=1\n")    # fewer slots than --ratio parts: even split
     assert d.refresh() and d.current() == [0, 1] and d.ratio_of([0, 1]) is None
-    assert Devices(3, None).slots == ["localhost"] * 3
+    assert logged == ["--ratio has 4 parts, the hostfile now 2 slot(s): splitting evenly"]
+    assert Devices(3, None, log=print).slots == ["localhost"] * 3
 
 
 def test_rank_0_must_be_this_host(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("board-b.invalid slots=1\nlocalhost slots=1\n")
     with pytest.raises(ConfigError, match=r"first host \(board-b.invalid\) must be this machine"):
-        Devices(2, str(f))
+        Devices(2, str(f), log=print)
     f.write_text("localhost slots=2\n")
     with pytest.raises(ConfigError, match="--ratio has 3 parts for 2 rank"):
-        Devices(2, str(f), ratio=(1, 1, 1))
+        Devices(2, str(f), ratio=(1, 1, 1), log=print)
 
 
 def test_the_rank_a_failure_names():

@@ -272,66 +272,22 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
         cache.locate(run_config(kw, max_batch), prepare_for, log)
         return
     if ranks is not None:
-        return _supervise(cfg, ranks, hostfile, launcher_args, parse_ratio(kw["ratio"]), kw["model"], prepare_ahead)
+        from .supervisor import SupervisorConfig, supervise
+
+        return supervise(SupervisorConfig.from_command(cfg, click.get_current_context()))
     if hostfile or launcher_args or prepare_ahead:
         raise ConfigError("--hostfile, --launcher-args and --prepare-ahead go with --ranks (the supervisor launches "
                           "mpirun)")
     if channel:
-        return _serve_supervised(cfg, channel, kw)
+        from .supervised import serve_for_supervisor
+
+        return serve_for_supervisor(cfg, channel, kw)
     from .serve import serve as serve_http      # the engine's modules (torch) only where an engine runs
     from .startup import Session
     from .steps import run_steps
 
     with Session(run_config(kw, max_batch)) as s:
         run_steps(s, lambda root: serve_http(root, cfg))
-
-
-# the options only the supervisor reads; it passes every other one on to the engine
-SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio", "prepare_ahead",
-                   "prepare_for"}
-
-
-def _supervise(cfg, ranks: int, hostfile: str | None, launcher_args: str, ratio: tuple[float, ...],
-               model: str | None, prepare_ahead: bool) -> None:
-    import shlex
-
-    from .launcher import launched_by_mpi
-    from .supervisor import SupervisorConfig, supervise
-
-    if launched_by_mpi():
-        raise ConfigError("serve --ranks launches mpirun itself: run it without mpirun")
-    if ranks < 1:
-        raise ConfigError(f"--ranks {ranks}: must be at least 1")
-    ctx = click.get_current_context()
-    engine_args = []
-    for p in ctx.command.params:
-        value = ctx.params.get(p.name)
-        if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
-            continue
-        engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
-    supervise(SupervisorConfig(cfg, ranks, hostfile, engine_args, shlex.split(launcher_args), ratio, model,
-                               prepare_ahead))
-
-
-def _serve_supervised(cfg, channel_path: str, kw: dict) -> None:
-    """Rank 0 answers the supervisor over its channel; a failure is reported there before the job ends."""
-    from .launcher import launch_rank
-    from .startup import Session
-    from .steps import run_steps
-
-    channel = None
-    if launch_rank() == 0:
-        from .channel import Channel, failure_message
-        from .serve import serve_channel
-
-        channel = Channel.connect(channel_path)
-    try:
-        with Session(run_config(kw, cfg.max_batch)) as s:
-            run_steps(s, lambda root: serve_channel(root, cfg, channel))
-    except BaseException as e:
-        if channel is not None:
-            channel.send({"failed": failure_message(e)})
-        raise
 
 
 @cli.command()

@@ -12,16 +12,19 @@ client has had, so the engine prefills prompt + those tokens and its stream goes
 stopped. New requests wait meanwhile (429 past the queue); while no engine can start they get 503
 with Retry-After.
 
-Devices are slots: the hostfile's, in order (mpirun places rank r on the r-th slot, --map-by slot),
-or N slots on this host. A dropped slot comes back when the hostfile changes (it is re-read at each
-launch). Rank 0 runs on the first slot, which must be this host: if it goes, so does the supervisor.
+Devices are slots: the hostfile's, in order, or N slots on this host (devices.py). A dropped slot
+comes back when the hostfile changes (it is re-read at each launch). Rank 0 runs on the first slot,
+which must be this host: if it goes, so does the supervisor. The launched processes, and which rank
+a failure names, are engine_process.py's; the engine's own side of the channel is supervised.py's.
+This module is the state machine over them (launch, relay, fail, drop, launch again) and the
+HTTP front's jobs.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
+import shlex
 import shutil
 import signal
 import socket
@@ -29,274 +32,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from subprocess import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired
 
 from .channel import Channel, job_message, with_seed
+from .config import parse_ratio
+from .devices import Devices
+from .engine_process import EXIT_GRACE_S, Ahead, EngineProcess, Failure
 from .errors import ConfigError, TpiError
+from .launcher import launched_by_mpi
 from .openai_api import ApiError
 from .serve import Api, HttpThread, ServeConfig, queue_full
 from .text import TextCodec
 
 FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
-EXIT_GRACE_S = 3.0     # after a failure: how long mpirun may take to end the job itself
 RETRY_AFTER_S = 10     # Retry-After while no engine can start
-LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+# the serve options only the supervisor reads; it passes every other one on to the engine
+SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio", "prepare_ahead",
+                   "prepare_for"}
 
 
 def log(msg: str) -> None:
     print(f"tpi_mpi: supervisor: {msg}", file=sys.stderr, flush=True)
-
-
-# --- devices ----------------------------------------------------------------------------------------
-
-def read_hostfile(path: Path) -> list[tuple[str, int]]:
-    """(host, slots) per line of an Open MPI hostfile ('host slots=N', '#' comments)."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"--hostfile {path}: {e.strerror}") from None
-    hosts = []
-    for n, line in enumerate(text.splitlines(), 1):
-        words = line.split("#")[0].split()
-        if not words:
-            continue
-        slots = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")), "1")
-        if not slots.isdigit() or int(slots) < 1:
-            raise ConfigError(f"--hostfile {path} line {n}: slots={slots}: write a positive number")
-        hosts.append((words[0], int(slots)))
-    if not hosts:
-        raise ConfigError(f"--hostfile {path} lists no host")
-    return hosts
-
-
-def is_this_host(name: str) -> bool:
-    if name in LOCAL_NAMES or name in (socket.gethostname(), socket.getfqdn()):
-        return True
-    try:
-        return socket.gethostbyname(name).startswith("127.") or \
-            socket.gethostbyname(name) == socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return False
-
-
-class Devices:
-    """The slots the engine may run on, in rank order, less the ones dropped since the hostfile last
-    changed; with --ratio, each slot's share."""
-
-    def __init__(self, ranks: int, hostfile: str | None, ratio: tuple[float, ...] = ()) -> None:
-        self.ranks, self.hostfile = ranks, Path(hostfile).expanduser() if hostfile else None
-        self.ratio = ratio
-        self.dropped: set[int] = set()
-        self.stamp = None
-        self.slots = self._read()
-        if ratio and len(ratio) != len(self.slots):
-            raise ConfigError(f"--ratio has {len(ratio)} parts for {len(self.slots)} rank(s): give one per rank")
-
-    def _read(self) -> list[str]:
-        if self.hostfile is None:
-            return ["localhost"] * self.ranks
-        hosts = read_hostfile(self.hostfile)
-        if not is_this_host(hosts[0][0]):
-            raise ConfigError(f"--hostfile {self.hostfile}: its first host ({hosts[0][0]}) must be this machine: "
-                              "rank 0 runs beside the supervisor")
-        slots = [h for h, n in hosts for _ in range(n)]
-        return slots[:self.ranks]
-
-    def refresh(self) -> bool:
-        """Re-read the hostfile; if it changed, every slot in it is back. True if it changed."""
-        if self.hostfile is None:
-            return False
-        try:
-            stamp = (self.hostfile.stat().st_mtime_ns, self.hostfile.read_bytes())
-            slots = self._read()
-        except (OSError, ConfigError) as e:
-            log(f"the hostfile cannot be read again, keeping the devices known: {e}")
-            return False
-        if stamp == self.stamp:
-            return False
-        changed = self.stamp is not None
-        self.stamp, self.dropped = stamp, set()
-        if self.ratio and len(slots) != len(self.ratio):
-            log(f"--ratio has {len(self.ratio)} parts, the hostfile now {len(slots)} slot(s): splitting evenly")
-            self.ratio = ()
-        self.slots = slots
-        return changed
-
-    def current(self) -> list[int]:
-        """The slots left, in rank order."""
-        return [i for i in range(len(self.slots)) if i not in self.dropped]
-
-    def ratio_of(self, slots: list[int]) -> str | None:
-        return ",".join(f"{self.ratio[i]:g}" for i in slots) if self.ratio else None
-
-
-# --- the engine: mpirun and its processes -------------------------------------------------------
-
-# how mpirun and our entry point name a rank that failed (rank, why), most telling first
-RANK_PATTERNS = [re.compile(p) for p in (
-    r"process rank (\d+) with PID \d+ on node \S+ (exited on signal \d+ \(\w+\))",
-    r"tpi_mpi: rank (\d+): (error: [^\n]*)",
-    r"process rank (\d+) with PID \d+ on node \S+ (exited [^.]*)",
-    r"MPI_ABORT was invoked on rank (\d+) (in communicator)",
-)]
-
-
-def ranks_named(lines: list[str]) -> tuple[list[int], str]:
-    """The ranks that mpirun's and the ranks' own lines name as failed, and why."""
-    text = "\n".join(" ".join(ln.split()) for ln in lines)
-    wrapped = " ".join(text.split())                  # mpirun wraps its messages over lines
-    for pattern in RANK_PATTERNS:
-        if found := pattern.findall(text if "error" in pattern.pattern else wrapped):
-            ranks = list(dict.fromkeys(int(r) for r, _ in found))
-            return ranks, found[0][1]
-    return [], ""
-
-
-def proc_stat(pid: int | str) -> tuple[str, int, int] | None:
-    """(state, ppid, session) of a process from /proc, None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()          # after "pid (comm) "
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def session_pids(*sids: int) -> list[int]:
-    """Every live process (zombies are over) of these sessions: mpirun, started as a session's
-    leader, and the ranks it forked, which Open MPI puts in process groups of their own."""
-    return [int(e) for e in os.listdir("/proc")
-            if e.isdigit() and (s := proc_stat(e)) and s[2] in sids and s[0] != "Z"]
-
-
-@dataclass
-class Failure:
-    message: str
-    ranks: list[int] = field(default_factory=list)     # the ranks to drop
-    fatal: bool = False                                 # starting again would fail alike
-    hosts: list[str] = field(default_factory=list)     # hosts the launcher could not reach (all their slots go)
-    at: float = field(default_factory=time.time)       # when the supervisor learned of it
-
-
-class Engine:
-    """One launch of the engine: mpirun in a session of its own, its output relayed to ours (the
-    last lines kept, to learn which rank failed), and the channel its rank 0 opens."""
-
-    def __init__(self, argv: list[str], listener: socket.socket) -> None:
-        env = dict(os.environ)
-        if os.geteuid() == 0:          # the supervisor was run as root: so are the ranks it launches
-            env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-        self.proc = Popen(argv, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT, env=env, start_new_session=True)
-        self.tail: deque[str] = deque(maxlen=200)
-        self.relay = threading.Thread(target=self._relay, daemon=True, name="tpi_mpi-engine-output")
-        self.relay.start()
-        self.listener, self.channel = listener, None
-        self.ready: dict | None = None
-
-    def _relay(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
-            self.tail.append(line)
-            sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def start(self, stopping: threading.Event, hosts: list[str]) -> dict | Failure:
-        """Wait until rank 0 reports ready (its info) or the launch failed."""
-        while self.channel is None:
-            if stopping.is_set():
-                return Failure("stopped")
-            if self.proc.poll() is not None:
-                return self.failure(None, hosts)
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.channel = Channel(sock)
-        while True:                  # rank 0 prepares, ships and loads the shards: as long as it takes
-            if stopping.is_set():
-                return Failure("stopped")
-            try:
-                message = self.channel.recv(timeout=0.2)
-                break
-            except TimeoutError:
-                continue
-        if message is None or "failed" in message:
-            return self.failure(message and message["failed"], hosts)
-        self.ready = message["ready"]
-        return self.ready
-
-    def failure(self, report: dict | None, hosts: list[str]) -> Failure:
-        """Why the engine ended: rank 0's report, else what mpirun and the ranks printed (a rank
-        named, or else another of `hosts` than rank 0's named in an error line)."""
-        at = time.time()
-        self.end(grace=EXIT_GRACE_S)
-        if report:
-            message = report["message"]
-            if report["fatal"] and report["ranks"]:          # another rank's own error: it printed it
-                message = next((ln.strip().removeprefix("tpi_mpi: error: ") for ln in reversed(self.tail)
-                                if ln.startswith("tpi_mpi: error:")), message)
-            return Failure(message, report["ranks"], report["fatal"], at=at)
-        ranks, why = ranks_named(list(self.tail))
-        if ranks:
-            return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks, at=at)
-        last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
-        text = " ".join(self.tail)
-        unreachable = [h for h in dict.fromkeys(hosts[1:]) if h != hosts[0] and re.search(rf"\b{re.escape(h)}\b", text)]
-        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}",
-                       hosts=unreachable, at=at)
-
-    def end(self, grace: float = 0.0) -> None:
-        """Close the channel (the engine's stop), give mpirun `grace` seconds to end the job, then
-        kill every process of its session, ranks frozen by SIGSTOP included."""
-        if self.channel:
-            self.channel.close()
-        try:
-            self.proc.wait(timeout=grace)
-        except TimeoutExpired:
-            pass
-        for pid in session_pids(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        self.relay.join(timeout=2)
-
-
-class Ahead:
-    """The model prepared for `world` ranks into the cache by a process at the lowest CPU priority,
-    while the engine serves on one rank more."""
-
-    def __init__(self, argv: list[str], world: int) -> None:
-        self.world = world
-        self.proc = Popen(argv, stdin=DEVNULL, stdout=DEVNULL, start_new_session=True)
-        try:
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
-        except OSError:
-            pass
-
-    def finish(self, world: int | None) -> None:
-        """Before a launch on `world` ranks: wait for it if it prepares that size, else stop it (SIGINT:
-        prepare removes its staging folder)."""
-        if self.proc.poll() is not None:
-            return
-        if world == self.world:
-            log(f"waiting for the model being prepared for {world} rank(s)")
-            try:
-                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0)     # nothing else runs now
-            except OSError:
-                pass
-            self.proc.wait()
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # --- the supervisor ---------------------------------------------------------------------------
@@ -312,6 +71,25 @@ class SupervisorConfig:
     model: str | None = None        # --model, as given
     prepare_ahead: bool = False     # prepare for one rank fewer in the background
 
+    @classmethod
+    def from_command(cls, serve: ServeConfig, ctx) -> SupervisorConfig:
+        """From the serve command's options (`ctx`: its click context): the supervisor's own, and
+        every other one given, other than its default, passed on as the engine's command line."""
+        opts = ctx.params
+        ratio = parse_ratio(opts["ratio"])
+        if launched_by_mpi():
+            raise ConfigError("serve --ranks launches mpirun itself: run it without mpirun")
+        if opts["ranks"] < 1:
+            raise ConfigError(f"--ranks {opts['ranks']}: must be at least 1")
+        engine_args = []
+        for p in ctx.command.params:
+            value = opts.get(p.name)
+            if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
+                continue
+            engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
+        return cls(serve, opts["ranks"], opts["hostfile"], engine_args, shlex.split(opts["launcher_args"]), ratio,
+                   opts["model"], opts["prepare_ahead"])
+
 
 class Supervisor:
     """The HTTP front's jobs, relayed to the engine; restarts the engine when it fails. The HTTP
@@ -320,7 +98,7 @@ class Supervisor:
     def __init__(self, cfg: SupervisorConfig) -> None:
         self.cfg = cfg.serve
         self.sup = cfg
-        self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio)
+        self.devices = Devices(cfg.ranks, cfg.hostfile, cfg.ratio, log=log)
         self.devices.refresh()
         self.prepared = bool(cfg.model) and (Path(cfg.model).expanduser() / "rank0").is_dir()   # holds rank0/, ...
         self.ahead: Ahead | None = None
@@ -338,7 +116,7 @@ class Supervisor:
         self.listener.settimeout(0.2)
         self.lock = threading.Lock()
         self.jobs: dict = {}                # id -> HttpJob, admitted and not ended, in arrival order
-        self.engine: Engine | None = None
+        self.engine: EngineProcess | None = None
         self.live = False                   # the engine is ready and has every job in self.jobs
         self.state, self.error = "starting", None
         self.slots: list[int] = []          # the devices in use, by rank
@@ -432,7 +210,7 @@ class Supervisor:
         self._drain_listener()
         t0 = time.monotonic()
         log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
-        self.engine = Engine(argv, self.listener)
+        self.engine = EngineProcess(argv, self.listener)
         outcome = self.engine.start(self.stopping, hosts)
         if isinstance(outcome, Failure):
             return outcome
@@ -450,7 +228,7 @@ class Supervisor:
         if self.sup.prepare_ahead and world and not self.prepared and not self.devices.ratio and \
                 not (self.ahead and self.ahead.world == world):
             self.ahead = Ahead([sys.executable, "-m", "tpi_mpi", "serve", *self.sup.engine_args,
-                                "--prepare-for", str(world)], world)
+                                "--prepare-for", str(world)], world, log)
         return outcome
 
     def _drain_listener(self) -> None:
