@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from tpi_mpi import quant as Q
+from tpi_mpi import quantize as QZ
 from tpi_mpi import quant_numba as QN
 
 TYPES = list(Q.QTYPES)
@@ -134,14 +135,14 @@ def test_quantize_is_ggufs_byte_for_byte(qtype):
     with np.errstate(over="ignore"):                  # the scales beyond fp16
         ref = gq.quantize(w, GGMLQuantizationType[qtype])
         ref_bf16 = gq.quantize(torch.from_numpy(w).bfloat16().float().numpy(), GGMLQuantizationType[qtype])
-    got = Q.quantize(torch.from_numpy(w), qtype)
+    got = QZ.quantize(torch.from_numpy(w), qtype)
     assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), ref)
-    assert np.array_equal(Q.quantize(torch.from_numpy(w).bfloat16(), qtype).numpy(), ref_bf16)
+    assert np.array_equal(QZ.quantize(torch.from_numpy(w).bfloat16(), qtype).numpy(), ref_bf16)
 
 
 def test_quantize_makes_only_the_32_value_types():
     with pytest.raises(ValueError, match="not 'Q4_K'"):
-        Q.quantize(torch.zeros(2, 256), "Q4_K")
+        QZ.quantize(torch.zeros(2, 256), "Q4_K")
 
 
 # ---- QuantWeight, matmul ----------------------------------------------------------------------------

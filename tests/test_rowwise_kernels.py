@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi_mpi import quant as Q
+from tpi_mpi import quantize as QZ
 from tpi_mpi import quant_numba as QN
 from tpi_mpi.parallel import linear_rows
 
@@ -23,9 +24,9 @@ FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 def quant_weight(qtype: str, rows: int = 19, cols: int = 512) -> Q.QuantWeight:
     gen = torch.Generator().manual_seed(1)
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):
-        raw = Q.quantize(torch.randn(rows, cols, generator=gen), qtype)
+        raw = QZ.quantize(torch.randn(rows, cols, generator=gen), qtype)
     else:
-        raw = Q.random_blocks(qtype, rows, cols)
+        raw = QZ.random_blocks(qtype, rows, cols)
     return Q.QuantWeight(raw, qtype, cols)
 
 

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import FFN_UNIT, RankShard, plan_shards
-from .quant import QTYPES, block_size, quantize
+from .quant import QTYPES, block_size
+from .quantize import quantize
 from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP, expert_file,
                            TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256, quant_weight)
 

@@ -209,7 +209,8 @@ def write_gguf(name: str, out: str | Path, quant: str = "q4_0", progress=None) -
     from gguf import GGMLQuantizationType as Q
 
     from .gguf_config import GLOBAL_NAMES, LAYER_NAMES
-    from .quant import quantize, row_bytes
+    from .quant import row_bytes
+    from .quantize import quantize
 
     if quant not in GGUF_QUANTS:
         raise ConfigError(f"--quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")

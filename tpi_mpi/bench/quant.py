@@ -10,7 +10,7 @@ for 1 and 128 tokens; and F.linear on float32 and bf16 weights.
 Noise: the host is a shared VM, so the ops are timed in 3 rounds, each op in turn a warm-up call
 and a third of --repeats calls back to back; the table shows medians, the JSON lines p10/p90 too.
 Weights: Q8_0/Q4_0/Q4_1 are quantize() of N(0, 0.02) floats, K-quants are random blocks with
-sane scales (quant.random_blocks): the speed of these kernels does not depend on the values.
+sane scales (quantize.random_blocks): the speed of these kernels does not depend on the values.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant as Q
+from .. import quantize as QZ
 from .. import quant_int8 as QI
 from .. import quant_numba as QN
 
@@ -54,7 +55,7 @@ def _ops(rows: int, cols: int, qtype: str | None, w: torch.Tensor) -> dict[tuple
         wb = w.bfloat16()
         return {("linear", T, dt): (lambda T=T, dt=dt: F.linear(*((x[T], w) if dt == "fp32" else (xb[T], wb))))
                 for T in (1, PREFILL) for dt in ("fp32", "bf16")}
-    raw = Q.quantize(w, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") else Q.random_blocks(qtype, rows, cols)
+    raw = QZ.quantize(w, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") else QZ.random_blocks(qtype, rows, cols)
     qw = Q.QuantWeight(raw, qtype, cols)
     buf = torch.empty(rows, cols)
     ops = {
@@ -138,7 +139,7 @@ def bench_quant(shapes: list[tuple[int, int]], threads: int, repeats: int, out: 
     torch.manual_seed(0)
     commit, host = git_commit(), platform.node()
     load = os.getloadavg()[0]
-    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(Q.quantize(torch.randn(1, 32), "Q4_0"), "Q4_0", 32))
+    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(QZ.quantize(torch.randn(1, 32), "Q4_0"), "Q4_0", 32))
     out_records = []
     for rows, cols in shapes:
         w = torch.randn(rows, cols) * 0.02

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant as Q
+from .. import quantize as QZ
 from .. import quant_numba as QN
 from ..parallel import linear_rows
 from .record import append_json, git_commit, host_fields
@@ -60,8 +61,8 @@ def quant_rows(repeats: int, out: str | None) -> None:
     print(f"\nGGML blocks, {rows}x{cols}, float32 x, ms: T=1 | T=8 a call per row (before) | T=8 one call")
     x = torch.randn(8, cols)
     for qtype in Q.QTYPES:
-        raw = Q.quantize(torch.randn(rows, cols) * 0.02, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") \
-            else Q.random_blocks(qtype, rows, cols)
+        raw = QZ.quantize(torch.randn(rows, cols) * 0.02, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") \
+            else QZ.random_blocks(qtype, rows, cols)
         w = Q.QuantWeight(raw, qtype, cols)
         ms = time_ops({
             "one": lambda: QN.matmul_numba(x[:1], w),
@@ -76,7 +77,7 @@ def quant_rows(repeats: int, out: str | None) -> None:
 def bench_rows(threads: int, repeats: int, out: str | None) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(Q.quantize(torch.randn(2, 32), "Q8_0"), "Q8_0", 32))  # compile
+    QN.matmul_numba(torch.randn(1, 32), Q.QuantWeight(QZ.quantize(torch.randn(2, 32), "Q8_0"), "Q8_0", 32))  # compile
     print(f"{torch.get_num_threads()} threads")
     dense_rows(torch.float32, repeats, out)
     dense_rows(torch.bfloat16, repeats, out)
