@@ -196,7 +196,7 @@ class ScriptedRoot:
     def __init__(self, scripts: dict[int, list[int]]) -> None:
         self.scripts, self.steps = scripts, []
         codec = SimpleNamespace(decode=lambda ids: "".join(chr(t) for t in ids))
-        self.s = SimpleNamespace(codec=codec)
+        self.session = SimpleNamespace(codec=codec)
 
     def step(self, seqs, ids):
         self.steps.append([(s.slot, s.pos, s.n_tokens) for s in seqs])

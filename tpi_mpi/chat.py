@@ -40,7 +40,7 @@ class Chat:
 
     def turn(self, text: str, out: TextIO) -> str | None:
         """Answer one user message, streaming to `out`; None when the context is full."""
-        codec, limit = self.root.s.codec, self.root.s.m.max_seq_len
+        codec, limit = self.root.session.codec, self.root.session.model_config.max_seq_len
         messages = self.messages + [{"role": "user", "content": text}]
         ids = codec.encode_chat(messages)
         if len(ids) + 1 >= limit:
@@ -74,7 +74,7 @@ def chat_loop(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, intera
             print(f"unknown command {text}: {HELP}", file=sys.stderr, flush=True)
             continue
         if chat.turn(text, out) is None:
-            print(f"(the context of {chat.root.s.m.max_seq_len} tokens is full: /reset to start over)",
+            print(f"(the context of {chat.root.session.model_config.max_seq_len} tokens is full: /reset to start over)",
                   file=sys.stderr, flush=True)
             continue
         answered += 1
@@ -105,5 +105,5 @@ def read_lines(prompt: str = "> "):
 
 
 def check_chat_template(root: Root) -> None:
-    if not root.s.codec.template:
+    if not root.session.codec.template:
         raise ConfigError("this model has no chat template: use `generate` instead of `chat`")

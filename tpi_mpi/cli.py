@@ -140,7 +140,7 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         raise ConfigError("the prompt is empty: give some text with --prompt")
 
     def work(root: Root):
-        codec = root.s.codec
+        codec = root.session.codec
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": prompt}]

@@ -71,10 +71,10 @@ def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
     """Run `jobs` together to their ends. Prompts are read in as few steps as the scheduler allows
     (one here); `after_prefill()` is called once every prompt has been read (benchmarks zero their
     counters then)."""
-    s = root.s
+    s = root.session
     prompts = [len(j.prompt_ids) - j.cached for j in jobs]
     chunk = PIECE * math.ceil(max(max(prompts), math.ceil(sum(prompts) / FINISHING)) / PIECE)
-    batcher = Batcher(root, len(jobs), chunk, s.m.max_seq_len, set(s.m.eos_ids) | s.codec.stop_ids())
+    batcher = Batcher(root, len(jobs), chunk, s.model_config.max_seq_len, set(s.model_config.eos_ids) | s.codec.stop_ids())
     run = Decoded([batcher.admit(job) for job in jobs], [], 0)
     while batcher.running:
         t = time.perf_counter()
@@ -95,7 +95,7 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
     `cached`: how many leading prompt tokens the KV caches already hold (a chat's earlier turns);
     only the rest is prefilled. `on_text(delta)` receives the text as it grows.
     """
-    m = root.s.m
+    m = root.session.model_config
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give some text with --prompt")
     if len(prompt_ids) >= m.max_seq_len:

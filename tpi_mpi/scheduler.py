@@ -90,7 +90,7 @@ class Batcher:
     def admit(self, job: Job) -> Sequence:
         used = {s.slot for s in self.running}
         slot = next(i for i in range(self.max_batch) if i not in used)
-        seq = Sequence(job, slot, Streamer(self.root.s.codec), StopFilter(job.stops),
+        seq = Sequence(job, slot, Streamer(self.root.session.codec), StopFilter(job.stops),
                        job.rng or np.random.default_rng(job.sampling.seed), fed=job.cached,
                        prefill=job.prompt_ids + job.generated)
         # a resumed request: its sampler, text and stop state as they were after the tokens it has had;

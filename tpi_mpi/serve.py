@@ -253,7 +253,7 @@ def serve(root: Root, cfg: ServeConfig) -> None:
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     try:
         http.start()
-        root.s.log(f"serving {cfg.model_id} at http://{host}:{http.port}/v1 on {root.s.comm.size} rank(s); "
+        root.session.log(f"serving {cfg.model_id} at http://{host}:{http.port}/v1 on {root.session.comm.size} rank(s); "
                    f"{cfg.max_batch} request(s) at a time, queue of {cfg.queue_size}, prompts "
                    f"{engine.batch.chunk} tokens per step{', API key required' if cfg.api_key else ''}")
         engine.loop(http)
@@ -267,7 +267,7 @@ def serve_channel(root: Root, cfg: ServeConfig, channel) -> None:
 
     engine = Engine(root, cfg)
     front = ChannelFront(channel, engine)
-    s = root.s
+    s = root.session
     channel.send({"ready": {"ranks": s.comm.size, "pids": s.pids, "context": engine.context,
                             "codec": str(s.shard.folder), "allreduce": s.comm.mode, "windows": s.windows}})
     front.start()

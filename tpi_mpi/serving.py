@@ -52,16 +52,16 @@ class Engine:
     def __init__(self, root: Root, cfg: ServeConfig) -> None:
         from .scheduler import Batcher
 
-        self.root, self.cfg, self.codec = root, cfg, root.s.codec
+        self.root, self.cfg, self.codec = root, cfg, root.session.codec
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
         self.lock = threading.Lock()
         self.failed: str | None = None       # why the engine stopped; new requests get 503
         self.mean_job_s = 1.0                # running mean, for Retry-After
-        s = root.s
+        s = root.session
         self.context = s.context                 # positions per request (--context, capped at the model's)
         chunk = cfg.prefill_chunk or default_prefill_chunk(s)
-        self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.m.eos_ids) | s.codec.stop_ids())
+        self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.model_config.eos_ids) | s.codec.stop_ids())
 
     @property
     def busy(self) -> int:
@@ -90,13 +90,13 @@ class Engine:
     def health(self) -> tuple[dict, int]:
         if self.failed:
             return {"status": "error", "error": self.failed}, 503
-        s = self.root.s
+        s = self.root.session
         return {"status": "ok", "model": self.cfg.model_id, "busy": self.busy > 0, "running": self.busy,
                 "max_batch": self.cfg.max_batch, "queued": self.jobs.qsize(), "ranks": s.comm.size,
                 "allreduce": s.comm.mode, "windows": s.windows}, 200
 
     def log(self, msg: str) -> None:
-        self.root.s.log(msg)
+        self.root.session.log(msg)
 
     def loop(self, front) -> None:
         """Main thread: step the batch until the front (HTTP thread or supervisor channel) closes or
@@ -144,7 +144,7 @@ class Engine:
         self._release()
         seconds = time.perf_counter() - seq.started
         self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
-        self.root.s.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
+        self.root.session.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
                         f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}")
 
     def _release(self) -> None:

@@ -141,14 +141,14 @@ class Session:
     def _load(self) -> None:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
-        self.m, self.dtype = self.shard.model, self.shard.dtype
+        self.model_config, self.dtype = self.shard.model, self.shard.dtype
         if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
             # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
             # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
             quant_int8.set_threads(self.threads)
             torch.set_num_threads(1)
         # the budget holds a KV cache of `context` positions for each of max_batch sequences
-        self.context = min(cfg.context, self.m.max_seq_len)
+        self.context = min(cfg.context, self.model_config.max_seq_len)
         budget, context = self.budget, self.context * cfg.max_batch
         if cfg.window == "auto":
             depth, pinned = plan_window(self.shard, budget, context, self.baseline)
@@ -163,11 +163,11 @@ class Session:
                 else quant_int8.interleaved if self.int8 else None)
         cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
-        capacity = (float("inf") if cfg.window is None or not self.m.moe_layers else
+        capacity = (float("inf") if cfg.window is None or not self.model_config.moe_layers else
                     expert_capacity(self.shard, budget, context, self.baseline, depth, pinned))
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
                                    resident_form=form, cached=cached, expert_capacity=capacity)
-        self.model = Transformer(self.m, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
+        self.model = Transformer(self.model_config, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
                                  self.context)
         common = self.shard.read(COMMON)[1]
         self.model.load_resident(form(common) if form else common)

@@ -64,21 +64,21 @@ class Root:
     """Rank 0's side of the steps: embed, send the header and hidden states, run its own slice."""
 
     def __init__(self, s) -> None:
-        self.s = s
+        self.session = s
 
     def _send(self, header: Header) -> None:
-        self.s.comm.bcast(header.pack())
+        self.session.comm.bcast(header.pack())
 
     def step(self, seqs: list[SeqStep], ids: list[int]) -> list[torch.Tensor | None]:
         """One forward step over sequences whose new tokens, one sequence after another, are `ids`:
         each sequence's logits (float32, full vocabulary; (1, vocab) for Want.LAST, (n_tokens, vocab)
         for Want.ALL, None for Want.NONE)."""
-        s = self.s
+        s = self.session
         batch = Batch(seqs, s.batch_invariant)
         if batch.n_rows != len(ids):
             raise ValueError(f"the step's sequences hold {batch.n_rows} tokens, {len(ids)} given")
         self._send(Header(Cmd.FORWARD, n_seqs=len(seqs), n_tokens=len(ids)))
-        raw, table, hidden = _payload(len(seqs), len(ids), s.m.dim, s.dtype)
+        raw, table, hidden = _payload(len(seqs), len(ids), s.model_config.dim, s.dtype)
         table[:] = batch.pack().reshape(-1)
         hidden[:] = s.embed[ids]
         s.comm.bcast(raw)
@@ -92,12 +92,12 @@ class Root:
     def reset_stats(self) -> None:
         """Zero the timing counters on every rank (benchmarks call this after warm-up)."""
         self._send(Header(Cmd.RESET_STATS))
-        self.s.reset_stats()
+        self.session.reset_stats()
 
     def set_allreduce(self, mode: str) -> None:
         """Switch every rank to another allreduce algorithm (benchmarks compare them in one job)."""
         self._send(Header(Cmd.SET_ALLREDUCE, allreduce=ALLREDUCE_MODES.index(mode)))
-        self.s.comm.mode = mode
+        self.session.comm.mode = mode
 
     def idle(self) -> None:
         """Tell the workers the next step may be long in coming (rank 0 waits for a person or a
@@ -141,7 +141,7 @@ def follow(s) -> None:
         elif header.cmd == Cmd.SET_ALLREDUCE:
             s.comm.mode = ALLREDUCE_MODES[header.allreduce]
         elif header.cmd == Cmd.FORWARD:
-            raw, table, hidden = _payload(header.n_seqs, header.n_tokens, s.m.dim, s.dtype)
+            raw, table, hidden = _payload(header.n_seqs, header.n_tokens, s.model_config.dim, s.dtype)
             s.comm.bcast(raw)
             s.forward(hidden, Batch.unpack(table, s.batch_invariant))
 

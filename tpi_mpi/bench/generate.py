@@ -64,7 +64,7 @@ def print_row(record: dict, header: bool = True, cols=GENERATE_COLUMNS) -> None:
 def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: int, out: str | None) -> None:
     """Time prefill and decode on every rank; rank 0 prints the row and writes the JSON line."""
     def work(root: Root):
-        prompt = synthetic_prompt(root.s.m.vocab_size, prompt_tokens)
+        prompt = synthetic_prompt(root.session.model_config.vocab_size, prompt_tokens)
         run_generation(root, prompt[:8], GREEDY, warmup, ignore_eos=True)   # warm-up
         # counters cover the decode steps only; prefill is timed as TTFT
         return run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True, after_prefill=root.reset_stats)
@@ -107,7 +107,7 @@ def bench_batch(cfg: RunConfig, sizes: list[int], prompt_tokens: int, new_tokens
     prompts = []
 
     def warm_up(root: Root) -> None:
-        prompts.extend(synthetic_prompt(root.s.m.vocab_size, prompt_tokens, seed=i) for i in range(max(sizes)))
+        prompts.extend(synthetic_prompt(root.session.model_config.vocab_size, prompt_tokens, seed=i) for i in range(max(sizes)))
         run_batch(root, [p[:8] for p in prompts], warmup)                   # every slot once
 
     runs = []
@@ -152,7 +152,7 @@ def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt
     auto keeps what it learnt from round to round, as it would over a long chat; its first round
     (its trial and match, after the warm-up) is in the JSON line (first_round_s_per_token)."""
     def work(root: Root) -> dict[str, list[dict]]:
-        prompt = synthetic_prompt(root.s.m.vocab_size, prompt_tokens)
+        prompt = synthetic_prompt(root.session.model_config.vocab_size, prompt_tokens)
         order = np.random.default_rng(0)
         for a in algorithms:            # warm-up: connections and buffers of every algorithm
             root.set_allreduce(a)
@@ -162,7 +162,7 @@ def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt
             for j in order.permutation(len(algorithms)):
                 root.set_allreduce(algorithms[j])
                 g = run_generation(root, prompt, GREEDY, new_tokens, ignore_eos=True, after_prefill=root.reset_stats)
-                runs[algorithms[j]].append(rank0_figures(root.s, g))
+                runs[algorithms[j]].append(rank0_figures(root.session, g))
         return runs
 
     with Session(cfg) as s:
