@@ -31,17 +31,17 @@ def test_allreduce_modes_equal_numpy_sum(n):
     assert f"allreduce ok on {n} ranks" in r.stdout
 
 
-def test_pieces_are_views_covering_the_buffer(monkeypatch):
-    monkeypatch.setattr(tpi_comm, "PIECE_BYTES", 100)            # 25 float32 values a piece
+def test_segments_are_views_covering_the_buffer(monkeypatch):
+    monkeypatch.setattr(tpi_comm, "SEGMENT_BYTES", 100)            # 25 float32 values a segment
     buf = np.zeros((5, 11), dtype=np.float32)                   # 55 values: 25 + 25 + 5
-    pieces = tpi_comm._pieces(buf)
-    assert [p.size for p in pieces] == [25, 25, 5]
-    for i, p in enumerate(pieces):
-        p[...] = i + 1                                          # a receive into a piece fills the buffer
+    segments = tpi_comm._segments(buf)
+    assert [p.size for p in segments] == [25, 25, 5]
+    for i, p in enumerate(segments):
+        p[...] = i + 1                                          # a receive into a segment fills the buffer
     assert np.array_equal(buf.reshape(-1), np.repeat([1, 2, 3], [25, 25, 5]).astype(np.float32))
-    assert [p.size for p in tpi_comm._pieces(np.zeros(0, dtype=np.float32))] == [0]
+    assert [p.size for p in tpi_comm._segments(np.zeros(0, dtype=np.float32))] == [0]
     with pytest.raises(ValueError, match="contiguous"):
-        tpi_comm._pieces(buf[:, ::2])
+        tpi_comm._segments(buf[:, ::2])
 
 
 def test_local_comm_is_the_identity():

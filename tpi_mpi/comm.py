@@ -48,11 +48,11 @@ REPORTER_LEAD_S = ROLL_CALL_S + 1.0
 # behind the receiver's own outgoing data: when two ranks exchange large buffers, one direction
 # waits for the other (2 ranks, 5 ms, 300 Mbit/s, 2 MiB each way: 165 ms a call instead of 69,
 # docs/allreduce-results.md).
-# So messages go in pieces of at most PIECE_BYTES, all under a raised eager limit: no handshake.
-# The price: a piece that arrives before its receive is posted waits in a buffer of the receiver.
+# So messages go in segments of at most SEGMENT_BYTES, all under a raised eager limit: no handshake.
+# The price: a segment that arrives before its receive is posted waits in a buffer of the receiver.
 # A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
-PIECE_BYTES = 4 << 20
-_OMPI_EAGER_LIMIT = str(2 * PIECE_BYTES)     # a piece and its headers, with room to spare
+SEGMENT_BYTES = 4 << 20
+_OMPI_EAGER_LIMIT = str(2 * SEGMENT_BYTES)     # a segment and its headers, with room to spare
 
 
 @dataclass
@@ -240,18 +240,18 @@ class MpiComm(Comm):
     def exchange(self, sends: list, recvs: list, tag: int, what: str, recv_tag: int | None = None,
                  grace: float = 0.0, patient: bool = False) -> None:
         """Post every receive, then every send, and wait for all of them (`patient`: without a
-        time limit). Buffers go in pieces (see PIECE_BYTES); MPI keeps messages between two ranks
-        with one tag in order, so piece i lands in piece i."""
+        time limit). Buffers go in segments (see SEGMENT_BYTES); MPI keeps messages between two ranks
+        with one tag in order, so segment i lands in segment i."""
         rtag = tag if recv_tag is None else recv_tag
         rreqs, peers = [], []
         for buf, src in recvs:
-            for piece in _pieces(buf):
-                rreqs.append(self.world.Irecv(piece, source=src, tag=rtag))
+            for segment in _segments(buf):
+                rreqs.append(self.world.Irecv(segment, source=src, tag=rtag))
                 peers.append(src)
-        sreqs = [self.world.Isend(piece, dest=dst, tag=tag) for buf, dst in sends for piece in _pieces(buf)]
+        sreqs = [self.world.Isend(segment, dest=dst, tag=tag) for buf, dst in sends for segment in _segments(buf)]
         self.stats.bytes_sent += sum(buf.nbytes for buf, _ in sends)
         self._wait(rreqs + sreqs, what, None if patient else self.timeout + grace, peers=peers,
-                   sent_to=[dst for buf, dst in sends for _ in _pieces(buf)])
+                   sent_to=[dst for buf, dst in sends for _ in _segments(buf)])
         if self.link and recvs:
             time.sleep(self.link.cost(sum(buf.nbytes for buf, _ in recvs)))
         for buf, _ in recvs:
@@ -348,12 +348,12 @@ class MpiComm(Comm):
         return n
 
 
-def _pieces(buf: np.ndarray) -> list[np.ndarray]:
-    """Views of a contiguous buffer of at most PIECE_BYTES each (an empty buffer: itself)."""
+def _segments(buf: np.ndarray) -> list[np.ndarray]:
+    """Views of a contiguous buffer of at most SEGMENT_BYTES each (an empty buffer: itself)."""
     if not buf.flags.c_contiguous:      # reshape would copy, and a receive would fill the copy
         raise ValueError("MPI buffers must be contiguous")
     flat = buf.reshape(-1)
-    step = max(1, PIECE_BYTES // max(flat.itemsize, 1))
+    step = max(1, SEGMENT_BYTES // max(flat.itemsize, 1))
     return [flat[i:i + step] for i in range(0, max(flat.size, 1), step)]
 
 

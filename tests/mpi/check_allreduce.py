@@ -72,12 +72,12 @@ def main() -> int:
             failures.append(f"{mode}: sum of ranks gave {total.tolist()}")
         failures += check_sums(comm, mode, [(1,), (7,), (1, 576), (5, 333), (64, 1024)])
         comm.barrier()
-    # large buffers travel in pieces: make pieces of 100 bytes, so that odd sizes end in a partial one
-    default_piece, tpi_comm.PIECE_BYTES = tpi_comm.PIECE_BYTES, 100
+    # large buffers travel in segments: make segments of 100 bytes, so that odd sizes end in a partial one
+    default_segment, tpi_comm.SEGMENT_BYTES = tpi_comm.SEGMENT_BYTES, 100
     for mode in ("star", "ring", "recdouble"):
         comm = MpiComm(mode, timeout=30)
-        failures += [f"in pieces of 100 bytes: {f}" for f in check_sums(comm, mode, [(7,), (5, 333)])]
-    tpi_comm.PIECE_BYTES = default_piece
+        failures += [f"in segments of 100 bytes: {f}" for f in check_sums(comm, mode, [(7,), (5, 333)])]
+    tpi_comm.SEGMENT_BYTES = default_segment
     failures += check_auto_keeps_ranks_together()
     # ranks sharing a key (as ranks in one memory cgroup do): all on this host, split by parity
     sharing = comm.ranks_on_this_host(comm.rank % 2)
