@@ -41,8 +41,8 @@ from .config import parse_ratio
 from .devices import Devices
 from .engine_process import EXIT_GRACE_S, Ahead, EngineProcess, Failure
 from .errors import ConfigError, TpiError
+from .jobs import ApiError
 from .launcher import launched_by_mpi
-from .openai_api import ApiError
 from .serve import Api, HttpThread, ServeConfig, queue_full
 from .text import TextCodec
 
