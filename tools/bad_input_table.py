@@ -1,11 +1,18 @@
-"""Try every bad input of issue 7 against the real command line and print a Markdown table of how
-each run ended (exit code, seconds, the error line). Used to make the README's table:
+"""Try every bad input of issue 7 against the real command line (under mpirun) and print a Markdown
+table of how each run ended (exit code, seconds, the error line): the table of docs/errors.md.
 
-    python tools/bad_input_table.py > /tmp/table.md
+    python tools/bad_input_table.py            # print the table
+    python tools/bad_input_table.py --write    # replace the table in docs/errors.md with it
+
+Paths under the run's temporary folder are shown as "…/" and a cache key's digest as "…"; what still
+changes from run to run is measured (the seconds, and a memory minimum that counts the process's
+resident memory). tests/test_docs.py (mpi tier) checks that docs/errors.md holds this output, the
+measured figures aside (`comparable`).
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,24 +20,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
 from conftest import mpi_env, mpirun_cmd  # noqa: E402
 
-
-def run(args, n=2):
-    cmd = (mpirun_cmd(n) if n > 1 else []) + [sys.executable, "-m", "tpi_mpi", *args]
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(), stdin=subprocess.DEVNULL)
-    lines = [line for line in r.stderr.splitlines() if line.startswith("tpi_mpi:") and "error" in line] or \
-        [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
-    shown = lines[0] if lines else (r.stderr.strip().splitlines() or [""])[-1]
-    return r.returncode, time.monotonic() - t0, shown, "Traceback" in r.stderr
+DOC = ROOT / "docs" / "errors.md"
+HEADER = ["| case | ranks | exit | seconds | traceback | what the user sees (stderr) |",
+          "|---|---|---|---|---|---|"]
+SECONDS = 3                                     # the column of seconds
+MEASURED_MIB = re.compile(r"it needs at least [\d.]+ MiB")     # plan_window's minimum includes the RSS
 
 
-def main() -> None:
-    tmp = Path(tempfile.mkdtemp())
+def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
+    """(case, command line, ranks) for every bad input, with the files they need made in `tmp`."""
     model = make_checkpoint(tmp / "model", "mistral")
     cache = str(tmp / "cache")
     base = ["generate", "--model", str(model), "--cache-dir", cache, "--prompt", "hello", "--quiet"]
@@ -66,7 +70,7 @@ def main() -> None:
     mf = json.loads((outside / "rank1" / "manifest.json").read_text())
     mf["files"]["../../secret"] = {"size": 1, "sha256": "0" * 64}
     (outside / "rank1" / "manifest.json").write_text(json.dumps(mf))
-    cases = [
+    return [
         ("model path missing", ["generate", "--model", str(tmp / "nope"), "--prompt", "x", "--quiet"], 2),
         ("a file that is no model", ["generate", "--model", str(notmodel), "--prompt", "x", "--quiet"], 2),
         ("truncated safetensors", ["generate", "--model", str(trunc), "--cache-dir", cache, "--prompt", "x", "--quiet"], 2),
@@ -90,12 +94,59 @@ def main() -> None:
         ("window < 1", base + ["--window", "0"], 2),
         ("memory budget below the minimum", base + ["--memory-budget", "50MB"], 2),
     ]
-    print("| case | ranks | exit | seconds | traceback | what the user sees (stderr) |")
-    print("|---|---|---|---|---|---|")
-    for name, args, n in cases:
-        code, took, line, tb = run(args, n)
-        print(f"| {name} | {n} | {code} | {took:.1f} | {'yes' if tb else 'no'} | `{line.strip()[:200]}` |", flush=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: list[str], n: int, tmp: Path) -> tuple[int, float, str, bool]:
+    """(exit code, seconds, the line that explains, whether a traceback was printed) of one run."""
+    cmd = mpirun_cmd(n) + [sys.executable, "-m", "tpi_mpi", *args]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(), stdin=subprocess.DEVNULL)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("tpi_mpi:") and "error" in line] or \
+        [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
+    shown = lines[0] if lines else (r.stderr.strip().splitlines() or [""])[-1]
+    shown = re.sub(r"-[0-9a-f]{16}/", "-…/", shown.strip().replace(f"{tmp}/", "…/"))   # cache_key's digest
+    return r.returncode, time.monotonic() - t0, shown, "Traceback" in r.stderr
+
+
+def table() -> list[str]:
+    """The Markdown table, one line per case (header first)."""
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        rows = list(HEADER)
+        for name, args, n in make_cases(tmp):
+            code, took, line, tb = run(args, n, tmp)
+            quoted = f"`` {line} ``" if "`" in line else f"`{line}`"      # a code span around backticks
+            rows.append(f"| {name} | {n} | {code} | {took:.1f} | {'yes' if tb else 'no'} | {quoted} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def comparable(row: str) -> list[str]:
+    """A table line's cells with the measured figures replaced by what they are."""
+    cells = MEASURED_MIB.sub("it needs at least (MiB)", row).split(" | ")
+    if len(cells) > SECONDS and re.fullmatch(r"\d+\.\d", cells[SECONDS]):
+        cells[SECONDS] = "(seconds)"
+    return cells
+
+
+def doc_table(text: str) -> tuple[int, int]:
+    """[start, stop) of the table's lines in docs/errors.md's text (split into lines)."""
+    lines = text.splitlines()
+    start = lines.index(HEADER[0])
+    stop = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return start, stop
+
+
+def main() -> None:
+    rows = table()
+    if sys.argv[1:] == ["--write"]:
+        lines = DOC.read_text().splitlines()
+        start, stop = doc_table(DOC.read_text())
+        DOC.write_text("\n".join(lines[:start] + rows + lines[stop:]) + "\n")
+    else:
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
