@@ -27,8 +27,7 @@ from subprocess import DEVNULL, STDOUT, Popen
 
 from ..errors import ConfigError, TpiError
 from ..processes import free_port, proc_stat, session_pids
-from .record import append_json, host_fields
-from .serve import print_table
+from .record import append_json, host_fields, print_row
 from .serve_client import Server
 
 PROMPTS = ["Write a short story about a cluster of small computers.",
@@ -230,9 +229,9 @@ def bench_failover(ranks: int = 3, requests: int = 30, clients: int = 4, kills: 
               "reference_s": mean_s, "kills_asked": kills, "killer_error": killer.error, "server_ended": ended,
               **make_record(streams, reference, killer.records, wall_s, shutdown_s, left), **host_fields()}
     for i, k in enumerate(killer.records):
-        print_table(KILL_COLUMNS, k, header=i == 0)
+        print_row(KILL_COLUMNS, k, header=i == 0)
     print()
-    print_table(SUMMARY_COLUMNS, record, header=True)
+    print_row(SUMMARY_COLUMNS, record, header=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         append_json(out, record)

@@ -16,7 +16,7 @@ from ..generate import run_batch, run_generation
 from ..startup import Session
 from ..steps import Root, run_steps
 from ..sampling import SamplingConfig
-from .record import append_json, git_commit, host_fields  # noqa: F401  (memory, comm, quant, quality import them from here)
+from .record import append_json, git_commit, host_fields, print_row  # noqa: F401  (memory, comm, quant, quality import them from here)
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -50,17 +50,6 @@ BATCH_COLUMNS = [("batch", 5, "{}"), ("ranks", 5, "{}"), ("window", 6, "{}"), ("
                  ("disk_MB_per_step", 16, "{:.1f}"), ("max_rss_MiB", 11, "{:.0f}")]
 
 
-def print_row(record: dict, header: bool = True, cols=GENERATE_COLUMNS) -> None:
-    """One fixed-width table row (and the header above it); a missing figure prints as "-"."""
-    if header:
-        print(" ".join(name.rjust(w) for name, w, _ in cols))
-    cells = []
-    for name, w, fmt in cols:
-        v = record.get(name)
-        cells.append((fmt.format(v) if v is not None else "-").rjust(w))
-    print(" ".join(cells), flush=True)
-
-
 def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: int, out: str | None) -> None:
     """Time prefill and decode on every rank; rank 0 prints the row and writes the JSON line."""
     def work(root: Root):
@@ -90,7 +79,7 @@ def bench_generate(cfg: RunConfig, prompt_tokens: int, new_tokens: int, warmup: 
         "read_hidden": [1 - w / r if r else None for w, r in zip(per_rank["wait_s"], per_rank["read_s"])],
         "per_rank": per_rank, "max_rss_MiB": max(per_rank["peak_rss_mib"]),
     }
-    print_row(record)
+    print_row(GENERATE_COLUMNS, record)
     append_json(out, record)
 
 
@@ -128,7 +117,7 @@ def bench_batch(cfg: RunConfig, sizes: list[int], prompt_tokens: int, new_tokens
                   "speedup": b / step_s / base, **step_ms(per_rank, steps),
                   "disk_MB_per_step": max(per_rank["disk_read_bytes"]) / steps / 1e6,
                   "max_rss_MiB": max(per_rank["peak_rss_mib"]), "per_rank": per_rank}
-        print_row(record, header=i == 0, cols=BATCH_COLUMNS)
+        print_row(BATCH_COLUMNS, record, header=i == 0)
         append_json(out, record)
 
 
@@ -181,7 +170,7 @@ def compare_allreduce(cfg: RunConfig, algorithms: list[str], rounds: int, prompt
                       "prefill_tok_s": prompt_tokens / med["ttft_s"], "tokens_per_s": 1 / med["s_per_token"],
                       **{f"round_{k}": [r[k] for r in rs] for k in rs[0]},
                       "first_round_s_per_token": rs[0]["s_per_token"]}
-        print_row(records[a], header=i == 0)
+        print_row(GENERATE_COLUMNS, records[a], header=i == 0)
         append_json(out, records[a])
     fixed = {a: r["s_per_token"] for a, r in records.items() if a != "auto"}
     if "auto" in records and fixed:

@@ -16,8 +16,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ConfigError
-from .record import append_json, host_fields
-from .serve import print_table
+from .record import append_json, host_fields, print_row
 
 BUILD_HINT = ("build it from llama.cpp's source (cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "
               "&& cmake --build build --target llama-bench; see docs/llama-baseline.md) and put build/bin on PATH, "
@@ -123,7 +122,7 @@ def bench_llama(model: str, binary: str | None, threads: list[int], n_gen: int, 
         record = {**threads_record(run_llama_bench(cmd), t, cpu_list(t) if pin else None), "model": model,
                   "repeats": repeats, "llama_bench": binary, "command": cmd, **host,
                   "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
-        print_table(COLUMNS, record, header=i == 0)
+        print_row(COLUMNS, record, header=i == 0)
         append_json(out, record)
         records.append(record)
     return records

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .generate import append_json, git_commit, print_row, synthetic_prompt
+from .generate import GENERATE_COLUMNS, append_json, git_commit, print_row, synthetic_prompt
 from ..config import format_size
 from ..errors import ConfigError
 from ..startup import peak_rss_mib
@@ -98,7 +98,7 @@ def bench_transformers(model: str, threads: int, prompt_tokens: int, new_tokens:
         "transformers": transformers.__version__, "host": platform.node(), "cpus": os.cpu_count(),
         "commit": git_commit(), "time": time.strftime("%FT%T"),
     }
-    print_row(record)
+    print_row(GENERATE_COLUMNS, record)
     append_json(out, record)
 
 

@@ -1,4 +1,5 @@
-"""What every benchmark writes beside its figures: the commit and host of the run, one JSON line each.
+"""What every benchmark writes: its table rows, and beside its figures the commit and host of the run,
+one JSON line each.
 
 Standard library only, so a client-side benchmark (bench serve) needs neither torch nor MPI.
 """
@@ -31,3 +32,12 @@ def append_json(path: str | None, record: dict) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def print_row(columns: list[tuple[str, int, str]], record: dict, header: bool = True) -> None:
+    """One fixed-width row of `record` ((name, width, format) per column; a missing figure is '-'),
+    with the header above it."""
+    if header:
+        print(" ".join(name.rjust(w) for name, w, _ in columns))
+    cells = [(fmt.format(record[name]) if record.get(name) is not None else "-").rjust(w) for name, w, fmt in columns]
+    print(" ".join(cells), flush=True)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import ConfigError
-from .record import append_json, host_fields
+from .record import append_json, host_fields, print_row
 from .serve_client import Reply, Server
 
 BENCH_PROMPT = "Write a short story about a cluster of small computers."
@@ -24,15 +24,6 @@ LEVEL_COLUMNS = [("clients", 7, "{}"), ("requests", 8, "{}"), ("ok", 4, "{}"), (
                  ("req_per_min", 11, "{:.1f}"), ("completion_tok_s", 16, "{:.1f}"), ("p50_s", 6, "{:.2f}"),
                  ("p95_s", 6, "{:.2f}"), ("ttft_p50_s", 10, "{:.2f}"), ("ttft_p95_s", 10, "{:.2f}"),
                  ("speedup", 7, "{:.2f}")]
-
-
-def print_table(columns: list[tuple[str, int, str]], record: dict, header: bool) -> None:
-    """One fixed-width row (a missing figure is '-'), with the header above the first."""
-    if header:
-        print(" ".join(name.rjust(w) for name, w, _ in columns))
-    cells = [(fmt.format(record[name]) if record.get(name) is not None else "-").rjust(w)
-             for name, w, fmt in columns]
-    print(" ".join(cells), flush=True)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,7 +80,7 @@ def bench_levels(server: Server, base: dict, clients: tuple[int, ...], requests:
         if record["ok"] and record["completion_tokens"] != record["ok"] * max_tokens:
             print(f"note: {record['completion_tokens']} completion tokens, not {record['ok']} x {max_tokens}: "
                   "the server may not honour ignore_eos", flush=True)
-        print_table(LEVEL_COLUMNS, record, header=i == 0)
+        print_row(LEVEL_COLUMNS, record, header=i == 0)
         append_json(out, record)
         records.append(record)
     if any(r["failed"] for r in records):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from .record import append_json, host_fields
-from .serve import print_table
+from .record import append_json, host_fields, print_row
 from .serve_client import Reply, Server
 
 SHORT_QUESTION = "What is the capital of France?"
@@ -103,7 +102,7 @@ def bench_probe(server: Server, base: dict, n_tokens: int, delay: float, repeats
     for i in range(repeats):
         t = run_trial(server, long_body, short_body, delay)
         trials.append(t)
-        print_table(PROBE_COLUMNS, {"trial": i + 1, "long_tokens": t.long.prompt_tokens, "long_ttft_s": t.long.ttft_s,
+        print_row(PROBE_COLUMNS, {"trial": i + 1, "long_tokens": t.long.prompt_tokens, "long_ttft_s": t.long.ttft_s,
                                     "idle_ttft_s": idle_s, "short_ttft_s": t.short.ttft_s,
                                     "ratio": t.short.ttft_s / idle_s, "long_busy": "yes" if t.long_busy else "no",
                                     "verdict": t.verdict}, header=i == 0)
