@@ -38,7 +38,7 @@ from .errors import ConfigError, TpiError
 from .jobs import ApiError, HttpJob, Job
 from .openai_api import (chat_messages, completion_prompt, error_response, flag_field, number_field, parse_max_tokens,
                          parse_sampling, parse_stops, read_json, sse)
-from .serving import BUILTIN_MODEL_ID, Engine, ServeConfig, model_id, queue_full  # noqa: F401 (the CLI's and the supervisor's)
+from .serving import BUILTIN_MODEL_ID, Engine, ServeConfig, model_id  # noqa: F401 (the CLI's and the supervisor's)
 
 if TYPE_CHECKING:              # the supervisor imports this module for its HTTP side: no torch there
     from .steps import Root

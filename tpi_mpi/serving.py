@@ -72,11 +72,8 @@ class Engine:
         if self.failed:
             raise ApiError(503, f"the server is shutting down: {self.failed}", code="unavailable")
         with self.lock:
-            full = self.admitted >= self.cfg.queue_size + self.cfg.max_batch
-            if not full:
-                self._put(job)
-        if full:
-            raise queue_full(self.cfg, self.mean_job_s)
+            refuse_when_full(self.admitted, self.cfg, self.mean_job_s)
+            self._put(job)
 
     def enqueue(self, job: Job) -> None:
         """Queue a job unconditionally (a supervisor in front has admitted it already)."""
@@ -88,12 +85,10 @@ class Engine:
         self.jobs.put_nowait(job)
 
     def health(self) -> tuple[dict, int]:
-        if self.failed:
-            return {"status": "error", "error": self.failed}, 503
         s = self.root.session
-        return {"status": "ok", "model": self.cfg.model_id, "busy": self.busy > 0, "running": self.busy,
-                "max_batch": self.cfg.max_batch, "queued": self.jobs.qsize(), "ranks": s.comm.size,
-                "allreduce": s.comm.mode, "windows": s.windows}, 200
+        body = health_body("failed" if self.failed else "ok", self.cfg, running=self.busy, queued=self.jobs.qsize(),
+                           ranks=s.comm.size, pids=s.pids, allreduce=s.comm.mode, windows=s.windows, error=self.failed)
+        return body, 503 if self.failed else 200
 
     def log(self, msg: str) -> None:
         self.root.session.log(msg)
@@ -152,10 +147,23 @@ class Engine:
             self.admitted -= 1
 
 
-def queue_full(cfg: ServeConfig, mean_job_s: float) -> ApiError:
-    wait = max(1, math.ceil(mean_job_s * cfg.queue_size / cfg.max_batch))
-    return ApiError(429, f"{cfg.queue_size} request(s) are waiting already (--queue-size): retry in {wait} s",
-                    code="queue_full", headers={"Retry-After": str(wait)})
+def refuse_when_full(held: int, cfg: ServeConfig, mean_job_s: float) -> None:
+    """Admission, for serve and for a supervisor in front of it: with `held` requests answered or
+    waiting already, a new one is refused with 429 and a Retry-After from the mean request time."""
+    if held >= cfg.queue_size + cfg.max_batch:
+        wait = max(1, math.ceil(mean_job_s * cfg.queue_size / cfg.max_batch))
+        raise ApiError(429, f"{cfg.queue_size} request(s) are waiting already (--queue-size): retry in {wait} s",
+                       code="queue_full", headers={"Retry-After": str(wait)})
+
+
+def health_body(status: str, cfg: ServeConfig, *, running: int, queued: int, ranks: int, pids: list[int] | None = None,
+                allreduce: str | None = None, windows: list | None = None, hosts: list[str] | None = None,
+                restarts: int = 0, last_failure: dict | None = None, error: str | None = None) -> dict:
+    """/health's one schema, the same for `serve` and for `serve --ranks` (the supervisor): every key
+    is always there, null where that server cannot know it (a plain serve knows no hosts)."""
+    return {"status": status, "model": cfg.model_id, "ranks": ranks, "hosts": hosts, "pids": pids or [],
+            "allreduce": allreduce, "windows": windows, "max_batch": cfg.max_batch, "running": running,
+            "queued": queued, "restarts": restarts, "last_failure": last_failure, "error": error}
 
 
 def default_prefill_chunk(s) -> int:

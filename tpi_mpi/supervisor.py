@@ -43,7 +43,8 @@ from .engine_process import EXIT_GRACE_S, Ahead, EngineProcess, Failure
 from .errors import ConfigError, TpiError
 from .jobs import ApiError
 from .launcher import launched_by_mpi
-from .serve import Api, HttpThread, ServeConfig, queue_full
+from .serve import Api, HttpThread
+from .serving import ServeConfig, health_body, refuse_when_full
 from .text import TextCodec
 
 FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
@@ -136,20 +137,19 @@ class Supervisor:
             raise ApiError(503, "the server is shutting down", code="unavailable")
         with_seed(job, random.getrandbits(63))
         with self.lock:
-            if len(self.jobs) >= self.cfg.queue_size + self.cfg.max_batch:
-                raise queue_full(self.cfg, self.mean_job_s)
+            refuse_when_full(len(self.jobs), self.cfg, self.mean_job_s)
             self.jobs[job.id] = job
             if self.live:
                 self.engine.channel.send(job_message(job))
 
     def health(self) -> tuple[dict, int]:
-        ready = self.engine.ready if self.engine and self.live else None
-        body = {"status": {"serving": "ok"}.get(self.state, self.state), "model": self.cfg.model_id,
-                "ranks": len(self.hosts), "hosts": self.hosts, "pids": ready["pids"] if ready else [],
-                "allreduce": ready["allreduce"] if ready else None, "restarts": self.restarts,
-                "last_failure": self.last_failure, "requests": len(self.jobs), "max_batch": self.cfg.max_batch}
-        if self.error:
-            body["error"] = self.error
+        ready = self.engine.ready if self.engine and self.live else {}
+        held = len(self.jobs)                # the engine answers up to max_batch of them, the rest wait
+        body = health_body({"serving": "ok"}.get(self.state, self.state), self.cfg,
+                           running=min(held, self.cfg.max_batch), queued=max(0, held - self.cfg.max_batch),
+                           ranks=len(self.hosts), hosts=self.hosts, pids=ready.get("pids"),
+                           allreduce=ready.get("allreduce"), windows=ready.get("windows"), restarts=self.restarts,
+                           last_failure=self.last_failure, error=self.error)
         return body, 503 if self.state == "failed" else 200      # restarting: requests wait, none is lost
 
     def log(self, msg: str) -> None:

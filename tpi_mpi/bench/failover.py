@@ -160,7 +160,7 @@ class Killer(threading.Thread):
         failure = back["last_failure"] or {}
         self.records.append({"kill": len(self.records) + 1, "signal": SIGNALS[sig], "rank": rank, "pid": pid,
                              "at": t, "world": len(health["pids"]), "world_after": len(back["pids"]),
-                             "in_flight": health["requests"],
+                             "in_flight": health["running"] + health["queued"],
                              "named": ",".join(map(str, failure.get("ranks", []))),
                              "message": failure.get("message"), "recovery_s": failure.get("recovery_s"),
                              "ready_s": ready_s, "restarts": back["restarts"] - health["restarts"]})
