@@ -257,6 +257,12 @@ def shard_bytes(m: ModelConfig, s: RankShard, itemsize: int, matrix_bytes: float
     return {k: int(v) for k, v in {"attn": attn, "mlp": mlp, "expert": expert, "common": common, "embed": embed}.items()}
 
 
+def kv_bytes(m: ModelConfig, s: RankShard, positions: int, itemsize: int) -> int:
+    """A rank's KV cache of `positions` positions: keys and values of its kv heads, every layer (the
+    one place this is counted: the memory budget and `info` both ask here)."""
+    return 2 * m.n_layers * s.n_kv_heads * m.head_dim * positions * itemsize
+
+
 def parameter_count(m: ModelConfig) -> int:
     """Parameters of the model as stored (a tied head counted once)."""
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim

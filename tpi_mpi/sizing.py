@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from .config import ParallelConfig, format_size, parse_ratio
-from .parallel import FFN_UNIT, RankShard, parameter_count, plan_shards, shard_bytes
+from .parallel import FFN_UNIT, RankShard, kv_bytes, parameter_count, plan_shards, shard_bytes
 from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
 from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest
 from .weights import current_rss
@@ -55,8 +55,7 @@ class Sizing:
 
     def kv_bytes(self, s: RankShard) -> int:
         """The rank's KV cache for `context` positions."""
-        m = self.model
-        return 2 * m.n_layers * s.n_kv_heads * m.head_dim * self.context * self.itemsize
+        return kv_bytes(self.model, s, self.context, self.itemsize)
 
     def plan(self, mode: str) -> list[RankNeeds]:
         m, per = self.model, self.modes[mode]

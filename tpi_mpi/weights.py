@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import ShardError
-from .parallel import bind, unbind
+from .parallel import bind, kv_bytes, unbind
 from .quant import QuantWeight
 from .shard_format import (COMMON, EMBED, KINDS, MANIFEST, Manifest, block_file, file_sha256, map_safetensors,
                            quant_weight, read_safetensors)
@@ -304,8 +304,7 @@ def _cgroup_folders() -> list[Path]:
 
 
 def kv_cache_bytes(shard: Shard, context: int) -> int:
-    m, s = shard.model, shard.shards[shard.rank]
-    return 2 * m.n_layers * s.n_kv_heads * m.head_dim * context * shard.dtype.itemsize
+    return kv_bytes(shard.model, shard.shards[shard.rank], context, shard.dtype.itemsize)
 
 
 MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
