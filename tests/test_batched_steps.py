@@ -13,11 +13,13 @@ import torch
 
 from fake_comm import run_ranks
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
-from tpi_mpi.scheduler import Sequence, plan_step
-from tpi_mpi.jobs import Job
 from tpi_mpi.config import ParallelConfig
+from tpi_mpi.jobs import Job
 from tpi_mpi.model import Transformer
 from tpi_mpi.prepare import prepare
+from tpi_mpi.sampling import SamplingConfig
+from tpi_mpi.scheduler import Batcher, Sequence, plan_step
+from tpi_mpi.steps import Root, follow
 from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
 
 
@@ -88,9 +90,25 @@ def test_plan_step_decodes_all_and_finishes_short_prompts_before_long_ones():
 
 # --- alone and in a batch: the same bits ---------------------------------------------------------
 
+class RecordingRoot(Root):
+    """The real rank 0 side of the steps, keeping every logits row a token is sampled from, by slot."""
+
+    def __init__(self, session) -> None:
+        super().__init__(session)
+        self.logits: dict[int, list[torch.Tensor]] = {}
+
+    def step(self, seqs, ids):
+        out = super().step(seqs, ids)
+        for seq, x in zip(seqs, out):
+            if x is not None:
+                self.logits.setdefault(seq.slot, []).append(x[-1].clone())
+        return out
+
+
 def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new: int, chunk: int):
-    """Greedy generation of `requests` (arrival step, prompt ids) through batched steps on n rank
-    threads, scheduled by plan_step; returns rank 0's logits rows per request, one per new token."""
+    """Greedy generation of `requests` (arrival step, prompt ids) on n rank threads through the real
+    step protocol (steps.Root and follow) and scheduler (scheduler.Batcher, 3 slots); returns rank
+    0's logits rows per request, one per new token."""
 
     def rank_main(comm):
         r = comm.rank
@@ -99,44 +117,30 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
         try:
             model = Transformer(shard.model, shard.shards, r, comm, window, shard.dtype)
             model.load_resident(shard.read("common.safetensors")[1])
-            embed = EmbeddingTable(shard) if r == 0 else None
+            codec = SimpleNamespace(decode=lambda ids: "", stop_ids=lambda: set())   # greedy ids, no text
+            session = SimpleNamespace(comm=comm, model_config=shard.model, dtype=shard.dtype, batch_invariant=True,
+                                      embed=EmbeddingTable(shard) if r == 0 else None, codec=codec,
+                                      forward=lambda h, batch: model(h, batch))
+            if r:
+                follow(session)
+                return None
+            root = RecordingRoot(session)
+            batcher = Batcher(root, 3, chunk, shard.model.max_seq_len, set())
             pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
-            running, logits_of, step = {}, {i: [] for i in range(len(requests))}, 0
-            while True:
-                header = np.zeros(3, dtype=np.int64)          # sequences, tokens, all done
-                if r == 0:
-                    while pending and requests[pending[0]][0] <= step and len(running) < 3:
-                        i = pending.pop(0)
-                        slot = min(set(range(3)) - {s.slot for s in running.values()})
-                        running[i] = seq(slot, 0)
-                        running[i].prefill = requests[i][1]
-                    plan = plan_step(list(running.values()), chunk) if running else []
-                    parts = [s.next_input(k) for s, k in plan]
-                    header[:] = len(parts), sum(p[0].n_tokens for p in parts), not (pending or running)
-                comm.bcast(header)
+            slot_of, done, step = {}, {}, 0
+            while pending or batcher.running:
+                while pending and requests[pending[0]][0] <= step and batcher.free_slots:
+                    i = pending.pop(0)
+                    job = ListJob(str(i), requests[i][1], SamplingConfig(0.0), n_new, [], True)
+                    slot_of[i] = batcher.admit(job).slot
+                    root.logits.pop(slot_of[i], None)           # a slot freed by an earlier request
+                batcher.step()                                  # nothing running yet: a step of nothing
                 step += 1
-                if header[2]:
-                    return logits_of
-                if header[0] == 0:                             # the next request has not arrived yet
-                    continue
-                table = np.zeros((int(header[0]), SeqStep.FIELDS), dtype=np.int64)
-                h = torch.zeros((int(header[1]), shard.model.dim), dtype=shard.dtype)
-                if r == 0:
-                    table[:] = Batch([p[0] for p in parts], invariant=True).pack()
-                    h[:] = embed[[t for p in parts for t in p[1]]]
-                comm.bcast(table)
-                comm.bcast(h.view(torch.uint8).numpy())
-                batch = Batch.unpack(table, invariant=True)
-                out = model(h, batch)
-                if r == 0:
-                    index = {id(s): i for i, s in running.items()}
-                    for (s, _), (part, _), (a, b) in zip(plan, parts, batch.logit_spans):
-                        s.fed += part.n_tokens
-                        if b > a:
-                            logits_of[index[id(s)]].append(out[b - 1].clone())
-                            s.generated.append(int(out[b - 1].argmax()))
-                            if len(s.generated) == n_new:
-                                del running[index[id(s)]]
+                for i, slot in slot_of.items():
+                    if i not in done and len(root.logits.get(slot, [])) == n_new:
+                        done[i] = root.logits[slot]
+            root.stop()
+            return done
         finally:
             window.close()
 
@@ -229,8 +233,6 @@ class TokenJob(ListJob):
 
 
 def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False, generated=()):
-    from tpi_mpi.sampling import SamplingConfig
-
     j = TokenJob("j", list(range(1, prompt + 1)), SamplingConfig(0.0), max_tokens, list(stops), ignore_eos,
                 generated=list(generated))
     j.events = []
@@ -238,8 +240,6 @@ def job(prompt: int, max_tokens: int = 10, stops=(), ignore_eos=False, generated
 
 
 def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
-    from tpi_mpi.scheduler import Batcher
-
     eos = 0
     root = ScriptedRoot({0: [ord(c) for c in "abcdef"], 1: [ord("x"), ord("y"), eos, ord("z")],
                          2: [ord(c) for c in "hello world"]})
@@ -265,8 +265,6 @@ def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
 
 
 def test_batcher_drops_a_cancelled_sequence_without_a_reply():
-    from tpi_mpi.scheduler import Batcher
-
     root = ScriptedRoot({0: [ord("a")] * 50})
     b = Batcher(root, max_batch=2, chunk=PIECE, context=64, eos=set())
     j = job(2, max_tokens=50)
@@ -291,8 +289,6 @@ class RandomRoot(ScriptedRoot):
 
 
 def run_alone(root, job_, max_batch=1):
-    from tpi_mpi.scheduler import Batcher
-
     b = Batcher(root, max_batch=max_batch, chunk=PIECE, context=64, eos={0})
     root.prompts = {b.admit(job_).slot: job_.prompt_ids}
     while b.running:
@@ -304,8 +300,6 @@ def run_alone(root, job_, max_batch=1):
 def test_a_resumed_request_sends_exactly_the_rest_of_its_answer(cut):
     """A request resumed with the tokens its client had (as after an engine restart): the text sent
     before the cut plus the text sent after it is the uninterrupted text; the stop string spans the cut."""
-    from tpi_mpi.sampling import SamplingConfig
-
     script = [ord(c) for c in "hello world"]
     whole = run_alone(ScriptedRoot({0: script}), job(5, stops=["lo w"], max_tokens=20))
     before = "".join(whole.texts[:cut])                  # what the client had with the first `cut` tokens
