@@ -262,7 +262,8 @@ def serve(root: Root, cfg: ServeConfig) -> None:
 
 
 def serve_channel(root: Root, cfg: ServeConfig, channel) -> None:
-    """Rank 0 under a supervisor (supervisor.py): take requests from `channel` until it closes."""
+    """Rank 0 under a supervisor (supervisor.py, through supervised.py): take requests from `channel`
+    until it closes."""
     from .channel import ChannelFront
 
     engine = Engine(root, cfg)

@@ -1,3 +1,3 @@
-from .emulator import main
+from .cli import main
 
 main()
