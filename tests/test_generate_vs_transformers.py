@@ -38,7 +38,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, tmp_path, name
     args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--temperature", "0",
             "--max-new-tokens", str(N_NEW), "--ignore-eos", "--json", "--quiet", "--allreduce", allreduce,
             "--cache-dir", str(tmp_path / "cache"), "--dump-prompt-logits", str(tmp_path / "prompt.npy"),
-            "--dump-logits", str(tmp_path / "first.npy")]
+            "--dump-logits", str(tmp_path / "first.npy"), "--kv-dtype", "fp32"]   # parity to 1e-4: an fp32 KV cache
     if ratio:
         args += ["--ratio", ratio]
     r = run_tpi(args, n)

@@ -56,7 +56,7 @@ def test_hf_copy_gives_transformers_our_logits(tiny, tmp_path):
         synthetic.write_hf_checkpoint(tiny, hf)
 
     prompt = [1, 17, 250, 3, 99, 42]
-    s = Session(RunConfig(model=str(ours), quiet=True))
+    s = Session(RunConfig(model=str(ours), quiet=True, kv_dtype="fp32"))          # parity to 1e-4: an fp32 KV cache
     try:
         g = run_generation(Root(s), prompt, SamplingConfig(0.0), 8, ignore_eos=True, keep_prompt_logits=True)
     finally:

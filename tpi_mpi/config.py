@@ -31,6 +31,7 @@ QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
 # how quantized matrices are multiplied: int8 activations and integer dot products (llama.cpp's way,
 # quant_int8.py) or the exact float path (quant.py); auto: int8 unless --dtype fp32 is asked for
 MATMUL_MODES = ("auto", "int8", "exact")
+KV_DTYPES = ("auto", "fp32", "bf16", "fp16")    # the KV cache's; auto: fp16 (as llama.cpp), fp32 with --dtype fp32
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,18 @@ def format_size(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def kv_dtype_name(kv_dtype: str, dtype: str, stored: str) -> str:
+    """The KV cache's dtype: as asked, or for auto half precision (half the memory of fp32, as
+    llama.cpp's f16 default; docs/memory.md measures what it changes): the model's own 16-bit dtype,
+    else fp16; fp32 when --dtype fp32 asks for the file's exact numbers."""
+    if kv_dtype != "auto":
+        return kv_dtype
+    if dtype == "fp32":
+        return "fp32"
+    compute = stored if dtype == "auto" else dtype
+    return compute if compute in ("bf16", "fp16") else "fp16"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run's options, the same on every rank (every rank parses the same command line)."""
@@ -276,6 +289,7 @@ class RunConfig:
     head_on: str = "split"
     quant: str = "auto"                 # see QUANT_MODES
     matmul: str = "auto"                # see MATMUL_MODES
+    kv_dtype: str = "auto"              # see KV_DTYPES and kv_dtype_name
     threads: int = 0                    # 0 = cores on this host / ranks on this host
     comm_timeout: float = 60.0
     link_model: str | None = None       # "2ms,300mbit": charge each message that link's time (comm.py)
@@ -292,6 +306,8 @@ class RunConfig:
             raise ConfigError(f"--quant {self.quant!r}: use one of {', '.join(QUANT_MODES)}")
         if self.matmul not in MATMUL_MODES:
             raise ConfigError(f"--matmul {self.matmul!r}: use one of {', '.join(MATMUL_MODES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"--kv-dtype {self.kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
         if not (self.window in (None, "auto") or isinstance(self.window, int) and self.window >= 1):
             raise ConfigError(f"--window {self.window!r}: give a number of blocks (at least 1), 'all' or 'auto'")
         if self.memory_budget is not None and self.window != "auto":

@@ -79,14 +79,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class KVCache:
     """Keys and values of this rank's kv heads for one sequence slot, (kv_heads, positions, head_dim),
-    grown on demand up to `limit` positions (the context the memory budget planned for a slot).
+    stored in `dtype` (--kv-dtype), grown on demand up to `limit` positions (the context the memory
+    budget planned for a slot).
 
     Writing at `pos` drops whatever lay beyond it, so a new prompt at position 0 starts afresh.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, dtype: torch.dtype) -> None:
         self.k = self.v = None
-        self.limit = limit
+        self.limit, self.dtype = limit, dtype
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +98,7 @@ class KVCache:
         end = pos + T
         if self.k is None or end > self.k.shape[1]:
             cap = min(max(end, 2 * (self.k.shape[1] if self.k is not None else 0), 64), max(end, self.limit))
-            grown_k, grown_v = k.new_empty(n_kv, cap, d), v.new_empty(n_kv, cap, d)
+            grown_k, grown_v = k.new_empty(n_kv, cap, d, dtype=self.dtype), v.new_empty(n_kv, cap, d, dtype=self.dtype)
             if self.k is not None and pos:
                 grown_k[:, :pos], grown_v[:, :pos] = self.k[:, :pos], self.v[:, :pos]
             self.k, self.v = grown_k, grown_v
@@ -106,7 +107,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, m: ModelConfig, shard: RankShard, comm, context: int) -> None:
+    def __init__(self, m: ModelConfig, shard: RankShard, comm, context: int, kv_dtype: torch.dtype) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = shard.n_heads, shard.n_kv_heads, m.head_dim
         self.q, self.k, self.v = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         self.whole_groups = (kv_index == [i // m.group for i in range(self.n_heads)]
                              and self.n_heads == self.n_kv_heads * m.group)
         self.kv_index = torch.tensor(kv_index)
-        self.context = context
+        self.context, self.kv_dtype = context, kv_dtype
         self.caches: dict[int, KVCache] = {}                                     # by sequence slot
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
@@ -134,13 +135,14 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for p in rows.pieces:             # each sequence against its own cache, piece by piece in order
             slot = batch.seqs[p.seq].slot
-            cache = self.caches.get(slot) or self.caches.setdefault(slot, KVCache(self.context))
+            cache = self.caches.get(slot) or self.caches.setdefault(slot, KVCache(self.context, self.kv_dtype))
             out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos, cache)
         return self.o(out.view(T, self.n_heads * self.head_dim), rows)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, cache: KVCache) -> Tensor:
         T = q.shape[0]                                                           # q: (T, heads, hd)
         keys, values = cache.update(pos, k.transpose(0, 1), v.transpose(0, 1))   # (kv_heads, L, hd)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)                     # a half-precision cache: widened
         if not self.whole_groups:
             keys, values = keys.index_select(0, self.kv_index), values.index_select(0, self.kv_index)
         L = pos + T
@@ -216,10 +218,10 @@ class MixtureOfExperts(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, context: int) -> None:
+    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, context: int, kv_dtype: torch.dtype) -> None:
         super().__init__()
         self.index = index
-        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, context)
+        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, context, kv_dtype)
         self.mlp_norm = RMSNorm(m.norm_eps)
         self.mlp = MixtureOfExperts(m, comm) if m.is_moe(index) else FeedForward(comm)
 
@@ -239,10 +241,10 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, m: ModelConfig, shards: list[RankShard], rank: int, comm, window,
-                 dtype: torch.dtype, context: int | None = None) -> None:
+                 dtype: torch.dtype, context: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        context = context or m.max_seq_len
-        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm, context) for i in range(m.n_layers))
+        context, kv_dtype = context or m.max_seq_len, kv_dtype or dtype
+        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm, context, kv_dtype) for i in range(m.n_layers))
         self.norm = RMSNorm(m.norm_eps)
         self.head = VocabParallelHead(comm, [s.vocab for s in shards])
         self.rope = Rope(m, dtype)

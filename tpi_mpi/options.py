@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .config import ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio, parse_size, parse_window
+from .config import (ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, KV_DTYPES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio,
+                     parse_size, parse_window)
 from .progress import progress_bar  # noqa: F401 (the commands' progress bars)
 
 QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
@@ -45,6 +46,9 @@ def run_options(f):
                      help="Quantized matrices: int8 quantizes activations to 8 bits per 32 values and takes integer "
                           "dot products (llama.cpp's way, fast); exact multiplies the stored weights in float32 "
                           "(the file's own numbers); auto: int8, or exact with --dtype fp32."),
+        click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True,
+                     help="The KV cache's dtype; auto: half precision (the model's bf16/fp16, else fp16), fp32 "
+                          "with --dtype fp32."),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),
@@ -62,7 +66,7 @@ def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
     return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"], max_batch=max_batch, cache_dir=kw["cache_dir"],
                      ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
-                     matmul=kw["matmul"],
+                     matmul=kw["matmul"], kv_dtype=kw["kv_dtype"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
                      link_model=kw["link_model"])
 

@@ -21,13 +21,13 @@ import torch
 from . import cache
 from .batch import Batch
 from .comm import CommStats, make_comm
-from .config import RunConfig, format_size
+from .config import RunConfig, format_size, kv_dtype_name
 from .errors import PeerFailed, TpiError
 from .model import Transformer
 from . import quant_int8
 from .ship import ship
 from .progress import progress_bar
-from .shard_format import COMMON
+from .shard_format import COMMON, DTYPES
 from .text import TextCodec
 from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
                       disk_read_bytes, expert_capacity, memory_domain, plan_window, resident_dequantized, slot_bytes)
@@ -142,6 +142,8 @@ class Session:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
         self.model_config, self.dtype = self.shard.model, self.shard.dtype
+        self.kv_dtype = DTYPES[kv_dtype_name(cfg.kv_dtype, cfg.dtype, self.shard.manifest.dtype)]
+        self.shard.kv_dtype = self.kv_dtype                  # what the budget counts the KV cache in
         if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
             # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
             # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
@@ -168,7 +170,7 @@ class Session:
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
                                    resident_form=form, cached=cached, expert_capacity=capacity)
         self.model = Transformer(self.model_config, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
-                                 self.context)
+                                 self.context, self.kv_dtype)
         common = self.shard.read(COMMON)[1]
         self.model.load_resident(form(common) if form else common)
         if self.rank == 0:

@@ -42,6 +42,7 @@ class Shard:
         self.model = mf.model
         self.shards = list(mf.shards)
         self.dtype = mf.torch_dtype
+        self.kv_dtype = self.dtype           # the KV cache's, for the budget: the Session sets --kv-dtype's
         self.files: dict[str, dict] = mf.files
         for name, info in self.files.items():
             p = self.path(name)
@@ -304,7 +305,7 @@ def _cgroup_folders() -> list[Path]:
 
 
 def kv_cache_bytes(shard: Shard, context: int) -> int:
-    return kv_bytes(shard.model, shard.shards[shard.rank], context, shard.dtype.itemsize)
+    return kv_bytes(shard.model, shard.shards[shard.rank], context, shard.kv_dtype.itemsize)
 
 
 MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
