@@ -39,8 +39,9 @@ class Chat:
         self.cached: list[int] = []        # token ids whose keys and values the caches hold
 
     def turn(self, text: str, out: TextIO) -> str | None:
-        """Answer one user message, streaming to `out`; None when the context is full."""
-        codec, limit = self.root.session.codec, self.root.session.model_config.max_seq_len
+        """Answer one user message, streaming to `out`; None when the context is full (the KV cache
+        the memory budget reserved: --context positions, at most the model's)."""
+        codec, limit = self.root.session.codec, self.root.session.context
         messages = self.messages + [{"role": "user", "content": text}]
         ids = codec.encode_chat(messages)
         if len(ids) + 1 >= limit:
@@ -74,7 +75,8 @@ def chat_loop(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, intera
             print(f"unknown command {text}: {HELP}", file=sys.stderr, flush=True)
             continue
         if chat.turn(text, out) is None:
-            print(f"(the context of {chat.root.session.model_config.max_seq_len} tokens is full: /reset to start over)",
+            print(f"(the context of {chat.root.session.context} tokens is full: /reset to start over, or chat again "
+                  "with a larger --context)",
                   file=sys.stderr, flush=True)
             continue
         answered += 1

@@ -3,6 +3,7 @@ The benchmarks' commands are in bench/cli.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -129,7 +130,7 @@ def _builtin() -> Path:
 def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json,
              dump_logits, dump_prompt_logits, **kw) -> None:
     """Generate text from a prompt (every rank runs this; rank 0 prints)."""
-    from .generate import run_generation
+    from .generate import positions_needed, run_generation
     from .startup import Session
     from .steps import Root, run_steps
 
@@ -151,7 +152,9 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         return run_generation(root, ids, sampling, max_new_tokens, ignore_eos, stream,
                               keep_prompt_logits=bool(dump_prompt_logits))
 
-    with Session(run_config(kw)) as s:
+    cfg = run_config(kw)                  # the KV cache reserved: what this prompt and answer can use
+    cfg = dataclasses.replace(cfg, context=min(cfg.context, positions_needed(prompt, max_new_tokens, chat, system)))
+    with Session(cfg) as s:
         g = run_steps(s, work)
         stats = s.gather_stats()
     if s.rank != 0:

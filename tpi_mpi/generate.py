@@ -87,6 +87,18 @@ def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
     return run
 
 
+CHAT_TEMPLATE_TOKENS = 256     # room for a chat template's own tokens (role markers, a default system prompt)
+
+
+def positions_needed(prompt: str, max_new_tokens: int, chat: bool = False, system: str | None = None) -> int:
+    """KV positions a `generate` run can use, known before the tokenizer is loaded: its prompt's
+    tokens (at most two per UTF-8 byte, for byte-level BPE and SentencePiece alike, plus a few
+    special ones; the template's with --chat) and its new tokens. The memory budget reserves these
+    rather than --context's 4096."""
+    n = 2 * len(prompt.encode()) + 8 + max_new_tokens
+    return n + 2 * len((system or "").encode()) + CHAT_TEMPLATE_TOKENS if chat else n
+
+
 def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
                    ignore_eos: bool = False, on_text=None, keep_prompt_logits: bool = False,
                    after_prefill=None, cached: int = 0, rng: np.random.Generator | None = None) -> Generation:

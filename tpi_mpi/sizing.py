@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .config import ParallelConfig, format_size, parse_ratio
+from .config import ParallelConfig, format_size, kv_dtype_name, parse_ratio
 from .parallel import FFN_UNIT, RankShard, kv_bytes, parameter_count, plan_shards, shard_bytes
 from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
 from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest
@@ -48,6 +48,7 @@ class Sizing:
             self.modes = {"none": None, **({"keep": self.opened.matrix_bytes()}
                                            if hasattr(self.opened, "matrix_bytes") else {}), **QUANT_BYTES}
         self.itemsize = DTYPES[self.stored if dtype == "auto" else dtype].itemsize
+        self.kv_dtype = kv_dtype_name("auto", dtype, self.stored)      # the cache a run keeps by default
         self.par = ParallelConfig(world_size, parse_ratio(ratio))
         self.head_on = head_on
         self.context = min(context, self.model.max_seq_len)
@@ -55,7 +56,7 @@ class Sizing:
 
     def kv_bytes(self, s: RankShard) -> int:
         """The rank's KV cache for `context` positions."""
-        return kv_bytes(self.model, s, self.context, self.itemsize)
+        return kv_bytes(self.model, s, self.context, DTYPES[self.kv_dtype].itemsize)
 
     def plan(self, mode: str) -> list[RankNeeds]:
         m, per = self.model, self.modes[mode]
@@ -96,7 +97,8 @@ def report(sizing: Sizing) -> Iterator[str]:
                f"{format_size(r.minimum):>11}")
     yield "heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1"
     yield (f"min budget = runtime baseline ({format_size(sizing.baseline)}) + resident tensors + 2 blocks + "
-           f"KV cache for {sizing.context} tokens: --memory-budget below it is refused")
+           f"KV cache for {sizing.context} tokens in {sizing.kv_dtype}: --memory-budget below it is refused "
+           f"(generate reserves only its prompt and answer; serve --max-batch B reserves B such caches)")
     if len(sizing.modes) > 1:
         routed_col = f" {'routed experts only':>19}" if m.n_experts else ""
         yield (f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "

@@ -41,11 +41,13 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
-def parse_mode(mode: str) -> tuple[str, str, str]:
-    """'QUANT[@DTYPE][:MATMUL]' -> (quant, dtype, matmul): dtype fp32 and matmul exact unless given."""
+def parse_mode(mode: str) -> tuple[str, str, str, str]:
+    """'QUANT[@DTYPE][:MATMUL][/KV]' -> (quant, dtype, matmul, kv dtype): dtype fp32, matmul exact and
+    kv auto (fp32 with dtype fp32) unless given."""
+    mode, _, kv = mode.partition("/")
     rest, _, matmul = mode.partition(":")
     quant, _, dtype = rest.partition("@")
-    return quant, dtype or "fp32", matmul or "exact"
+    return quant, dtype or "fp32", matmul or "exact", kv or "auto"
 
 
 def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, out: str | None,
@@ -62,9 +64,9 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
     records = []
 
     def generate(mode: str, *args: str) -> dict:
-        q, dtype, matmul = parse_mode(mode)         # "none@bf16": floats computed in bf16, a yardstick
+        q, dtype, matmul, kv = parse_mode(mode)     # "none@bf16": floats computed in bf16, a yardstick
         cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
-                        "--dtype", dtype, "--matmul", matmul,
+                        "--dtype", dtype, "--matmul", matmul, "--kv-dtype", kv,
                         "--cache-dir", str(work / "cache"), "--temperature", "0", "--ignore-eos", "--max-new-tokens",
                         str(new_tokens), "--json", "--quiet", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -73,13 +75,12 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
         return json.loads(r.stdout)
 
     try:
-        for q in quants:
-            logits = work / f"{q}.npy"
-            g = generate(q, "--prompt", text, "--dump-prompt-logits", str(logits), "--dump-logits",
-                         str(work / f"{q}-next.npy"))
+        for i, q in enumerate(quants):
+            logits, following = work / f"mode{i}.npy", work / f"mode{i}-next.npy"      # a mode may hold a "/"
+            g = generate(q, "--prompt", text, "--dump-prompt-logits", str(logits), "--dump-logits", str(following))
             chat = generate(q, "--prompt", DEFAULT_PROMPT, "--chat")
-            first = np.sort(np.load(work / f"{q}-next.npy"))
-            quant, dtype, _ = parse_mode(q)
+            first = np.sort(np.load(following))
+            quant, dtype, _, _ = parse_mode(q)
             shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{dtype}-{quant}-*/rank*/*.safetensors"))
             records.append({"bench": "quality", "model": model, "quant": q, "ranks": ranks,
                             "perplexity": perplexity(np.load(logits), g["prompt_ids"]),
