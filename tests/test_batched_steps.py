@@ -13,6 +13,7 @@ import torch
 
 from fake_comm import run_ranks
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
+from tpi_mpi.kv import BlockPool
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.jobs import Job
 from tpi_mpi.model import Transformer
@@ -24,7 +25,8 @@ from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
 
 
 def test_batch_pieces_positions_and_logit_rows():
-    seqs = [SeqStep(0, 0, 70, Want.LAST), SeqStep(3, 5, 1), SeqStep(1, 9, 2, Want.ALL), SeqStep(2, 40, 3, Want.NONE)]
+    seqs = [SeqStep(0, 0, 70, Want.LAST, ((0, 5),)), SeqStep(3, 5, 1, runs=((5, 1),)),
+            SeqStep(1, 9, 2, Want.ALL, ((6, 1),)), SeqStep(2, 40, 3, Want.NONE, ((7, 2), (10, 1)))]
     b = Batch(seqs, invariant=True)
     assert [(p.seq, p.start, p.stop, p.pos) for p in b.rows.pieces] == [
         (0, 0, 32, 0), (0, 32, 64, 32), (0, 64, 70, 64), (1, 70, 71, 5), (2, 71, 73, 9), (3, 73, 76, 40)]
@@ -36,7 +38,7 @@ def test_batch_pieces_positions_and_logit_rows():
     assert b.n_rows == 76 and b.positions.tolist() == [*range(70), 5, 9, 10, 40, 41, 42]
     assert b.head_rows.tolist() == [69, 70, 71, 72]                # last of LAST, every row of ALL, none of NONE
     assert b.logit_spans == [(0, 1), (1, 2), (2, 4), (4, 4)]
-    again = Batch.unpack(b.pack(), invariant=True)
+    again = Batch.unpack(b.pack(), len(seqs), invariant=True)
     assert again.seqs == b.seqs and again.invariant and again.pack().dtype == np.int64
 
 
@@ -51,7 +53,8 @@ def test_batch_refuses_what_it_cannot_compute(seqs, words):
 
 
 def test_split_rows_computes_single_rows_together_and_pieces_alone():
-    b = Batch([SeqStep(0, 0, 1), SeqStep(1, 0, 40), SeqStep(2, 7, 1)], invariant=True)
+    b = Batch([SeqStep(0, 0, 1, runs=((0, 1),)), SeqStep(1, 0, 40, runs=((1, 3),)), SeqStep(2, 7, 1, runs=((4, 1),))],
+              invariant=True)
     calls = []
 
     def one(x):
@@ -115,11 +118,12 @@ def run_requests(prepared, n: int, requests: list[tuple[int, list[int]]], n_new:
         shard = Shard(prepared / f"rank{r}", r, n)
         window = WeightWindow(shard, None)
         try:
-            model = Transformer(shard.model, shard.shards, r, comm, window, shard.dtype)
+            model = Transformer(shard.model, shard.shards, r, comm, window, shard.dtype, kv_blocks=64)
             model.load_resident(shard.read("common.safetensors")[1])
             codec = SimpleNamespace(decode=lambda ids: "", stop_ids=lambda: set())   # greedy ids, no text
             session = SimpleNamespace(comm=comm, model_config=shard.model, dtype=shard.dtype, batch_invariant=True,
                                       embed=EmbeddingTable(shard) if r == 0 else None, codec=codec,
+                                      kv_pool=BlockPool(64) if r == 0 else None,
                                       forward=lambda h, batch: model(h, batch))
             if r:
                 follow(session)
@@ -197,10 +201,10 @@ class ScriptedRoot:
     """A Root stand-in: each sequence's next token is read from a script by its slot, and the text
     of token t is the letter chr(t)."""
 
-    def __init__(self, scripts: dict[int, list[int]]) -> None:
+    def __init__(self, scripts: dict[int, list[int]], kv_blocks: int = 64) -> None:
         self.scripts, self.steps = scripts, []
         codec = SimpleNamespace(decode=lambda ids: "".join(chr(t) for t in ids))
-        self.session = SimpleNamespace(codec=codec)
+        self.session = SimpleNamespace(codec=codec, kv_pool=BlockPool(kv_blocks))
 
     def step(self, seqs, ids):
         self.steps.append([(s.slot, s.pos, s.n_tokens) for s in seqs])
@@ -262,6 +266,19 @@ def test_batcher_ends_each_sequence_on_its_own_and_frees_its_slot():
     # all three prompts end within FINISHING chunks: one step, shortest first; then a token of each
     assert root.steps[:2] == [[(1, 0, 3), (2, 0, 5), (0, 0, 40)], [(0, 40, 1), (1, 3, 1), (2, 5, 1)]]
     assert b.free_slots == 3
+
+
+def test_batcher_admits_a_request_only_with_the_blocks_of_what_it_can_use_and_frees_them_at_its_end():
+    root = ScriptedRoot({0: [ord("a")] * 40, 1: [ord("b")] * 40}, kv_blocks=4)      # a pool of 64 positions
+    b = Batcher(root, max_batch=2, chunk=PIECE, context=64, eos=set())
+    first, second = job(20, max_tokens=20), job(10, max_tokens=30)
+    assert b.positions(first) == 40 and b.positions(job(60, max_tokens=20)) == 64     # at most the context
+    assert b.fits(first)
+    root.prompts = {b.admit(first).slot: first.prompt_ids}
+    assert b.pool.free_blocks == 1 and not b.fits(second)        # 40 positions: 3 blocks of 16 held
+    while b.running:
+        b.step()
+    assert b.pool.free_blocks == 4 and b.fits(second)            # its blocks back in the pool
 
 
 def test_batcher_drops_a_cancelled_sequence_without_a_reply():

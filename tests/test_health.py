@@ -15,7 +15,7 @@ def serve_health(failed=None):
     jobs.put("waiting")
     session = SimpleNamespace(comm=SimpleNamespace(size=2, mode="star"), pids=[11, 12], windows=["all", "all"])
     engine = SimpleNamespace(root=SimpleNamespace(session=session), cfg=ServeConfig(max_batch=4), failed=failed,
-                             busy=3, jobs=jobs)
+                             busy=3, jobs=jobs, waiting=None)
     return Engine.health(engine)
 
 

@@ -36,9 +36,7 @@ def run(folder, kv_dtype):
     s = Session(RunConfig(model=str(folder), window=None, quiet=True, kv_dtype=kv_dtype, context=128))
     try:
         g = run_generation(Root(s), PROMPT, SamplingConfig(0.0), 6, ignore_eos=True, keep_prompt_logits=True)
-        cache = s.model.layers[0].attn.caches[0]
-        from tpi_mpi.weights import kv_cache_bytes
-        return g, cache.k.dtype, kv_cache_bytes(s.shard, 128), s.model_config, s.shard.shards[0]
+        return g, s.model.kv.dtype, s.model.kv_bytes(), s.model_config, s.shard.shards[0]
     finally:
         s.close()
 
@@ -47,7 +45,7 @@ def test_a_half_precision_cache_holds_half_the_bytes_and_moves_the_logits_little
     exact, exact_dtype, exact_bytes, m, shard = run(prepared, "fp32")
     half, half_dtype, half_bytes, _, _ = run(prepared, "auto")
     assert (exact_dtype, half_dtype) == (torch.float32, torch.float16)
-    # keys and values of every layer, this rank's kv heads, 128 positions: what the budget counts
+    # the pool of a generate run: keys and values of every layer, this rank's kv heads, its 128 positions
     assert exact_bytes == 2 * m.n_layers * shard.n_kv_heads * m.head_dim * 128 * 4 == 2 * half_bytes
     err = np.abs(half.prompt_logits - exact.prompt_logits).max() / np.abs(exact.prompt_logits).max()
     assert 0 < err < 5e-3, err                   # rounding to fp16: visible, small

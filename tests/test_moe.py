@@ -78,12 +78,12 @@ def run_with_capacity(prepared, capacity: float, ids: list[int], n_new: int):
 
     shard = Shard(prepared / "rank0", 0, 1)
     window = WeightWindow(shard, None, expert_capacity=capacity)
-    model = Transformer(shard.model, shard.shards, 0, LocalComm(), window, torch.float32)
+    model = Transformer(shard.model, shard.shards, 0, LocalComm(), window, torch.float32, kv_blocks=8)
     model.load_resident(shard.read("common.safetensors")[1])
     embed = EmbeddingTable(shard)
     out, pos = [], 0
     for _ in range(n_new):
-        logits = model(embed[ids], Batch([SeqStep(0, pos, len(ids))]))
+        logits = model(embed[ids], Batch([SeqStep(0, pos, len(ids), runs=((0, 8),))]))
         out.append(logits[-1])
         pos += len(ids)
         ids = [int(logits[-1].argmax())]

@@ -105,7 +105,7 @@ def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, dep
         window = WeightWindow(shard, depth, cached=cached, resident_form=resident_form)
         try:
             m = shard.model
-            model = Transformer(m, shard.shards, r, comm, window, torch.float32)
+            model = Transformer(m, shard.shards, r, comm, window, torch.float32, kv_blocks=16)
             common = shard.read("common.safetensors")[1]
             model.load_resident(resident_form(common) if resident_form else common)
             embed = EmbeddingTable(shard) if r == 0 else None
@@ -117,7 +117,7 @@ def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, dep
                 if r == 0:
                     h[...] = embed[ids].numpy()
                 comm.bcast(h)                                  # the same hidden states on every rank
-                seq = SeqStep(0, int(header[1]), int(header[0]), Want.ALL if all_logits else Want.LAST)
+                seq = SeqStep(0, int(header[1]), int(header[0]), Want.ALL if all_logits else Want.LAST, ((0, 16),))
                 return model(torch.from_numpy(h), Batch([seq]))
 
             prompt_logits = step(prompt_ids, 0, all_logits=True)

@@ -77,16 +77,19 @@ def test_workers_never_receive_token_ids_or_text(checkpoints, tmp_path):
                 assert rec["shape"] in ([Header.SIZE], [1]), rec
                 if rec["shape"] == [Header.SIZE]:
                     raw = np.frombuffer(data[rec["offset"]:rec["offset"] + 8 * Header.SIZE], dtype=np.int64)
-                    h = Header.unpack(raw)          # fields: command, sequences, tokens, two flags
+                    h = Header.unpack(raw)          # fields: command, sequences, tokens, two flags, KV runs
                     assert h.cmd in (Cmd.FORWARD, Cmd.STOP, Cmd.RESET_STATS, Cmd.IDLE) and 0 <= h.n_tokens < 256 \
                         and set(raw[3:].tolist()) <= {0, 1}, rec
                     forward = h if h.cmd == Cmd.FORWARD else None
             elif rec["dtype"] == "uint8" and rec["op"] == "bcast" and forward:
-                # a step: the sequence table (slot, position, tokens, logits wanted), then hidden states
-                table_bytes = forward.n_seqs * SeqStep.FIELDS * 8
+                # a step: the sequence table (slot, position, tokens, logits wanted, KV runs; then the runs:
+                # first block and blocks), then hidden states
+                table_bytes = (forward.n_seqs * SeqStep.FIELDS + 2 * forward.n_runs) * 8
                 assert forward.n_seqs == 1 and rec["shape"] == [table_bytes + forward.n_tokens * 4 * dim], rec
-                slot, pos, n, want = np.frombuffer(data[rec["offset"]:rec["offset"] + table_bytes], dtype=np.int64)
+                slot, pos, n, want, n_runs, first, blocks = np.frombuffer(data[rec["offset"]:rec["offset"] + table_bytes],
+                                                                          dtype=np.int64)
                 assert slot == 0 and 0 <= pos < 256 and n == forward.n_tokens and want in (1, 2), rec
+                assert n_runs == 1 and first == 0 and 16 * blocks >= pos + n, rec
                 forward = None
             elif rec["dtype"] == "uint8" and rec["op"] == "bcast":   # the prepared folder's path
                 assert rec["shape"] == [4096], rec

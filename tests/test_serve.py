@@ -420,3 +420,43 @@ def test_requests_in_a_batch_get_the_text_they_get_alone(checkpoints, tmp_path, 
         assert "4 request(s) at a time" in server.log.read_text()
     finally:
         server.close()
+
+
+@pytest.mark.mpi
+def test_requests_wait_for_the_kv_pool_and_get_the_text_they_get_alone(checkpoints, tmp_path):
+    """A pool of 128 positions (8 blocks) holds two requests of 6 + 40 tokens (3 blocks each): of five
+    sent at once, two run and three wait in the queue for blocks, and each answer is its solo one."""
+    model = checkpoints("llama")
+    server = Server(tmp_path, ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--max-batch", "4",
+                               "--context", "128", "--kv-pool", "128"])
+    prompts = ["Once upon a time", "Edge devices", "The cluster", "word word", "A B C"]
+    try:
+        server.wait_ready()
+        assert "KV pool: 128 positions per rank" in server.log.read_text()
+        client = server.client()
+
+        def ask(prompt):
+            return client.completions.create(model="x", prompt=prompt, max_tokens=40, temperature=0,
+                                             extra_body={"ignore_eos": True})
+
+        alone = [ask(p) for p in prompts]
+        assert all(a.usage.prompt_tokens + 40 <= 48 for a in alone)     # 3 blocks each
+        together, seen = [None] * len(prompts), []
+
+        def run(i):
+            try:
+                together[i] = ask(prompts[i])
+            except Exception as e:
+                together[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            status, _, health = server.request("GET", "/health")
+            seen.append((health["running"], health["queued"]))
+            time.sleep(0.05)
+        assert [getattr(t, "choices", [t])[0].text for t in together] == [a.choices[0].text for a in alone]
+        assert max(r for r, _ in seen) == 2 and max(q for _, q in seen) >= 1, seen
+    finally:
+        server.close()

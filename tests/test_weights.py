@@ -111,34 +111,6 @@ class _Sink:
         return self
 
 
-def test_plan_window_fits_the_budget(prepared):
-    from tpi_mpi.weights import kv_cache_bytes, plan_window
-
-    shard = Shard(prepared / "rank0", 0, 1)
-    blocks = [i["size"] for n, i in shard.files.items() if n.startswith("layer")]
-    resident = shard.files["common.safetensors"]["size"]
-    block, base, kv = max(blocks), 100 << 20, kv_cache_bytes(shard, 64)
-    fixed = base + resident + kv
-    assert plan_window(shard, fixed + sum(blocks) + block, 64, base) == (None, 6)     # all fits
-    assert plan_window(shard, fixed + 3 * block, 64, base) == (2, 0)
-    assert plan_window(shard, fixed + 2 * block, 64, base) == (1, 0)
-    with pytest.raises(ShardError, match="too small for rank 0: it needs at least"):
-        plan_window(shard, fixed + 2 * block - 1, 64, base)
-    assert kv == 2 * 3 * 2 * 16 * 64 * 4     # layers x kv heads x head_dim x context x fp32
-
-
-def test_plan_window_keeps_blocks_resident_beyond_the_largest_useful_window(prepared, monkeypatch):
-    from tpi_mpi import weights
-
-    shard = Shard(prepared / "rank0", 0, 1)
-    monkeypatch.setattr(weights, "MAX_WINDOW", 1)
-    sizes = [shard.files[block_file(i, k)]["size"] for i in range(3) for k in ("attn", "mlp")]
-    base, fixed = 100 << 20, (100 << 20) + shard.files["common.safetensors"]["size"] + weights.kv_cache_bytes(shard, 64)
-    # window 1 (2 blocks with the one computing), then the first three blocks of a pass resident
-    assert weights.plan_window(shard, fixed + 2 * max(sizes) + sum(sizes[:3]), 64, base) == (1, 3)
-    assert weights.plan_window(shard, fixed + 2 * max(sizes) + sum(sizes[:3]) - 1, 64, base) == (1, 2)
-
-
 def test_resident_blocks_beside_a_window_give_the_resident_results(prepared, monkeypatch):
     import tpi_mpi.startup
 

@@ -1,5 +1,6 @@
-"""What one forward step computes: a few sequences, each with its own KV-cache slot, position and new
-tokens, their rows of hidden states laid one after another. Pure bookkeeping, no torch modules.
+"""What one forward step computes: a few sequences, each with its own slot, position, new tokens and
+blocks of the KV pool (kv.py), their rows of hidden states laid one after another. Pure
+bookkeeping, no torch modules.
 
 A sequence's numbers must not depend on what else is in the step (a greedy answer is the same
 alone or among others), and neither BLAS nor torch's attention are batch invariant: the rows of
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import PIECE
+from .kv import Place, Runs
 
 
 class Want(IntEnum):
@@ -33,13 +35,15 @@ class Want(IntEnum):
 
 @dataclass(frozen=True)
 class SeqStep:
-    """One sequence's part of a step: `n_tokens` new tokens at positions pos.., in KV slot `slot`."""
+    """One sequence's part of a step: `n_tokens` new tokens at positions pos.. of sequence `slot`, whose
+    positions lie in the KV pool's blocks `runs` (rank 0's BlockPool fills them in)."""
     slot: int
     pos: int
     n_tokens: int
     want: Want = Want.LAST
+    runs: Runs = ()
 
-    FIELDS = 4      # int64 values per sequence on the wire
+    FIELDS = 5      # int64 values per sequence on the wire (slot, pos, n_tokens, want, runs), then 2 per run
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Batch:
         self.rows = Rows(pieces, invariant)
         self.spans = [(int(starts[i]), int(starts[i + 1])) for i in range(len(seqs))]
         self.positions = torch.cat([torch.arange(s.pos, s.pos + s.n_tokens) for s in seqs])
+        self.places = [Place(s.runs, s.pos + s.n_tokens) for s in seqs]
         # rows the head computes: every row of ALL, the last of LAST, as pieces of their own
         head_rows, head_pieces, self.logit_spans = [], [], []
         for i, s in enumerate(seqs):
@@ -110,14 +115,25 @@ class Batch:
         self.head_rows = torch.tensor(head_rows, dtype=torch.long)
         self.head = Rows(head_pieces, invariant)
 
+    @property
+    def n_runs(self) -> int:
+        return sum(len(s.runs) for s in self.seqs)
+
     def pack(self) -> np.ndarray:
-        """The sequence table as int64 (n_seqs, FIELDS), for the wire."""
-        return np.array([[s.slot, s.pos, s.n_tokens, int(s.want)] for s in self.seqs], dtype=np.int64)
+        """The sequence table for the wire, int64: FIELDS per sequence, then every sequence's runs."""
+        rows = [[s.slot, s.pos, s.n_tokens, int(s.want), len(s.runs)] for s in self.seqs]
+        runs = [x for s in self.seqs for run in s.runs for x in run]
+        return np.array([x for row in rows for x in row] + runs, dtype=np.int64)
 
     @classmethod
-    def unpack(cls, table: np.ndarray, invariant: bool = False) -> Batch:
-        return cls([SeqStep(int(a), int(b), int(c), Want(int(d))) for a, b, c, d in table.reshape(-1, SeqStep.FIELDS)],
-                   invariant)
+    def unpack(cls, table: np.ndarray, n_seqs: int, invariant: bool = False) -> Batch:
+        rows = table[:n_seqs * SeqStep.FIELDS].reshape(n_seqs, SeqStep.FIELDS).tolist()
+        runs = table[n_seqs * SeqStep.FIELDS:].reshape(-1, 2).tolist()
+        seqs, at = [], 0
+        for slot, pos, n_tokens, want, n_runs in rows:
+            seqs.append(SeqStep(slot, pos, n_tokens, Want(want), tuple(map(tuple, runs[at:at + n_runs]))))
+            at += n_runs
+        return cls(seqs, invariant)
 
 
 def split_rows(x: torch.Tensor, pieces: list[Piece], one: callable, many: callable) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import DTYPE_NAMES, HEAD_PLACES, QUANT_MODES, ParallelConfig, format_size, parse_ratio
+from .config import DTYPE_NAMES, HEAD_PLACES, QUANT_MODES, ParallelConfig, format_size, parse_ratio, parse_size
 from .errors import ConfigError
 from .options import DEFAULT_PROMPT, QUANT_HELP, progress_bar, run_config, run_options
 from .sampling import SamplingConfig
@@ -99,14 +99,18 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet
 @click.option("--head-on", type=click.Choice(HEAD_PLACES), default="split", show_default=True)
 @click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP)
 @click.option("--context", type=int, default=4096, show_default=True, help="Tokens of KV cache to plan for.")
-def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context) -> None:
-    """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed and
-    the minimum memory budget, for each --quant (SRC: a model folder, .gguf file or prepared folder
-    [default: the built-in model])."""
+@click.option("--memory-budget", help="Per rank, e.g. 1.5GiB: what serve's KV pool holds under it.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="serve's requests at once.")
+@click.option("--request", type=int, default=0, help="Tokens of one request, prompt + answer [default: --context].")
+def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context, memory_budget, max_batch, request) -> None:
+    """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed,
+    the minimum memory budget for each --quant, and how many requests serve's KV pool holds (SRC: a
+    model folder, .gguf file or prepared folder [default: the built-in model])."""
     from .sizing import Sizing, report
 
     source = _source(src, synthetic) or _builtin()
-    for line in report(Sizing(source, world_size, ratio, dtype, head_on, quant, context)):
+    budget = parse_size(memory_budget) if memory_budget else None
+    for line in report(Sizing(source, world_size, ratio, dtype, head_on, quant, context), budget, max_batch, request):
         click.echo(line)
 
 
@@ -223,8 +227,10 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
               help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
 @click.option("--port", type=int, default=8000, show_default=True, help="0 = any free port (logged).")
 @click.option("--max-batch", type=int, default=8, show_default=True,
-              help="Requests answered together (continuous batching); the memory budget holds a KV cache of "
-                   "--context positions for each.")
+              help="Requests answered together (continuous batching), as the KV pool has room for them.")
+@click.option("--kv-pool", type=int, default=0,
+              help="Tokens the KV pool holds per rank, shared by all requests [default: what the memory budget "
+                   "leaves beside the weights, up to --max-batch x --context].")
 @click.option("--prefill-chunk", type=int, default=0,
               help="Prompt tokens per step, a multiple of 32 [default: 64 with the weights in memory, 512 when "
                    "they stream]: smaller lets a short request in sooner beside a long prompt.")

@@ -19,6 +19,8 @@ from .errors import ConfigError
 # batch.py: with --max-batch > 1, prompt tokens per matmul and attention call (the unit of exactness,
 # not of scheduling); here so that serve's options are checked without importing torch
 PIECE = 32
+# kv.py: positions per block of the KV pool (what the pool hands out, and what a request's reservation rounds up to)
+KV_BLOCK = 16
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
@@ -282,7 +284,8 @@ class RunConfig:
     window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
     memory_budget: int | None = None    # bytes per rank for "auto" (default: weights.default_budget)
     context: int = 4096                 # tokens of KV cache the budget reserves per sequence (capped at the model's)
-    max_batch: int = 1                  # sequences whose KV caches the budget reserves (serve --max-batch)
+    max_batch: int = 1                  # sequences answered together (serve --max-batch)
+    kv_pool: int = 0                    # positions of the KV pool per rank; 0: what the budget leaves (budget.py)
     cache_dir: str | None = None
     ratio: tuple[float, ...] = ()       # empty = even
     dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
@@ -318,6 +321,8 @@ class RunConfig:
             raise ConfigError(f"--context {self.context}: must be at least 1")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch {self.max_batch}: must be at least 1")
+        if self.kv_pool < 0:
+            raise ConfigError(f"--kv-pool {self.kv_pool}: give tokens (at least 1), or 0 for what the budget leaves")
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads}: must be 0 (automatic) or more")
         if not self.comm_timeout > 0:

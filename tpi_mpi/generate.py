@@ -74,7 +74,7 @@ def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
     s = root.session
     prompts = [len(j.prompt_ids) - j.cached for j in jobs]
     chunk = PIECE * math.ceil(max(max(prompts), math.ceil(sum(prompts) / FINISHING)) / PIECE)
-    batcher = Batcher(root, len(jobs), chunk, s.model_config.max_seq_len, set(s.model_config.eos_ids) | s.codec.stop_ids())
+    batcher = Batcher(root, len(jobs), chunk, s.context, set(s.model_config.eos_ids) | s.codec.stop_ids(), release=False)
     run = Decoded([batcher.admit(job) for job in jobs], [], 0)
     while batcher.running:
         t = time.perf_counter()
@@ -112,6 +112,9 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
         raise ConfigError("the prompt is empty: give some text with --prompt")
     if len(prompt_ids) >= m.max_seq_len:
         raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, the model's context is {m.max_seq_len}: shorten it")
+    if len(prompt_ids) >= root.session.context:
+        raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, the KV cache holds {root.session.context}: "
+                          f"raise --context")
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     job = LocalJob("generate", list(prompt_ids), sampling, max_new_tokens, [], ignore_eos,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .batch import Batch, Rows
 from .config import ModelConfig
+from .kv import Place, new_store
 from .parallel import (ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind, project,
                        unbind)
 
@@ -77,37 +78,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Keys and values of this rank's kv heads for one sequence slot, (kv_heads, positions, head_dim),
-    stored in `dtype` (--kv-dtype), grown on demand up to `limit` positions (the context the memory
-    budget planned for a slot).
-
-    Writing at `pos` drops whatever lay beyond it, so a new prompt at position 0 starts afresh.
-    """
-
-    def __init__(self, limit: int, dtype: torch.dtype) -> None:
-        self.k = self.v = None
-        self.limit, self.dtype = limit, dtype
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.nbytes
-
-    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n_kv, T, d = k.shape
-        end = pos + T
-        if self.k is None or end > self.k.shape[1]:
-            cap = min(max(end, 2 * (self.k.shape[1] if self.k is not None else 0), 64), max(end, self.limit))
-            grown_k, grown_v = k.new_empty(n_kv, cap, d, dtype=self.dtype), v.new_empty(n_kv, cap, d, dtype=self.dtype)
-            if self.k is not None and pos:
-                grown_k[:, :pos], grown_v[:, :pos] = self.k[:, :pos], self.v[:, :pos]
-            self.k, self.v = grown_k, grown_v
-        self.k[:, pos:end], self.v[:, pos:end] = k, v
-        return self.k[:, :end], self.v[:, :end]
-
-
 class Attention(nn.Module):
-    def __init__(self, m: ModelConfig, shard: RankShard, comm, context: int, kv_dtype: torch.dtype) -> None:
+    """Each sequence attends over its own positions, which lie in the rank's KV pool (kv.py) where its
+    step's `Place` says; `keys` and `values` are this layer's part of the pool, (kv heads, positions, hd)."""
+
+    def __init__(self, m: ModelConfig, shard: RankShard, comm, keys: Tensor, values: Tensor) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = shard.n_heads, shard.n_kv_heads, m.head_dim
         self.q, self.k, self.v = ColumnParallelLinear(), ColumnParallelLinear(), ColumnParallelLinear()
@@ -120,8 +95,7 @@ class Attention(nn.Module):
         self.whole_groups = (kv_index == [i // m.group for i in range(self.n_heads)]
                              and self.n_heads == self.n_kv_heads * m.group)
         self.kv_index = torch.tensor(kv_index)
-        self.context, self.kv_dtype = context, kv_dtype
-        self.caches: dict[int, KVCache] = {}                                     # by sequence slot
+        self.keys, self.values = keys, values
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
         T, rows = x.shape[0], batch.rows                                         # x: (T, dim), every sequence's rows
@@ -133,28 +107,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(T, self.n_kv_heads, self.head_dim)
         out = torch.empty_like(q)
-        for p in rows.pieces:             # each sequence against its own cache, piece by piece in order
-            slot = batch.seqs[p.seq].slot
-            cache = self.caches.get(slot) or self.caches.setdefault(slot, KVCache(self.context, self.kv_dtype))
-            out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos, cache)
+        for p in rows.pieces:             # each sequence against its own positions, piece by piece in order
+            out[p.start:p.stop] = self._attend(q[p.start:p.stop], k[p.start:p.stop], v[p.start:p.stop], p.pos,
+                                               batch.places[p.seq])
         return self.o(out.view(T, self.n_heads * self.head_dim), rows)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, cache: KVCache) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, place: Place) -> Tensor:
         T = q.shape[0]                                                           # q: (T, heads, hd)
-        keys, values = cache.update(pos, k.transpose(0, 1), v.transpose(0, 1))   # (kv_heads, L, hd)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)                     # a half-precision cache: widened
+        L = pos + T
+        place.write(self.keys, pos, k.transpose(0, 1))
+        place.write(self.values, pos, v.transpose(0, 1))
+        keys = place.read(self.keys, L).to(q.dtype)                              # (kv_heads, L, hd); a half-
+        values = place.read(self.values, L).to(q.dtype)                          # precision pool: widened
         if not self.whole_groups:
             keys, values = keys.index_select(0, self.kv_index), values.index_select(0, self.kv_index)
-        L = pos + T
         mask = None
         if T > 1:   # queries at pos..pos+T-1 see keys up to their own position
             mask = torch.arange(L)[None, :] <= torch.arange(pos, L)[:, None]
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
                                              enable_gqa=self.whole_groups)       # (heads, T, hd)
         return out.transpose(0, 1)
-
-    def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches.values())
 
 
 class FeedForward(nn.Module):
@@ -218,10 +190,10 @@ class MixtureOfExperts(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, context: int, kv_dtype: torch.dtype) -> None:
+    def __init__(self, index: int, m: ModelConfig, shard: RankShard, comm, kv: Tensor) -> None:
         super().__init__()
         self.index = index
-        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, context, kv_dtype)
+        self.attn_norm, self.attn = RMSNorm(m.norm_eps), Attention(m, shard, comm, kv[0], kv[1])
         self.mlp_norm = RMSNorm(m.norm_eps)
         self.mlp = MixtureOfExperts(m, comm) if m.is_moe(index) else FeedForward(comm)
 
@@ -236,15 +208,15 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Hidden states in, logits out (full vocabulary on rank 0, None on the other ranks).
 
-    A step runs a batch of sequences (batch.py), each with a KV cache of its own slot holding up to
-    `context` positions.
+    A step runs a batch of sequences (batch.py), whose keys and values lie in one KV pool of
+    `kv_blocks` blocks (kv.py), in `kv_dtype`.
     """
 
     def __init__(self, m: ModelConfig, shards: list[RankShard], rank: int, comm, window,
-                 dtype: torch.dtype, context: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype, kv_blocks: int, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        context, kv_dtype = context or m.max_seq_len, kv_dtype or dtype
-        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm, context, kv_dtype) for i in range(m.n_layers))
+        self.kv = new_store(m.n_layers, shards[rank].n_kv_heads, m.head_dim, kv_blocks, kv_dtype or dtype)
+        self.layers = nn.ModuleList(Block(i, m, shards[rank], comm, self.kv[i]) for i in range(m.n_layers))
         self.norm = RMSNorm(m.norm_eps)
         self.head = VocabParallelHead(comm, [s.vocab for s in shards])
         self.rope = Rope(m, dtype)
@@ -270,4 +242,5 @@ class Transformer(nn.Module):
         return self.head(self.norm(h), batch.head)
 
     def kv_bytes(self) -> int:
-        return sum(layer.attn.kv_bytes() for layer in self.layers)
+        """The KV pool's size (its pages take memory as sequences write them)."""
+        return self.kv.nbytes

@@ -68,5 +68,5 @@ def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
                      ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
                      matmul=kw["matmul"], kv_dtype=kw["kv_dtype"],
                      threads=kw["threads"], comm_timeout=kw["comm_timeout"], quiet=kw["quiet"],
-                     link_model=kw["link_model"])
+                     link_model=kw["link_model"], kv_pool=kw.get("kv_pool") or 0)
 

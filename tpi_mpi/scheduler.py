@@ -2,7 +2,10 @@
 command decodes through it (serve's loop with up to --max-batch requests; generate, chat and bench
 as a batch of one or a few, generate.py).
 
-Each admitted request holds one of `max_batch` KV-cache slots until it ends. Every step carries
+Each admitted request holds one of `max_batch` slots and, in the KV pool (kv.py), the blocks of what
+it can use: its prompt and max_tokens new tokens, at most the context. A request is admitted only
+when the pool has those blocks free, so no sequence ever runs out of them and none is preempted:
+an answer is never recomputed, and never differs from its solo run for it. Every step carries
 one token of each sequence that is decoding and, as the prefill budget allows, prompt tokens:
 - prompts that can be finished within FINISHING chunks go first, shortest first, so a short
   request arriving while a long prompt is being read waits for at most one step (of one chunk),
@@ -10,7 +13,7 @@ one token of each sequence that is decoding and, as the prefill budget allows, p
 - otherwise the prompt closest to its end advances by one chunk (`chunk` tokens, a multiple of
   batch.PIECE, so its pieces, and so its numbers, do not depend on how it was spread over steps).
 Each sequence samples with its own parameters and generator and stops on its own (EOS, stop
-string, max_tokens, the slot's context, a client gone); its slot is free for the next step.
+string, max_tokens, the context, a client gone); its slot and blocks are free for the next step.
 """
 
 from __future__ import annotations
@@ -79,17 +82,32 @@ def plan_step(seqs: list[Sequence], chunk: int) -> list[tuple[Sequence, int]]:
 class Batcher:
     """The sequences in flight and the step that advances them all (rank 0's main thread)."""
 
-    def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int]) -> None:
+    def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int], release: bool = True) -> None:
+        """`release`: an ended sequence gives its KV blocks back (serve). Without it a slot keeps them
+        for the next request on it: a chat's next turn starts after the cached conversation."""
         self.root, self.max_batch, self.chunk, self.context, self.eos = root, max_batch, chunk, context, eos
+        self.pool, self.release = root.session.kv_pool, release
         self.running: list[Sequence] = []
 
     @property
     def free_slots(self) -> int:
         return self.max_batch - len(self.running)
 
-    def admit(self, job: Job) -> Sequence:
+    def positions(self, job: Job) -> int:
+        """The KV positions a job can use: its prompt and its new tokens, at most the context."""
+        return min(self.context, len(job.prompt_ids) + job.max_tokens)
+
+    def _free_slot(self) -> int:
         used = {s.slot for s in self.running}
-        slot = next(i for i in range(self.max_batch) if i not in used)
+        return next(i for i in range(self.max_batch) if i not in used)
+
+    def fits(self, job: Job) -> bool:
+        """Whether `job` can be admitted now: a free slot, and the pool's blocks for what it can use."""
+        return bool(self.free_slots) and self.pool.can_hold(self._free_slot(), self.positions(job))
+
+    def admit(self, job: Job) -> Sequence:
+        slot = self._free_slot()
+        self.pool.hold(slot, self.positions(job))        # KVPoolFull if it does not fit: ask fits() first
         seq = Sequence(job, slot, Streamer(self.root.session.codec), StopFilter(job.stops),
                        job.rng or np.random.default_rng(job.sampling.seed), fed=job.cached,
                        prefill=job.prompt_ids + job.generated)
@@ -122,6 +140,9 @@ class Batcher:
                     self._take(s, sample(out[-1].numpy(), s.job.sampling, s.rng))
         ended = [s for s in self.running if s.reason]
         self.running = [s for s in self.running if not s.reason]
+        if self.release:
+            for s in ended:
+                self.pool.release(s.slot)
         return ended
 
     def _take(self, s: Sequence, token: int, resumed: bool = False) -> None:
@@ -150,4 +171,5 @@ class Batcher:
         """The engine failed: every running request gets `error`."""
         for s in self.running:
             s.job.send("error", error)
+            self.pool.release(s.slot)
         self.running = []

@@ -1,5 +1,6 @@
-"""Rank 0's serving loop, no HTTP here: requests (`Job`s) from a bounded queue into the batch's
-KV-cache slots (scheduler.Batcher), one step at a time for all of them. serve.py puts this loop
+"""Rank 0's serving loop, no HTTP here: requests (`Job`s) from a bounded queue into the batch
+(scheduler.Batcher), first come first served, each once the KV pool has the blocks it can use; then
+one step at a time for all of them. serve.py puts this loop
 behind an HTTP thread; under a supervisor, serve_channel puts it behind the supervisor's channel.
 
 The main thread is the only one that talks to the other ranks. A client that goes away sets
@@ -54,6 +55,7 @@ class Engine:
 
         self.root, self.cfg, self.codec = root, cfg, root.session.codec
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.waiting: Job | None = None      # the queue's head, taken out, waiting for the pool's blocks
         self.admitted = 0                    # jobs queued or running: at most queue_size + max_batch
         self.lock = threading.Lock()
         self.failed: str | None = None       # why the engine stopped; new requests get 503
@@ -86,7 +88,8 @@ class Engine:
 
     def health(self) -> tuple[dict, int]:
         s = self.root.session
-        body = health_body("failed" if self.failed else "ok", self.cfg, running=self.busy, queued=self.jobs.qsize(),
+        queued = self.jobs.qsize() + (self.waiting is not None)
+        body = health_body("failed" if self.failed else "ok", self.cfg, running=self.busy, queued=queued,
                            ranks=s.comm.size, pids=s.pids, allreduce=s.comm.mode, windows=s.windows, error=self.failed)
         return body, 503 if self.failed else 200
 
@@ -105,6 +108,8 @@ class Engine:
             if front.resumes:                    # a supervisor sends them again to the next engine
                 raise
             self.batch.fail(ApiError(500, f"the cluster failed: {e}", code="engine_error"))
+            if self.waiting:
+                self.jobs.put(self.waiting)
             while True:                          # nobody will answer the queued requests
                 try:
                     self.jobs.get_nowait().send("error", ApiError(503, f"the server stopped: {self.failed}",
@@ -114,25 +119,35 @@ class Engine:
             raise
 
     def _admit(self, block: bool, front) -> bool:
-        """Move queued jobs into free slots; with nothing running, wait for one (the workers are told
-        that the next step may be long in coming). False: the front has closed, nothing runs."""
+        """Move queued jobs, in order, into the batch while it has a slot and the pool their blocks;
+        with nothing running, wait for one (the workers are told that the next step may be long in
+        coming). False: the front has closed, nothing runs."""
         if block:
             self.root.idle()
         while self.batch.free_slots:
-            try:
-                job = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
-            except queue.Empty:
-                if block:
-                    if not front.is_open():
-                        return False
-                    continue
-                return True
+            if self.waiting is None:
+                try:
+                    self.waiting = self.jobs.get(timeout=POLL_S) if block else self.jobs.get_nowait()
+                except queue.Empty:
+                    if block:
+                        if not front.is_open():
+                            return False
+                        continue
+                    return True
+            job, self.waiting = self.waiting, None
             if job.cancelled:
                 job.send("error", ApiError(499, "the client closed the request"))
                 self._release()
-                continue
-            self.batch.admit(job)
-            block = False
+            elif self.batch.fits(job):
+                self.batch.admit(job)
+                block = False
+            elif self.batch.running:
+                self.waiting = job               # it waits, first in line, for the blocks of a request that ends
+                return True
+            else:                                # cannot happen: a request's positions are at most the pool's
+                job.send("error", ApiError(400, f"the request needs {self.batch.positions(job)} KV positions, the "
+                                                f"pool holds {self.batch.pool.positions}", code="context_length_exceeded"))
+                self._release()
         return True
 
     def _ended(self, seq) -> None:

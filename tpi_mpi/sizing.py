@@ -1,17 +1,21 @@
 """What a model needs on each rank, for `tpi_mpi info`: bytes held, bytes read per token when the
-weights stream, and the minimum memory budget, for each --quant the source can take. Arithmetic
-over the shard plan (parallel.py) and the manifest (shard_format.py) and the lines that print it;
-no click here (cli.py echoes the lines), no weights read."""
+weights stream, the minimum memory budget for each --quant the source can take, and what serve's
+KV pool holds under a budget. The shard plan (parallel.py) or the manifest (shard_format.py) put
+through the budget's own arithmetic (budget.py), and the lines that print it; no click here
+(cli.py echoes the lines), no weights read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .config import ParallelConfig, format_size, kv_dtype_name, parse_ratio
+from .budget import Terms, plan_window, pool_blocks, pool_floor, weights_peak
+from .config import KV_BLOCK, ParallelConfig, format_size, kv_dtype_name, parse_ratio
+from .errors import ShardError
 from .parallel import FFN_UNIT, RankShard, kv_bytes, parameter_count, plan_shards, shard_bytes
 from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
 from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest
+from .experts import AHEAD
 from .weights import current_rss
 
 
@@ -23,6 +27,7 @@ class RankNeeds(NamedTuple):
     streamed: int       # read per token when every block streams
     minimum: int        # the smallest --memory-budget it starts with (a window of 1)
     routed: int         # read per token with the routed experts only
+    terms: Terms        # what budget.py plans with
 
 
 class Sizing:
@@ -54,9 +59,8 @@ class Sizing:
         self.context = min(context, self.model.max_seq_len)
         self.baseline = current_rss()    # this process after importing torch: about what a rank starts with
 
-    def kv_bytes(self, s: RankShard) -> int:
-        """The rank's KV cache for `context` positions."""
-        return kv_bytes(self.model, s, self.context, DTYPES[self.kv_dtype].itemsize)
+    def kv_bytes(self, s: RankShard, positions: int) -> int:
+        return kv_bytes(self.model, s, positions, DTYPES[self.kv_dtype].itemsize)
 
     def plan(self, mode: str) -> list[RankNeeds]:
         m, per = self.model, self.modes[mode]
@@ -70,14 +74,33 @@ class Sizing:
             experts = len(m.moe_layers) * m.n_experts * b["expert"]     # of which a token needs the routed ones
             streamed = m.n_layers * (b["attn"] + b["mlp"]) + experts
             routed = streamed - experts * (1 - m.n_routed / max(m.n_experts, 1))
-            minimum = self.baseline + b["common"] + 2 * block + self.kv_bytes(s)   # window 1, as plan_window counts
-            rows.append(RankNeeds(streamed + b["common"] + b["embed"], s, block, streamed, minimum, routed))
+            in_flight = (AHEAD + 1) * b["expert"] if m.moe_layers else 0
+            terms = Terms([b["attn"], b["mlp"]] * m.n_layers, block, self.baseline + b["common"] + in_flight)
+            minimum = terms.window(1, 0) + self.kv_bytes(s, self.context)        # window 1, KV of one context
+            rows.append(RankNeeds(streamed + b["common"] + b["embed"], s, block, streamed, minimum, routed, terms))
         return rows
 
+    def serve_plan(self, budget: int, max_batch: int) -> list[tuple[str, int] | None]:
+        """Per rank under `budget`, as serve plans it: (the weights kept, the KV pool's positions), or
+        None where the budget is too small."""
+        out = []
+        for r in self.plan(self.quant):
+            per, floor = self.kv_bytes(r.rank, 1), pool_floor(self.context, max_batch)
+            try:
+                depth, pinned = plan_window(r.terms, budget, floor * per, r.rank.rank)
+            except ShardError:
+                out.append(None)
+                continue
+            blocks = pool_blocks(budget, weights_peak(r.terms, depth, pinned), per, floor, max_batch * self.context)
+            kept = "resident" if depth is None else f"window {depth} + {pinned} of {len(r.terms.sizes)} blocks"
+            out.append((kept, blocks * KV_BLOCK))
+        return out
 
-def report(sizing: Sizing) -> Iterator[str]:
+
+def report(sizing: Sizing, budget: int | None = None, max_batch: int = 8, request: int = 0) -> Iterator[str]:
     """The lines `info` prints: the architecture, a table of the ranks under the source's --quant,
-    and, when the source can take others, the largest rank under each."""
+    what serve's KV pool holds (under `budget` per rank, for --max-batch requests of `request`
+    tokens), and, when the source can take others, the largest rank under each --quant."""
     m = sizing.model
     n = parameter_count(m)
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
@@ -88,17 +111,17 @@ def report(sizing: Sizing) -> Iterator[str]:
         yield (f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
                f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
     yield (f"{'rank':>4} {'heads':>7} {'kv':>5} {'ffn cols':>11} {'shard':>11} {'largest block':>14} "
-           f"{'KV cache':>10} {'min budget':>11}")
+           f"{'KV/token':>10} {'min budget':>11}")
     for r in sizing.plan(sizing.quant):
         s = r.rank
         cols = s.expert_ffn if m.n_experts and len(m.moe_layers) == m.n_layers else s.ffn   # each expert's, if all MoE
         yield (f"{s.rank:>4} {s.heads[0]:>3}-{s.heads[1]:<3} {s.n_kv_heads:>5} {cols[0]:>5}-{cols[1]:<5} "
-               f"{format_size(r.shard):>11} {format_size(r.block):>14} {format_size(sizing.kv_bytes(s)):>10} "
+               f"{format_size(r.shard):>11} {format_size(r.block):>14} {format_size(sizing.kv_bytes(s, 1)):>10} "
                f"{format_size(r.minimum):>11}")
     yield "heads and ffn cols are half-open ranges [lo, hi): 0-2 is heads 0 and 1"
     yield (f"min budget = runtime baseline ({format_size(sizing.baseline)}) + resident tensors + 2 blocks + "
-           f"KV cache for {sizing.context} tokens in {sizing.kv_dtype}: --memory-budget below it is refused "
-           f"(generate reserves only its prompt and answer; serve --max-batch B reserves B such caches)")
+           f"KV cache for {sizing.context} tokens in {sizing.kv_dtype}: --memory-budget below it is refused")
+    yield from _serve_lines(sizing, budget, max_batch, request or sizing.context)
     if len(sizing.modes) > 1:
         routed_col = f" {'routed experts only':>19}" if m.n_experts else ""
         yield (f"\nper --quant, for the largest rank: {'bytes/value':>11} {'shard':>11} {'read per token':>15} "
@@ -111,3 +134,29 @@ def report(sizing: Sizing) -> Iterator[str]:
         yield ("read per token: every block streamed once per token (a window smaller than the shard)"
                + ("; routed experts only: the dense parts and the routed experts, what a token reads "
                   "when no expert is kept in memory" if m.n_experts else ""))
+
+
+def _serve_lines(sizing: Sizing, budget: int | None, max_batch: int, request: int) -> Iterator[str]:
+    """What generate reserves, and what serve's pool holds: under `budget` per rank, or the budget
+    that keeps the weights resident beside a pool for every request."""
+    plan = sizing.plan(sizing.quant)
+    largest = max(plan, key=lambda r: r.terms.resident() + sizing.kv_bytes(r.rank, 1))
+    per = sizing.kv_bytes(largest.rank, 1)
+    blocks = -(-request // KV_BLOCK) * KV_BLOCK                    # a request holds whole blocks
+    yield (f"KV cache: {format_size(per)} per token on rank {largest.rank.rank} in {sizing.kv_dtype}; generate and chat "
+           f"reserve their prompt and answer, serve one pool shared by its requests")
+    if budget is None:
+        need = largest.terms.resident() + max_batch * blocks * per
+        yield (f"serve --max-batch {max_batch}, requests of {request} tokens (prompt + answer): "
+               f"--memory-budget {format_size(need)} per rank keeps the weights resident beside a pool for all "
+               f"{max_batch} at once (give --memory-budget to see what a budget holds)")
+        return
+    yield f"serve under --memory-budget {format_size(budget)} per rank, requests of {request} tokens (prompt + answer):"
+    yield f"{'rank':>4} {'weights':>26} {'KV pool':>16} {'requests':>9}"
+    for r, planned in zip(plan, sizing.serve_plan(budget, max_batch)):
+        if planned is None:
+            yield f"{r.rank.rank:>4} {'the budget is too small':>26}"
+            continue
+        kept, positions = planned
+        yield (f"{r.rank.rank:>4} {kept:>26} {f'{positions} tokens':>16} "
+               f"{min(max_batch, positions // blocks):>9}")

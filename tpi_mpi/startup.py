@@ -21,16 +21,19 @@ import torch
 from . import cache
 from .batch import Batch
 from .comm import CommStats, make_comm
-from .config import RunConfig, format_size, kv_dtype_name
+from .budget import plan_window, pool_blocks, pool_floor, weights_peak
+from .config import KV_BLOCK, RunConfig, format_size, kv_dtype_name
 from .errors import PeerFailed, TpiError
+from .kv import BlockPool
 from .model import Transformer
+from .parallel import kv_bytes
 from . import quant_int8
 from .ship import ship
 from .progress import progress_bar
 from .shard_format import COMMON, DTYPES
 from .text import TextCodec
-from .weights import (EmbeddingTable, Shard, WeightWindow, cache_holds_shard, current_rss, default_budget, dequantized,
-                      disk_read_bytes, expert_capacity, memory_domain, plan_window, resident_dequantized, slot_bytes)
+from .weights import (EmbeddingTable, Shard, WeightWindow, budget_terms, current_rss, default_budget, dequantized,
+                      disk_read_bytes, memory_domain, slot_bytes)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
 
@@ -109,7 +112,15 @@ class Session:
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         pinned = comm.gather_floats(self.window.pinned)
         pids = comm.gather_floats(os.getpid())          # so a supervisor can tell which process is which rank
+        kv_blocks = comm.gather_floats(self.kv_blocks)
         if self.rank == 0:
+            # the pool every rank holds (some may hold more); serve's requests are at most what it holds
+            self.kv_pool = BlockPool(int(min(kv_blocks)))
+            self.context = min(self.context, self.kv_pool.positions)
+            if cfg.max_batch > 1:
+                self.log(f"KV pool: {self.kv_pool.positions} positions per rank in {self.kv_dtype_name} "
+                         f"({format_size(self.kv_pool.positions * self.kv_position_bytes)} on rank 0), shared by up to "
+                         f"{cfg.max_batch} requests of up to {self.context} tokens each")
             self.pids = [int(p) for p in pids]
             self.windows = ["all" if w < 0 else int(w) for w in windows]
             self.pinned = [int(p) for p in pinned]
@@ -142,35 +153,39 @@ class Session:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
         self.model_config, self.dtype = self.shard.model, self.shard.dtype
-        self.kv_dtype = DTYPES[kv_dtype_name(cfg.kv_dtype, cfg.dtype, self.shard.manifest.dtype)]
-        self.shard.kv_dtype = self.kv_dtype                  # what the budget counts the KV cache in
+        self.kv_dtype_name = kv_dtype_name(cfg.kv_dtype, cfg.dtype, self.shard.manifest.dtype)
+        self.kv_dtype = DTYPES[self.kv_dtype_name]
         if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
             # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
             # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
             quant_int8.set_threads(self.threads)
             torch.set_num_threads(1)
-        # the budget holds a KV cache of `context` positions for each of max_batch sequences
-        self.context = min(cfg.context, self.model_config.max_seq_len)
-        budget, context = self.budget, self.context * cfg.max_batch
+        self.context = min(cfg.context, self.model_config.max_seq_len)   # positions per sequence
+        # the budget, planned (budget.py): the weights beside the KV pool's floor, then the pool
+        budget, terms = self.budget, budget_terms(self.shard, self.baseline)
+        self.kv_position_bytes = per_position = kv_bytes(self.model_config, self.shard.shards[self.rank], 1,
+                                                         self.kv_dtype.itemsize)
+        floor = cfg.kv_pool or pool_floor(self.context, cfg.max_batch)
         if cfg.window == "auto":
-            depth, pinned = plan_window(self.shard, budget, context, self.baseline)
+            depth, pinned = plan_window(terms, budget, floor * per_position, self.rank)
         else:
             depth, pinned = cfg.window, 0
         # quantized blocks that stay in memory are dequantized once if the budget holds them so, for the
         # exact path, or interleaved for the int8 kernels; a window asked for where the budget holds the
         # whole shard keeps the pages in the page cache
-        dequantize = (depth is None and not self.int8
-                      and resident_dequantized(self.shard, budget, context, self.baseline))
+        dequantize = depth is None and not self.int8 and terms.dequantized + floor * per_position <= budget
         form = (functools.partial(dequantized, dtype=self.dtype) if dequantize
                 else quant_int8.interleaved if self.int8 else None)
-        cached = depth is not None and cache_holds_shard(self.shard, budget, context, self.baseline)
+        cached = depth is not None and terms.resident() + floor * per_position <= budget
+        weights = weights_peak(terms, depth, pinned, whole_in_cache=cached, dequantized=dequantize)
+        self.kv_blocks = pool_blocks(budget, weights, per_position, floor, cfg.kv_pool or cfg.max_batch * self.context)
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
         capacity = (float("inf") if cfg.window is None or not self.model_config.moe_layers else
-                    expert_capacity(self.shard, budget, context, self.baseline, depth, pinned))
+                    max(0, budget - weights - self.kv_blocks * KV_BLOCK * per_position))
         self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
                                    resident_form=form, cached=cached, expert_capacity=capacity)
         self.model = Transformer(self.model_config, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
-                                 self.context, self.kv_dtype)
+                                 self.kv_blocks, self.kv_dtype)
         common = self.shard.read(COMMON)[1]
         self.model.load_resident(form(common) if form else common)
         if self.rank == 0:

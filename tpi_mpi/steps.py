@@ -2,8 +2,8 @@
 
 Rank 0 (`Root`) owns the tokenizer, the embedding table, sampling and the text. Every step starts
 with a `Header` broadcast as a small int64 array; a forward step then broadcasts, in one message,
-the step's sequence table (batch.py: slot, position, tokens, logits wanted) and the hidden states of
-all its rows. The other ranks (`follow`) only ever receive headers, that table and float hidden
+the step's sequence table (batch.py: slot, position, tokens, logits wanted, KV blocks) and the
+hidden states of all its rows. The other ranks (`follow`) only ever receive headers, that table and float hidden
 states, run their slice of every layer, and send back partial sums and their share of the logits.
 
 `run_steps(session, work)` is the one place where ranks branch: rank 0 runs `work(root)`, the
@@ -12,7 +12,7 @@ others follow until rank 0 releases them, failed or not.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -39,21 +39,23 @@ class Header:
     n_tokens: int = 0            # FORWARD: rows of hidden states, all sequences together
     failed: bool = False         # STOP: rank 0 failed; the workers exit non-zero too
     allreduce: int = 0           # SET_ALLREDUCE: index into ALLREDUCE_MODES
+    n_runs: int = 0              # FORWARD: runs of KV blocks, all sequences together
 
-    SIZE = 5                     # int64 fields on the wire
+    SIZE = 6                     # int64 fields on the wire
 
     def pack(self) -> np.ndarray:
         return np.array([int(v) for v in astuple(self)], dtype=np.int64)
 
     @classmethod
     def unpack(cls, buf: np.ndarray) -> Header:
-        cmd, n_seqs, n_tokens, failed, allreduce = (int(v) for v in buf)
-        return cls(Cmd(cmd), n_seqs, n_tokens, bool(failed), allreduce)
+        cmd, n_seqs, n_tokens, failed, allreduce, n_runs = (int(v) for v in buf)
+        return cls(Cmd(cmd), n_seqs, n_tokens, bool(failed), allreduce, n_runs)
 
 
-def _payload(n_seqs: int, n_tokens: int, dim: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def _payload(h: Header, dim: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """One buffer for a forward step's sequence table and hidden states, and views of both parts."""
-    table_bytes = n_seqs * SeqStep.FIELDS * 8
+    n_tokens = h.n_tokens
+    table_bytes = (h.n_seqs * SeqStep.FIELDS + 2 * h.n_runs) * 8
     raw = torch.empty(table_bytes + n_tokens * dim * dtype.itemsize, dtype=torch.uint8)
     table = raw[:table_bytes].numpy().view(np.int64)
     hidden = raw[table_bytes:].view(dtype).view(n_tokens, dim)
@@ -72,13 +74,16 @@ class Root:
     def step(self, seqs: list[SeqStep], ids: list[int]) -> list[torch.Tensor | None]:
         """One forward step over sequences whose new tokens, one sequence after another, are `ids`:
         each sequence's logits (float32, full vocabulary; (1, vocab) for Want.LAST, (n_tokens, vocab)
-        for Want.ALL, None for Want.NONE)."""
+        for Want.ALL, None for Want.NONE). Each sequence's slot holds the KV blocks its step writes
+        (held already by an admitted request; a slot that holds too few gets more from the pool)."""
         s = self.session
+        seqs = [replace(q, runs=s.kv_pool.hold(q.slot, q.pos + q.n_tokens)) for q in seqs]
         batch = Batch(seqs, s.batch_invariant)
         if batch.n_rows != len(ids):
             raise ValueError(f"the step's sequences hold {batch.n_rows} tokens, {len(ids)} given")
-        self._send(Header(Cmd.FORWARD, n_seqs=len(seqs), n_tokens=len(ids)))
-        raw, table, hidden = _payload(len(seqs), len(ids), s.model_config.dim, s.dtype)
+        header = Header(Cmd.FORWARD, n_seqs=len(seqs), n_tokens=len(ids), n_runs=batch.n_runs)
+        self._send(header)
+        raw, table, hidden = _payload(header, s.model_config.dim, s.dtype)
         table[:] = batch.pack().reshape(-1)
         hidden[:] = s.embed[ids]
         s.comm.bcast(raw)
@@ -141,9 +146,9 @@ def follow(s) -> None:
         elif header.cmd == Cmd.SET_ALLREDUCE:
             s.comm.mode = ALLREDUCE_MODES[header.allreduce]
         elif header.cmd == Cmd.FORWARD:
-            raw, table, hidden = _payload(header.n_seqs, header.n_tokens, s.model_config.dim, s.dtype)
+            raw, table, hidden = _payload(header, s.model_config.dim, s.dtype)
             s.comm.bcast(raw)
-            s.forward(hidden, Batch.unpack(table, s.batch_invariant))
+            s.forward(hidden, Batch.unpack(table, header.n_seqs, s.batch_invariant))
 
 
 def run_steps(s, work):

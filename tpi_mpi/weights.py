@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .errors import ShardError
-from .parallel import bind, kv_bytes, unbind
+from .budget import Terms
+from .parallel import bind, unbind
 from .quant import QuantWeight
 from .shard_format import (COMMON, EMBED, KINDS, MANIFEST, Manifest, block_file, file_sha256, map_safetensors,
                            quant_weight, read_safetensors)
@@ -42,7 +43,6 @@ class Shard:
         self.model = mf.model
         self.shards = list(mf.shards)
         self.dtype = mf.torch_dtype
-        self.kv_dtype = self.dtype           # the KV cache's, for the budget: the Session sets --kv-dtype's
         self.files: dict[str, dict] = mf.files
         for name, info in self.files.items():
             p = self.path(name)
@@ -304,33 +304,18 @@ def _cgroup_folders() -> list[Path]:
     return out
 
 
-def kv_cache_bytes(shard: Shard, context: int) -> int:
-    return kv_bytes(shard.model, shard.shards[shard.rank], context, shard.kv_dtype.itemsize)
-
-
-MAX_WINDOW = 2   # deeper prefetch gained nothing at 7B (bench memory: windows 2 and 4 alike); more memory keeps blocks resident
-
-
 def dequantized_bytes(shard: Shard, name: str) -> int:
     """A file's tensors in memory once dequantized (its size when it holds no quantized matrix)."""
     info = shard.files[name]
     return info.get("dequantized", info["size"])
 
 
-def resident_dequantized(shard: Shard, budget: int, context: int, baseline: int) -> bool:
-    """Whether the whole shard fits `budget` dequantized: then it is dequantized once, at load, and a
-    token costs no dequantizing (the same peak formula as plan_window's)."""
-    names = [COMMON, *shard.manifest.block_files()]
-    fixed = baseline + kv_cache_bytes(shard, context)
-    return fixed + sum(dequantized_bytes(shard, n) for n in names) <= budget
-
-
-def _peak_terms(shard: Shard, context: int, baseline: int) -> tuple[list[int], int, int]:
-    """(block sizes in execution order, the block size a window slot must hold, the fixed part of the
-    peak) of plan_window's formula."""
-    resident = shard.files[COMMON]["size"]                   # norms and head rows; embeddings stay on disk
+def budget_terms(shard: Shard, baseline: int) -> Terms:
+    """What this shard adds to a rank's peak memory (budget.py's formula)."""
     sizes = [shard.files[name]["size"] for name in shard.manifest.block_files()]
-    return sizes, slot_bytes(shard), baseline + resident + kv_cache_bytes(shard, context) + experts_in_flight(shard)
+    fixed = baseline + shard.files[COMMON]["size"] + experts_in_flight(shard)   # embeddings stay on disk
+    dequantized = baseline + sum(dequantized_bytes(shard, n) for n in [COMMON, *shard.manifest.block_files()])
+    return Terms(sizes, slot_bytes(shard), fixed, dequantized)
 
 
 def experts_in_flight(shard: Shard) -> int:
@@ -341,51 +326,8 @@ def experts_in_flight(shard: Shard) -> int:
     return (AHEAD + 1) * max(shard.files[n]["size"] for n in names) if names else 0
 
 
-def expert_capacity(shard: Shard, budget: int, context: int, baseline: int, depth: int | None, pinned: int) -> int:
-    """What the budget leaves for keeping routed experts in memory, beside the window as planned:
-    attention and routers are read every token, so they come first; experts are kept with the rest."""
-    sizes, block, fixed = _peak_terms(shard, context, baseline)
-    used = fixed + sum(sizes[:pinned]) + (block if depth is None else (depth + 1) * block)
-    return max(0, budget - used)
-
-
 def slot_bytes(shard: Shard) -> int:
     """Memory a window slot stands for: the largest block, or for quantized blocks the temporaries
     of computing one (a matrix dequantized at a time, counted as half a block dequantized)."""
     names = shard.manifest.block_files()
     return max(shard.block_bytes(), max(dequantized_bytes(shard, n) for n in names) // 2)
-
-
-def cache_holds_shard(shard: Shard, budget: int, context: int, baseline: int) -> bool:
-    """Whether the budget holds every block at once (as the page cache, for a streamed window): then a
-    window maps its blocks instead of reading and dropping them (WeightWindow's `cached`)."""
-    sizes, block, fixed = _peak_terms(shard, context, baseline)
-    return fixed + sum(sizes) + block <= budget
-
-
-def plan_window(shard: Shard, budget: int, context: int, baseline: int) -> tuple[int | None, int]:
-    """(window, resident blocks) whose peak fits `budget` bytes; (None, all) when the whole shard
-    fits. The window is the largest that fits, up to MAX_WINDOW; what the budget leaves beside it
-    keeps the first blocks of a pass resident, so that only the others are read every token.
-
-    Peak = baseline (the process before weights) + resident tensors (norms, head rows)
-    + (window + 1) blocks (one more for the temporaries of the block computing: for quantized
-    blocks, a matrix dequantized at a time, counted as half a block's dequantized size) + KV cache
-    + the resident blocks.
-    """
-    sizes, block, fixed = _peak_terms(shard, context, baseline)
-    if fixed + sum(sizes) + block <= budget:
-        return None, len(sizes)
-    window = (budget - fixed) // block - 1
-    if window < 1:
-        from .config import format_size
-
-        raise ShardError(f"a memory budget of {format_size(budget)} is too small for rank {shard.rank}: "
-                         f"it needs at least {format_size(fixed + 2 * block)} (window 1, KV cache of {context} positions); "
-                         f"add ranks, prepare with a smaller --dtype, or lower --context (or serve's --max-batch)")
-    window = min(int(window), MAX_WINDOW)
-    spare, pinned = budget - fixed - (window + 1) * block, 0
-    while pinned < len(sizes) and sizes[pinned] <= spare:
-        spare -= sizes[pinned]
-        pinned += 1
-    return window, pinned
