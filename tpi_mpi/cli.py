@@ -305,8 +305,8 @@ def cache(cache_dir, clear) -> None:
         raise ConfigError("--cache-dir with {rank}: give one rank's folder, e.g. ~/.cache/tpi_mpi-0")
     found = prepared.clear(folder) if clear else prepared.entries(folder)
     for e in found:
-        click.echo(f"{'removed ' if clear else ''}{format_size(e.bytes):>11}  {e.world_size} rank(s)  {e.dtype:>4}  "
-                   f"{e.folder.name}  from {e.source}")
+        click.echo(f"{'removed ' if clear else ''}{format_size(e.bytes):>11}  {e.world_size} rank(s)  {e.folder.name}  "
+                   f"from {e.source}: weights {e.weights}, compute dtype {e.dtype}")
     total = format_size(sum(e.bytes for e in found))
     click.echo(f"{len(found)} prepared model(s), {total}, {'removed from' if clear else 'in'} {folder}", err=True)
 
