@@ -201,8 +201,9 @@ def stats_line(g, stats: dict) -> str:
 def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **kw) -> None:
     """Multi-turn chat on rank 0's terminal (or piped stdin, one message a line).
 
-    /reset starts over, /exit leaves. Under Open MPI 5 a pipe's end is not passed on to rank 0:
-    end piped input with /exit, or use --input FILE.
+    /reset starts over, /exit leaves. Open MPI 5 does not pass the end of piped input on to rank 0:
+    rank 0 tells it from mpirun's own input when it runs on mpirun's host; elsewhere (a note on stderr
+    says so) end piped input with /exit, or use --input FILE.
     """
     from .chat import Chat, chat_loop, check_chat_template, read_lines
     from .startup import Session
