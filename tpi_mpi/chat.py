@@ -113,8 +113,8 @@ def read_lines(prompt: str = "> "):
     elif (ended := launcher_input_ended()) is not None:
         yield from read_until(sys.stdin.fileno(), ended)
     else:
-        print("tpi_mpi chat: reading messages from stdin; under mpirun its end may never reach rank 0 here: end "
-              "them with /exit, or use --input FILE", file=sys.stderr, flush=True)
+        print("tpi_mpi chat: one message a line; under mpirun the end of this input may never reach rank 0: leave "
+              "with /exit (or use --input FILE)", file=sys.stderr, flush=True)
         yield from sys.stdin
 
 
