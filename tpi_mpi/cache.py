@@ -19,7 +19,7 @@ from .config import ParallelConfig, RunConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import plan_shards
 from .prepare import ffn_unit, open_source, prepare, resolve_quant, source_fingerprint
-from .shard_format import FORMAT, MANIFEST, Manifest
+from .shard_format import FORMAT, MANIFEST, Manifest, matrix_types, types_label
 
 
 def default_cache_dir() -> Path:
@@ -99,7 +99,8 @@ class Entry:
     bytes: int
     source: str
     world_size: int
-    dtype: str
+    weights: str          # the matrices' stored types: "Q4_1 (5 bits a value), Q8_0 (8.5)"
+    dtype: str            # the compute dtype
 
 
 def entries(folder: Path) -> list[Entry]:
@@ -112,10 +113,11 @@ def entries(folder: Path) -> list[Entry]:
         try:
             mf = Manifest.load(manifests[0].parent)
             source, world, dtype = mf.source_path, mf.world_size, mf.dtype
-        except ShardError:
-            source, world, dtype = "(damaged manifest)", 0, "?"
+            weights = types_label(matrix_types(manifests[0].parent, mf))
+        except (ShardError, OSError, ValueError):
+            source, world, weights, dtype = "(damaged manifest)", 0, "?", "?"
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        out.append(Entry(d, size, source, world, dtype))
+        out.append(Entry(d, size, source, world, weights, dtype))
     return out
 
 

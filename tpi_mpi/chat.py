@@ -6,11 +6,16 @@ template, and only the tokens after the longest prefix already in the cache are 
 
 from __future__ import annotations
 
+import os
+import select
 import sys
-from typing import Iterable, TextIO
+import time
+from typing import Callable, Iterable, TextIO
 
 from .errors import ConfigError
 from .generate import run_generation
+from .launcher import launched_by_mpi
+from .processes import launcher_input_ended
 from .steps import Root
 from .sampling import SamplingConfig
 
@@ -95,15 +100,47 @@ def _idle_between(root: Root, lines: Iterable[str]):
 
 
 def read_lines(prompt: str = "> "):
-    """Lines from stdin: with a prompt on a terminal, plainly from a pipe."""
+    """Lines from stdin: with a prompt on a terminal, plainly from a pipe; under mpirun, from a pipe
+    that ends when mpirun's own input has (Open MPI 5 does not pass that end on)."""
     if sys.stdin.isatty():
         while True:
             try:
                 yield input(prompt)
             except EOFError:
                 return
-    else:
+    elif not launched_by_mpi():
         yield from sys.stdin
+    elif (ended := launcher_input_ended()) is not None:
+        yield from read_until(sys.stdin.fileno(), ended)
+    else:
+        print("tpi_mpi chat: one message a line; under mpirun the end of this input may never reach rank 0: leave "
+              "with /exit (or use --input FILE)", file=sys.stderr, flush=True)
+        yield from sys.stdin
+
+
+GRACE = 0.5    # seconds of quiet on our stdin, once the launcher's input has ended, before it counts as ended
+
+
+def read_until(fd: int, ended: Callable[[], bool], grace: float = GRACE):
+    """Lines from file descriptor `fd` until it ends, or `ended()` says its source has and nothing more
+    has come for `grace` seconds."""
+    pending, quiet_since = b"", None
+    while True:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace") + "\n"
+            quiet_since = None
+        elif ended():
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= grace:
+                break
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 def check_chat_template(root: Root) -> None:

@@ -49,10 +49,12 @@ def cli(ctx: click.Context) -> None:
 
     mpirun -n 4 python -m tpi_mpi generate --model MODEL_DIR --prompt "Hello"
 
-    With no command: the built-in SmolLM2-135M-Instruct answers a default chat prompt.
+    With no command: the built-in SmolLM2-135M-Instruct answers a question, which it prints first.
+    It answers greedily (temperature 0) over the star allreduce, which adds in rank order: the same
+    answer every run on the same number of ranks.
     """
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(generate, prompt=DEFAULT_PROMPT, chat=True)
+    if ctx.invoked_subcommand is None:        # auto's pick of allreduce, timed, would change the sums' order
+        ctx.invoke(generate, prompt=DEFAULT_PROMPT, chat=True, echo=True, temperature=0.0, allreduce="star")
 
 
 def _source(src: str | None, synthetic: str | None):
@@ -125,13 +127,14 @@ def _builtin() -> Path:
 @click.option("--prompt", "-p", help="The prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", help="System prompt for --chat [default: the template's own].")
+@click.option("--echo", is_flag=True, help="Print the prompt before the answer (with --chat: '> ' and the prompt on a line).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings at the end.")
 @click.option("--dump-logits", help="Save the float32 logits the first new token is sampled from (.npy).")
 @click.option("--dump-prompt-logits", help="Save float32 logits at every prompt position (.npy, prompt_len x vocab).")
-def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json,
+def generate(prompt, chat, system, echo, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json,
              dump_logits, dump_prompt_logits, **kw) -> None:
     """Generate text from a prompt (every rank runs this; rank 0 prints)."""
     from .generate import positions_needed, run_generation
@@ -153,6 +156,8 @@ def generate(prompt, chat, system, max_new_tokens, temperature, top_k, top_p, se
         else:
             ids = codec.encode(prompt)
         stream = None if as_json else (lambda t: print(t, end="", flush=True))
+        if echo and stream:
+            stream(f"> {prompt}\n" if chat else prompt)
         return run_generation(root, ids, sampling, max_new_tokens, ignore_eos, stream,
                               keep_prompt_logits=bool(dump_prompt_logits))
 
@@ -200,8 +205,9 @@ def stats_line(g, stats: dict) -> str:
 def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **kw) -> None:
     """Multi-turn chat on rank 0's terminal (or piped stdin, one message a line).
 
-    /reset starts over, /exit leaves. Under Open MPI 5 a pipe's end is not passed on to rank 0:
-    end piped input with /exit, or use --input FILE.
+    /reset starts over, /exit leaves. Open MPI 5 does not pass the end of piped input on to rank 0:
+    rank 0 tells it from mpirun's own input when it runs on mpirun's host; elsewhere (a note on stderr
+    says so) end piped input with /exit, or use --input FILE.
     """
     from .chat import Chat, chat_loop, check_chat_template, read_lines
     from .startup import Session
@@ -311,8 +317,8 @@ def cache(cache_dir, clear) -> None:
         raise ConfigError("--cache-dir with {rank}: give one rank's folder, e.g. ~/.cache/tpi_mpi-0")
     found = prepared.clear(folder) if clear else prepared.entries(folder)
     for e in found:
-        click.echo(f"{'removed ' if clear else ''}{format_size(e.bytes):>11}  {e.world_size} rank(s)  {e.dtype:>4}  "
-                   f"{e.folder.name}  from {e.source}")
+        click.echo(f"{'removed ' if clear else ''}{format_size(e.bytes):>11}  {e.world_size} rank(s)  {e.folder.name}  "
+                   f"from {e.source}: weights {e.weights}, compute dtype {e.dtype}")
     total = format_size(sum(e.bytes for e in found))
     click.echo(f"{len(found)} prepared model(s), {total}, {'removed from' if clear else 'in'} {folder}", err=True)
 

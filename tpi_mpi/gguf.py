@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +280,10 @@ class GGUFSource:
         """Bytes per value over the file's weight matrices, in their own types (for `info`)."""
         matrices = [t for t in self.tensors.values() if len(t.shape) >= 2]     # experts' stacked ones too
         return sum(t.nbytes for t in matrices) / sum(math.prod(t.shape) for t in matrices)
+
+    def matrix_types(self) -> Counter[str]:
+        """How many of the file's weight matrices are of each GGML type ("Q4_1", "F32"), for `info`."""
+        return Counter(Q(t.qtype).name for t in self.tensors.values() if len(t.shape) >= 2)
 
     def block_size(self, ours: str, layer: int | None = None) -> int:
         """Values per quantization block of a matrix (1 for floats)."""

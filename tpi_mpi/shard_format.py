@@ -24,6 +24,7 @@ import hashlib
 import json
 import mmap
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,31 @@ def quant_weight(raw: Tensor, qtype: str) -> QuantWeight:
     """A stored (rows, bytes per row) uint8 matrix of GGML type `qtype` as the model uses it."""
     values, nbytes = QTYPES[qtype]
     return QuantWeight(raw, qtype, raw.shape[1] // nbytes * values)
+
+
+def matrix_types(folder: Path, mf: Manifest) -> Counter[str]:
+    """How many of a rank's weight matrices are stored in each type: the GGML type the manifest names
+    for a quantized one ("Q4_1"), the float dtype's name ("fp32") for the others. Reads only headers."""
+    counts: Counter[str] = Counter()
+    for name, info in mf.files.items():
+        if not name.endswith(".safetensors"):
+            continue
+        with open(Path(folder) / name, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        quant = info.get("quant", {})
+        for t, meta in header.items():
+            if t in quant:
+                counts[quant[t]] += 1
+            elif t != "__metadata__" and len(meta["shape"]) >= 2:
+                counts[mf.dtype] += 1
+    return counts
+
+
+def types_label(counts: Counter[str]) -> str:
+    """"Q4_1 (5 bits a value), Q8_0 (8.5)": the types, the most used first, with their bits a value."""
+    types = [t for t, _ in counts.most_common()]
+    bits = [8 * QTYPES[t][1] / QTYPES[t][0] if t in QTYPES else 8 * DTYPES[t].itemsize for t in types]
+    return ", ".join(f"{t} ({b:g}{' bits a value' if i == 0 else ''})" for i, (t, b) in enumerate(zip(types, bits)))
 
 
 @dataclass(frozen=True)

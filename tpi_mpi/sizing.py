@@ -6,6 +6,7 @@ through the budget's own arithmetic (budget.py), and the lines that print it; no
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -14,8 +15,9 @@ from .config import KV_BLOCK, ParallelConfig, format_size, kv_dtype_name, parse_
 from .errors import ShardError
 from .parallel import FFN_UNIT, RankShard, kv_bytes, parameter_count, plan_shards, shard_bytes
 from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
-from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest
 from .experts import AHEAD
+from .quant import QTYPES
+from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest, matrix_types, types_label
 from .weights import current_rss
 
 
@@ -42,6 +44,7 @@ class Sizing:
             mf = Manifest.load(Path(source) / "rank0")
             self.model, self.stored, self.quant, self.prepared = mf.model, mf.dtype, mf.quant, list(mf.shards)
             world_size, ratio = mf.world_size, ",".join(map(str, mf.ratio))
+            self.matrix_types = matrix_types(Path(source) / "rank0", mf)
             blocks = mf.block_files()
             self.modes[self.quant] = (sum(mf.files[b]["size"] for b in blocks) / sum(
                 mf.files[b].get("dequantized", mf.files[b]["size"]) for b in blocks)
@@ -52,7 +55,12 @@ class Sizing:
             self.quant = resolve_quant(self.opened, quant)
             self.modes = {"none": None, **({"keep": self.opened.matrix_bytes()}
                                            if hasattr(self.opened, "matrix_bytes") else {}), **QUANT_BYTES}
-        self.itemsize = DTYPES[self.stored if dtype == "auto" else dtype].itemsize
+        self.compute = self.stored if dtype == "auto" or self.prepared else dtype     # a prepared folder keeps its own
+        self.itemsize = DTYPES[self.compute].itemsize
+        if self.opened:                  # the types prepare will store the matrices in
+            own = self.opened.matrix_types() if self.quant == "keep" else Counter()
+            self.matrix_types = Counter({(t if t in QTYPES else self.compute): n for t, n in own.items()} if own
+                                        else {self.quant.upper() if self.quant != "none" else self.compute: 1})
         self.kv_dtype = kv_dtype_name("auto", dtype, self.stored)      # the cache a run keeps by default
         self.par = ParallelConfig(world_size, parse_ratio(ratio))
         self.head_on = head_on
@@ -106,7 +114,9 @@ def report(sizing: Sizing, budget: int | None = None, max_batch: int = 8, reques
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
     yield (f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
            f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
-           f"vocabulary {m.vocab_size}, context {m.max_seq_len}, stored as {sizing.stored}, --quant {sizing.quant}")
+           f"vocabulary {m.vocab_size}, context {m.max_seq_len}")
+    yield (f"--quant {sizing.quant}: weight matrices stored as {types_label(sizing.matrix_types)}; norms as "
+           f"{sizing.compute}; compute dtype {sizing.compute}")
     if m.n_experts:
         yield (f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
                f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
