@@ -388,7 +388,7 @@ def test_too_few_ranks_for_the_memory_is_a_clear_error_and_503(checkpoints, tmp_
     import re
 
     model = checkpoints("llama_hd", context=4096)      # 1 KV head per rank at 3 ranks, 2 at 2 ranks
-    args = ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--max-batch", "100", "--kv-dtype", "fp32"]
+    args = ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--kv-pool", "409600", "--kv-dtype", "fp32"]
     probe = subprocess.run([sys.executable, "-m", "tpi_mpi", "serve", "--ranks", "3", "--port", str(free_port()),
                             *args, "--memory-budget", "1MiB"], capture_output=True, text=True, timeout=300,
                            env=mpi_env(), stdin=subprocess.DEVNULL)
@@ -397,7 +397,7 @@ def test_too_few_ranks_for_the_memory_is_a_clear_error_and_503(checkpoints, tmp_
     assert error.startswith("tpi_mpi: error: a memory budget of 1.00 MiB is too small"), probe.stderr[-2000:]
     need, unit = re.search(r"needs at least ([\d.]+) (MiB|GiB)", error).groups()
     need_mib = float(need) * (1024 if unit == "GiB" else 1)
-    # at 2 ranks each rank holds 100 MiB more KV cache (100 slots x 4096 positions x one more head, fp32)
+    # at 2 ranks each rank's KV pool is 100 MiB larger (409600 positions x one more head, fp32)
     server = Supervised(tmp_path, [*args, "--memory-budget", f"{need_mib + 50:.0f}MiB"], ranks=3)
     try:
         h = server.wait()

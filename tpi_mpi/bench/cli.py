@@ -122,6 +122,10 @@ def bench_comm(**kw) -> None:
               help="Also probe a short request's time to first token behind a prompt of about this many tokens "
               "(0: no probe).")
 @click.option("--probe-only", is_flag=True, help="Only the --long-prompt probe, no load levels.")
+@click.option("--distinct", type=int, default=0, help="Instead of the levels: N different prompts, each alone, then "
+              "all at once; whether every answer equals its solo one.")
+@click.option("--prompt-tokens", type=int, default=300, show_default=True, help="With --distinct: about this many "
+              "tokens per prompt.")
 @click.option("--probe-delay", type=float, default=0.3, show_default=True,
               help="Seconds between the long request and the short one.")
 @click.option("--probe-repeats", type=int, default=3, show_default=True)
@@ -129,12 +133,22 @@ def bench_comm(**kw) -> None:
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per request.")
 @click.option("--api-key", envvar="TPI_MPI_API_KEY")
 @click.option("--out", help="Append the JSON records to this file.")
-def bench_serve(url, requests, clients, max_tokens, long_prompt, probe_only, probe_delay, probe_repeats, probe_tokens,
-                timeout, api_key, out) -> None:
+def bench_serve(url, requests, clients, max_tokens, long_prompt, probe_only, distinct, prompt_tokens, probe_delay,
+                probe_repeats, probe_tokens, timeout, api_key, out) -> None:
     """Load a running server (localhost only) with streamed chat completions: per level of concurrency
     requests/min, completion tokens/s, p50/p95 latency and time to first token, speedup."""
     from .serve import bench_serve as run
 
+    if distinct:
+        from .serve import server_fields
+        from .serve_client import Server
+        from .serve_solo import bench_distinct
+
+        if distinct < 1 or prompt_tokens < 1 or max_tokens < 1:
+            raise ConfigError("--distinct, --prompt-tokens and --max-tokens must be at least 1")
+        server = Server(url, api_key, timeout)
+        bench_distinct(server, server_fields(server)[1], distinct, prompt_tokens, max_tokens, out)
+        return
     try:
         levels = () if probe_only else tuple(int(c) for c in clients.split(",") if c.strip())
     except ValueError:

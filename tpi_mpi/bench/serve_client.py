@@ -31,6 +31,7 @@ class Reply:
     completion_tokens: int = 0
     status: int = 200
     error: str | None = None
+    text: str = ""
 
     @property
     def ok(self) -> bool:
@@ -115,6 +116,7 @@ def read_events(lines, reply: Reply) -> None:
             reply.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
             reply.completion_tokens = chunk["usage"].get("completion_tokens", 0)
         choices = chunk.get("choices") or []
+        reply.text += "".join((c.get("delta") or {}).get("content") or "" for c in choices)
         if reply.first_token is None and any((c.get("delta") or {}).get("content") for c in choices):
             reply.first_token = now
         if finished is None and any(c.get("finish_reason") for c in choices):
