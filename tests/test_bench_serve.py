@@ -28,9 +28,11 @@ TEMPLATE_TOKENS = 5
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, token_s: float = 0.02, prefill_per_word: float = 0.0, sequential: bool = False) -> None:
+    def __init__(self, token_s: float = 0.02, prefill_per_word: float = 0.0, sequential: bool = False,
+                 busy_changes_text: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), FakeHandler)
         self.token_s, self.prefill_per_word = token_s, prefill_per_word
+        self.busy_changes_text, self.running, self.lock = busy_changes_text, 0, threading.Lock()
         self.gate = threading.Lock() if sequential else None
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -53,17 +55,24 @@ class FakeHandler(BaseHTTPRequestHandler):
         if self.path == "/v1/models":
             self.send_json({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
         else:
-            self.send_json({"status": "ok", "ranks": 2, "allreduce": "mpi", "windows": ["all", "all"]})
+            self.send_json({"status": "ok", "ranks": 2, "allreduce": "mpi", "windows": ["all", "all"],
+                            "running": self.server.running, "queued": 0})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
-        words = len(body["messages"][0]["content"].split())
-        if self.server.gate:
-            with self.server.gate:
+        words = len((body["prompt"] if "prompt" in body else body["messages"][0]["content"]).split())
+        with self.server.lock:
+            self.server.running += 1
+        try:
+            if self.server.gate:
+                with self.server.gate:
+                    self.stream(body, words)
+            else:
                 self.stream(body, words)
-        else:
-            self.stream(body, words)
+        finally:
+            with self.server.lock:
+                self.server.running -= 1
 
     def stream(self, body: dict, words: int) -> None:
         s = self.server
@@ -76,10 +85,14 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
             self.wfile.flush()
 
-        event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        completion = "prompt" in body
+        if not completion:
+            event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
         n = body["max_tokens"]
         for i in range(n):
-            event({"choices": [{"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}]})
+            word = f" w{i}{words}" + ("!" if s.busy_changes_text and s.running > 1 else "")
+            event({"choices": [{"index": 0, "text": word, "finish_reason": None} if completion else
+                               {"index": 0, "delta": {"content": word}, "finish_reason": None}]})
             if i < n - 1:
                 time.sleep(s.token_s)
         usage = {"prompt_tokens": words + TEMPLATE_TOKENS, "completion_tokens": n, "total_tokens": words + 5 + n}
@@ -210,3 +223,22 @@ def test_events_give_the_first_text_the_usage_and_in_stream_errors():
     cut = Reply(sent=0.0)
     read_events([b'data: {"choices": [{"delta": {"content": "a"}}]}\n'], cut)
     assert not cut.ok and "before data: [DONE]" in cut.error
+
+
+@pytest.mark.parametrize("busy_changes_text", [False, True])
+def test_distinct_prompts_alone_then_together_tell_whether_each_answer_is_its_solo_one(fake, tmp_path, busy_changes_text):
+    from tpi_mpi.bench.serve import server_fields
+    from tpi_mpi.bench.serve_client import Server
+    from tpi_mpi.bench.serve_solo import bench_distinct, distinct_prompts
+
+    prompts = distinct_prompts(3, 40)
+    assert len(set(prompts)) == 3 and all(len(p.split()) == 32 for p in prompts)      # "Request i:" + 30 words
+    srv = fake(token_s=0.15, busy_changes_text=busy_changes_text)
+    server = Server(srv.url)
+    out = tmp_path / "distinct.jsonl"
+    r = bench_distinct(server, server_fields(server)[1], 3, 40, 4, str(out))
+    assert r["failed"] == 0 and r["prompt_tokens"] == 32 + TEMPLATE_TOKENS and r["completion_tokens"] == [4] * 3
+    assert r["most_running"] >= 2                      # /health saw them side by side
+    assert r["equal"] == (0 if busy_changes_text else 3)
+    assert r["together_wall_s"] < r["solo_wall_s"]
+    assert json.loads(out.read_text())["bench"] == "serve_distinct"

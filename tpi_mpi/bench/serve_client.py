@@ -80,12 +80,17 @@ class Server:
         return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
+    def completion_body(self, model: str, prompt: str, max_tokens: int) -> dict:
+        """A plain completion (no chat template: any model), greedy and ignore_eos as chat_body."""
+        return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+
     def stream(self, body: dict) -> Reply:
-        """One streamed chat completion; a refusal or a broken stream is noted in the reply, not raised,
-        so one failed request does not end a load run."""
+        """One streamed chat completion (or completion, for a body with a prompt); a refusal or a broken
+        stream is noted in the reply, not raised, so one failed request does not end a load run."""
         reply = Reply(sent=time.perf_counter())
         try:
-            with self._open("/v1/chat/completions", body) as r:
+            with self._open("/v1/completions" if "prompt" in body else "/v1/chat/completions", body) as r:
                 read_events(r, reply)
         except urllib.error.HTTPError as e:
             reply.status, reply.error = e.code, error_message(e)
@@ -116,8 +121,9 @@ def read_events(lines, reply: Reply) -> None:
             reply.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
             reply.completion_tokens = chunk["usage"].get("completion_tokens", 0)
         choices = chunk.get("choices") or []
-        reply.text += "".join((c.get("delta") or {}).get("content") or "" for c in choices)
-        if reply.first_token is None and any((c.get("delta") or {}).get("content") for c in choices):
+        text = "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in choices)
+        reply.text += text
+        if reply.first_token is None and text:
             reply.first_token = now
         if finished is None and any(c.get("finish_reason") for c in choices):
             finished = now

@@ -1,4 +1,4 @@
-"""`bench serve --distinct N`: N different prompts, each sent alone and then all at once, on a running
+"""`bench serve --distinct N`: N different prompts (plain completions, greedy), each sent alone and then all at once, on a running
 server: whether every answer at once equals its solo answer, the wall times, and how many requests
 ran and waited at once (from /health, polled). The check that serving many requests from one
 shared KV pool changes no answer, on a real model under a real memory cap.
@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..errors import ConfigError
 from .record import append_json, host_fields, print_row
 from .serve_client import Server
 
@@ -29,10 +30,12 @@ def distinct_prompts(n: int, tokens: int) -> list[str]:
 
 
 def bench_distinct(server: Server, base: dict, n: int, prompt_tokens: int, max_tokens: int, out: str | None) -> dict:
-    bodies = [server.chat_body(base["model"], p, max_tokens) for p in distinct_prompts(n, prompt_tokens)]
+    bodies = [server.completion_body(base["model"], p, max_tokens) for p in distinct_prompts(n, prompt_tokens)]
     t0 = time.perf_counter()
     solo = [server.stream(b) for b in bodies]
     solo_wall = time.perf_counter() - t0
+    if not solo[0].ok:
+        raise ConfigError(f"{server.base}: the first request failed (HTTP {solo[0].status}): {solo[0].error}")
     seen, done = [], threading.Event()
 
     def poll():
