@@ -231,13 +231,15 @@ def test_distinct_prompts_alone_then_together_tell_whether_each_answer_is_its_so
     from tpi_mpi.bench.serve_client import Server
     from tpi_mpi.bench.serve_solo import bench_distinct, distinct_prompts
 
-    prompts = distinct_prompts(3, 40)
+    prompts = distinct_prompts(3, 30)
     assert len(set(prompts)) == 3 and all(len(p.split()) == 32 for p in prompts)      # "Request i:" + 30 words
     srv = fake(token_s=0.15, busy_changes_text=busy_changes_text)
     server = Server(srv.url)
     out = tmp_path / "distinct.jsonl"
     r = bench_distinct(server, server_fields(server)[1], 3, 40, 4, str(out))
-    assert r["failed"] == 0 and r["prompt_tokens"] == 32 + TEMPLATE_TOKENS and r["completion_tokens"] == [4] * 3
+    # the fake counts a token a word and 5 more: 107 for the probe's 102 words, so 38 words (and
+    # "Request i:") for 40 tokens
+    assert r["failed"] == 0 and r["prompt_tokens"] == 40 + TEMPLATE_TOKENS and r["completion_tokens"] == [4] * 3
     assert r["most_running"] >= 2                      # /health saw them side by side
     assert r["equal"] == (0 if busy_changes_text else 3)
     assert r["together_wall_s"] < r["solo_wall_s"]

@@ -23,19 +23,27 @@ COLUMNS = [("requests", 8, "{}"), ("prompt_tokens", 13, "{}"), ("max_tokens", 10
            ("most_queued", 11, "{}"), ("equal", 5, "{}")]
 
 
-def distinct_prompts(n: int, tokens: int) -> list[str]:
-    """n prompts of about `tokens` tokens (words x 4/3), each starting somewhere else in the passage."""
-    words = max(1, tokens * 3 // 4)
+def distinct_prompts(n: int, words: int) -> list[str]:
+    """n prompts of `words` words after "Request i:", each starting somewhere else in the passage."""
     return [f"Request {i}: " + " ".join(PASSAGE[(i * 7 + j) % len(PASSAGE)] for j in range(words)) for i in range(n)]
 
 
+def words_for(server: Server, model: str, tokens: int) -> int:
+    """Words of the passage that make about `tokens` tokens, by the server's count of a 100-word probe
+    (tokenizers differ by several times on the same words)."""
+    probe = distinct_prompts(1, 100)[0]
+    reply = server.stream(server.completion_body(model, probe, 1))
+    if not reply.ok:
+        raise ConfigError(f"{server.base}: the first request failed (HTTP {reply.status}): {reply.error}")
+    return max(1, round(tokens * len(probe.split()) / max(1, reply.prompt_tokens)))
+
+
 def bench_distinct(server: Server, base: dict, n: int, prompt_tokens: int, max_tokens: int, out: str | None) -> dict:
-    bodies = [server.completion_body(base["model"], p, max_tokens) for p in distinct_prompts(n, prompt_tokens)]
+    words = words_for(server, base["model"], prompt_tokens)
+    bodies = [server.completion_body(base["model"], p, max_tokens) for p in distinct_prompts(n, words)]
     t0 = time.perf_counter()
     solo = [server.stream(b) for b in bodies]
     solo_wall = time.perf_counter() - t0
-    if not solo[0].ok:
-        raise ConfigError(f"{server.base}: the first request failed (HTTP {solo[0].status}): {solo[0].error}")
     seen, done = [], threading.Event()
 
     def poll():
