@@ -12,6 +12,11 @@ belong to one sequence alone:
   (parallel.linear_rows), so all the one-row pieces of a step share one pass over each weight.
 Otherwise (generate, chat: one sequence) a piece is a sequence's whole part of the step and every
 row goes through one plain matrix product: nothing to be invariant to, and it is faster.
+
+A speculative step (Want.CHECK: the sequence's last token and the tokens a draft proposes after it)
+must give each row the bits a decode step of that token alone would, so that a greedy answer is the
+same with a draft or without: its rows are one-row pieces (attention row by row, as decode steps),
+and `Rows.alone` asks linear layers for products whose rows do not depend on each other.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Want(IntEnum):
     NONE = 0     # a prompt chunk that does not end the prompt
     LAST = 1     # the next token's
     ALL = 2      # every position's (perplexity, tests)
+    CHECK = 3    # every position's, each row computed as a decode step (a draft's tokens, checked)
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,11 @@ class SeqStep:
 @dataclass(frozen=True)
 class Rows:
     """How a linear layer computes a step's rows: all at once, or piece by piece with the one-row
-    pieces through the batch-invariant row kernel (`invariant`)."""
+    pieces through the batch-invariant row kernel (`invariant`); `alone`: all at once, but each row
+    as a product of that row alone would give it (a draft's rows, checked)."""
     pieces: list[Piece]
     invariant: bool
+    alone: bool = False
 
     def subset(self, index: torch.Tensor) -> Rows:
         """The rows `index` (ascending) as rows of their own, each piece keeping those of its rows
@@ -61,7 +69,7 @@ class Rows:
             lo, hi = (int(i) for i in torch.searchsorted(index, torch.tensor([p.start, p.stop])))
             if hi > lo:
                 pieces.append(Piece(p.seq, lo, hi, p.pos))
-        return Rows(pieces, self.invariant)
+        return Rows(pieces, self.invariant, self.alone)
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,12 @@ class Batch:
         for i, s in enumerate(seqs):
             if s.n_tokens < 1:
                 raise ValueError(f"slot {s.slot}: a step needs at least one token per sequence")
-            for a in range(0, s.n_tokens, size):
-                b = min(a + size, s.n_tokens)
+            step = 1 if s.want == Want.CHECK else size
+            for a in range(0, s.n_tokens, step):
+                b = min(a + step, s.n_tokens)
                 pieces.append(Piece(i, int(starts[i]) + a, int(starts[i]) + b, s.pos + a))
-        self.rows = Rows(pieces, invariant)
+        alone = any(s.want == Want.CHECK for s in seqs)
+        self.rows = Rows(pieces, invariant, alone)
         self.spans = [(int(starts[i]), int(starts[i + 1])) for i in range(len(seqs))]
         self.positions = torch.cat([torch.arange(s.pos, s.pos + s.n_tokens) for s in seqs])
         self.places = [Place(s.runs, s.pos + s.n_tokens) for s in seqs]
@@ -106,14 +116,16 @@ class Batch:
         head_rows, head_pieces, self.logit_spans = [], [], []
         for i, s in enumerate(seqs):
             a, b = self.spans[i]
-            rows = range(a, b) if s.want == Want.ALL else range(b - 1, b) if s.want == Want.LAST else range(0)
+            every = s.want in (Want.ALL, Want.CHECK)
+            rows = range(a, b) if every else range(b - 1, b) if s.want == Want.LAST else range(0)
             at = len(head_rows)
             head_rows.extend(rows)
             self.logit_spans.append((at, len(head_rows)))
-            for p in range(0, len(rows), size):
-                head_pieces.append(Piece(i, at + p, at + min(p + size, len(rows)), s.pos))
+            step = 1 if s.want == Want.CHECK else size
+            for p in range(0, len(rows), step):
+                head_pieces.append(Piece(i, at + p, at + min(p + step, len(rows)), s.pos))
         self.head_rows = torch.tensor(head_rows, dtype=torch.long)
-        self.head = Rows(head_pieces, invariant)
+        self.head = Rows(head_pieces, invariant, alone)
 
     @property
     def n_runs(self) -> int:

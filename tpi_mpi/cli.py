@@ -177,7 +177,7 @@ def generate(prompt, chat, system, echo, max_new_tokens, temperature, top_k, top
             "prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "text": g.text,
             "ttft_s": g.ttft_s, "s_per_token": g.s_per_token, "tokens_per_s": g.tokens_per_s,
             "peak_rss_mib": stats["peak_rss_mib"], "world_size": s.comm.size, "allreduce": s.comm.describe(),
-            "window": s.windows[0], "windows": s.windows,
+            "window": s.windows[0], "windows": s.windows, "decode_steps": g.steps, "draft": g.draft,
         }))
     else:
         print(flush=True)
@@ -189,7 +189,9 @@ def stats_line(g, stats: dict) -> str:
     busy = stats["forward_s"][0] or 1e-9
     comm, wait = stats["comm_s"][0], stats["wait_s"][0]
     compute = max(busy - comm - wait, 0.0)
-    return (f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens | TTFT {g.ttft_s:.3f} s | "
+    drafted = (f" in {g.steps + 1} steps ({g.draft['accepted']} of {g.draft['proposed']} drafted accepted)"
+               if g.draft else "")
+    return (f"{len(g.prompt_ids)} prompt + {len(g.generated_ids)} new tokens{drafted} | TTFT {g.ttft_s:.3f} s | "
             f"{g.tokens_per_s:.2f} tok/s | time in model: compute {100 * compute / busy:.0f}%, "
             f"communication {100 * comm / busy:.0f}%, waiting for weights {100 * wait / busy:.0f}% | "
             f"peak RSS per rank (MiB) {', '.join(f'{r:.0f}' for r in stats['peak_rss_mib'])}")

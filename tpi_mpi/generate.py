@@ -32,6 +32,8 @@ class Generation:
     step_s: list[float] = field(default_factory=list)
     first_logits: np.ndarray | None = None     # (vocab,) the first new token is sampled from
     prompt_logits: np.ndarray | None = None    # (prompt_len, vocab) when asked for
+    steps: int = 0                             # forward steps after the prompt (fewer than tokens with a draft)
+    draft: dict | None = None                  # with --draft: tokens proposed and accepted, checks
 
     @property
     def s_per_token(self) -> float:
@@ -74,7 +76,8 @@ def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
     s = root.session
     prompts = [len(j.prompt_ids) - j.cached for j in jobs]
     chunk = PIECE * math.ceil(max(max(prompts), math.ceil(sum(prompts) / FINISHING)) / PIECE)
-    batcher = Batcher(root, len(jobs), chunk, s.context, set(s.model_config.eos_ids) | s.codec.stop_ids(), release=False)
+    batcher = Batcher(root, len(jobs), chunk, s.context, set(s.model_config.eos_ids) | s.codec.stop_ids(), release=False,
+                      draft=s.cfg.draft)
     run = Decoded([batcher.admit(job) for job in jobs], [], 0)
     while batcher.running:
         t = time.perf_counter()
@@ -121,10 +124,12 @@ def run_generation(root: Root, prompt_ids: list[int], sampling: SamplingConfig, 
                    cached=0 if keep_prompt_logits else min(cached, len(prompt_ids) - 1),
                    keep_prompt_logits=keep_prompt_logits, rng=rng, on_text=on_text)
     t0 = time.perf_counter()
-    seq = decode(root, [job], after_prefill).seqs[0]
+    run = decode(root, [job], after_prefill)
+    seq = run.seqs[0]
     times = [t0, *job.token_times]
     g = Generation(job.prompt_ids, seq.generated, job.text, times[1] - t0, list(np.diff(times[1:])),
-                   seq.first_logits.numpy().copy())
+                   seq.first_logits.numpy().copy(), steps=len(run.step_s) - run.prefill_steps,
+                   draft=seq.speculation.stats() if seq.speculation else None)
     if keep_prompt_logits:
         g.prompt_logits = np.concatenate([x.numpy() for x in seq.prompt_logits])
     return g

@@ -172,6 +172,10 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, 
     if rows is not None and rows.invariant:
         y = split_rows(x, rows.pieces, lambda r: linear_rows(r, weight), lambda r: linear(r, weight))
         return y if bias is None else y + bias
+    if rows is not None and rows.alone and x.shape[0] > 1 and not (isinstance(weight, QuantWeight) and int8_on()):
+        # BLAS (and the exact path's many-row products) give a row other bits among several rows than
+        # alone: a row at a time. The int8 kernels compute every row alone whatever the call.
+        return torch.cat([linear(row[None], weight, bias) for row in x])
     if isinstance(weight, QuantWeight):
         y = matmul(x, weight)
         return y if bias is None else y + bias

@@ -36,6 +36,12 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
     kept are sorted, not the vocabulary."""
     if cfg.temperature == 0:
         return int(np.argmax(logits))
+    ids, p = distribution(logits, cfg)
+    return int(ids[rng.choice(p.size, p=p)])       # one draw: sample_draws relies on it
+
+
+def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens `sample` may draw (temperature > 0) and their probabilities."""
     z = logits.astype(np.float64) / cfg.temperature
     ids = np.sort(np.argpartition(z, -cfg.top_k)[-cfg.top_k:]) if 0 < cfg.top_k < z.size else np.arange(z.size)
     if cfg.top_p < 1:
@@ -45,7 +51,7 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
     if cfg.top_p < 1:
         n = int(np.searchsorted(np.cumsum(p), cfg.top_p)) + 1
         ids, p = ids[:n], p[:n] / p[:n].sum()
-    return int(ids[rng.choice(p.size, p=p)])       # one draw: sample_draws relies on it
+    return ids, p
 
 
 def sample_draws(rng: np.random.Generator, cfg: SamplingConfig, n: int) -> None:

@@ -14,6 +14,8 @@ one token of each sequence that is decoding and, as the prefill budget allows, p
   batch.PIECE, so its pieces, and so its numbers, do not depend on how it was spread over steps).
 Each sequence samples with its own parameters and generator and stops on its own (EOS, stop
 string, max_tokens, the context, a client gone); its slot and blocks are free for the next step.
+With a draft (draft.py), a decoding sequence's part of a step is its last token and the tokens the
+draft proposes after it, checked at once; it takes those the target agrees with, and one more.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch import PIECE, SeqStep, Want
+from .draft import Speculation, accept
 from .jobs import ApiError, Job
 from .sampling import sample, sample_draws
 from .text import StopFilter, Streamer
@@ -47,17 +50,24 @@ class Sequence:
     prefill: list[int] = field(default_factory=list)   # read before sampling: the prompt (+ resumed tokens)
     first_logits: object = None                  # the logits its first new token was sampled from (a tensor)
     prompt_logits: list = field(default_factory=list)  # every prompt position's, when the job keeps them
+    speculation: Speculation | None = None       # its draft, with --draft
+    proposal: list[int] = field(default_factory=list)  # the draft's tokens in the step under way
 
     @property
     def prompt_left(self) -> int:
         return max(0, len(self.prefill) - self.fed)
 
-    def next_input(self, budget: int) -> tuple[SeqStep, list[int]]:
-        """Its part of the next step: up to `budget` prompt tokens, or the last token it generated."""
+    def next_input(self, budget: int, room: int) -> tuple[SeqStep, list[int]]:
+        """Its part of the next step: up to `budget` prompt tokens, or the last token it generated and
+        what its draft proposes after it (`room`: KV positions it holds beyond that token)."""
         if self.prompt_left:
             n = min(self.prompt_left, budget)
             want = Want.ALL if self.job.keep_prompt_logits else Want.LAST if n == self.prompt_left else Want.NONE
             return SeqStep(self.slot, self.fed, n, want), self.prefill[self.fed:self.fed + n]
+        left = self.job.max_tokens - len(self.generated)        # a check gives at most len(proposal) + 1
+        self.proposal = self.speculation.propose(min(room, left - 1)) if self.speculation else []
+        if self.proposal:
+            return SeqStep(self.slot, self.fed, 1 + len(self.proposal), Want.CHECK), self.generated[-1:] + self.proposal
         return SeqStep(self.slot, self.fed, 1), self.generated[-1:]
 
 
@@ -82,11 +92,13 @@ def plan_step(seqs: list[Sequence], chunk: int) -> list[tuple[Sequence, int]]:
 class Batcher:
     """The sequences in flight and the step that advances them all (rank 0's main thread)."""
 
-    def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int], release: bool = True) -> None:
+    def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int], release: bool = True,
+                 draft: str | None = None) -> None:
         """`release`: an ended sequence gives its KV blocks back (serve). Without it a slot keeps them
-        for the next request on it: a chat's next turn starts after the cached conversation."""
+        for the next request on it: a chat's next turn starts after the cached conversation.
+        `draft`: "ngram" to decode speculatively (draft.py), None not to."""
         self.root, self.max_batch, self.chunk, self.context, self.eos = root, max_batch, chunk, context, eos
-        self.pool, self.release = root.session.kv_pool, release
+        self.pool, self.release, self.draft = root.session.kv_pool, release, draft
         self.running: list[Sequence] = []
 
     @property
@@ -111,6 +123,8 @@ class Batcher:
         seq = Sequence(job, slot, Streamer(self.root.session.codec), StopFilter(job.stops),
                        job.rng or np.random.default_rng(job.sampling.seed), fed=job.cached,
                        prefill=job.prompt_ids + job.generated)
+        if self.draft:
+            seq.speculation = Speculation(job.prompt_ids)
         # a resumed request: its sampler, text and stop state as they were after the tokens it has had;
         # their text is not sent again (should they have ended it, the end is sent now)
         for token in job.generated:
@@ -126,9 +140,17 @@ class Batcher:
                 s.reason = "gone"
         plan = plan_step([s for s in self.running if not s.reason], self.chunk)
         if plan:
-            parts = [s.next_input(n) for s, n in plan]
+            parts = [s.next_input(n, self.positions(s.job) - s.fed - 1) for s, n in plan]
             logits = self.root.step([p[0] for p in parts], [t for p in parts for t in p[1]])
             for (s, _), (seq_step, _), out in zip(plan, parts, logits):
+                if seq_step.want == Want.CHECK:          # the last token and a draft: what the target agrees with
+                    tokens = accept(out.numpy(), s.proposal, s.job.sampling, s.rng)
+                    s.fed += len(tokens)                 # the last token and the accepted proposal are cached
+                    s.speculation.checked(len(s.proposal), len(tokens) - 1)
+                    for token in tokens:
+                        if not s.reason:
+                            self._take(s, token)
+                    continue
                 s.fed += seq_step.n_tokens
                 if out is None:
                     continue
@@ -150,6 +172,8 @@ class Batcher:
         if resumed:
             sample_draws(s.rng, s.job.sampling, 1)       # as the sampler did for it
         s.generated.append(token)
+        if s.speculation:
+            s.speculation.draft.extend([token])
         job = s.job
         text = s.stop.push(s.streamer.push(token))
         if not resumed:

@@ -1,0 +1,112 @@
+"""Speculative decoding (draft.py): prompt lookup's proposals, how much it asks for, the accept rule
+(greedy: the target's tokens; sampled: the target's distribution), and that a greedy answer is the
+same tokens with a draft as without."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_tpi
+from tpi_mpi.config import ParallelConfig, RunConfig
+from tpi_mpi.draft import K_MAX, NgramDraft, Speculation, accept
+from tpi_mpi.generate import run_generation
+from tpi_mpi.prepare import prepare
+from tpi_mpi.sampling import SamplingConfig, distribution
+from tpi_mpi.startup import Session
+from tpi_mpi.steps import Root
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_earlier_match():
+    d = NgramDraft()
+    d.extend([1, 2, 3, 4, 5, 9, 2, 3])
+    assert d.propose(3) == [4, 5, 9]               # "2 3" came before, followed by 4 5 9
+    d.extend([7])
+    assert d.propose(3) == []                      # "3 7" never came before (single tokens are not matched)
+    d.extend([1, 2, 3])
+    assert d.propose(2) == [4, 5]                  # "1 2 3" came at the start: longer than "2 3" at 6-7
+    d.extend([4])
+    assert d.propose(8) == [5, 9, 2, 3, 7, 1, 2, 3]   # "1 2 3 4": only the start has it
+
+
+def test_the_draft_asks_for_more_while_accepted_and_sits_out_when_it_misses():
+    s = Speculation([1, 2, 3, 1, 2])                # proposes 3 after "1 2"
+    assert s.propose(10) == [3, 1]                 # k starts at 2
+    s.checked(2, 2)
+    assert s.k == 4 and s.propose(2) == [3, 1]     # at most the room left
+    s.checked(4, 1)
+    assert s.k == 2
+    s.checked(2, 0)                                # a miss: one step out, then k = 1
+    assert s.propose(10) == [] and s.propose(10) == [3]
+    s.checked(1, 0)
+    s.checked(1, 0)                                # misses in a row: out for 2, then 4 steps
+    assert [s.propose(10) for _ in range(5)] == [[]] * 4 + [[3]]
+    for _ in range(10):
+        s.checked(1, 1)
+    assert s.k == K_MAX
+    assert s.stats() == {"proposed": 20, "accepted": 13, "checks": 15}
+
+
+def test_greedy_accept_takes_the_target_tokens_up_to_the_first_disagreement():
+    logits = np.full((4, 6), -1.0)
+    logits[[0, 1, 2, 3], [4, 2, 5, 1]] = 1.0       # the target's argmax after each prefix: 4, 2, 5, 1
+    greedy, rng = SamplingConfig(0.0), np.random.default_rng(0)
+    assert accept(logits, [4, 2, 5], greedy, rng) == [4, 2, 5, 1]      # all accepted, and one more
+    assert accept(logits, [4, 3, 5], greedy, rng) == [4, 2]            # the correction, then stop
+    assert accept(logits[:1], [], greedy, rng) == [4]
+
+
+def test_sampled_accept_keeps_the_target_distribution():
+    """Whatever the proposal, the first token taken is distributed as the target's sampler draws it."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 8)) * 2
+    cfg = SamplingConfig(temperature=0.9, top_k=5, top_p=0.95)
+    ids, p = distribution(logits[0], cfg)
+    target = np.zeros(8)
+    target[ids] = p
+    n = 40000
+    for proposal in ([int(ids[np.argmax(p)])], [int(ids[np.argmin(p)])], [int(np.setdiff1d(np.arange(8), ids)[0])]):
+        counts = np.bincount([accept(logits, proposal, cfg, rng)[0] for _ in range(n)], minlength=8) / n
+        assert np.abs(counts - target).max() < 0.015, (proposal, counts, target)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    return {"fp32": prepare(checkpoints("llama"), root / "f", ParallelConfig(1), "fp32"),
+            "q8_0": prepare(checkpoints("llama"), root / "q", ParallelConfig(1), "fp32", quant="q8_0")}
+
+
+PROMPT = [5, 9, 17, 33, 60, 5, 9, 17, 33, 60, 5, 9, 17]     # a repeating prompt: lookup has matches
+
+
+def generate(folder, draft, matmul="auto", n_new=40):
+    s = Session(RunConfig(model=str(folder), draft=draft, matmul=matmul, quiet=True))
+    try:
+        return run_generation(Root(s), PROMPT, SamplingConfig(0.0), n_new, ignore_eos=True)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("model,matmul", [("fp32", "auto"), ("q8_0", "int8"), ("q8_0", "exact")])
+def test_a_greedy_answer_is_the_same_tokens_with_the_draft_as_without(models, model, matmul):
+    plain = generate(models[model], None, matmul)
+    drafted = generate(models[model], "ngram", matmul)
+    assert drafted.generated_ids == plain.generated_ids
+    assert drafted.draft["checks"] > 0 and drafted.draft["proposed"] > 0, drafted.draft     # it did check drafts
+    # every accepted token is a step saved
+    assert drafted.steps == plain.steps - drafted.draft["accepted"], (drafted.steps, plain.steps, drafted.draft)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_greedy_answer_is_the_same_tokens_with_the_draft_at_several_ranks(checkpoints, tmp_path, n):
+    model = checkpoints("llama")
+    args = ["generate", "--model", str(model), "--cache-dir", str(tmp_path / "c"), "--prompt", "a b c a b c a b c a b",
+            "--max-new-tokens", "40", "--temperature", "0", "--ignore-eos", "--json", "--quiet", "--allreduce", "star"]
+    plain, drafted = (run_tpi(args + extra, n) for extra in ([], ["--draft", "ngram"]))
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert b["generated_ids"] == a["generated_ids"]
+    assert b["draft"]["checks"] > 0 and a["draft"] is None
+    assert b["decode_steps"] == a["decode_steps"] - b["draft"]["accepted"]
