@@ -110,3 +110,42 @@ def test_a_greedy_answer_is_the_same_tokens_with_the_draft_at_several_ranks(chec
     assert b["generated_ids"] == a["generated_ids"]
     assert b["draft"]["checks"] > 0 and a["draft"] is None
     assert b["decode_steps"] == a["decode_steps"] - b["draft"]["accepted"]
+
+
+@pytest.mark.mpi
+def test_served_answers_are_the_same_with_the_draft_alone_and_together(checkpoints, tmp_path):
+    """serve --draft ngram: requests checked speculatively among others give their plain serve text."""
+    import re
+    import threading
+
+    from test_serve import Server
+
+    model = checkpoints("llama")
+    prompts = ["a b c a b c a b c", "x y x y x y x", "Once upon a time"]
+    texts = {}
+    for draft in ([], ["--draft", "ngram"]):
+        (tmp_path / str(bool(draft))).mkdir()
+        server = Server(tmp_path / str(bool(draft)), ["--model", str(model), "--cache-dir", str(tmp_path / "c"),
+                                                             "--max-batch", "4", *draft])
+        try:
+            server.wait_ready()
+            client, out = server.client(), {}
+
+            def ask(i):
+                out[i] = client.completions.create(model="x", prompt=prompts[i], max_tokens=30, temperature=0,
+                                                   extra_body={"ignore_eos": True}).choices[0].text
+
+            alone = [ask(i) or out[i] for i in range(len(prompts))]
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert [out[i] for i in range(len(prompts))] == alone
+            texts[bool(draft)] = alone
+            if draft:          # the drafts were checked: some were proposed (and the log says how many taken)
+                counts = re.findall(r"(\d+) of (\d+) drafted accepted", server.log.read_text())
+                assert len(counts) == 2 * len(prompts) and sum(int(p) for _, p in counts) > 0, counts
+        finally:
+            server.close()
+    assert texts[True] == texts[False]

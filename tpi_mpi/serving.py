@@ -155,8 +155,10 @@ class Engine:
         self._release()
         seconds = time.perf_counter() - seq.started
         self.mean_job_s = 0.8 * self.mean_job_s + 0.2 * seconds
+        drafted = seq.speculation.stats() if seq.speculation else None
         self.root.session.log(f"{seq.job.id}: {len(seq.job.prompt_ids)} prompt + {len(seq.generated)} new tokens "
-                        f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}")
+                              f"in {seconds:.2f} s, {'client gone' if seq.reason == 'gone' else seq.reason}"
+                              + (f" ({drafted['accepted']} of {drafted['proposed']} drafted accepted)" if drafted else ""))
 
     def _release(self) -> None:
         with self.lock:
