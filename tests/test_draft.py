@@ -3,6 +3,7 @@
 same tokens with a draft as without."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_prompt_lookup_proposes_what_followed_the_longest_earlier_match():
 
 
 def test_the_draft_asks_for_more_while_accepted_and_sits_out_when_it_misses():
-    s = Speculation([1, 2, 3, 1, 2])                # proposes 3 after "1 2"
+    s = Speculation(NgramDraft(), [1, 2, 3, 1, 2])  # proposes 3 after "1 2"
     assert s.propose(10) == [3, 1]                 # k starts at 2
     s.checked(2, 2)
     assert s.k == 4 and s.propose(2) == [3, 1]     # at most the room left
@@ -98,6 +99,38 @@ def test_a_greedy_answer_is_the_same_tokens_with_the_draft_as_without(models, mo
     assert drafted.steps == plain.steps - drafted.draft["accepted"], (drafted.steps, plain.steps, drafted.draft)
 
 
+@pytest.mark.parametrize("draft", ["fp32", "q8_0"])
+def test_a_draft_model_proposes_what_the_target_mostly_takes_and_changes_no_token(models, draft):
+    """The target as its own draft agrees almost always (its proposals are computed as decode steps
+    of a model of its own, in other pieces); its q8_0 copy mostly."""
+    plain = generate(models["fp32"], None)
+    drafted = generate(models["fp32"], str(models[draft]))
+    assert drafted.generated_ids == plain.generated_ids
+    d = drafted.draft
+    assert d["accepted"] >= (0.9 if draft == "fp32" else 0.5) * d["proposed"] and d["checks"] > 0, d
+    assert drafted.steps == plain.steps - d["accepted"] < plain.steps / 2       # most steps saved
+
+
+def test_a_draft_with_another_tokenizer_is_a_clear_error(models, tmp_path):
+    """Same vocabulary size, two token ids swapped: the draft's tokens would mean other text."""
+    import shutil
+
+    from tpi_mpi.errors import ConfigError
+
+    other = tmp_path / "other"
+    shutil.copytree(models["q8_0"], other)
+    path = other / "rank0" / "tokenizer.json"
+    text = path.read_text()
+    e, t = (re.search(rf'"{c}": ?(\d+)', text) for c in "et")
+    assert len(e.group(1)) == len(t.group(1))          # the same size: the manifest still takes the file
+    swapped = text[:e.start(1)] + t.group(1) + text[e.end(1):t.start(1)] + e.group(1) + text[t.end(1):]
+    path.write_text(swapped if e.start() < t.start() else text)
+    assert json.loads(path.read_text())["model"]["vocab"]["e"] == int(t.group(1))
+    with pytest.raises(ConfigError, match=r"--draft .*other: its tokenizer is not the model's \(a vocabulary of \d+ "
+                                          r"tokens, the model's \d+\): a draft must share it"):
+        generate(models["fp32"], str(other))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_greedy_answer_is_the_same_tokens_with_the_draft_at_several_ranks(checkpoints, tmp_path, n):
@@ -115,7 +148,6 @@ def test_a_greedy_answer_is_the_same_tokens_with_the_draft_at_several_ranks(chec
 @pytest.mark.mpi
 def test_served_answers_are_the_same_with_the_draft_alone_and_together(checkpoints, tmp_path):
     """serve --draft ngram: requests checked speculatively among others give their plain serve text."""
-    import re
     import threading
 
     from test_serve import Server

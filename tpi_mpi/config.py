@@ -33,7 +33,6 @@ QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
 # how quantized matrices are multiplied: int8 activations and integer dot products (llama.cpp's way,
 # quant_int8.py) or the exact float path (quant.py); auto: int8 unless --dtype fp32 is asked for
 MATMUL_MODES = ("auto", "int8", "exact")
-DRAFTS = ("ngram",)     # --draft: how proposals for speculative decoding are made (draft.py)
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16")    # the KV cache's; auto: fp16 (as llama.cpp), fp32 with --dtype fp32
 
 
@@ -287,7 +286,7 @@ class RunConfig:
     context: int = 4096                 # tokens of KV cache the budget reserves per sequence (capped at the model's)
     max_batch: int = 1                  # sequences answered together (serve --max-batch)
     kv_pool: int = 0                    # positions of the KV pool per rank; 0: what the budget leaves (budget.py)
-    draft: str | None = None            # speculative decoding's proposals (DRAFTS), None: none
+    draft: str | None = None            # speculative decoding's proposals: "ngram", a draft model's path, None: none
     cache_dir: str | None = None
     ratio: tuple[float, ...] = ()       # empty = even
     dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
@@ -323,8 +322,8 @@ class RunConfig:
             raise ConfigError(f"--context {self.context}: must be at least 1")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch {self.max_batch}: must be at least 1")
-        if self.draft not in (None, *DRAFTS):
-            raise ConfigError(f"--draft {self.draft!r}: use one of {', '.join(DRAFTS)}")
+        if self.draft is not None and not self.draft.strip():
+            raise ConfigError("--draft '': give ngram, or a draft model's folder or .gguf file")
         if self.kv_pool < 0:
             raise ConfigError(f"--kv-pool {self.kv_pool}: give tokens (at least 1), or 0 for what the budget leaves")
         if self.threads < 0:

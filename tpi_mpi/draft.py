@@ -44,6 +44,9 @@ class NgramDraft:
                     self.earlier[n] = self.seen[n].get(key)
                     self.seen[n][key] = end
 
+    def close(self) -> None:
+        pass
+
     def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the last tokens where they occurred before (longest match first)."""
         for n in range(N_MAX, N_MIN - 1, -1):
@@ -57,8 +60,9 @@ class Speculation:
     """One sequence's draft and how much of it to ask for: k grows while proposals are accepted,
     shrinks to what was, and a draft that misses outright sits out more and more steps."""
 
-    def __init__(self, tokens: list[int]) -> None:
-        self.draft = NgramDraft()
+    def __init__(self, draft, tokens: list[int]) -> None:
+        """`draft`: an NgramDraft or a draft_model.ModelDraft, told the sequence's tokens as they come."""
+        self.draft = draft
         self.draft.extend(tokens)
         self.k, self.pause, self.idle = 2, 0, 0
         self.proposed = self.accepted = self.checks = 0

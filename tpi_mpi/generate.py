@@ -77,7 +77,7 @@ def decode(root: Root, jobs: list[LocalJob], after_prefill=None) -> Decoded:
     prompts = [len(j.prompt_ids) - j.cached for j in jobs]
     chunk = PIECE * math.ceil(max(max(prompts), math.ceil(sum(prompts) / FINISHING)) / PIECE)
     batcher = Batcher(root, len(jobs), chunk, s.context, set(s.model_config.eos_ids) | s.codec.stop_ids(), release=False,
-                      draft=s.cfg.draft)
+                      draft=s.drafts)
     run = Decoded([batcher.admit(job) for job in jobs], [], 0)
     while batcher.running:
         t = time.perf_counter()

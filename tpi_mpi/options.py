@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .config import (ALLREDUCE_MODES, DRAFTS, DTYPE_NAMES, HEAD_PLACES, KV_DTYPES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio,
+from .config import (ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, KV_DTYPES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio,
                      parse_size, parse_window)
 from .progress import progress_bar  # noqa: F401 (the commands' progress bars)
 
@@ -49,9 +49,10 @@ def run_options(f):
         click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True,
                      help="The KV cache's dtype; auto: half precision (the model's bf16/fp16, else fp16), fp32 "
                           "with --dtype fp32."),
-        click.option("--draft", type=click.Choice(DRAFTS), help="Decode speculatively: ngram proposes the tokens that "
-                     "followed the last few tokens earlier in the prompt or answer, and one step checks them all "
-                     "(pays where an answer repeats its input; the same greedy answer as without)."),
+        click.option("--draft", help="Decode speculatively, one step checking the tokens a draft proposes (the same "
+                     "greedy answer as without): ngram (the tokens that followed the last few earlier in the prompt "
+                     "or answer: pays where an answer repeats its input), or a small model with the same tokenizer "
+                     "(folder or .gguf), run by rank 0 alone."),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),

@@ -93,10 +93,11 @@ class Batcher:
     """The sequences in flight and the step that advances them all (rank 0's main thread)."""
 
     def __init__(self, root, max_batch: int, chunk: int, context: int, eos: set[int], release: bool = True,
-                 draft: str | None = None) -> None:
+                 draft=None) -> None:
         """`release`: an ended sequence gives its KV blocks back (serve). Without it a slot keeps them
         for the next request on it: a chat's next turn starts after the cached conversation.
-        `draft`: "ngram" to decode speculatively (draft.py), None not to."""
+        `draft(slot)`: a new draft for the sequence in `slot`, to decode speculatively (draft.py); None
+        not to."""
         self.root, self.max_batch, self.chunk, self.context, self.eos = root, max_batch, chunk, context, eos
         self.pool, self.release, self.draft = root.session.kv_pool, release, draft
         self.running: list[Sequence] = []
@@ -124,7 +125,7 @@ class Batcher:
                        job.rng or np.random.default_rng(job.sampling.seed), fed=job.cached,
                        prefill=job.prompt_ids + job.generated)
         if self.draft:
-            seq.speculation = Speculation(job.prompt_ids)
+            seq.speculation = Speculation(self.draft(slot), job.prompt_ids)
         # a resumed request: its sampler, text and stop state as they were after the tokens it has had;
         # their text is not sent again (should they have ended it, the end is sent now)
         for token in job.generated:
@@ -162,9 +163,11 @@ class Batcher:
                     self._take(s, sample(out[-1].numpy(), s.job.sampling, s.rng))
         ended = [s for s in self.running if s.reason]
         self.running = [s for s in self.running if not s.reason]
-        if self.release:
-            for s in ended:
+        for s in ended:
+            if self.release:
                 self.pool.release(s.slot)
+            if s.speculation:
+                s.speculation.draft.close()
         return ended
 
     def _take(self, s: Sequence, token: int, resumed: bool = False) -> None:

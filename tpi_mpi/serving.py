@@ -64,7 +64,7 @@ class Engine:
         self.context = s.context                 # positions per request (--context, capped at the model's)
         chunk = cfg.prefill_chunk or default_prefill_chunk(s)
         self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.model_config.eos_ids) | s.codec.stop_ids(),
-                             draft=s.cfg.draft)
+                             draft=s.drafts)
 
     @property
     def busy(self) -> int:

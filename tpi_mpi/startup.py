@@ -24,6 +24,7 @@ from .comm import CommStats, make_comm
 from .budget import plan_window, pool_blocks, pool_floor, weights_peak
 from .config import KV_BLOCK, RunConfig, format_size, kv_dtype_name
 from .errors import PeerFailed, TpiError
+from .draft import NgramDraft
 from .kv import BlockPool
 from .model import Transformer
 from .parallel import kv_bytes
@@ -191,6 +192,20 @@ class Session:
         if self.rank == 0:
             self.codec = TextCodec(self.shard.folder)
             self.embed = EmbeddingTable(self.shard)
+            self.drafts = self._drafts()
+
+    def _drafts(self):
+        """Rank 0's maker of a sequence's draft for --draft (scheduler.Batcher), or None."""
+        cfg = self.cfg
+        if cfg.draft is None:
+            return None
+        if cfg.draft == "ngram":
+            return lambda slot: NgramDraft()
+        from .draft_model import DraftModel, ModelDraft
+
+        self.draft_model = DraftModel(cfg.draft, cfg, self.codec, self.model_config.vocab_size,
+                                      cfg.max_batch * self.context, self.log, self._progress())
+        return lambda slot: ModelDraft(self.draft_model, slot)
 
     def reset_stats(self) -> None:
         self.comm.stats = CommStats()
@@ -243,6 +258,8 @@ class Session:
 
     def close(self) -> None:
         self.window.close()
+        if getattr(self, "draft_model", None):
+            self.draft_model.close()
 
     def __enter__(self) -> Session:
         return self
