@@ -6,10 +6,13 @@ part, the last to arrive combines the parts (in rank order, once, so every rank 
 bits) and all read the result. A rank that never arrives, or ranks that call different
 collectives, make every rank fail within `timeout` seconds instead of hanging.
 `run_ranks(n, fn)` runs fn(comm) on n threads and returns the n results.
+Point to point, `exchange` and `scratch` are MpiComm's (what allreduce.py's algorithms use): a send
+is copied into a mailbox per (source, destination, tag), so the real algorithms run on thread ranks.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from typing import Callable
@@ -30,6 +33,12 @@ class ThreadWorld:
         self._parts: list[tuple | None] = [None] * size      # (what, payload, combine) per rank
         self._results: list | Exception | None = None
         self._barrier = threading.Barrier(size, action=self._combine, timeout=timeout)
+        self._mail: dict[tuple[int, int, int], queue.Queue] = {}
+        self._mail_lock = threading.Lock()
+
+    def mailbox(self, src: int, dst: int, tag: int) -> queue.Queue:
+        with self._mail_lock:
+            return self._mail.setdefault((src, dst, tag), queue.Queue())
 
     def comm(self, rank: int) -> ThreadComm:
         return ThreadComm(self, rank)
@@ -88,6 +97,30 @@ class ThreadComm(Comm):
 
     def describe(self) -> str:
         return f"fake ({self.size} threads)"
+
+    # -- point to point, as MpiComm's (allreduce.py's algorithms) --------------------------------
+    def exchange(self, sends: list, recvs: list, tag: int, what: str, recv_tag: int | None = None,
+                 grace: float = 0.0, patient: bool = False) -> None:
+        for buf, dst in sends:
+            if not buf.flags.c_contiguous:
+                raise ValueError("MPI buffers must be contiguous")
+            self.world.mailbox(self.rank, dst, tag).put(buf.copy())
+            self.stats.bytes_sent += buf.nbytes
+        for buf, src in recvs:
+            try:
+                got = self.world.mailbox(src, self.rank, tag if recv_tag is None else recv_tag).get(
+                    timeout=self.world.timeout)
+            except queue.Empty:
+                raise CommError(f"rank {self.rank}, {what}: rank {src} sent nothing") from None
+            if got.size != buf.size or got.dtype != buf.dtype:
+                raise ValueError(f"rank {self.rank}, {what}: got {got.dtype} {got.shape} for {buf.dtype} {buf.shape}")
+            buf.reshape(-1)[...] = got.reshape(-1)
+
+    def scratch(self, shape: tuple, n: int, dtype=np.float32) -> list[np.ndarray]:
+        return list(np.empty((n, *shape), dtype=dtype))
+
+    def record(self, op: str, buf: np.ndarray) -> None:
+        pass
 
     def allreduce(self, x: Tensor) -> Tensor:
         """Sum of `x` over all ranks, added in float32 in rank order, returned in x's dtype."""

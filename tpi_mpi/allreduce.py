@@ -1,7 +1,7 @@
 """Allreduce algorithms composed from comm.py's transport, all summing float32 buffers in place, and
 `Allreduce`, the `comm.allreduce` the model calls: one algorithm (or auto's pick) over tensors.
 
-No mpi4py here: `p` is comm.py's `MpiComm`, which offers `rank`, `size`, `stats`, `scratch(shape, n)`,
+No mpi4py here: `p` is comm.py's `MpiComm`, which offers `rank`, `size`, `stats`, `scratch(shape, n, dtype)`,
 `sum_mpi(buf)` and `exchange(sends, recvs, tag, what, recv_tag=None, grace=0)`, where sends are
 (buffer, dest) and recvs (buffer, source) pairs that all complete before it returns. Each algorithm
 leaves the same bits on every rank.
@@ -9,7 +9,10 @@ leaves the same bits on every rank.
 - mpi: MPI_Allreduce, whatever algorithm the MPI library picks.
 
 - star: every rank sends to a hub, which adds in rank order and sends the total back. Two hops
-  whatever the rank count: the algorithm for links where latency dominates.
+  whatever the rank count: the algorithm for links where latency dominates. The one algorithm that
+  carries a compressed payload (--allreduce-payload bf16 or q8, payload.py): every part travels
+  encoded, the hub adds the decoded parts (its own encoded and decoded too, so the sum does not
+  depend on which rank is the hub) and every rank, the hub included, decodes the one encoded total.
 - ring: reduce-scatter then allgather around a ring, 2 (n - 1) steps of 1/n of the buffer each:
   the least data per link, the most hops.
 - recdouble: recursive doubling, log2(n) exchanges of the whole buffer; for rank counts that are
@@ -25,13 +28,16 @@ import torch
 from torch import Tensor
 
 from .allreduce_auto import AutoAllreduce
-from .config import ALLREDUCE_MODES
+from .config import ALLREDUCE_MODES, check_payload
+from .payload import CODECS
 
 TAG_PART, TAG_SUM, TAG_RING, TAG_RD = 11, 12, 13, 14
 
 
-def star(p, buf: np.ndarray, hub: int = 0) -> None:
-    if p.rank == hub:
+def star(p, buf: np.ndarray, hub: int = 0, codec=None) -> None:
+    if codec is not None:
+        star_encoded(p, buf, hub, codec)
+    elif p.rank == hub:
         others = [r for r in range(p.size) if r != hub]
         parts = p.scratch(buf.shape, len(others))
         p.exchange([], list(zip(parts, others)), TAG_PART, "star allreduce: partial sums")
@@ -47,6 +53,29 @@ def star(p, buf: np.ndarray, hub: int = 0) -> None:
         p.exchange([(buf, hub)], [(total, hub)], TAG_PART, "star allreduce: the total from the hub",
                    recv_tag=TAG_SUM, grace=2.0)
         buf[...] = total
+
+
+def star_encoded(p, buf: np.ndarray, hub: int, codec) -> None:
+    """star with every message in `codec`'s wire format (payload.py)."""
+    (wire_bytes,) = wire_shape = (codec.wire_bytes(buf.shape),)
+    if p.rank == hub:
+        others = [r for r in range(p.size) if r != hub]
+        *parts, own = p.scratch(wire_shape, len(others) + 1, np.uint8)
+        p.exchange([], list(zip(parts, others)), TAG_PART, "star allreduce: partial sums")
+        codec.encode(buf, own)
+        total, part = np.zeros_like(buf), np.empty_like(buf)
+        for r in range(p.size):          # fixed rank order: results repeat bit for bit
+            codec.decode(own if r == hub else parts[others.index(r)], part)
+            total += part
+        codec.encode(total, own)
+        codec.decode(own, buf)           # the total the others get, not the float32 one
+        p.exchange([(own, r) for r in others], [], TAG_SUM, "star allreduce: sending the total")
+    else:
+        send, total = p.scratch(wire_shape, 2, np.uint8)
+        codec.encode(buf, send)
+        p.exchange([(send, hub)], [(total, hub)], TAG_PART, "star allreduce: the total from the hub",
+                   recv_tag=TAG_SUM, grace=2.0)
+        codec.decode(total, buf)
 
 
 def ring(p, buf: np.ndarray) -> None:
@@ -109,13 +138,18 @@ ALGORITHMS = {"star": star, "mpi": mpi, "ring": ring, "recdouble": recdouble}
 
 class Allreduce:
     """`comm.allreduce(x)`: the sum of `x` over all ranks by algorithm `mode` (switchable between
-    calls, the same on every rank), added in float32 and returned in x's dtype."""
+    calls, the same on every rank), added in float32 and returned in x's dtype; its parts and total
+    travel as `payload` (payload.py: a compressed one only by star, which auto then always picks)."""
 
-    def __init__(self, p, mode: str = "auto", hub: int = 0) -> None:
+    def __init__(self, p, mode: str = "auto", hub: int = 0, payload: str = "fp32") -> None:
         if mode not in ALLREDUCE_MODES:
             raise ValueError(f"allreduce mode {mode!r}: use one of {', '.join(ALLREDUCE_MODES)}")
-        self.p, self.mode, self.hub = p, mode, hub
+        check_payload(payload, mode)
+        self.p, self.mode, self.hub, self.payload = p, mode, hub, payload
+        self.codec = CODECS[payload]
         self.auto = AutoAllreduce(p, self.run)
+        if self.codec is not None:
+            self.auto.candidates = ("star",)
 
     def __call__(self, x: Tensor) -> Tensor:
         buf = x.detach().float().contiguous()
@@ -135,21 +169,24 @@ class Allreduce:
         auto then picks only among algorithms that add each element in one order whatever the size,
         star (rank order) and, at 3 ranks, recdouble (the same order there). ring and MPI's own choose
         their order by size: False when one of them is the mode (at 2 ranks any order is a + b)."""
-        if self.p.size <= 2:
+        if self.p.size <= 2 or self.codec is not None:      # a compressed payload: star alone
             return True
         self.auto.candidates = ("star", "recdouble") if self.p.size == 3 else ("star",)
         return self.mode in ("auto", "star") or (self.mode == "recdouble" and self.p.size == 3)
 
     def run(self, mode: str, arr: np.ndarray) -> None:
         """One allreduce of `arr` in place with algorithm `mode` (not auto)."""
+        if self.codec is not None and mode != "star":
+            check_payload(self.payload, mode)     # a benchmark's SET_ALLREDUCE switched away from star: refused
         if mode == "star":
-            star(self.p, arr, self.hub)
+            star(self.p, arr, self.hub, self.codec)
         else:
             ALGORITHMS[mode](self.p, arr)
 
     def describe(self) -> str:
-        """The algorithm in use, e.g. "star" or "auto (up to 4 KiB: star, up to 4 MiB: ring (trial:
-        recdouble))"."""
-        return self.mode if self.mode != "auto" else self.auto.describe()
+        """The algorithm in use, e.g. "star", "star, bf16 payload" or "auto (up to 4 KiB: star, up to
+        4 MiB: ring (trial: recdouble))"."""
+        mode = self.mode if self.mode != "auto" else self.auto.describe()
+        return mode if self.codec is None else f"{mode}, {self.payload} payload"
 
 

@@ -133,7 +133,7 @@ class MpiComm(Comm):
     composed from this comm's exchanges."""
 
     def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
-                 link: SimulatedLink | None = None) -> None:
+                 link: SimulatedLink | None = None, payload: str = "fp32") -> None:
         os.environ.setdefault("OMPI_MCA_btl_tcp_eager_limit", _OMPI_EAGER_LIMIT)   # read by MPI_Init
         from mpi4py import MPI
 
@@ -150,7 +150,7 @@ class MpiComm(Comm):
         self._scratch: dict[tuple, np.ndarray] = {}
         record = os.environ.get("TPI_MPI_RECORD")
         self.recorder = Recorder(record, self.rank) if record else None
-        self.allreduce = Allreduce(self, mode, hub)
+        self.allreduce = Allreduce(self, mode, hub, payload)
         self._here, self._asked = np.array([self.rank], dtype=np.int64), np.empty(1, dtype=np.int64)
         self._roll_sends: list = []
 
@@ -273,11 +273,11 @@ class MpiComm(Comm):
                 self.exchange([(buf, peer)], [], TAG_PONG, "pong")
         return times
 
-    def scratch(self, shape: tuple, n: int) -> list[np.ndarray]:
-        """n reusable float32 buffers of `shape` (allocated once per shape)."""
-        key = (shape, n)
+    def scratch(self, shape: tuple, n: int, dtype=np.float32) -> list[np.ndarray]:
+        """n reusable buffers of `shape` (allocated once per shape and dtype)."""
+        key = (shape, n, np.dtype(dtype).str)
         if key not in self._scratch:
-            self._scratch[key] = np.empty((n, *shape), dtype=np.float32)
+            self._scratch[key] = np.empty((n, *shape), dtype=dtype)
         return list(self._scratch[key])
 
     def sum_mpi(self, arr: np.ndarray, what: str = "in MPI_Allreduce") -> None:
@@ -357,13 +357,15 @@ def _segments(buf: np.ndarray) -> list[np.ndarray]:
     return [flat[i:i + step] for i in range(0, max(flat.size, 1), step)]
 
 
-def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_model: str | None = None) -> Comm:
+def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_model: str | None = None,
+              payload: str = "fp32") -> Comm:
     """MpiComm when launched by mpirun with more than one rank, else LocalComm.
-    `link_model` ('2ms,300mbit'): charge each message that link's time (SimulatedLink)."""
+    `link_model` ('2ms,300mbit'): charge each message that link's time (SimulatedLink); `payload`:
+    how allreduce parts travel (payload.py)."""
     link = SimulatedLink.parse(link_model) if link_model else None
     if not launched_by_mpi():
         return LocalComm()
-    comm = MpiComm(mode, timeout, hub, link)
+    comm = MpiComm(mode, timeout, hub, link, payload)
     return LocalComm() if comm.size == 1 else comm
 
 

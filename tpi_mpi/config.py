@@ -25,6 +25,11 @@ KV_BLOCK = 16
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 ALLREDUCE_MODES = ("auto", "star", "mpi", "ring", "recdouble")
+# how partial sums travel (payload.py): float32, bfloat16, or int8 blocks of 32 with a scale each
+ALLREDUCE_PAYLOADS = ("fp32", "bf16", "q8")
+# the algorithms that can carry a compressed payload: the hub adds decoded parts and sends one encoded
+# total (ring and recdouble would round again at every hop; MPI_Allreduce sums only numbers it knows)
+COMPRESSING_MODES = ("auto", "star")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_format.DTYPES maps them to torch)
 HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
 # how weight matrices are stored: "keep" a GGUF's own types, "none" floats, or quantize floats at prepare;
@@ -280,6 +285,7 @@ class RunConfig:
     """One run's options, the same on every rank (every rank parses the same command line)."""
     model: str | None = None            # None = the built-in SmolLM2-135M-Instruct
     allreduce: str = "auto"
+    allreduce_payload: str = "fp32"     # see ALLREDUCE_PAYLOADS
     hub: int = 0                        # the star allreduce's hub rank
     window: int | None | str = "auto"   # blocks in memory; None = whole shard resident; "auto" = fit memory
     memory_budget: int | None = None    # bytes per rank for "auto" (default: weights.default_budget)
@@ -302,6 +308,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.allreduce not in ALLREDUCE_MODES:
             raise ConfigError(f"--allreduce {self.allreduce!r}: use one of {', '.join(ALLREDUCE_MODES)}")
+        check_payload(self.allreduce_payload, self.allreduce)
         if self.dtype not in ("auto", *DTYPE_NAMES):
             raise ConfigError(f"--dtype {self.dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
         if self.head_on not in HEAD_PLACES:
@@ -335,6 +342,16 @@ class RunConfig:
 
     def parallel(self, world: int) -> ParallelConfig:
         return ParallelConfig(world, self.ratio)
+
+
+def check_payload(payload: str, mode: str) -> None:
+    """A payload the algorithm `mode` can carry (see COMPRESSING_MODES), or a ConfigError saying why not."""
+    if payload not in ALLREDUCE_PAYLOADS:
+        raise ConfigError(f"--allreduce-payload {payload!r}: use one of {', '.join(ALLREDUCE_PAYLOADS)}")
+    if payload != "fp32" and mode not in COMPRESSING_MODES:
+        raise ConfigError(f"--allreduce-payload {payload} needs --allreduce star or auto (which then picks star): "
+                          f"{mode} adds float32 partial sums " +
+                          ("inside MPI_Allreduce" if mode == "mpi" else "at every hop"))
 
 
 def parse_window(text: str) -> int | None | str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .config import (ALLREDUCE_MODES, DTYPE_NAMES, HEAD_PLACES, KV_DTYPES, MATMUL_MODES, QUANT_MODES, RunConfig, parse_ratio,
-                     parse_size, parse_window)
+from .config import (ALLREDUCE_MODES, ALLREDUCE_PAYLOADS, DTYPE_NAMES, HEAD_PLACES, KV_DTYPES, MATMUL_MODES, QUANT_MODES,
+                     RunConfig, parse_ratio, parse_size, parse_window)
 from .progress import progress_bar  # noqa: F401 (the commands' progress bars)
 
 QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
@@ -24,6 +24,10 @@ def run_options(f):
                      help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
                           "recdouble: recursive doubling; auto: timed at start-up per message size, then checked "
                           "on the real calls."),
+        click.option("--allreduce-payload", type=click.Choice(ALLREDUCE_PAYLOADS), default="fp32", show_default=True,
+                     help="How partial sums travel: fp32; bf16 (half the bytes); q8: int8 blocks of 32 values with a "
+                          "scale each (28% of the bytes). Smaller payloads change the logits a little "
+                          "(docs/payloads.md); only star carries them (auto then picks star)."),
         click.option("--hub", type=int, default=0, show_default=True, help="The star allreduce's hub rank."),
         click.option("--link-model", help="Simulate a link, e.g. 2ms,300mbit: each message received costs "
                      "delay + bytes/rate (slept in the comm layer; no root needed)."),
@@ -67,7 +71,8 @@ def run_options(f):
 
 def run_config(kw: dict, max_batch: int = 1) -> RunConfig:
     budget = parse_size(kw["memory_budget"]) if kw["memory_budget"] else None
-    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], hub=kw["hub"], window=parse_window(kw["window"]),
+    return RunConfig(model=kw["model"], allreduce=kw["allreduce"], allreduce_payload=kw.get("allreduce_payload", "fp32"),
+                     hub=kw["hub"], window=parse_window(kw["window"]),
                      memory_budget=budget, context=kw["context"], max_batch=max_batch, cache_dir=kw["cache_dir"],
                      ratio=parse_ratio(kw["ratio"]), dtype=kw["dtype"], head_on=kw["head_on"], quant=kw["quant"],
                      matmul=kw["matmul"], kv_dtype=kw["kv_dtype"],

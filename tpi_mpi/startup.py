@@ -91,7 +91,7 @@ class Session:
         self.cfg = cfg
         # serving several sequences at once: each computed as if alone (batch.py), on every rank
         self.batch_invariant = cfg.max_batch > 1
-        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model)
+        self.comm = comm = make_comm(cfg.allreduce, cfg.comm_timeout, cfg.hub, cfg.link_model, cfg.allreduce_payload)
         self.rank = comm.rank
         if self.batch_invariant and comm.size > 1 and not comm.allreduce.keep_sum_order():
             self.log(f"--allreduce {cfg.allreduce} adds in an order that follows the message size: an answer may "

@@ -61,6 +61,32 @@ def check_sums(comm: MpiComm, mode: str, shapes: list[tuple]) -> list[str]:
     return failures
 
 
+def check_payloads(size: int, shapes: list[tuple]) -> list[str]:
+    """star (and auto, which then picks star) with each compressed payload, hubs 0 and the last rank:
+    the same bits on every rank, within the codec's error of a float64 sum (two roundings per value:
+    its part, then the total; bf16 2^-8 of the value each, q8 half a block scale, below 1/127 of the row)."""
+    failures = []
+    for payload in ("bf16", "q8"):
+        for mode, hub in (("star", 0), ("star", size - 1), ("auto", 0)):
+            comm = MpiComm(mode, timeout=30, hub=hub, payload=payload)
+            n, rank = comm.size, comm.rank
+            for shape in shapes:
+                parts = [np.random.default_rng(77 * r + len(shape)).standard_normal(shape).astype(np.float32) for r in range(n)]
+                exact = np.sum(parts, axis=0, dtype=np.float64)
+                got = comm.allreduce(torch.from_numpy(parts[rank].copy())).numpy()
+                if not same_on_all_ranks(comm.world, got):
+                    failures.append(f"{payload} {mode} hub {hub} {shape}: ranks hold different results")
+                if payload == "bf16":
+                    tol = 2.0 ** -8 * (np.sum(np.abs(parts), axis=0) + 2 * np.abs(exact)) + 1e-6
+                else:
+                    rows = [np.abs(a).reshape(-1, shape[-1]).max(axis=1).reshape(*shape[:-1], 1) for a in (*parts, exact)]
+                    tol = (sum(rows[:-1]) + rows[-1] * 1.01) / 127 / 2 + 1e-6
+                if np.any(np.abs(got - exact) > tol):
+                    failures.append(f"{payload} {mode} hub {hub} {shape}: max error {np.abs(got - exact).max():g}")
+            comm.barrier()
+    return failures
+
+
 def main() -> int:
     failures = []
     for mode in ALLREDUCE_MODES:
@@ -77,7 +103,9 @@ def main() -> int:
     for mode in ("star", "ring", "recdouble"):
         comm = MpiComm(mode, timeout=30)
         failures += [f"in segments of 100 bytes: {f}" for f in check_sums(comm, mode, [(7,), (5, 333)])]
+    failures += [f"in segments of 100 bytes: {f}" for f in check_payloads(comm.size, [(5, 333)])]
     tpi_comm.SEGMENT_BYTES = default_segment
+    failures += check_payloads(comm.size, [(1,), (1, 576), (5, 333), (64, 1024)])
     failures += check_auto_keeps_ranks_together()
     # ranks sharing a key (as ranks in one memory cgroup do): all on this host, split by parity
     sharing = comm.ranks_on_this_host(comm.rank % 2)

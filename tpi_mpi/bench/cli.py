@@ -302,9 +302,9 @@ def bench_rows(threads, repeats, out) -> None:
 @bench.command("quality")
 @click.option("--model", "-m", required=True, help="A Hugging Face folder (floats), or a .gguf file.")
 @click.option("--quants", default="none,none@bf16,q8_0,q4_0,q4_1", show_default=True,
-              help="--quant modes to compare, QUANT[@DTYPE][:MATMUL][/KV] (none@bf16: computed in bf16; keep:int8: a "
-                   "GGUF's own types through the int8 kernels; keep:int8/fp16: with an fp16 KV cache; the first is "
-                   "the reference).")
+              help="--quant modes to compare, QUANT[@DTYPE][:MATMUL][/KV][+PAYLOAD] (none@bf16: computed in bf16; "
+                   "keep:int8: a GGUF's own types through the int8 kernels; keep:int8/fp16: with an fp16 KV cache; "
+                   "keep:exact+q8: allreduce payloads in q8, star; the first is the reference).")
 @click.option("--ranks", "-n", type=int, default=2, show_default=True, help="Runs mpirun itself with this many ranks.")
 @click.option("--new-tokens", type=int, default=30, show_default=True, help="Greedy tokens compared.")
 @click.option("--out", help="Append the JSON records to this file.")

@@ -128,6 +128,7 @@ def run_fields(s: Session, cfg: RunConfig, prompt_tokens: int, new_tokens: int) 
             "window": s.windows[0], "windows": s.windows, "resident_blocks": s.pinned,
             "head_on": s.shard.manifest.head_on, "threads": s.threads,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "link": link_info(s.comm),
+            "allreduce_payload": cfg.allreduce_payload,
             **host_fields()}
 
 
