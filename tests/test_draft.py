@@ -30,22 +30,27 @@ def test_prompt_lookup_proposes_what_followed_the_longest_earlier_match():
     assert d.propose(8) == [5, 9, 2, 3, 7, 1, 2, 3]   # "1 2 3 4": only the start has it
 
 
-def test_the_draft_asks_for_more_while_accepted_and_sits_out_when_it_misses():
-    s = Speculation(NgramDraft(), [1, 2, 3, 1, 2])  # proposes 3 after "1 2"
-    assert s.propose(10) == [3, 1]                 # k starts at 2
-    s.checked(2, 2)
-    assert s.k == 4 and s.propose(2) == [3, 1]     # at most the room left
-    s.checked(4, 1)
-    assert s.k == 2
-    s.checked(2, 0)                                # a miss: one step out, then k = 1
-    assert s.propose(10) == [] and s.propose(10) == [3]
+def test_the_draft_asks_for_the_k_that_gives_most_tokens_per_second_and_sits_out_when_none_pays():
+    s = Speculation(NgramDraft(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2])    # proposes 3 4 5 ... after "1 2"
+    assert s.best_k(10) == 3                         # the prior (half accepted, a row 5% of a step): 3
+    assert s.propose(2) == [3, 4]                    # at most the room left
+    for _ in range(5):
+        s.checked(8, 8, step_s=1.2)                  # all accepted: the rate nears 1
+    s.plain(1.0)
+    assert s.best_k(10) == K_MAX and s.propose(10) == [3, 4, 5, 6, 7, 8, 9, 10]
+    s.draft_s = 3.0                                  # a draft slower than the steps it saves: none
+    assert s.best_k(10) == 0
+    assert s.stats() == {"proposed": 40, "accepted": 40, "checks": 5}
+
+    s = Speculation(NgramDraft(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2])
+    s.plain(1.0)
+    for _ in range(5):
+        s.checked(3, 0, step_s=1.6)                  # misses, and each checked row costs a fifth of a step
+    assert 0.1 < s.row_cost < 0.2 and s.hits / s.tries < 0.1 and s.best_k(10) == 0
+    assert s.propose(10) == [] and s.idle == 1 and s.propose(10) == []      # sits out a step
+    assert s.propose(10) == [3]                      # after the pause: one token, to see again
     s.checked(1, 0)
-    s.checked(1, 0)                                # misses in a row: out for 2, then 4 steps
-    assert [s.propose(10) for _ in range(5)] == [[]] * 4 + [[3]]
-    for _ in range(10):
-        s.checked(1, 1)
-    assert s.k == K_MAX
-    assert s.stats() == {"proposed": 20, "accepted": 13, "checks": 15}
+    assert s.propose(10) == [] and s.idle == 2       # still missing: a longer pause
 
 
 def test_greedy_accept_takes_the_target_tokens_up_to_the_first_disagreement():
@@ -132,7 +137,7 @@ def test_a_draft_with_another_tokenizer_is_a_clear_error(models, tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_a_greedy_answer_is_the_same_tokens_with_the_draft_at_several_ranks(checkpoints, tmp_path, n):
     model = checkpoints("llama")
     args = ["generate", "--model", str(model), "--cache-dir", str(tmp_path / "c"), "--prompt", "a b c a b c a b c a b",

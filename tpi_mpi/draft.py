@@ -17,6 +17,8 @@ which keeps the target's distribution exactly.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .sampling import SamplingConfig, distribution, sample
@@ -57,34 +59,74 @@ class NgramDraft:
 
 
 class Speculation:
-    """One sequence's draft and how much of it to ask for: k grows while proposals are accepted,
-    shrinks to what was, and a draft that misses outright sits out more and more steps."""
+    """One sequence's draft and how many tokens to ask of it: the k that gives the most tokens per
+    second, from what it has measured. Each proposed token is accepted with a rate `rate` (its
+    recent share, prior one half), so a check of k gives (1 - rate^(k+1)) / (1 - rate) tokens on
+    average; it costs a plain step, plus `row_cost` of one for each row checked beside the first,
+    plus the draft's own time for k tokens. Where no k beats a plain step, the draft sits out 1, 2,
+    4 ... PAUSE_MAX steps, then is tried again with one token."""
+
+    DECAY = 0.8          # weight of the past in the running figures
 
     def __init__(self, draft, tokens: list[int]) -> None:
         """`draft`: an NgramDraft or a draft_model.ModelDraft, told the sequence's tokens as they come."""
         self.draft = draft
         self.draft.extend(tokens)
-        self.k, self.pause, self.idle = 2, 0, 0
+        self.hits, self.tries = 1.0, 2.0            # accepted of proposed tokens looked at, decayed
+        self.step_s: float | None = None            # a plain decode step's seconds
+        self.row_cost, self.draft_s = 0.05, 0.0     # a checked row beside the first (share of a step); a drafted token (s)
+        self.pause, self.idle, self.probe = 0, 0, False
         self.proposed = self.accepted = self.checks = 0
+
+    def best_k(self, limit: int) -> int:
+        """The k (0: none) with the most tokens per unit of time, at most `limit`."""
+        if self.probe:
+            return min(1, limit)
+        rate = min(self.hits / self.tries, 0.99)
+        draft = self.draft_s / self.step_s if self.step_s else 0.0
+        best, value = 0, 1.0                        # a plain step: one token for one step's time
+        for k in range(1, min(K_MAX, limit) + 1):
+            v = (1 - rate ** (k + 1)) / (1 - rate) / (1 + k * (self.row_cost + draft))
+            if v > value:
+                best, value = k, v
+        return best
 
     def propose(self, limit: int) -> list[int]:
         """The tokens to check after the last one (none: a plain decode step); at most `limit`."""
         if self.idle:
             self.idle -= 1
+            self.probe = not self.idle               # after a pause: one token, to see again
             return []
-        return self.draft.propose(min(self.k, limit))
+        k = self.best_k(limit)
+        if k == 0:
+            if limit > 0:
+                self.pause = min(PAUSE_MAX, max(1, 2 * self.pause))
+                self.idle = self.pause
+            return []
+        t = time.perf_counter()
+        proposal = self.draft.propose(k)
+        if proposal:
+            self.draft_s = self._mean(self.draft_s, (time.perf_counter() - t) / len(proposal))
+        return proposal
 
-    def checked(self, proposed: int, hits: int) -> None:
-        """After a check of `proposed` tokens of which the first `hits` were accepted."""
+    def plain(self, step_s: float) -> None:
+        """After a plain decode step of `step_s` seconds."""
+        self.step_s = step_s if self.step_s is None else self._mean(self.step_s, step_s)
+
+    def checked(self, proposed: int, hits: int, step_s: float | None = None) -> None:
+        """After a check of `proposed` tokens of which the first `hits` were accepted, in `step_s`."""
         self.proposed, self.accepted, self.checks = self.proposed + proposed, self.accepted + hits, self.checks + 1
-        if hits == proposed:
-            self.k, self.pause = min(K_MAX, self.k * 2), 0
-        elif hits:
-            self.k, self.pause = max(1, hits + 1), 0
-        else:
-            self.k = 1
-            self.pause = min(PAUSE_MAX, max(1, 2 * self.pause))
-            self.idle = self.pause
+        looked = hits + (hits < proposed)            # the tokens whose fate was seen: the accepted and the first miss
+        self.hits = self.DECAY * self.hits + hits
+        self.tries = self.DECAY * self.tries + looked
+        self.probe = False
+        if hits:
+            self.pause = 0
+        if step_s and self.step_s:
+            self.row_cost = self._mean(self.row_cost, max(0.0, (step_s / self.step_s - 1) / proposed))
+
+    def _mean(self, old: float, new: float) -> float:
+        return self.DECAY * old + (1 - self.DECAY) * new
 
     def stats(self) -> dict:
         return {"proposed": self.proposed, "accepted": self.accepted, "checks": self.checks}

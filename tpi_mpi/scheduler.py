@@ -142,16 +142,20 @@ class Batcher:
         plan = plan_step([s for s in self.running if not s.reason], self.chunk)
         if plan:
             parts = [s.next_input(n, self.positions(s.job) - s.fed - 1) for s, n in plan]
+            t0 = time.perf_counter()
             logits = self.root.step([p[0] for p in parts], [t for p in parts for t in p[1]])
+            step_s = time.perf_counter() - t0
             for (s, _), (seq_step, _), out in zip(plan, parts, logits):
                 if seq_step.want == Want.CHECK:          # the last token and a draft: what the target agrees with
                     tokens = accept(out.numpy(), s.proposal, s.job.sampling, s.rng)
                     s.fed += len(tokens)                 # the last token and the accepted proposal are cached
-                    s.speculation.checked(len(s.proposal), len(tokens) - 1)
+                    s.speculation.checked(len(s.proposal), len(tokens) - 1, step_s)
                     for token in tokens:
                         if not s.reason:
                             self._take(s, token)
                     continue
+                if s.speculation and s.generated:        # a plain decode step: what a check is weighed against
+                    s.speculation.plain(step_s)
                 s.fed += seq_step.n_tokens
                 if out is None:
                     continue
