@@ -131,8 +131,8 @@ def test_a_draft_with_another_tokenizer_is_a_clear_error(models, tmp_path):
     swapped = text[:e.start(1)] + t.group(1) + text[e.end(1):t.start(1)] + e.group(1) + text[t.end(1):]
     path.write_text(swapped if e.start() < t.start() else text)
     assert json.loads(path.read_text())["model"]["vocab"]["e"] == int(t.group(1))
-    with pytest.raises(ConfigError, match=r"--draft .*other: its tokenizer is not the model's \(a vocabulary of \d+ "
-                                          r"tokens, the model's \d+\): a draft must share it"):
+    with pytest.raises(ConfigError, match=r"--draft .*other: its tokenizer is not the model's \(the same text gives "
+                                          r"other tokens\): a draft must share it"):
         generate(models["fp32"], str(other))
 
 

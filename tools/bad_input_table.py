@@ -65,6 +65,12 @@ def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
     b = bytearray(block.read_bytes())
     b[-2] ^= 1
     block.write_bytes(bytes(b))
+    othertok = tmp / "othertok"              # the same vocabulary size, two ids swapped: another tokenizer
+    shutil.copytree(model, othertok)
+    tok = json.loads((othertok / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["e"], vocab["t"] = vocab["t"], vocab["e"]
+    (othertok / "tokenizer.json").write_text(json.dumps(tok))
     outside = tmp / "outside"
     shutil.copytree(tmp / "p2", outside)
     mf = json.loads((outside / "rank1" / "manifest.json").read_text())
@@ -93,6 +99,8 @@ def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
         ("top-p outside (0, 1]", base + ["--top-p", "0"], 2),
         ("window < 1", base + ["--window", "0"], 2),
         ("memory budget below the minimum", base + ["--memory-budget", "50MB"], 2),
+        ("a compressed payload with --allreduce mpi", base + ["--allreduce", "mpi", "--allreduce-payload", "q8"], 2),
+        ("a draft model with another tokenizer", base + ["--draft", str(othertok)], 2),
     ]
 
 

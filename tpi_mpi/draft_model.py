@@ -36,9 +36,11 @@ class DraftModel:
         cfg = RunConfig(model=path, cache_dir=run.cache_dir, matmul=run.matmul, kv_dtype=run.kv_dtype, quiet=run.quiet)
         folder = cache.locate(cfg, 1, log, progress)
         shard = Shard(folder / "rank0", 0, 1)
-        if shard.model.vocab_size != vocab_size or TextCodec(shard.folder).encode(PROBE) != codec.encode(PROBE):
-            raise ConfigError(f"--draft {path}: its tokenizer is not the model's (a vocabulary of "
-                              f"{shard.model.vocab_size} tokens, the model's {vocab_size}): a draft must share it")
+        why = (f"a vocabulary of {shard.model.vocab_size} tokens, the model's {vocab_size}"
+               if shard.model.vocab_size != vocab_size else
+               "the same text gives other tokens" if TextCodec(shard.folder).encode(PROBE) != codec.encode(PROBE) else None)
+        if why:
+            raise ConfigError(f"--draft {path}: its tokenizer is not the model's ({why}): a draft must share it")
         quantized = any(info.get("quant") for info in shard.files.values())
         form = quant_int8.interleaved if quantized and quant_int8.int8_on() else None
         self.window = WeightWindow(shard, None, resident_form=form)
