@@ -203,4 +203,6 @@ class Batcher:
         for s in self.running:
             s.job.send("error", error)
             self.pool.release(s.slot)
+            if s.speculation:
+                s.speculation.draft.close()
         self.running = []
