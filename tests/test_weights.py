@@ -112,10 +112,10 @@ class _Sink:
 
 
 def test_resident_blocks_beside_a_window_give_the_resident_results(prepared, monkeypatch):
-    import tpi_mpi.startup
+    import tpi_mpi.budget
 
     ref, _ = generate(prepared, None)
-    monkeypatch.setattr(tpi_mpi.startup, "plan_window", lambda *a: (1, 4))   # window 1, 4 of 6 blocks resident
+    monkeypatch.setattr(tpi_mpi.budget, "plan_window", lambda *a: (1, 4))    # window 1, 4 of 6 blocks resident
     got, w = generate(prepared, "auto")
     assert got.generated_ids == ref.generated_ids
     np.testing.assert_array_equal(got.prompt_logits, ref.prompt_logits)

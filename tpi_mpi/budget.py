@@ -77,6 +77,30 @@ def weights_peak(t: Terms, depth: int | None, pinned: int, *, whole_in_cache: bo
     return t.window(depth, pinned)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A rank's memory, planned: the window (None: every block resident) and its pinned blocks, the
+    form of a resident shard, the peak of the weights and the KV pool's blocks."""
+    depth: int | None
+    pinned: int
+    dequantize: bool        # resident blocks dequantized once (the exact path, where the budget holds them so)
+    cached: bool            # a window whose whole shard the budget holds as page cache (mapped, not read)
+    weights: int            # the peak without the pool
+    kv_blocks: int
+
+
+def plan(t: Terms, budget: int, per_position: int, floor: int, most: int, window: int | None | str = "auto",
+         may_dequantize: bool = False, rank: int = 0) -> Plan:
+    """The whole plan: the weights beside a pool of `floor` positions (`window` as asked, or "auto"),
+    then the pool from what the budget leaves, up to `most` positions."""
+    kv = floor * per_position
+    depth, pinned = plan_window(t, budget, kv, rank) if window == "auto" else (window, 0)
+    dequantize = may_dequantize and depth is None and t.dequantized + kv <= budget
+    cached = depth is not None and t.resident() + kv <= budget
+    weights = weights_peak(t, depth, pinned, whole_in_cache=cached, dequantized=dequantize)
+    return Plan(depth, pinned, dequantize, cached, weights, pool_blocks(budget, weights, per_position, floor, most))
+
+
 def pool_blocks(budget: int, weights: int, per_position: int, floor: int, most: int) -> int:
     """KV_BLOCK-position blocks of the pool: what the budget leaves beside `weights` bytes, at least
     `floor` positions and at most `most` (serve: --max-batch x --context)."""

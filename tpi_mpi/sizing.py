@@ -10,12 +10,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .budget import Terms, plan_window, pool_blocks, pool_floor, weights_peak
+from .budget import Terms, plan, pool_floor
 from .config import KV_BLOCK, ParallelConfig, format_size, kv_dtype_name, parse_ratio
 from .errors import ShardError
 from .parallel import FFN_UNIT, RankShard, kv_bytes, parameter_count, plan_shards, shard_bytes
 from .prepare import QUANT_BYTES, ffn_unit, open_source, resolve_quant
 from .experts import AHEAD
+from .kv import blocks_for
 from .quant import QTYPES
 from .shard_format import DTYPE_NAMES, DTYPES, MANIFEST, Manifest, matrix_types, types_label
 from .weights import current_rss
@@ -93,15 +94,14 @@ class Sizing:
         None where the budget is too small."""
         out = []
         for r in self.plan(self.quant):
-            per, floor = self.kv_bytes(r.rank, 1), pool_floor(self.context, max_batch)
             try:
-                depth, pinned = plan_window(r.terms, budget, floor * per, r.rank.rank)
+                p = plan(r.terms, budget, self.kv_bytes(r.rank, 1), pool_floor(self.context, max_batch),
+                         max_batch * self.context, rank=r.rank.rank)
             except ShardError:
                 out.append(None)
                 continue
-            blocks = pool_blocks(budget, weights_peak(r.terms, depth, pinned), per, floor, max_batch * self.context)
-            kept = "resident" if depth is None else f"window {depth} + {pinned} of {len(r.terms.sizes)} blocks"
-            out.append((kept, blocks * KV_BLOCK))
+            kept = "resident" if p.depth is None else f"window {p.depth} + {p.pinned} of {len(r.terms.sizes)} blocks"
+            out.append((kept, p.kv_blocks * KV_BLOCK))
         return out
 
 
@@ -152,7 +152,7 @@ def _serve_lines(sizing: Sizing, budget: int | None, max_batch: int, request: in
     plan = sizing.plan(sizing.quant)
     largest = max(plan, key=lambda r: r.terms.resident() + sizing.kv_bytes(r.rank, 1))
     per = sizing.kv_bytes(largest.rank, 1)
-    blocks = -(-request // KV_BLOCK) * KV_BLOCK                    # a request holds whole blocks
+    blocks = blocks_for(request) * KV_BLOCK                        # a request holds whole blocks
     yield (f"KV cache: {format_size(per)} per token on rank {largest.rank.rank} in {sizing.kv_dtype}; generate and chat "
            f"reserve their prompt and answer, serve one pool shared by its requests")
     if budget is None:

@@ -21,7 +21,7 @@ import torch
 from . import cache
 from .batch import Batch
 from .comm import CommStats, make_comm
-from .budget import plan_window, pool_blocks, pool_floor, weights_peak
+from .budget import plan, pool_floor
 from .config import KV_BLOCK, RunConfig, format_size, kv_dtype_name
 from .errors import PeerFailed, TpiError
 from .draft import NgramDraft
@@ -166,25 +166,19 @@ class Session:
         budget, terms = self.budget, budget_terms(self.shard, self.baseline)
         self.kv_position_bytes = per_position = kv_bytes(self.model_config, self.shard.shards[self.rank], 1,
                                                          self.kv_dtype.itemsize)
-        floor = cfg.kv_pool or pool_floor(self.context, cfg.max_batch)
-        if cfg.window == "auto":
-            depth, pinned = plan_window(terms, budget, floor * per_position, self.rank)
-        else:
-            depth, pinned = cfg.window, 0
         # quantized blocks that stay in memory are dequantized once if the budget holds them so, for the
         # exact path, or interleaved for the int8 kernels; a window asked for where the budget holds the
         # whole shard keeps the pages in the page cache
-        dequantize = depth is None and not self.int8 and terms.dequantized + floor * per_position <= budget
-        form = (functools.partial(dequantized, dtype=self.dtype) if dequantize
+        planned = plan(terms, budget, per_position, cfg.kv_pool or pool_floor(self.context, cfg.max_batch),
+                       cfg.kv_pool or cfg.max_batch * self.context, cfg.window, not self.int8, self.rank)
+        form = (functools.partial(dequantized, dtype=self.dtype) if planned.dequantize
                 else quant_int8.interleaved if self.int8 else None)
-        cached = depth is not None and terms.resident() + floor * per_position <= budget
-        weights = weights_peak(terms, depth, pinned, whole_in_cache=cached, dequantized=dequantize)
-        self.kv_blocks = pool_blocks(budget, weights, per_position, floor, cfg.kv_pool or cfg.max_batch * self.context)
+        self.kv_blocks = planned.kv_blocks
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
         capacity = (float("inf") if cfg.window is None or not self.model_config.moe_layers else
-                    max(0, budget - weights - self.kv_blocks * KV_BLOCK * per_position))
-        self.window = WeightWindow(self.shard, depth, progress=self._progress(), pinned=pinned,
-                                   resident_form=form, cached=cached, expert_capacity=capacity)
+                    max(0, budget - planned.weights - self.kv_blocks * KV_BLOCK * per_position))
+        self.window = WeightWindow(self.shard, planned.depth, progress=self._progress(), pinned=planned.pinned,
+                                   resident_form=form, cached=planned.cached, expert_capacity=capacity)
         self.model = Transformer(self.model_config, self.shard.shards, self.rank, self.comm, self.window, self.dtype,
                                  self.kv_blocks, self.kv_dtype)
         common = self.shard.read(COMMON)[1]
