@@ -15,6 +15,7 @@ import numpy as np
 
 from . import cache, quant_int8
 from .batch import Batch, SeqStep, Want
+from .chat import common_prefix
 from .comm import LocalComm
 from .config import RunConfig, kv_dtype_name
 from .errors import ConfigError
@@ -76,12 +77,8 @@ class ModelDraft:
     def propose(self, k: int) -> list[int]:
         if k < 1 or not self.tokens:
             return []
-        same = 0                              # the cache is good up to where it parts from the tokens
-        for a, b in zip(self.cached, self.tokens):
-            if a != b:
-                break
-            same += 1
-        same = min(same, len(self.tokens) - 1)   # the last token is fed again: its logits are needed
+        # the cache is good up to where it parts from the tokens; the last token is fed again: its logits are needed
+        same = min(common_prefix(self.cached, self.tokens), len(self.tokens) - 1)
         logits = self.model.step(self.slot, same, self.tokens[same:])
         self.cached = list(self.tokens)
         out = []
