@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 ENGINE = ["model", "parallel", "comm", "allreduce", "weights", "steps", "batch", "scheduler", "generate",
-          "chat", "serving", "startup", "sampling", "text", "jobs", "channel", "quant", "quant_int8", "prepare", "cache"]
+          "chat", "serving", "startup", "sampling", "text", "jobs", "channel", "quant", "quant_int8", "prepare", "cache",
+          "kv", "budget", "draft", "draft_model", "payload"]
 TOOLS_ONLY = ["starlette", "uvicorn", "click", "fastapi", "httpx"]
 
 
