@@ -99,22 +99,17 @@ def attend_row(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, kv
 def decode_attention(attn, x: Tensor, batch, cos: Tensor, sin: Tensor) -> Tensor | None:
     """The attention's partial output (T, dim) before its allreduce, in one call, for a step whose every
     row is a one-row piece; None where the step-by-step path must run (see `_mats`)."""
-    if not (batch.decode_rows and fast(x) and x.is_contiguous() and _pool(attn.keys) and _f32(cos) and _f32(sin)):
+    if not (batch.decode_rows and fast(x) and x.is_contiguous() and _f32(cos) and _f32(sin)):
         return None
-    mats = _mats((attn.q, attn.k, attn.v, attn.o))
-    if mats is None or not _norms_ok(attn.q_norm, attn.k_norm):
+    fixed = _fixed(attn, (attn.q, attn.k, attn.v, attn.o), _attention_args)
+    if fixed is None:
         return None
+    qkv, biases, norms, heads, o = fixed
     T, dim = x.shape
-    y = torch.empty(T, mats[3][2], dtype=torch.float32)
-    qn, kn = attn.q_norm, attn.k_norm
-    eps = qn.eps if qn is not None else 0.0
-    places = batch.row_places
-    _qdot().attention_rows(
-        x.data_ptr(), T, dim, mats[:3], tuple(_ptr(layer.bias) for layer in (attn.q, attn.k, attn.v)),
-        (_ptr(qn and qn.weight), _ptr(kn and kn.weight), eps), (cos.data_ptr(), sin.data_ptr()),
-        (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.kv_index.data_ptr(), attn.keys.data_ptr(),
-         attn.values.data_ptr(), attn.keys.stride(0), KV_CODES[attn.keys.dtype]),
-        (places[0].data_ptr(), places[1].data_ptr(), places[2].data_ptr()), mats[3], y.data_ptr(), kernel_threads())
+    y = torch.empty(T, o[2], dtype=torch.float32)
+    pos, start, index = batch.row_places
+    _qdot().attention_rows(x.data_ptr(), T, dim, qkv, biases, norms, (cos.data_ptr(), sin.data_ptr()), heads,
+                           (pos.data_ptr(), start.data_ptr(), index.data_ptr()), o, y.data_ptr(), kernel_threads())
     return y
 
 
@@ -122,14 +117,44 @@ def decode_mlp(mlp, x: Tensor, batch) -> Tensor | None:
     """The MLP's partial output (T, dim) before its allreduce, in one call, for a step of decode rows."""
     if not (batch.decode_rows and fast(x) and x.is_contiguous()):
         return None
+    fixed = _fixed(mlp, (mlp.gate, mlp.up, mlp.down), _mlp_args)
+    if fixed is None:
+        return None
+    gate_up, biases, down = fixed
+    T, dim = x.shape
+    y = torch.empty(T, down[2], dtype=torch.float32)
+    _qdot().mlp_rows(x.data_ptr(), T, dim, gate_up, biases, down, y.data_ptr(), kernel_threads())
+    return y
+
+
+def _fixed(module, layers, build):
+    """`build(module)`'s arguments for the module's bound weights, built once per binding (a resident
+    block's weights stay bound for the whole run; a streamed block's change every step): at SmolLM2's
+    sizes building them took as long as a layer's products."""
+    weights = tuple(layer.weight for layer in layers)
+    known = module.__dict__.get("_fixed_args")           # plain attributes: nn.Module's own are slower
+    if known is None or any(a is not b for a, b in zip(known[0], weights)):
+        known = module.__dict__["_fixed_args"] = (weights, build(module))
+    return known[1]
+
+
+def _attention_args(attn) -> tuple | None:
+    mats = _mats((attn.q, attn.k, attn.v, attn.o))
+    qn, kn = attn.q_norm, attn.k_norm
+    if mats is None or not _pool(attn.keys) or not _norms_ok(qn, kn):
+        return None
+    biases = tuple(_ptr(layer.bias) for layer in (attn.q, attn.k, attn.v))
+    norms = (_ptr(qn and qn.weight), _ptr(kn and kn.weight), qn.eps if qn is not None else 0.0)
+    heads = (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.kv_index.data_ptr(), attn.keys.data_ptr(),
+             attn.values.data_ptr(), attn.keys.stride(0), KV_CODES[attn.keys.dtype])
+    return mats[:3], biases, norms, heads, mats[3]
+
+
+def _mlp_args(mlp) -> tuple | None:
     mats = _mats((mlp.gate, mlp.up, mlp.down))
     if mats is None:
         return None
-    T, dim = x.shape
-    y = torch.empty(T, mats[2][2], dtype=torch.float32)
-    _qdot().mlp_rows(x.data_ptr(), T, dim, mats[:2], (_ptr(mlp.gate.bias), _ptr(mlp.up.bias)), mats[2], y.data_ptr(),
-                     kernel_threads())
-    return y
+    return mats[:2], (_ptr(mlp.gate.bias), _ptr(mlp.up.bias)), mats[2]
 
 
 def _mats(layers) -> tuple | None:
