@@ -61,7 +61,7 @@ def stop(run_id):
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(nodes, cpus, command):
     """Start a cluster, run COMMAND with SLURM_CONF set, stop the cluster; exits with COMMAND's code."""
-    saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with SlurmCluster(nodes, cpus) as cluster:
             code = subprocess.run(list(command), env=cluster.env()).returncode
