@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, mpi_env, require_mpi_marker, run_tpi
+
 from tpi_mpi.slurm_emulator import cluster as slurm
 from tpi_mpi.slurm_emulator.conf import Layout, slurm_conf
 

@@ -15,6 +15,7 @@ namespaces and the bridge, then the folder. No MPI here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,10 +24,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from ..netem.emulator import _kill_namespace_processes
+from ..netem.emulator import _kill_namespace_processes  # SIGTERM, then SIGKILL, all in a namespace
 from ..netem.switch import check_host, ip
 from ..processes import free_port
 from .conf import Layout, slurm_conf
@@ -74,16 +76,35 @@ def install(log=log_stderr) -> float:
     log(f"installing {' '.join(missing)} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, stdin=subprocess.DEVNULL)
+    with _services_held():
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, stdin=subprocess.DEVNULL)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if r.returncode != 0 or missing_programs():
         tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
         raise ClusterError(f"apt-get install {' '.join(missing)} failed: {tail or f'exit {r.returncode}'}")
     seconds = time.monotonic() - t0
     log(f"installed in {seconds:.0f} s")
     return seconds
+
+
+@contextlib.contextmanager
+def _services_held():
+    """Debian starts a package's services when it installs it: munged with the system key, slurmd
+    without a slurm.conf (whose failure fails the install). A policy-rc.d that says no (as Docker
+    images have; an existing one is left alone) holds them for the length of the install."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    made = False
+    if not policy.exists():
+        policy.write_text("#!/bin/sh\n# tpi_mpi.slurm_emulator: no service starts during its apt-get install\nexit 101\n")
+        policy.chmod(0o755)
+        made = True
+    try:
+        yield
+    finally:
+        if made:
+            policy.unlink(missing_ok=True)
 
 
 # --- names, addresses, ports -------------------------------------------------------------------------
@@ -99,7 +120,7 @@ def netns_name(run_id: str, i: int) -> str:
 def free_subnet() -> str:
     """A 10.78.X.0/24 that no address or route of this host uses (another cluster may run)."""
     used = ip("-o", "addr", "show", check=False).stdout + ip("route", "show", check=False).stdout
-    for x in [*range(0, 256)]:
+    for x in range(256):
         if f"10.78.{x}." not in used:
             return f"10.78.{x}"
     raise ClusterError("no free 10.78.X.0/24 subnet: stop other clusters (python -m tpi_mpi.slurm_emulator cleanup)")
@@ -275,6 +296,15 @@ def _tail(path: Path, lines: int = 4) -> str:
         return ""
 
 
+def _ours(pid: int, folder: str | None) -> bool:
+    """Whether `pid` is still one of the cluster's daemons (each names the folder in its arguments),
+    not a process that got the number since."""
+    try:
+        return bool(folder) and folder in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def _terminate(pid: int, grace: float = 5.0) -> None:
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         try:
@@ -300,11 +330,12 @@ def teardown(state: dict, log=log_stderr) -> None:
     try:
         for ns in state.get("namespaces", []):
             _kill_namespace_processes(ns)
+        pids = {name: pid for name, pid in state.get("pids", {}).items() if _ours(pid, state.get("folder"))}
         for name in ("slurmctld", "munged"):
-            if name in state.get("pids", {}):
-                _terminate(state["pids"][name])
-        for name, pid in state.get("pids", {}).items():
-            _terminate(pid, grace=1.0)           # slurmds already gone with their namespace
+            if name in pids:
+                _terminate(pids[name])
+        for name, pid in pids.items():
+            _terminate(pid, grace=1.0)           # slurmds are gone with their namespace's processes
         for ns in state.get("namespaces", []):
             r = ip("netns", "del", ns, check=False)
             if r.returncode != 0:
@@ -320,7 +351,6 @@ def teardown(state: dict, log=log_stderr) -> None:
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
