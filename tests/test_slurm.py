@@ -5,6 +5,7 @@ nothing behind. The first tests need neither root nor a cluster: slurm.conf and 
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -104,9 +105,9 @@ def reference(shared) -> dict:
 
 
 def _job_env(c: slurm.SlurmCluster, **extra) -> dict:
-    env = {**mpi_env(), "SLURM_CONF": c.env()["SLURM_CONF"], **extra}
+    env = {**mpi_env(), "SLURM_CONF": c.env()["SLURM_CONF"]}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"     # the jobs' python and mpirun: ours
-    return env
+    return {**env, **extra}
 
 
 def _sbatch(c: slurm.SlurmCluster, cwd: Path, job: str, args: list[str], **env) -> int:
@@ -182,6 +183,23 @@ def test_every_job_script_answers_on_the_emulated_cluster(cluster, shared, refer
         _serve(cluster, shared, reference, job)
     else:
         pytest.fail(f"no expectation for jobs/{job}: add one to this test", pytrace=False)
+
+
+@pytest.mark.mpi
+@needs_root
+def test_srun_job_falls_back_to_mpirun_without_pmix(cluster, shared, reference, tmp_path):
+    """A Slurm whose PMIx plugin does not load (an srun that refuses --mpi=pmix and passes the rest,
+    mpirun's daemon launches included, to the real one): the job says so and answers through mpirun."""
+    require_mpi_marker("mpirun (sbatch jobs/generate-nodes-srun.sbatch)")
+    fake = tmp_path / "srun"
+    fake.write_text("#!/bin/sh\n"
+                    'for a in "$@"; do [ "$a" = --mpi=pmix ] && { echo "srun: no PMIx here" >&2; exit 1; }; done\n'
+                    f'exec {shutil.which("srun")} "$@"\n')
+    fake.chmod(0o755)
+    env = _job_env(cluster)
+    printed = _finish_generate(cluster, shared, reference, "generate-nodes-srun.sbatch",
+                               PATH=f"{tmp_path}:{env['PATH']}", TPI_CACHE_DIR=str(shared / "cache"))
+    assert "launcher: mpirun (srun --mpi=pmix does not work on this cluster)" in printed
 
 
 def _serve(c, shared, reference, job) -> None:
