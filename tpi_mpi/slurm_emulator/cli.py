@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -13,6 +14,18 @@ from .cluster import ClusterError, SlurmCluster, leftovers, running, teardown
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Ctrl-C, kill and hang-up raise KeyboardInterrupt, so a start cut short still tears down (SIGINT
+    too: a shell starts background jobs with it ignored)."""
+    saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 _cluster_options = [
@@ -39,7 +52,8 @@ def cli() -> None:
 def start(nodes, cpus):
     """Start a cluster and leave it running; prints `export SLURM_CONF=...` for sbatch and friends."""
     cluster = SlurmCluster(nodes, cpus)
-    cluster.start()                       # a failed start has torn itself down
+    with _signals_interrupt():
+        cluster.start()                   # a failed or interrupted start has torn itself down
     click.echo(f"export SLURM_CONF={cluster.layout.conf_path}")
 
 
@@ -61,15 +75,11 @@ def stop(run_id):
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(nodes, cpus, command):
     """Start a cluster, run COMMAND with SLURM_CONF set, stop the cluster; exits with COMMAND's code."""
-    saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with SlurmCluster(nodes, cpus) as cluster:
+        with _signals_interrupt(), SlurmCluster(nodes, cpus) as cluster:
             code = subprocess.run(list(command), env=cluster.env()).returncode
     except KeyboardInterrupt:
         code = 130
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
     sys.exit(code)
 
 
