@@ -78,12 +78,13 @@ def test_one_row_attention_reads_and_writes_the_pool_where_the_place_says(fast_p
     torch.testing.assert_close(out[0].double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_attention_is_torchs_attention_for_the_whole_group(fast_path):
+@pytest.mark.parametrize("hd", [16, 12])        # 12: not a multiple of 8, the portable loops
+def test_one_row_attention_is_torchs_attention_for_the_whole_group(fast_path, hd):
     """GQA: query heads 0-1 read kv head 1 and 2-3 kv head 0 (a rank's heads need not start a group)."""
     g = torch.Generator().manual_seed(2)
-    keys, values = torch.randn(2, 2, 4 * KV_BLOCK, 16, generator=g).unbind(0)
+    keys, values = torch.randn(2, 2, 4 * KV_BLOCK, hd, generator=g).unbind(0)
     kv_index = torch.tensor([1, 1, 0, 0])
-    q, k, v = torch.randn(1, 4, 16, generator=g), torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    q, k, v = torch.randn(1, 4, hd, generator=g), torch.randn(1, 2, hd, generator=g), torch.randn(1, 2, hd, generator=g)
     pos = 40
     out = rowops.attend_row(q, k, v, keys, values, kv_index, pos, Place(((0, 4),), pos + 1))
     sdpa = F.scaled_dot_product_attention(q.transpose(0, 1), keys[kv_index, :pos + 1], values[kv_index, :pos + 1])
