@@ -568,12 +568,13 @@ int qdot_parse_mat(PyObject *item, int cols, qmat_t *m) {
 int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    /* Rows per task: about TASKS_PER_THREAD tasks a thread, in multiples of 16 (whole 8-row groups).
-     * 16 rows at a time made SmolLM2's small matrices (3072 x 576: 192 tasks of ~0.5 us) pay for
-     * the shared counter more than a second thread gave back. */
+    /* Rows per task: about TASKS_PER_THREAD tasks a thread for one token, more for several (a task of
+     * many tokens is long, and finer tasks even out a thread that was descheduled), in multiples of 16
+     * (whole 8-row groups). 16 rows at a time made SmolLM2's decode (3072 x 576: 192 tasks of ~0.5 us)
+     * pay for the shared counter more than a second thread gave back. */
     int total = 0;
     for (int i = 0; i < n; i++) total += mats[i].rows;
-    int chunk = (total / (threads * TASKS_PER_THREAD) + 15) / 16 * 16;
+    int chunk = (total / (threads * TASKS_PER_THREAD * (nt < 8 ? nt : 8)) + 15) / 16 * 16;
     job_t j = {.nmats = n, .cols = cols, .nt = nt, .chunk = chunk < 16 ? 16 : chunk};
     for (int i = 0; i < n; i++) {
         mat_t *m = &j.m[i];
