@@ -240,6 +240,9 @@ class HttpThread:
             raise TpiError("the HTTP server stopped unexpectedly")
         return True
 
+    def report(self, state: dict) -> None:
+        """The engine's state, sent every REPORT_S: the HTTP thread reads it from the engine itself."""
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)

@@ -246,6 +246,11 @@ class Session:
         }
         return {k: self.comm.gather_floats(v) for k, v in mine.items()}
 
+    def gather_memory(self) -> tuple[list[float], list[float]] | None:
+        """Every rank's resident and peak resident memory in bytes, on rank 0 (None elsewhere)."""
+        rss, peak = self.comm.gather_floats(current_rss()), self.comm.gather_floats(peak_rss_mib() * 2**20)
+        return None if rss is None else (rss, peak)
+
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:
             print(f"tpi_mpi: {msg}", file=sys.stderr, flush=True)
