@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -61,7 +63,7 @@ class ScriptedEngine:
         return health_body("ok", self.cfg, running=1, queued=2, ranks=2, pids=[7, 8], windows=["all", 2]), 200
 
     def engine_state(self):
-        return {"kv_blocks_used": 3, "kv_blocks_total": 40, "resident": [0, 5],
+        return {"kv_blocks_used": 3, "kv_blocks_total": 40, "hosts": ["a", "b"], "resident": [0, 5],
                 "rss_bytes": [100 << 20, 80 << 20], "peak_rss_bytes": [120 << 20, 90 << 20]}
 
     def log(self, msg: str) -> None:
@@ -183,3 +185,13 @@ def test_the_page_is_package_data():
     shipped = {p for pattern in patterns for p in WEB.parent.glob(pattern)}
     assert {"index.html", "app.js", "style.css"} <= {p.name for p in shipped}
     assert set(WEB.iterdir()) <= shipped
+
+
+def test_serve_without_prometheus_client_says_what_to_install():
+    """An install whose serve extra predates /metrics: one line naming the package and the fix."""
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"         # as if not installed
+            "from tpi_mpi.__main__ import main; sys.argv = ['tpi_mpi', 'serve']; main()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("tpi_mpi: error: serve needs the HTTP stack (prometheus_client is missing): "
+                                  "pip install 'tpi_mpi[serve]'")

@@ -99,11 +99,11 @@ class Engine:
 
     def engine_state(self) -> dict:
         """What the engine alone knows, for /cluster and /metrics (any thread): the KV pool's blocks,
-        the blocks each rank keeps resident beside its window, and each rank's memory."""
+        each rank's host name, the blocks it keeps resident beside its window, and its memory."""
         pool, s = self.batch.pool, self.root.session
         rss, peak = self.memory or ([], [])
         return {"kv_blocks_used": pool.n_blocks - pool.free_blocks, "kv_blocks_total": pool.n_blocks,
-                "resident": list(s.pinned), "rss_bytes": [int(x) for x in rss], "peak_rss_bytes": [int(x) for x in peak]}
+                "hosts": list(s.hosts), "resident": list(s.pinned), "rss_bytes": [int(x) for x in rss], "peak_rss_bytes": [int(x) for x in peak]}
 
     def log(self, msg: str) -> None:
         self.root.session.log(msg)

@@ -145,7 +145,7 @@ function showRanks(s) {
   for (let r = 0; r < s.ranks; r++) {
     const tr = document.createElement("tr");
     cell(tr, r);
-    cell(tr, s.hosts ? s.hosts[r] : r === 0 ? "this host" : null);
+    cell(tr, (s.hosts || engine.hosts || [])[r]);     // the supervisor's device names, else each rank's own
     cell(tr, s.pids[r]);
     cell(tr, s.windows ? s.windows[r] : null);
     cell(tr, engine.resident ? engine.resident[r] : null);
