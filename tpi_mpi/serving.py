@@ -103,7 +103,8 @@ class Engine:
         pool, s = self.batch.pool, self.root.session
         rss, peak = self.memory or ([], [])
         return {"kv_blocks_used": pool.n_blocks - pool.free_blocks, "kv_blocks_total": pool.n_blocks,
-                "hosts": list(s.hosts), "resident": list(s.pinned), "rss_bytes": [int(x) for x in rss], "peak_rss_bytes": [int(x) for x in peak]}
+                "hosts": list(s.hosts), "resident": list(s.pinned), "rss_bytes": [int(x) for x in rss],
+                "peak_rss_bytes": [int(x) for x in peak]}
 
     def log(self, msg: str) -> None:
         self.root.session.log(msg)

@@ -67,7 +67,7 @@ async function* events(response) {
 
 async function send(text) {
   history.push({ role: "user", content: text });
-  bubble("user", text);
+  const question = bubble("user", text);
   const answer = bubble("assistant streaming", "");
   controller = new AbortController();
   busy(true);
@@ -101,7 +101,11 @@ async function send(text) {
   } finally {
     answer.classList.remove("streaming");
     if (reply) history.push({ role: "assistant", content: reply });
-    else if (answer.dataset.done !== "true") { answer.remove(); history.pop(); }
+    else if (answer.dataset.done !== "true") {      // no answer: the question is not part of the conversation
+      answer.remove();
+      history.pop();
+      question.classList.add("unsent");
+    }
     controller = null;
     busy(false);
   }
