@@ -245,7 +245,7 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Requests that may wait while --max-batch are answered; more get HTTP 429.")
 @click.option("--api-key", envvar="TPI_MPI_API_KEY", show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on every request.")
+              help="Require 'Authorization: Bearer KEY' on every request but the page's files (/ and /static/).")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Tokens per answer when a request sets no max_tokens.")
 @click.option("--ranks", type=int, help="Supervise: launch the engine on this many ranks with mpirun and, when "
@@ -262,7 +262,8 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
           prepare_ahead, channel, prepare_for, **kw) -> None:
     """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), many requests at a time.
 
-    POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
+    POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health;
+    GET / is a web page (a chat and the cluster's state), /metrics Prometheus' text format.
     A request without temperature, top_p or top_k gets this tool's defaults (0.8, 0.95, 40).
     With --ranks it runs outside MPI and keeps serving when a device drops (docs/supervisor.md).
     """

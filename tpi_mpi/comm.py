@@ -60,6 +60,7 @@ REPORTER_LEAD_S = ROLL_CALL_S + 1.0
 # A user's own OMPI_MCA_btl_tcp_eager_limit still wins.
 SEGMENT_BYTES = 4 << 20
 _OMPI_EAGER_LIMIT = str(2 * SEGMENT_BYTES)     # a segment and its headers, with room to spare
+NAME_BYTES = 64                # gather_names: a host name, cut to this many bytes
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Comm(Protocol):
 
     def gather_floats(self, value: float) -> list[float] | None:
         """Every rank's `value` on rank 0; None elsewhere."""
+
+    def gather_names(self, name: str) -> list[str] | None:
+        """Every rank's short `name` (its host, at start-up) on rank 0; None elsewhere."""
 
     def agree(self, ok: bool, timeout: float | None = None) -> int:
         """The lowest rank that is not ok, or -1 when every rank is (a start-up vote)."""
@@ -124,6 +128,9 @@ class LocalComm(Comm):
 
     def gather_floats(self, value: float) -> list[float]:
         return [value]
+
+    def gather_names(self, name: str) -> list[str]:
+        return [name]
 
     def agree(self, ok: bool, timeout: float | None = None) -> int:
         return -1 if ok else 0
@@ -340,6 +347,14 @@ class MpiComm(Comm):
         out = np.empty(self.size, dtype=np.float64) if self.rank == 0 else None
         self._wait([self.world.Igather(np.array([value], dtype=np.float64), out, root=0)], "gathering stats")
         return out.tolist() if out is not None else None
+
+    def gather_names(self, name: str) -> list[str] | None:
+        mine = np.zeros(NAME_BYTES, dtype=np.uint8)              # fixed size: a plain Gather, no pickle
+        raw = name.encode()[:NAME_BYTES]
+        mine[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        out = np.empty((self.size, NAME_BYTES), dtype=np.uint8) if self.rank == 0 else None
+        self._wait([self.world.Igather(mine, out, root=0)], "gathering host names")
+        return None if out is None else [bytes(row).rstrip(b"\0").decode(errors="replace") for row in out]
 
     def agree(self, ok: bool, timeout: float | None = None) -> int:
         """The lowest rank that is not ok, or -1 when every rank is (a start-up vote)."""

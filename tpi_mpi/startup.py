@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ class Session:
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         pinned = comm.gather_floats(self.window.pinned)
         pids = comm.gather_floats(os.getpid())          # so a supervisor can tell which process is which rank
+        hosts = comm.gather_names(socket.gethostname())   # serve's page and /cluster show them
         kv_blocks = comm.gather_floats(self.kv_blocks)
         if self.rank == 0:
             # the pool every rank holds (some may hold more); serve's requests are at most what it holds
@@ -123,6 +125,7 @@ class Session:
                          f"({format_size(self.kv_pool.positions * self.kv_position_bytes)} on rank 0), shared by up to "
                          f"{cfg.max_batch} requests of up to {self.context} tokens each")
             self.pids = [int(p) for p in pids]
+            self.hosts = hosts
             self.windows = ["all" if w < 0 else int(w) for w in windows]
             self.pinned = [int(p) for p in pinned]
             if cfg.window == "auto":
@@ -245,6 +248,11 @@ class Session:
             "kv_mib": self.model.kv_bytes() / 2**20,
         }
         return {k: self.comm.gather_floats(v) for k, v in mine.items()}
+
+    def gather_memory(self) -> tuple[list[float], list[float]] | None:
+        """Every rank's resident and peak resident memory in bytes, on rank 0 (None elsewhere)."""
+        rss, peak = self.comm.gather_floats(current_rss()), self.comm.gather_floats(peak_rss_mib() * 2**20)
+        return None if rss is None else (rss, peak)
 
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:
