@@ -1,7 +1,8 @@
 """serve's web page in a real browser: Debian's Chromium driven by Selenium, against `mpirun -n 2
 serve` on the built-in model. The page's streamed answer must be the API's greedy answer to the same
 prompt, its rank table must list every rank, Stop must end the request on the server, and /metrics
-must count what was sent. Saves docs/web-ui.png, the README's picture.
+must count what was sent. Saves a screenshot: into the test's folder, or, with
+TPI_SCREENSHOT=docs/web-ui.png, the README's picture (a run of the suite leaves the tree unchanged).
 
 Chromium comes from apt (`apt-get install -y chromium chromium-driver`), installed here when missing
 (CI runs as root); Selenium is pointed at /usr/bin/chromedriver, so it downloads nothing."""
@@ -28,7 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from test_serve import Server  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).parents[1] / "docs" / "web-ui.png"
+SCREENSHOT_ENV = "TPI_SCREENSHOT"       # where the page's screenshot goes (default: the test's tmp_path)
 QUESTION = "In two sentences: why do several small computers working together beat one?"
 N_NEW = 40
 
@@ -119,8 +120,9 @@ def test_the_page_chats_shows_the_cluster_and_stops(browser, tmp_path):
         assert all(int(r[5].split()[0]) > 10 for r in rows), rows        # MiB: a rank holds a model
         wait(d, "the token counts", lambda d: d.find_element(By.ID, "tokens").text.endswith(
             f"{2 * usage['completion_tokens']} generated"), timeout=30)
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        d.save_screenshot(str(SCREENSHOT))
+        shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "web-ui.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert d.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
         # /metrics counted both answers (the API's and the page's, the same tokens)
         m = scrape(server)
