@@ -1,7 +1,7 @@
 """Where prepared models live: the cache of shard folders, keyed by the source's content.
 
-`locate` is rank 0's first step of every run: the prepared folder for `--model`, preparing it into
-the cache on first use. A cache hit reads no tensor and parses no checkpoint: the key is the
+`locate` is rank 0's first step of every run: the prepared folder for `--model` (a Hub model is
+downloaded first, by hub.py), preparing it into the cache on first use. A cache hit reads no tensor and parses no checkpoint: the key is the
 source's fingerprint (its content: sizes, headers, samples; see prepare.source_fingerprint), the
 world size, the ratio, the dtype, the head placement and the shard format. `entries` and `clear`
 back the `cache` command.
