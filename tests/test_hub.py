@@ -149,6 +149,18 @@ def test_a_gguf_quant_answers_as_its_local_file(hub, sources, tmp_path):
     assert fetched(hub) == {"tiny-Q8_0.gguf", "tokenizer.json", "tokenizer_config.json"}    # not the other quant
 
 
+def test_a_draft_model_by_hub_name_keeps_the_greedy_answer(hub, sources, tmp_path):
+    plain = generate(str(sources["safetensors"]), tmp_path / "c")
+    s = Session(RunConfig(model=str(sources["safetensors"]), draft="acme/tiny", cache_dir=str(tmp_path / "c"),
+                          quiet=True, kv_dtype="fp32"))
+    try:
+        got = run_generation(Root(s), PROMPT, SamplingConfig(0.0), 8, ignore_eos=True)
+    finally:
+        s.close()
+    assert got.generated_ids == plain.generated_ids and got.draft["proposed"] > 0
+    assert len(hub.gets("model.safetensors")) == 1
+
+
 def test_a_gguf_repo_without_quant_takes_q4_k_m_and_says_so(hub):
     said = []
     path = hubmod.resolve("acme/tiny-GGUF", said.append)
@@ -205,10 +217,12 @@ ERRORS = [
     ("acme/tiny:Q4_0", {}, r"^acme/tiny has no .gguf files, so :Q4_0 picks none: drop :Q4_0"),
     ("acme/pickles", {}, r"^acme/pickles has neither safetensors weights with a config.json nor .gguf files"),
     ("acme/tiny", {"HF_ENDPOINT": CLOSED_PORT},
-     r"^cannot reach the Hub at http://127.0.0.1:9 \(ConnectError\) and acme/tiny is not in the Hugging Face cache: "
-     r"connect, or give a local path \(HF_HUB_OFFLINE=1 uses a copy downloaded before\)$"),
-    ("acme/tiny", {"HF_HUB_OFFLINE": "1"}, r"^HF_HUB_OFFLINE=1 and acme/tiny is not in the Hugging Face cache "
-                                           r"\(.*/hf/hub\): unset HF_HUB_OFFLINE to download it, or give a local path$"),
+     r"^acme/tiny: no such local path, the Hub \(http://127.0.0.1:9\) cannot be reached \(ConnectError\) and the "
+     r"Hugging Face cache has no copy of it: connect, or give a local path \(HF_HUB_OFFLINE=1 uses a copy downloaded "
+     r"before\)$"),
+    ("acme/tiny", {"HF_HUB_OFFLINE": "1"}, r"^acme/tiny: no such local path, and with HF_HUB_OFFLINE=1 the Hugging Face "
+                                           r"cache \(.*/hf/hub\) has no copy of it: unset HF_HUB_OFFLINE to download it, "
+                                           r"or give a local path$"),
 ]
 
 

@@ -207,8 +207,9 @@ def download(ref: HubRef, log, quiet: bool = False) -> Path:
     from huggingface_hub import HfApi
 
     if offline():
-        return _from_cache(ref, log, f"HF_HUB_OFFLINE=1 and {ref.repo} is not in the Hugging Face cache "
-                                     f"({hub_cache()}): unset HF_HUB_OFFLINE to download it, or give a local path")
+        return _from_cache(ref, log, f"{ref.repo}: no such local path, and with HF_HUB_OFFLINE=1 the Hugging Face "
+                                     f"cache ({hub_cache()}) has no copy of it: unset HF_HUB_OFFLINE to download it, "
+                                     f"or give a local path")
     api = HfApi(endpoint=endpoint())
     try:
         info = api.model_info(ref.repo, revision="main")
@@ -224,9 +225,9 @@ def download(ref: HubRef, log, quiet: bool = False) -> Path:
     except Exception as e:   # huggingface_hub's and httpx's many kinds, each made one line
         unreachable = _unreachable(e)
         if unreachable:
-            return _from_cache(ref, log, f"cannot reach the Hub at {endpoint()} ({unreachable}) and {ref.repo} is not "
-                                         f"in the Hugging Face cache: connect, or give a local path (HF_HUB_OFFLINE=1 "
-                                         f"uses a copy downloaded before)")
+            return _from_cache(ref, log, f"{ref.repo}: no such local path, the Hub ({endpoint()}) cannot be reached "
+                                         f"({unreachable}) and the Hugging Face cache has no copy of it: connect, or "
+                                         f"give a local path (HF_HUB_OFFLINE=1 uses a copy downloaded before)")
         raise _explained(ref, e) from None
     return snapshot / gguf if gguf else snapshot
 

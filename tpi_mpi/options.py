@@ -58,7 +58,7 @@ def run_options(f):
         click.option("--draft", help="Decode speculatively, one step checking the tokens a draft proposes (the same "
                      "greedy answer as without): ngram (the tokens that followed the last few earlier in the prompt "
                      "or answer: pays where an answer repeats its input), or a small model with the same tokenizer "
-                     "(folder or .gguf), run by rank 0 alone."),
+                     "(folder, .gguf or Hub model org/name[:QUANT]), run by rank 0 alone."),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),
