@@ -87,15 +87,16 @@ def gguf_sets(files: list[str]) -> dict[str, list[str]]:
         name = Path(f).name
         if not name.endswith(".gguf") or name.lower().startswith("mmproj"):
             continue
-        m = SPLIT_PART.search(name.removesuffix(".gguf"))
-        first = f if not m else f[: len(f) - len(name)] + SPLIT_PART.sub("-00001-of-" + m.group(2), name[:-5]) + ".gguf"
+        stem = name.removesuffix(".gguf")
+        m = SPLIT_PART.search(stem)
+        first = str(Path(f).with_name(SPLIT_PART.sub(f"-00001-of-{m.group(2)}", stem) + ".gguf")) if m else f
         sets.setdefault(first, []).append(f)
     return sets
 
 
 def pick_gguf(repo: str, files: list[str], quant: str | None, where: str = "") -> tuple[list[str], str, str]:
-    """(files to download, the model file, what was chosen) for a GGUF repo. `where`: words after
-    'has' for the error ('' or ' cached')."""
+    """(files to download, the model file, what was chosen) for a GGUF repo. `where`: '' or ' cached'
+    (the errors then say what the cache has)."""
     sets = gguf_sets(files)
     labels = sorted({quant_label(first) for first in sets})
     if quant:
@@ -109,11 +110,11 @@ def pick_gguf(repo: str, files: list[str], quant: str | None, where: str = "") -
             example = next((q for q in DEFAULT_QUANTS if q in labels), labels[0])
             raise ConfigError(f"{repo} has{where} no .gguf file for {quant}: it has {', '.join(labels)} "
                               f"(e.g. --model {repo}:{example})")
-        note = f"{quant_label(wanted[0])}"
+        note = quant_label(wanted[0])
     else:
         by_label = {quant_label(first): first for first in sets}
         choice = next((q for q in DEFAULT_QUANTS if q in by_label), None)
-        wanted = [by_label[choice]] if choice else [sorted(sets, key=lambda f: f)[0]]
+        wanted = [by_label[choice] if choice else min(sets)]
         others = [q for q in labels if q != quant_label(wanted[0])]
         note = (f"{quant_label(wanted[0])}, the default" +
                 (f"; the repo also has {', '.join(others)} (pick one as {repo}:QUANT)" if others else ""))
@@ -189,7 +190,8 @@ def cached_files(snapshot: Path) -> list[str]:
     return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
 
 
-def _from_cache(ref: HubRef, log, why: str) -> Path:
+def _from_cache(ref: HubRef, log, reason: str, why: str) -> Path:
+    """The copy in the Hugging Face cache, used when the Hub is not asked (`reason`); else ConfigError(why)."""
     snapshot = cached_snapshot(ref.repo)
     if snapshot is None:
         raise ConfigError(why)
@@ -198,7 +200,7 @@ def _from_cache(ref: HubRef, log, why: str) -> Path:
         files += json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"].values()
     if any(not (snapshot / f).is_file() for f in files):
         raise ConfigError(why)
-    log(f"{ref}: the cached copy in {snapshot} ({note})")
+    log(f"{ref}: {reason}: the cached copy in {snapshot} ({note})")
     return snapshot / gguf if gguf else snapshot
 
 
@@ -207,9 +209,9 @@ def download(ref: HubRef, log, quiet: bool = False) -> Path:
     from huggingface_hub import HfApi
 
     if offline():
-        return _from_cache(ref, log, f"{ref.repo}: no such local path, and with HF_HUB_OFFLINE=1 the Hugging Face "
-                                     f"cache ({hub_cache()}) has no copy of it: unset HF_HUB_OFFLINE to download it, "
-                                     f"or give a local path")
+        return _from_cache(ref, log, "HF_HUB_OFFLINE=1",
+                           f"{ref.repo}: no such local path, and with HF_HUB_OFFLINE=1 the Hugging Face cache "
+                           f"({hub_cache()}) has no copy of it: unset HF_HUB_OFFLINE to download it, or give a local path")
     api = HfApi(endpoint=endpoint())
     try:
         info = api.model_info(ref.repo, revision="main")
@@ -225,9 +227,10 @@ def download(ref: HubRef, log, quiet: bool = False) -> Path:
     except Exception as e:   # huggingface_hub's and httpx's many kinds, each made one line
         unreachable = _unreachable(e)
         if unreachable:
-            return _from_cache(ref, log, f"{ref.repo}: no such local path, the Hub ({endpoint()}) cannot be reached "
-                                         f"({unreachable}) and the Hugging Face cache has no copy of it: connect, or "
-                                         f"give a local path (HF_HUB_OFFLINE=1 uses a copy downloaded before)")
+            return _from_cache(ref, log, f"the Hub ({endpoint()}) cannot be reached ({unreachable})",
+                               f"{ref.repo}: no such local path, the Hub ({endpoint()}) cannot be reached "
+                               f"({unreachable}) and the Hugging Face cache has no copy of it: connect, or give a "
+                               f"local path (HF_HUB_OFFLINE=1 uses a copy downloaded before)")
         raise _explained(ref, e) from None
     return snapshot / gguf if gguf else snapshot
 
@@ -284,5 +287,5 @@ def _explained(ref: HubRef, e: Exception) -> ConfigError:
         return ConfigError(f"the Hub ({endpoint()}) answered HTTP {e.response.status_code} for {ref.repo}: "
                            f"try again later, or give a local path")
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return ConfigError(f"downloading {ref} failed ({type(e).__name__}: {first}): run again to resume, "
-                       f"or give a local path")
+    return ConfigError(f"downloading {ref} failed ({type(e).__name__}: {first}): run again (the files already "
+                       f"downloaded are kept), or give a local path")
