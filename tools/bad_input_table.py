@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from conftest import mpi_env, mpirun_cmd  # noqa: E402
+from conftest import mpi_env, mpirun_cmd, run_mpi  # noqa: E402
 from fake_hub import FakeHub  # noqa: E402
 
 DOC = ROOT / "docs" / "errors.md"
@@ -131,7 +131,8 @@ def run(args: list[str], n: int, tmp: Path, hub_env: dict) -> tuple[int, float, 
     cmd = mpirun_cmd(n) + [sys.executable, "-m", "tpi_mpi", *args]
     env = {k: v for k, v in mpi_env().items() if k not in HUB_VARIABLES} | hub_env    # no token of this machine
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    # run_mpi: once more when Open MPI's launcher failed before any rank started (exit 213), as the tests do
+    r = run_mpi(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     lines = [line for line in r.stderr.splitlines() if line.startswith("tpi_mpi:") and "error" in line] or \
         [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
     shown = lines[0] if lines else (r.stderr.strip().splitlines() or [""])[-1]
