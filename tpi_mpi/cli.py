@@ -64,7 +64,11 @@ def _source(src: str | None, synthetic: str | None):
         from .synthetic import SyntheticSource
 
         return SyntheticSource(synthetic)
-    return src
+    if src is None:
+        return None
+    from .hub import resolve        # a Hub model (org/name[:QUANT]) is downloaded first
+
+    return resolve(src, lambda m: click.echo(f"tpi_mpi: {m}", err=True))
 
 
 @cli.command()
@@ -81,7 +85,7 @@ def _source(src: str | None, synthetic: str | None):
 @click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet) -> None:
-    """Split a Hugging Face model folder or .gguf file SRC into one shard folder per rank."""
+    """Split a Hugging Face model folder, .gguf file or Hub model (org/name[:QUANT]) SRC into one shard folder per rank."""
     from .prepare import prepare as prepare_model
 
     source = _source(src, synthetic)
@@ -107,7 +111,7 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet
 def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context, memory_budget, max_batch, request) -> None:
     """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed,
     the minimum memory budget for each --quant, and how many requests serve's KV pool holds (SRC: a
-    model folder, .gguf file or prepared folder [default: the built-in model])."""
+    model folder, .gguf file, prepared folder or Hub model org/name[:QUANT] [default: the built-in model])."""
     from .sizing import Sizing, report
 
     source = _source(src, synthetic) or _builtin()

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .jobs import ApiError, Job
@@ -42,8 +41,10 @@ class ServeConfig:
 
 
 def model_id(model: str | None) -> str:
-    """The name /v1/models gives: the model's folder or file name."""
-    return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
+    """The name /v1/models gives: the model's folder or file name, or its Hub name as given."""
+    from .hub import display_name
+
+    return BUILTIN_MODEL_ID if model is None else display_name(model)
 
 
 # --- the main thread: admission and steps ----------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cache
+from . import cache, hub
 from .batch import Batch
 from .comm import CommStats, make_comm
 from .budget import plan, pool_floor
@@ -143,7 +143,11 @@ class Session:
     def _find_prepared(self) -> Path:
         """Rank 0 locates (or prepares) the model; every rank learns the folder's path."""
         def locate() -> Path | None:
-            return cache.locate(self.cfg, self.comm.size, self.log, self._progress()) if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            if self.cfg.draft not in (None, "ngram"):    # a Hub draft downloads here, where no time limit runs
+                hub.resolve(self.cfg.draft, self.log, self.cfg.quiet)
+            return cache.locate(self.cfg, self.comm.size, self.log, self._progress())
 
         root = on_all_ranks(self.comm, locate)
         buf = np.zeros(PATH_BYTES, dtype=np.uint8)
