@@ -15,25 +15,14 @@ draft's checked tokens) attend here, longer pieces (prompts) through torch's att
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .quant import QuantWeight
-from .quant_int8 import TYPE_IDS, describe, int8_on, kernel_threads
+from .quant_int8 import TYPE_IDS, _qdot, describe, int8_on, kernel_threads
 
 KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}     # qdot.h's KV_F32, KV_F16, KV_BF16
-
-
-@functools.cache
-def _qdot():
-    try:
-        from . import _qdot
-    except ImportError:                                   # built without a C compiler: see setup.py
-        return None
-    return _qdot
 
 
 def fast(x: Tensor) -> bool:

@@ -52,21 +52,7 @@ typedef struct {
 
 /* ---- scalar helpers ---------------------------------------------------------------------------- */
 
-static float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 31) {
-        bits = sign | 0x7F800000u | (m << 13);
-    } else if (e == 0) {
-        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
-        return sign ? -v : v;
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+static float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
 
 /* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4). */
 static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {

@@ -5,10 +5,28 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
 #define QDOT_MAX_TOKENS 256     /* rows of x one call takes */
+
+/* An IEEE half's bits as a float, exactly (the blocks' scales; a half-precision KV cache without _Float16). */
+static inline float half_bits_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 31) {
+        bits = sign | 0x7F800000u | (m << 13);
+    } else if (e == 0) {
+        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
+        return sign ? -v : v;
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 /* ---- qdot.c ---- */
 typedef struct {

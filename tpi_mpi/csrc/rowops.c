@@ -49,20 +49,7 @@ static inline float half_to_float(half_t h) { return (float)h; }
 static inline half_t float_to_half(float f) { return (half_t)f; }
 #else                                   /* no _Float16 (older compilers): IEEE half by hand */
 typedef uint16_t half_t;
-static inline float half_to_float(half_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 31) {
-        bits = sign | 0x7f800000u | (m << 13);
-    } else if (e == 0) {
-        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
-        return sign ? -v : v;
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+static inline float half_to_float(half_t h) { return half_bits_to_float(h); }
 static inline half_t float_to_half(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);

@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from ..netem.cli import run_tool
 from .cluster import ClusterError, SlurmCluster, leftovers, running, teardown
 
 
@@ -96,15 +97,4 @@ def cleanup():
 
 
 def main() -> None:
-    try:
-        cli.main(prog_name="python -m tpi_mpi.slurm_emulator", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except (ValueError, RuntimeError, PermissionError, FileNotFoundError, subprocess.TimeoutExpired) as e:
-        print(f"slurm_emulator: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(cli, "slurm_emulator")
