@@ -30,3 +30,20 @@ def test_the_check_sees_a_tool_import():
     """The same check names serve.py, which is a tool (its HTTP side imports starlette)."""
     code = "import sys, tpi_mpi.serve\nsys.exit(0 if 'starlette' in sys.modules else 1)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+SUPERVISOR_SIDE = ["supervisor", "serve", "metrics", "hub"]
+
+
+def test_the_supervisors_side_loads_no_torch():
+    """`serve --ranks`'s supervisor shares rank 0's device and keeps no model: what it imports (the
+    HTTP front, the metrics, naming a Hub model) must not pull torch in (266 MiB resident instead of 80)."""
+    code = (
+        "import importlib, sys\n"
+        f"for m in {SUPERVISOR_SIDE!r}:\n"
+        "    importlib.import_module('tpi_mpi.' + m)\n"
+        "    if 'torch' in sys.modules:\n"
+        "        sys.exit(f'tpi_mpi.{m} imports torch')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .shard_format import TOKENIZER_FILES
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")          # org/name, as the Hub spells them
 QUANT_NAME = re.compile(r"^[\w.-]+$")
@@ -131,6 +130,8 @@ def has_safetensors(files: list[str]) -> bool:
 def safetensors_files(files: list[str]) -> list[str]:
     """What HFSource reads: config.json, the tokenizer files and the top-level weights (those the
     index names, when there is one: a repo may hold a consolidated copy beside them)."""
+    from .shard_format import TOKENIZER_FILES      # here: the supervisor names Hub models and loads no torch
+
     top = [f for f in files if "/" not in f]
     wanted = [f for f in top if f == "config.json" or f in TOKENIZER_FILES or f == "model.safetensors.index.json"]
     if "model.safetensors.index.json" not in top:
