@@ -18,6 +18,7 @@ from subprocess import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired
 from typing import Callable
 
 from .channel import Channel
+from .heartbeat import Pulse
 from .processes import session_pids
 
 EXIT_GRACE_S = 3.0     # after a failure: how long mpirun may take to end the job itself
@@ -52,10 +53,14 @@ class Failure:
 
 
 class EngineProcess:
-    """One launch of the engine: mpirun in a session of its own, its output relayed to ours (the
-    last lines kept, to learn which rank failed), and the channel its rank 0 opens."""
+    """One launch of the engine on `hosts` (by rank): mpirun in a session of its own, its output
+    relayed to ours (the last lines kept, to learn which rank failed; the ranks' heartbeats taken
+    out and noted in `pulse`), and the channel its rank 0 opens."""
 
-    def __init__(self, argv: list[str], listener: socket.socket) -> None:
+    def __init__(self, argv: list[str], listener: socket.socket, hosts: list[str], timeout: float) -> None:
+        self.hosts, self.timeout = hosts, timeout
+        # a rank's first beat may take twice as long: mpirun starts it (on another host) first
+        self.pulse = Pulse(len(hosts), timeout, 2 * timeout)
         env = dict(os.environ)
         if os.geteuid() == 0:          # the supervisor was run as root: so are the ranks it launches
             env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -68,26 +73,35 @@ class EngineProcess:
 
     def _relay(self) -> None:
         for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
+            line = self.pulse.read(raw.decode(errors="replace"))
+            if not line:
+                continue
             self.tail.append(line)
             sys.stderr.write(line)
         sys.stderr.flush()
 
-    def start(self, stopping: threading.Event, hosts: list[str]) -> dict | Failure:
-        """Wait until rank 0 reports ready (its info) or the launch failed."""
+    def start(self, stopping: threading.Event) -> dict | Failure:
+        """Wait until rank 0 reports ready (its info) or the launch failed. Starting may take long
+        (rank 0 prepares the model, ships the shards, every rank loads its own): the deadline is the
+        ranks' heartbeats (`silence`); the ranks' own waits have theirs too (startup.py)."""
+        hosts = self.hosts
         while self.channel is None:
             if stopping.is_set():
                 return Failure("stopped")
             if self.proc.poll() is not None:
                 return self.failure(None, hosts)
+            if silent := self.silence():
+                return silent
             try:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            self.channel = Channel(sock)
-        while True:                  # rank 0 prepares, ships and loads the shards: as long as it takes
+            self.channel = Channel(sock, background=True)      # sending never blocks the HTTP loop
+        while True:                  # rank 0 prepares, ships and loads the shards: as long as every rank beats
             if stopping.is_set():
                 return Failure("stopped")
+            if silent := self.silence():
+                return silent
             try:
                 message = self.channel.recv(timeout=0.2)
                 break
@@ -97,6 +111,23 @@ class EngineProcess:
             return self.failure(message and message["failed"], hosts)
         self.ready = message["ready"]
         return self.ready
+
+    def silence(self) -> Failure | None:
+        """If a rank has not beaten for the time limit: the job ended, and that rank named (all of a
+        host's ranks, when its link is cut). None while every rank beats. When every rank of several
+        is silent at once, none is named: the fault is then between them and us (mpirun's output
+        forwarding, or this process was stalled itself)."""
+        quiet = self.pulse.silent()
+        if not quiet or self.proc.poll() is not None:      # ended: mpirun's own lines say why
+            return None
+        at = time.time()
+        self.end()                                         # a frozen rank is waited for by nobody
+        if len(quiet) == len(self.hosts) > 1:
+            return Failure(f"no rank gave a sign of life for {self.timeout:g} s (--comm-timeout): mpirun stopped "
+                           "forwarding their output", at=at)
+        named = ", ".join(f"{r} ({self.hosts[r]})" for r in quiet)
+        return Failure(f"rank {named} gave no sign of life for {self.timeout:g} s (--comm-timeout): it has died, "
+                       "frozen or lost its network", quiet, at=at)
 
     def failure(self, report: dict | None, hosts: list[str]) -> Failure:
         """Why the engine ended: rank 0's report, else what mpirun and the ranks printed (a rank

@@ -1,0 +1,72 @@
+"""Heartbeats of a supervised engine's ranks: how a supervisor (supervisor.py) knows that every rank
+lives, whatever the rank is doing or waiting for.
+
+Each rank launched by a supervisor writes one short line to its standard output every BEAT_S
+seconds, from a thread of its own, from its first moment (before torch and MPI start) to its end.
+mpirun forwards every rank's output to the supervisor, from other hosts too, over its own
+connections: the beats need no port, no MPI and no help from the rank's main thread. A rank that
+computes, reads its shard, waits in MPI_Init or idles beats; one frozen (SIGSTOP, a device asleep)
+or cut off (a host out of range) does not, and the supervisor (`Pulse`) names it once it has been
+silent for --comm-timeout. Threads beat while the main thread waits in MPI only because those waits
+release the GIL: mpi4py's calls do, and comm.py starts MPI that way too.
+
+No torch, no MPI here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+MARK = "tpi_mpi-beat"
+BEAT_S = 0.5             # between two beats of a rank; --comm-timeout under a supervisor is at least 4 of them
+MIN_TIMEOUT_S = 4 * BEAT_S
+_BEATS = re.compile(rf"{MARK} (\d+)\n?")
+
+beating = False          # this process beats (it is a rank launched by a supervisor)
+
+
+def start_beating(rank: int) -> None:
+    """Beat from a daemon thread until the process ends."""
+    global beating
+    line = f"{MARK} {rank}\n".encode()
+
+    def beat() -> None:
+        while True:
+            try:
+                os.write(1, line)       # one write of a short line: never split or mixed with another
+            except OSError:             # mpirun has gone
+                return
+            time.sleep(BEAT_S)
+
+    beating = True
+    threading.Thread(target=beat, name="tpi_mpi-heartbeat", daemon=True).start()
+
+
+class Pulse:
+    """The supervisor's side, for one launch of `ranks` ranks: when each last beat. A rank is silent
+    once `timeout` seconds have passed since its last beat, or `first_s` since the launch without
+    one (mpirun may take a while to start the processes on other hosts)."""
+
+    def __init__(self, ranks: int, timeout: float, first_s: float) -> None:
+        self.timeout, self.first_s = timeout, first_s
+        self.started = time.monotonic()
+        self.last: list[float | None] = [None] * ranks
+
+    def read(self, line: str, now: float | None = None) -> str:
+        """Note the beats in a line of mpirun's output; the line without them."""
+        if MARK not in line:
+            return line
+        now = time.monotonic() if now is None else now
+        for rank in _BEATS.findall(line):
+            if int(rank) < len(self.last):
+                self.last[int(rank)] = now
+        return _BEATS.sub("", line)
+
+    def silent(self, now: float | None = None) -> list[int]:
+        """The ranks silent too long."""
+        now = time.monotonic() if now is None else now
+        return [r for r, t in enumerate(self.last)
+                if ((now - self.started > self.first_s) if t is None else (now - t > self.timeout))]
