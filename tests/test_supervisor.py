@@ -26,7 +26,7 @@ from tpi_mpi.sampling import SamplingConfig
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 from tpi_mpi.devices import Devices, read_hostfile  # noqa: E402
-from tpi_mpi.engine_process import ranks_named  # noqa: E402
+from tpi_mpi.engine_process import lost_host, ranks_named  # noqa: E402
 from tpi_mpi.processes import session_pids  # noqa: E402
 
 
@@ -100,6 +100,20 @@ def test_the_rank_a_failure_names():
     assert ranks_named(own) == ([1], "error: layer 3: No space left on device")
     assert ranks_named(["MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD with errorcode 1\n"])[0] == [3]
     assert ranks_named(["tpi_mpi: error: --port 99999: use 0 to 65535\n"]) == ([], "")
+
+
+def test_the_host_a_lost_daemon_names():
+    # Open MPI 5 when every process of an emulated host was killed: the daemon's index is the host's
+    # place among the launch's hosts, the node its own hostname
+    lines = ["--------------------------------------------------------------------------\n",
+             "PRTE has lost communication with a remote daemon.\n",
+             "  HNP daemon   : [prterun-tpi-4193-0-25767@0,0] on node tpi-4193-0\n",
+             "  Remote daemon: [prterun-tpi-4193-0-25767@0,2] on node tpi-4193-2\n",
+             "This is usually due to either a failure of the TCP network\n"]
+    hosts = ["10.77.0.1", "10.77.0.2", "10.77.0.2", "10.77.0.3"]
+    assert lost_host(lines, hosts) == ("10.77.0.3", "tpi-4193-2")
+    assert lost_host(lines, hosts[:2]) is None                  # no such host in this launch
+    assert lost_host(lines[:2], hosts) is None
 
 
 def test_a_failure_report_says_whom_to_drop_and_whether_to_try_again():

@@ -37,6 +37,12 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
 def is_this_host(name: str) -> bool:
     if name in LOCAL_NAMES or name in (socket.gethostname(), socket.getfqdn()):
         return True
+    try:                              # an address of one of this host's interfaces: it can be bound
+        with socket.socket(socket.AF_INET6 if ":" in name else socket.AF_INET) as s:
+            s.bind((name, 0))
+            return True
+    except OSError:
+        pass
     try:
         return socket.gethostbyname(name).startswith("127.") or \
             socket.gethostbyname(name) == socket.gethostbyname(socket.gethostname())

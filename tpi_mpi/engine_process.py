@@ -43,6 +43,22 @@ def ranks_named(lines: list[str]) -> tuple[list[int], str]:
     return [], ""
 
 
+# Open MPI 5 when a host's daemon (prted) is gone: it names the daemon by its index, which is the
+# host's place among the hosts of the launch (0: mpirun's own), and the node by the name it gave
+LOST_DAEMON = re.compile(r"lost communication with a remote daemon\..*?Remote daemon: \[\S*?,(\d+)\] on node (\S+)")
+
+
+def lost_host(lines: list[str], hosts: list[str]) -> tuple[str, str] | None:
+    """(host, the name its node gave) of a host whose daemon mpirun lost, from mpirun's lines;
+    `hosts`: the launch's, by rank (mpirun fills a host's slots before the next host's)."""
+    found = LOST_DAEMON.search(" ".join(" ".join(lines).split()))
+    if not found:
+        return None
+    distinct = list(dict.fromkeys(hosts))
+    index, node = int(found.group(1)), found.group(2)
+    return (distinct[index], node) if 0 < index < len(distinct) else None
+
+
 @dataclass
 class Failure:
     message: str
@@ -143,6 +159,9 @@ class EngineProcess:
         ranks, why = ranks_named(list(self.tail))
         if ranks:
             return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks, at=at)
+        if lost := lost_host(list(self.tail), hosts):
+            host, node = lost
+            return Failure(f"the host {host} (node {node}) was lost: mpirun lost its daemon there", hosts=[host], at=at)
         last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
         text = " ".join(self.tail)
         unreachable = [h for h in dict.fromkeys(hosts[1:]) if h != hosts[0] and re.search(rf"\b{re.escape(h)}\b", text)]
@@ -165,6 +184,9 @@ class EngineProcess:
                 pass
         self.proc.wait()
         self.relay.join(timeout=2)
+        if self.pulse.longest:
+            sys.stderr.write(f"tpi_mpi: supervisor: the longest gap between two beats of a rank was "
+                             f"{self.pulse.longest:.2f} s (--comm-timeout {self.timeout:g})\n")
 
 
 class Ahead:

@@ -54,6 +54,7 @@ class Pulse:
         self.timeout, self.first_s = timeout, first_s
         self.started = time.monotonic()
         self.last: list[float | None] = [None] * ranks
+        self.longest = 0.0       # the longest gap between two beats of one rank so far: --comm-timeout's margin
 
     def read(self, line: str, now: float | None = None) -> str:
         """Note the beats in a line of mpirun's output; the line without them."""
@@ -62,6 +63,8 @@ class Pulse:
         now = time.monotonic() if now is None else now
         for rank in _BEATS.findall(line):
             if int(rank) < len(self.last):
+                if (last := self.last[int(rank)]) is not None:
+                    self.longest = max(self.longest, now - last)
                 self.last[int(rank)] = now
         return _BEATS.sub("", line)
 
