@@ -144,7 +144,7 @@ class Supervisor:
     # -- HTTP thread ----------------------------------------------------------------------------
     def submit(self, job) -> None:
         if self.state == "failed":
-            raise ApiError(503, f"no engine can start: {self.error}", code="unavailable",
+            raise ApiError(503, f"the service is down: {self.error}", code="unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.stopping.is_set():
             raise ApiError(503, "the server is shutting down", code="unavailable")
