@@ -21,18 +21,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_beats_are_taken_out_of_the_output_and_silence_is_timed():
-    pulse = Pulse(3, timeout=2.0, first_s=5.0)
+    pulse = Pulse(3, timeout=1.0)             # while the engine starts: twice that
     t0 = pulse.started
     assert pulse.read(f"{MARK} 0\n", now=t0 + 0.5) == ""
     # a progress bar without a newline, then another rank's beat, on one line of mpirun's output
     assert pulse.read(f"ship to rank 1: 40%{MARK} 1\n", now=t0 + 0.5) == "ship to rank 1: 40%"
     assert pulse.read("tpi_mpi: loading\n", now=t0 + 0.6) == "tpi_mpi: loading\n"
     assert pulse.read(f"{MARK} 7\n", now=t0 + 0.6) == ""          # not a rank of this launch: ignored
-    assert pulse.silent(now=t0 + 2.0) == []                        # rank 2 not heard yet: it has 5 s
-    assert pulse.silent(now=t0 + 2.6) == [0, 1]                    # 2.1 s since their last beat
-    pulse.read(f"{MARK} 0\n{MARK} 1\n", now=t0 + 4.0)
-    assert pulse.silent(now=t0 + 4.9) == []
-    assert pulse.silent(now=t0 + 5.1) == [2]                       # never beat within first_s
+    assert pulse.silent(now=t0 + 1.9) == []                        # rank 2 not heard yet: it has 2 s
+    assert pulse.silent(now=t0 + 2.1) == [2]
+    assert pulse.silent(now=t0 + 2.6) == [0, 1, 2]                 # 2.1 s since their last beat
+    pulse.read(f"{MARK} 0\n{MARK} 1\n{MARK} 2\n", now=t0 + 3.0)
+    pulse.starting = False                                         # serving: --comm-timeout itself
+    assert pulse.silent(now=t0 + 3.9) == []
+    pulse.read(f"{MARK} 1\n", now=t0 + 3.9)
+    assert pulse.silent(now=t0 + 4.1) == [0, 2]
+    assert pulse.longest == pytest.approx(2.5)                     # rank 0 beat at 0.5 s and 3.0 s
 
 
 def beating_child(rank: int, stop_after: float | None) -> str:
@@ -63,7 +67,8 @@ def test_a_process_beats_until_it_is_frozen():
 
 def test_the_engine_ends_and_names_the_rank_that_stopped_beating(monkeypatch):
     """An mpirun stand-in starts three beating "ranks"; rank 1 freezes after 1.5 s: the supervisor's
-    EngineProcess names it (and only it) within the time limit and ends every process of the job."""
+    EngineProcess names it (and only it) within the time limit and ends every process of the job.
+    The stand-in never reports ready, so the limit is a starting engine's: twice --comm-timeout."""
     from tpi_mpi.engine_process import EngineProcess
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
@@ -78,9 +83,10 @@ def test_the_engine_ends_and_names_the_rank_that_stopped_beating(monkeypatch):
             time.sleep(0.05)
         named_after = time.monotonic() - t0 - 1.5
         assert failure is not None and failure.ranks == [1], failure
-        assert "rank 1 (board-b) gave no sign of life for 2 s" in failure.message
+        # never ready: the limit of an engine that starts, twice --comm-timeout
+        assert "rank 1 (board-b) gave no sign of life for 4 s (2 x --comm-timeout while starting)" in failure.message
         # its last beat came up to BEAT_S before it froze; its start-up (after t0) is the upper slack
-        assert 2.0 - BEAT_S - 0.1 <= named_after < 2.0 + 2.5, named_after
+        assert 4.0 - BEAT_S - 0.1 <= named_after < 4.0 + 2.5, named_after
         assert not session_pids(engine.proc.pid)                           # the frozen rank too
     finally:
         engine.end()

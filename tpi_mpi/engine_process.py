@@ -75,8 +75,7 @@ class EngineProcess:
 
     def __init__(self, argv: list[str], listener: socket.socket, hosts: list[str], timeout: float) -> None:
         self.hosts, self.timeout = hosts, timeout
-        # a rank's first beat may take twice as long: mpirun starts it (on another host) first
-        self.pulse = Pulse(len(hosts), timeout, 2 * timeout)
+        self.pulse = Pulse(len(hosts), timeout)
         env = dict(os.environ)
         if os.geteuid() == 0:          # the supervisor was run as root: so are the ranks it launches
             env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -126,6 +125,7 @@ class EngineProcess:
         if message is None or "failed" in message:
             return self.failure(message and message["failed"], hosts)
         self.ready = message["ready"]
+        self.pulse.starting = False
         return self.ready
 
     def silence(self) -> Failure | None:
@@ -139,10 +139,11 @@ class EngineProcess:
         at = time.time()
         self.end()                                         # a frozen rank is waited for by nobody
         if len(quiet) == len(self.hosts) > 1:
-            return Failure(f"no rank gave a sign of life for {self.timeout:g} s (--comm-timeout): mpirun stopped "
-                           "forwarding their output", at=at)
+            return Failure(f"no rank gave a sign of life for {self.pulse.limit():g} s: mpirun stopped forwarding "
+                           "their output", at=at)
         named = ", ".join(f"{r} ({self.hosts[r]})" for r in quiet)
-        return Failure(f"rank {named} gave no sign of life for {self.timeout:g} s (--comm-timeout): it has died, "
+        limit = "2 x --comm-timeout while starting" if self.pulse.starting else "--comm-timeout"
+        return Failure(f"rank {named} gave no sign of life for {self.pulse.limit():g} s ({limit}): it has died, "
                        "frozen or lost its network", quiet, at=at)
 
     def failure(self, report: dict | None, hosts: list[str]) -> Failure:

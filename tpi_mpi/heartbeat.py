@@ -47,14 +47,19 @@ def start_beating(rank: int) -> None:
 
 class Pulse:
     """The supervisor's side, for one launch of `ranks` ranks: when each last beat. A rank is silent
-    once `timeout` seconds have passed since its last beat, or `first_s` since the launch without
-    one (mpirun may take a while to start the processes on other hosts)."""
+    once `limit()` seconds have passed since its last beat (since the launch, before its first):
+    while the engine starts, twice `timeout`, since mpirun starts the ranks (on other hosts too) and
+    a rank's main thread holds the GIL for seconds at a time importing torch (gaps up to 3.1 s were
+    seen on a loaded 2-core host); `timeout` once it serves."""
 
-    def __init__(self, ranks: int, timeout: float, first_s: float) -> None:
-        self.timeout, self.first_s = timeout, first_s
+    def __init__(self, ranks: int, timeout: float) -> None:
+        self.timeout, self.starting = timeout, True
         self.started = time.monotonic()
         self.last: list[float | None] = [None] * ranks
         self.longest = 0.0       # the longest gap between two beats of one rank so far: --comm-timeout's margin
+
+    def limit(self) -> float:
+        return 2 * self.timeout if self.starting else self.timeout
 
     def read(self, line: str, now: float | None = None) -> str:
         """Note the beats in a line of mpirun's output; the line without them."""
@@ -69,7 +74,6 @@ class Pulse:
         return _BEATS.sub("", line)
 
     def silent(self, now: float | None = None) -> list[int]:
-        """The ranks silent too long."""
+        """The ranks silent longer than `limit()`."""
         now = time.monotonic() if now is None else now
-        return [r for r, t in enumerate(self.last)
-                if ((now - self.started > self.first_s) if t is None else (now - t > self.timeout))]
+        return [r for r, t in enumerate(self.last) if now - (self.started if t is None else t) > self.limit()]
