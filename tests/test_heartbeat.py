@@ -53,7 +53,7 @@ def test_a_process_beats_until_it_is_frozen():
         os.set_blocking(p.stdout.fileno(), False)
         time.sleep(2.2)
         beats = (p.stdout.read() or b"").decode().splitlines()
-        assert beats and set(beats) == {f"{MARK} 3"}
+        assert beats and set(beats) == {f"{MARK} 3 {socket.gethostname()}"}      # rank, node
         assert 2.2 / BEAT_S - 2 <= len(beats) <= 2.2 / BEAT_S + 1, beats
         p.send_signal(signal.SIGSTOP)
         time.sleep(0.1)
@@ -133,3 +133,25 @@ def test_a_comm_timeout_shorter_than_the_heartbeats_is_refused():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == \
         "tpi_mpi: error: --comm-timeout 1: under --ranks use at least 2 s (the ranks beat every 0.5 s)"
+
+
+def test_a_host_mpirun_names_by_its_hostname_is_the_hostfile_s_address():
+    """Open MPI names a host whose daemon died at launch by the hostname of its node, which a
+    hostfile of addresses does not hold: the ranks' beats said which rank runs on which node."""
+    from tpi_mpi.engine_process import EngineProcess
+
+    said = (f"{MARK} 0 edge-0\n{MARK} 1 edge-1\n{MARK} 2 edge-2\n"
+            "A daemon failed to report back after being spawned.\n  Local host:    edge-0\n"
+            "  Remote host:   edge-2\n  Daemon exit status: 0\n")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine = EngineProcess([sys.executable, "-c", f"print({said!r}, end='')"], listener,
+                           ["10.77.0.1", "10.77.0.2", "10.77.0.3"], 5.0)
+    try:
+        engine.proc.wait(timeout=30)
+        engine.relay.join(timeout=10)
+        failure = engine.failure(None, engine.hosts)
+        assert failure.hosts == ["10.77.0.3"] and failure.ranks == [], failure
+        assert engine.pulse.nodes == {0: "edge-0", 1: "edge-1", 2: "edge-2"}
+    finally:
+        engine.end()
+        listener.close()

@@ -165,7 +165,12 @@ class EngineProcess:
             return Failure(f"the host {host} (node {node}) was lost: mpirun lost its daemon there", hosts=[host], at=at)
         last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
         text = " ".join(self.tail)
-        unreachable = [h for h in dict.fromkeys(hosts[1:]) if h != hosts[0] and re.search(rf"\b{re.escape(h)}\b", text)]
+        # a host named by mpirun ("A daemon failed to report back ... Remote host: X"), as the hostfile
+        # writes it or by the hostname its ranks' beats gave
+        names = {r: [h] + [n for n in [self.pulse.nodes.get(r)] if n and n != self.pulse.nodes.get(0)]
+                 for r, h in enumerate(hosts)}
+        unreachable = list(dict.fromkeys(h for r, h in enumerate(hosts) if h != hosts[0] and any(
+            re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w.-])", text) for n in names[r])))
         return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}",
                        hosts=unreachable, at=at)
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import time
 
 MARK = "tpi_mpi-beat"
 BEAT_S = 0.5             # between two beats of a rank; --comm-timeout under a supervisor is at least 4 of them
 MIN_TIMEOUT_S = 4 * BEAT_S
-_BEATS = re.compile(rf"{MARK} (\d+)\n?")
+_BEATS = re.compile(rf"{MARK} (\d+)(?: (\S+))?\n?")     # rank, the node's hostname
 
 beating = False          # this process beats (it is a rank launched by a supervisor)
 
@@ -31,7 +32,7 @@ beating = False          # this process beats (it is a rank launched by a superv
 def start_beating(rank: int) -> None:
     """Beat from a daemon thread until the process ends."""
     global beating
-    line = f"{MARK} {rank}\n".encode()
+    line = f"{MARK} {rank} {socket.gethostname()}\n".encode()      # mpirun's messages name nodes so
 
     def beat() -> None:
         while True:
@@ -57,6 +58,7 @@ class Pulse:
         self.started = time.monotonic()
         self.last: list[float | None] = [None] * ranks
         self.longest = 0.0       # the longest gap between two beats of one rank so far: --comm-timeout's margin
+        self.nodes: dict[int, str] = {}     # rank -> its node's hostname, as its beats say
 
     def limit(self) -> float:
         return 2 * self.timeout if self.starting else self.timeout
@@ -66,11 +68,13 @@ class Pulse:
         if MARK not in line:
             return line
         now = time.monotonic() if now is None else now
-        for rank in _BEATS.findall(line):
+        for rank, node in _BEATS.findall(line):
             if int(rank) < len(self.last):
                 if (last := self.last[int(rank)]) is not None:
                     self.longest = max(self.longest, now - last)
                 self.last[int(rank)] = now
+                if node:
+                    self.nodes[int(rank)] = node
         return _BEATS.sub("", line)
 
     def silent(self, now: float | None = None) -> list[int]:
