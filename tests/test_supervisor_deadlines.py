@@ -69,9 +69,10 @@ def test_a_rank_frozen_while_the_engine_restarts_is_dropped_within_twice_the_tim
         assert (back["ranks"], failure["ranks"]) == (1, [1]), back
         assert "gave no sign of life" in failure["message"] or "sent nothing" in failure["message"], failure
         named_after = failure["at"] - frozen_at
-        # after --comm-timeout without a beat, or 2 x --comm-timeout after the launch without a first
-        # one; the supervisor looks every 0.2 s. Serving again takes the relaunch's recovery_s more
-        assert named_after < 2 * timeout + 0.5, failure
+        # while the engine starts, after 2 x --comm-timeout without a beat (or since the launch without
+        # a first one); the supervisor looks every 0.2 s, on a loaded host a little later. Serving
+        # again takes the relaunch's recovery_s more
+        assert named_after < 2 * timeout + 1.0, failure
         assert not alive(pid)
         print(f"\nrank 1 frozen {after_s:g} s after it appeared: named after {named_after:.2f} s (--comm-timeout "
               f"{timeout:g}), engine back {failure['recovery_s']:.2f} s after that; longest pause {pause:.2f} s")
