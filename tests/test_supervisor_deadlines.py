@@ -37,7 +37,7 @@ def test_a_rank_frozen_while_the_engine_restarts_is_dropped_within_twice_the_tim
     (starting Python, torch or MPI) it is SIGSTOPped: it is named and dropped within 2 x
     --comm-timeout, the engine comes back on rank 0 alone and the stream ends with its whole text."""
     model = checkpoints("llama")
-    timeout = 4.0
+    timeout = 5.0
     server = Supervised(tmp_path, ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--comm-timeout",
                                    f"{timeout:g}"], ranks=3)
     try:

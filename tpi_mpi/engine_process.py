@@ -171,7 +171,8 @@ class EngineProcess:
                  for r, h in enumerate(hosts)}
         unreachable = list(dict.fromkeys(h for r, h in enumerate(hosts) if h != hosts[0] and any(
             re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w.-])", text) for n in names[r])))
-        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}",
+        named = f"; mpirun's messages name {', '.join(unreachable)}" if unreachable else ""
+        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}{named}",
                        hosts=unreachable, at=at)
 
     def end(self, grace: float = 0.0) -> None:
