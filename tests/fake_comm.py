@@ -167,6 +167,9 @@ class ThreadComm(Comm):
         return self._call("gather_floats", float(value),
                           lambda parts: [list(parts)] + [None] * (len(parts) - 1))
 
+    def gather_names(self, name: str) -> list[str] | None:
+        return self._call("gather_names", str(name), lambda parts: [list(parts)] + [None] * (len(parts) - 1))
+
     def agree(self, ok: bool, timeout: float | None = None) -> int:
         """The lowest rank that is not ok, or -1 when every rank is."""
         return self._call("agree", bool(ok),

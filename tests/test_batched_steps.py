@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from fake_comm import run_ranks
+from tpi_mpi import quant_int8 as QI
+from tpi_mpi import rowops
 from tpi_mpi.batch import PIECE, Batch, SeqStep, Want, split_rows
 from tpi_mpi.kv import BlockPool
 from tpi_mpi.config import ParallelConfig
@@ -178,6 +180,40 @@ def test_a_sequence_gets_the_same_bits_alone_and_in_a_batch(checkpoints, tmp_pat
         assert len(together[i]) == len(alone[i]) == n_new
         for step, (a, b) in enumerate(zip(alone[i], together[i])):
             assert torch.equal(a, b), f"request {i} (prompt {len(prompts[i])}), token {step}: {(a - b).abs().max()}"
+
+
+class CountedKernels:
+    """tpi_mpi._qdot with its half-layer calls counted."""
+
+    def __init__(self, qdot) -> None:
+        self.qdot, self.calls = qdot, {"attention_rows": 0, "mlp_rows": 0}
+
+    def __getattr__(self, name):
+        if name in self.calls:
+            self.calls[name] += 1
+        return getattr(self.qdot, name)
+
+
+@pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
+@pytest.mark.parametrize("name,n,quant", [("qwen2", 2, "q8_0"), ("llama", 2, "q4_0"), ("qwen3", 2, "q8_0")])
+def test_under_the_int8_kernels_a_decode_row_gets_the_same_bits_in_one_call_as_step_by_step(
+        checkpoints, tmp_path, monkeypatch, name, n, quant, one_torch_thread):
+    """Alone, a sequence's decode steps are steps of decode rows only, each half-layer one compiled call
+    (rowops.decode_attention); among prompts being prefilled, its rows go step by step. Same bits
+    (qwen2: q/k/v biases; qwen3: q/k norms)."""
+    prepared = prepare(checkpoints(name), tmp_path / "p", ParallelConfig(n), "fp32", quant=quant)
+    counted = CountedKernels(rowops._qdot())
+    monkeypatch.setattr(rowops, "_qdot", lambda: counted)
+    QI.use_int8(True)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 200, size=k).tolist() for k in (40, 3, 90)]
+    n_new = 5
+    alone = run_requests(prepared, n, [(0, prompts[0])], n_new, chunk=512)[0]
+    for calls in counted.calls.values():                            # its decode steps: every layer, every rank
+        assert calls >= (n_new - 1) * 2 * n
+    together = run_requests(prepared, n, [(0, prompts[0]), (1, prompts[1]), (2, prompts[2])], n_new, chunk=PIECE)[0]
+    for step, (a, b) in enumerate(zip(alone, together)):
+        assert torch.equal(a, b), f"token {step}: {(a - b).abs().max()}"
 
 
 @pytest.mark.parametrize("size,mode,candidates,kept", [

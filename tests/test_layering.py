@@ -8,7 +8,7 @@ import sys
 ENGINE = ["model", "parallel", "comm", "allreduce", "weights", "steps", "batch", "scheduler", "generate",
           "chat", "serving", "startup", "sampling", "text", "jobs", "channel", "quant", "quant_int8", "prepare", "cache",
           "kv", "budget", "draft", "draft_model", "payload"]
-TOOLS_ONLY = ["starlette", "uvicorn", "click", "fastapi", "httpx"]
+TOOLS_ONLY = ["starlette", "uvicorn", "click", "fastapi", "httpx", "prometheus_client"]
 
 
 def test_engine_modules_import_no_http_or_cli_package():

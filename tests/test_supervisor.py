@@ -280,6 +280,28 @@ def stream(client, kill=None, **request) -> tuple[str, float]:
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 
+def metrics_after_a_restart(server: Supervised, ranks: int, tokens: int) -> None:
+    """/metrics and /cluster under a supervisor after one restart: the relaunch counted, the tokens
+    each client got counted once (the resumed request's too), the new engine's memory report there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 30
+    while True:                                  # the new engine's first report comes within 2 s
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/cluster", timeout=10) as r:
+            engine = json.load(r)["engine"]
+        if engine and len(engine["rss_bytes"]) == ranks:
+            break
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+        m = {(s.name, tuple(s.labels.items())): s.value
+             for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    assert m[("tpi_mpi_engine_restarts_total", ())] == 1 and m[("tpi_mpi_ranks", ())] == ranks
+    assert m[("tpi_mpi_generation_tokens_total", ())] == tokens
+    assert m[("tpi_mpi_requests_total", (("outcome", "length"),))] == 2
+    assert all(m[("tpi_mpi_rank_resident_memory_bytes", (("rank", str(r)),))] > 10 << 20 for r in range(ranks))
+
+
 @pytest.mark.mpi
 def test_a_killed_worker_costs_the_stream_a_pause_not_a_token(tmp_path):
     """The issue's acceptance: the built-in model at 3 ranks, a greedy 200-token stream, SIGKILL to a
@@ -340,6 +362,7 @@ def test_a_frozen_worker_is_named_within_the_timeout_and_dropped(checkpoints, tm
         # named by its missing heartbeats (the supervisor), or by rank 0's wait for it in a step
         assert failure["ranks"] == [1] and ("rank 1 sent nothing" in failure["message"] or
                                             "rank 1 (localhost) gave no sign of life" in failure["message"]), failure
+        metrics_after_a_restart(server, ranks=2, tokens=2 * 200)
         # the heartbeats name it after --comm-timeout; rank 0's wait, after that and a roll call
         assert failure["at"] - stopped[0] < timeout + 1.5, (failure, stopped)
         print(f"\nrank 1 frozen: named after {failure['at'] - stopped[0]:.2f} s (--comm-timeout {timeout}), engine "

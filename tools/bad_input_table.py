@@ -1,5 +1,6 @@
 """Try every bad input of issue 7 against the real command line (under mpirun) and print a Markdown
-table of how each run ended (exit code, seconds, the error line): the table of docs/errors.md.
+table of how each run ended (exit code, seconds, the error line): the table of docs/errors.md. The
+Hub's cases (--model org/name) ask a local Hub (tests/fake_hub.py) through HF_ENDPOINT.
 
     python tools/bad_input_table.py            # print the table
     python tools/bad_input_table.py --write    # replace the table in docs/errors.md with it
@@ -24,17 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from conftest import mpi_env, mpirun_cmd  # noqa: E402
+from conftest import mpi_env, mpirun_cmd, run_mpi  # noqa: E402
+from fake_hub import FakeHub  # noqa: E402
 
 DOC = ROOT / "docs" / "errors.md"
 HEADER = ["| case | ranks | exit | seconds | traceback | what the user sees (stderr) |",
           "|---|---|---|---|---|---|"]
 SECONDS = 3                                     # the column of seconds
+CLOSED_PORT = "http://127.0.0.1:9"              # a Hub nothing answers at: no network
+HUB_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
 MEASURED_MIB = re.compile(r"it needs at least [\d.]+ MiB")     # plan_window's minimum includes the RSS
 
 
-def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
-    """(case, command line, ranks) for every bad input, with the files they need made in `tmp`."""
+def make_cases(tmp: Path, hub: FakeHub) -> list[tuple[str, list[str], int, dict]]:
+    """(case, command line, ranks, environment) for every bad input, with the files they need made in
+    `tmp`, and the Hub's models on `hub` (a local Hub: this machine cannot reach the real one)."""
     model = make_checkpoint(tmp / "model", "mistral")
     cache = str(tmp / "cache")
     base = ["generate", "--model", str(model), "--cache-dir", cache, "--prompt", "hello", "--quiet"]
@@ -76,7 +81,24 @@ def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
     mf = json.loads((outside / "rank1" / "manifest.json").read_text())
     mf["files"]["../../secret"] = {"size": 1, "sha256": "0" * 64}
     (outside / "rank1" / "manifest.json").write_text(json.dumps(mf))
-    return [
+    hub.add("acme/private", model, private=True)
+    hub.add("acme/gated", model, gated=True)
+    hub.add("acme/tiny-GGUF", {"tiny-Q4_K_M.gguf": b"GGUF", "tiny-Q8_0.gguf": b"GGUF"})
+    online = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp / "hf")}
+    hub_cases = [
+        ("Hub: no such model", ["generate", "--model", "acme/nope", "--prompt", "x", "--quiet"], 2, online),
+        ("Hub: a private model without a token", ["generate", "--model", "acme/private", "--prompt", "x", "--quiet"], 2,
+         online),
+        ("Hub: a gated model without a token", ["generate", "--model", "acme/gated", "--prompt", "x", "--quiet"], 2,
+         online),
+        ("Hub: no file for the quant", ["generate", "--model", "acme/tiny-GGUF:Q5_K_S", "--prompt", "x", "--quiet"], 2,
+         online),
+        ("Hub: no network", ["generate", "--model", "acme/tiny", "--prompt", "x", "--quiet"], 2,
+         {**online, "HF_ENDPOINT": CLOSED_PORT}),
+        ("Hub: offline, nothing cached", ["generate", "--model", "acme/tiny", "--prompt", "x", "--quiet"], 2,
+         {**online, "HF_HUB_OFFLINE": "1"}),
+    ]
+    return [(*case, {}) for case in [
         ("model path missing", ["generate", "--model", str(tmp / "nope"), "--prompt", "x", "--quiet"], 2),
         ("a file that is no model", ["generate", "--model", str(notmodel), "--prompt", "x", "--quiet"], 2),
         ("truncated safetensors", ["generate", "--model", str(trunc), "--cache-dir", cache, "--prompt", "x", "--quiet"], 2),
@@ -101,18 +123,22 @@ def make_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
         ("memory budget below the minimum", base + ["--memory-budget", "50MB"], 2),
         ("a compressed payload with --allreduce mpi", base + ["--allreduce", "mpi", "--allreduce-payload", "q8"], 2),
         ("a draft model with another tokenizer", base + ["--draft", str(othertok)], 2),
-    ]
+    ]] + hub_cases
 
 
-def run(args: list[str], n: int, tmp: Path) -> tuple[int, float, str, bool]:
+def run(args: list[str], n: int, tmp: Path, hub_env: dict) -> tuple[int, float, str, bool]:
     """(exit code, seconds, the line that explains, whether a traceback was printed) of one run."""
     cmd = mpirun_cmd(n) + [sys.executable, "-m", "tpi_mpi", *args]
+    env = {k: v for k, v in mpi_env().items() if k not in HUB_VARIABLES} | hub_env    # no token of this machine
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(), stdin=subprocess.DEVNULL)
+    # run_mpi: once more when Open MPI's launcher failed before any rank started (exit 213), as the tests do
+    r = run_mpi(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     lines = [line for line in r.stderr.splitlines() if line.startswith("tpi_mpi:") and "error" in line] or \
         [line for line in r.stderr.splitlines() if "error" in line.lower() and not line.startswith("-")]
     shown = lines[0] if lines else (r.stderr.strip().splitlines() or [""])[-1]
     shown = re.sub(r"-[0-9a-f]{16}/", "-…/", shown.strip().replace(f"{tmp}/", "…/"))   # cache_key's digest
+    if hub_env.get("HF_ENDPOINT", CLOSED_PORT) != CLOSED_PORT:                          # the local Hub's port
+        shown = shown.replace(hub_env["HF_ENDPOINT"], "http://127.0.0.1:…")
     return r.returncode, time.monotonic() - t0, shown, "Traceback" in r.stderr
 
 
@@ -121,11 +147,13 @@ def table() -> list[str]:
     tmp = Path(tempfile.mkdtemp())
     try:
         rows = list(HEADER)
-        for name, args, n in make_cases(tmp):
-            code, took, line, tb = run(args, n, tmp)
-            quoted = f"`` {line} ``" if "`" in line else f"`{line}`"      # a code span around backticks
-            rows.append(f"| {name} | {n} | {code} | {took:.1f} | {'yes' if tb else 'no'} | {quoted} |")
-            print(rows[-1], file=sys.stderr, flush=True)
+        with FakeHub() as hub:
+            cases = make_cases(tmp, hub)
+            for name, args, n, hub_env in cases:
+                code, took, line, tb = run(args, n, tmp, hub_env)
+                quoted = f"`` {line} ``" if "`" in line else f"`{line}`"      # a code span around backticks
+                rows.append(f"| {name} | {n} | {code} | {took:.1f} | {'yes' if tb else 'no'} | {quoted} |")
+                print(rows[-1], file=sys.stderr, flush=True)
         return rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

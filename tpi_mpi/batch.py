@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -126,6 +127,22 @@ class Batch:
                 head_pieces.append(Piece(i, at + p, at + min(p + step, len(rows)), s.pos))
         self.head_rows = torch.tensor(head_rows, dtype=torch.long)
         self.head = Rows(head_pieces, invariant, alone)
+
+    @property
+    def decode_rows(self) -> bool:
+        """Every row a one-row piece (decode tokens, a draft's checked tokens): rowops.py then computes
+        each half-layer in one call."""
+        return len(self.rows.pieces) == self.n_rows
+
+    @cached_property
+    def row_places(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's position, its sequence's pool start, and the address of its sequence's pool index
+        (0 when its blocks are one run): int64, for the compiled attention (rowops.py). The Places the
+        addresses point into live as long as this Batch."""
+        seq_of = [i for i, s in enumerate(self.seqs) for _ in range(s.n_tokens)]
+        start = [self.places[i].start for i in seq_of]
+        index = [0 if self.places[i].index is None else self.places[i].index.data_ptr() for i in seq_of]
+        return self.positions.contiguous(), torch.tensor(start, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)
 
     @property
     def n_runs(self) -> int:

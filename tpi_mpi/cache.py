@@ -1,7 +1,7 @@
 """Where prepared models live: the cache of shard folders, keyed by the source's content.
 
-`locate` is rank 0's first step of every run: the prepared folder for `--model`, preparing it into
-the cache on first use. A cache hit reads no tensor and parses no checkpoint: the key is the
+`locate` is rank 0's first step of every run: the prepared folder for `--model` (a Hub model is
+downloaded first, by hub.py), preparing it into the cache on first use. A cache hit reads no tensor and parses no checkpoint: the key is the
 source's fingerprint (its content: sizes, headers, samples; see prepare.source_fingerprint), the
 world size, the ratio, the dtype, the head placement and the shard format. `entries` and `clear`
 back the `cache` command.
@@ -38,18 +38,32 @@ def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str, q
     return f"w{par.world}-{dtype}-{quant}-{head_on}-{digest[:16]}"
 
 
-def model_path(cfg: RunConfig) -> Path:
+def model_path(cfg: RunConfig, log=lambda m: None) -> Path:
+    """The local path of --model: the built-in model, a path, or a Hub model downloaded (hub.py)."""
     if cfg.model is None:
         from .gguf import builtin_model_path
 
         return builtin_model_path()
-    return Path(cfg.model).expanduser()
+    from .hub import resolve
+
+    return resolve(cfg.model, log, cfg.quiet)
+
+
+def source_name(path: Path) -> str:
+    """The name a prepared folder starts with: the source's own name. In the Hugging Face cache a
+    snapshot folder is named by a commit and its files link to blobs named by hashes, so there it is
+    the repo's name (org--name), or the .gguf's name as linked."""
+    parts = path.absolute().parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return path.name if path.suffix == ".gguf" else part.removeprefix("models--")
+    return path.resolve().name
 
 
 def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
     """Rank 0: the prepared folder (holding rank0/, rank1/, ...) for `cfg.model`, preparing it into
     the cache on first use. Everything that can refuse the run does so before work is announced."""
-    path = model_path(cfg)
+    path = model_path(cfg, log)
     if (path / "rank0" / MANIFEST).exists():
         check_prepared(path, cfg, world)
         return path
@@ -60,7 +74,7 @@ def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
     par = cfg.parallel(world)
     quant = resolve_quant(path, cfg.quant)
     key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on, quant)
-    out = cache_dir(cfg, 0) / f"{path.resolve().name}-{key}"
+    out = cache_dir(cfg, 0) / f"{source_name(path)}-{key}"
     if not (out / "rank0" / MANIFEST).exists():
         src = open_source(path)
         plan_shards(src.config, par, cfg.head_on, ffn_unit(src, quant, src.config))   # refuses a split that cannot be made

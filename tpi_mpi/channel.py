@@ -6,6 +6,7 @@ supervisor always knows which tokens a client has had and can resume the request
 
     supervisor -> engine   {"job": {...}}   {"cancel": id}
     engine -> supervisor   {"ready": {...}}   {"failed": {"ranks": [...], "message": str, "fatal": bool}}
+                           {"state": {...}} (serving.Engine.engine_state, every REPORT_S)
                            {"id": id, "token": t, "text": str}   {"id": id, "text": str}
                            {"id": id, "done": {...}}   {"id": id, "error": {"status", "message", "code"}}
 
@@ -173,6 +174,9 @@ class ChannelFront:
 
     def is_open(self) -> bool:
         return not self.channel.closed
+
+    def report(self, state: dict) -> None:
+        self.channel.send({"state": state})
 
     def _read(self) -> None:
         while (message := self.channel.recv()) is not None:

@@ -64,7 +64,11 @@ def _source(src: str | None, synthetic: str | None):
         from .synthetic import SyntheticSource
 
         return SyntheticSource(synthetic)
-    return src
+    if src is None:
+        return None
+    from .hub import resolve        # a Hub model (org/name[:QUANT]) is downloaded first
+
+    return resolve(src, lambda m: click.echo(f"tpi_mpi: {m}", err=True))
 
 
 @cli.command()
@@ -81,7 +85,7 @@ def _source(src: str | None, synthetic: str | None):
 @click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet) -> None:
-    """Split a Hugging Face model folder or .gguf file SRC into one shard folder per rank."""
+    """Split a Hugging Face model folder, .gguf file or Hub model (org/name[:QUANT]) SRC into one shard folder per rank."""
     from .prepare import prepare as prepare_model
 
     source = _source(src, synthetic)
@@ -107,7 +111,7 @@ def prepare(src, synthetic, world_size, ratio, out, dtype, head_on, quant, quiet
 def info(src, synthetic, world_size, ratio, dtype, head_on, quant, context, memory_budget, max_batch, request) -> None:
     """Architecture, size, and what each rank needs: bytes held, bytes read per token when streamed,
     the minimum memory budget for each --quant, and how many requests serve's KV pool holds (SRC: a
-    model folder, .gguf file or prepared folder [default: the built-in model])."""
+    model folder, .gguf file, prepared folder or Hub model org/name[:QUANT] [default: the built-in model])."""
     from .sizing import Sizing, report
 
     source = _source(src, synthetic) or _builtin()
@@ -245,7 +249,7 @@ def chat(system, max_new_tokens, temperature, top_k, top_p, seed, input_file, **
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Requests that may wait while --max-batch are answered; more get HTTP 429.")
 @click.option("--api-key", envvar="TPI_MPI_API_KEY", show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on every request.")
+              help="Require 'Authorization: Bearer KEY' on every request but the page's files (/ and /static/).")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Tokens per answer when a request sets no max_tokens.")
 @click.option("--ranks", type=int, help="Supervise: launch the engine on this many ranks with mpirun and, when "
@@ -262,7 +266,8 @@ def serve(host, port, max_batch, prefill_chunk, queue_size, api_key, max_tokens,
           prepare_ahead, channel, prepare_for, **kw) -> None:
     """OpenAI-compatible HTTP server on rank 0 (the other ranks follow), many requests at a time.
 
-    POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health.
+    POST /v1/chat/completions and /v1/completions (stream too), GET /v1/models and /health;
+    GET / is a web page (a chat and the cluster's state), /metrics Prometheus' text format.
     A request without temperature, top_p or top_k gets this tool's defaults (0.8, 0.95, 40).
     With --ranks it runs outside MPI and keeps serving when a device drops (docs/supervisor.md).
     """

@@ -68,6 +68,12 @@ class HttpJob(Job):
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.monotonic)
+    token_times: list[float] = field(default_factory=list)   # when each new token came (metrics.py's latencies)
+    outcome: str | None = None   # how it ended, once counted (metrics.py)
+
+    def token(self, token: int, text: str) -> None:
+        self.token_times.append(time.monotonic())
+        super().token(token, text)
 
     def send(self, kind: str, value) -> None:
         try:

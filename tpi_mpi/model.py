@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .kv import Place, new_store
 from .parallel import (ColumnParallelLinear, ParallelSum, RankShard, RowParallelLinear, VocabParallelHead, bind, project,
                        unbind)
+from .rowops import apply_rope, attend_row, attends_row, decode_attention, decode_mlp, rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -31,10 +32,7 @@ class RMSNorm(nn.Module):
         self.weight: Tensor | None = None   # resident, bound at load
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32, scale in the model dtype, as the reference implementation does
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(m: ModelConfig) -> Tensor:
@@ -71,13 +69,6 @@ class Rope:
         return self.cos[positions, None, :], self.sin[positions, None, :]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (T, heads, head_dim), rotating the two halves of each head (the HF layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     """Each sequence attends over its own positions, which lie in the rank's KV pool (kv.py) where its
     step's `Place` says; `keys` and `values` are this layer's part of the pool, (kv heads, positions, hd)."""
@@ -98,6 +89,9 @@ class Attention(nn.Module):
         self.keys, self.values = keys, values
 
     def forward(self, x: Tensor, batch: Batch, cos: Tensor, sin: Tensor) -> Tensor:
+        partial = decode_attention(self, x, batch, cos, sin)                     # a step of decode rows: one call
+        if partial is not None:
+            return self.o.reduce(partial)
         T, rows = x.shape[0], batch.rows                                         # x: (T, dim), every sequence's rows
         q, k, v = project(x, (self.q, self.k, self.v), rows)
         q = q.view(T, self.n_heads, self.head_dim)
@@ -114,6 +108,8 @@ class Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: int, place: Place) -> Tensor:
         T = q.shape[0]                                                           # q: (T, heads, hd)
+        if T == 1 and attends_row(q, self.keys):                                 # a decode row: one compiled call
+            return attend_row(q, k, v, self.keys, self.values, self.kv_index, pos, place)
         L = pos + T
         place.write(self.keys, pos, k.transpose(0, 1))
         place.write(self.values, pos, v.transpose(0, 1))
@@ -135,9 +131,12 @@ class FeedForward(nn.Module):
         self.gate, self.up = ColumnParallelLinear(), ColumnParallelLinear()
         self.down = RowParallelLinear(comm)                                      # allreduce inside
 
-    def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
-        gate, up = project(x, (self.gate, self.up), rows)
-        return self.down(F.silu(gate) * up, rows)
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:                        # x: (T, dim)
+        partial = decode_mlp(self, x, batch)                                     # a step of decode rows: one call
+        if partial is not None:
+            return self.down.reduce(partial)
+        gate, up = project(x, (self.gate, self.up), batch.rows)
+        return self.down(silu_mul(gate, up), batch.rows)
 
 
 def route(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -160,7 +159,7 @@ class Expert(nn.Module):
 
     def forward(self, x: Tensor, rows: Rows | None) -> Tensor:
         gate, up = project(x, (self.gate, self.up), rows)
-        return self.down(F.silu(gate) * up, rows)
+        return self.down(silu_mul(gate, up), rows)
 
 
 class MixtureOfExperts(nn.Module):
@@ -176,7 +175,8 @@ class MixtureOfExperts(nn.Module):
         self.sum = ParallelSum(comm)                                             # allreduce inside
         self.routed = None      # routed(ids) -> (expert, tensors) of each, read only then (the weight window's)
 
-    def forward(self, x: Tensor, rows: Rows) -> Tensor:                          # x: (T, dim)
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:                        # x: (T, dim)
+        rows = batch.rows
         weights, chosen = route(self.router(x, rows), self.k, self.normalize)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
@@ -201,7 +201,7 @@ class Block(nn.Module):
         with window.use(self.index, "attn", self.attn):
             x = x + self.attn(self.attn_norm(x), batch, cos, sin)
         with window.use(self.index, "mlp", self.mlp):
-            x = x + self.mlp(self.mlp_norm(x), batch.rows)
+            x = x + self.mlp(self.mlp_norm(x), batch)
         return x
 
 

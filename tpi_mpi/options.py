@@ -18,7 +18,9 @@ DEFAULT_PROMPT = "In two sentences: why do several small computers working toget
 def run_options(f):
     """Options shared by every command that runs the model."""
     options = [
-        click.option("--model", "-m", help="Hugging Face model folder, .gguf file or prepared folder "
+        click.option("--model", "-m", help="Hugging Face model folder, .gguf file, prepared folder, or a model on the "
+                     "Hugging Face Hub: org/name (safetensors) or org/name:QUANT (a GGUF repo's file for QUANT, e.g. "
+                     "Q4_K_M), downloaded by rank 0 into the Hugging Face cache "
                      "[default: the built-in SmolLM2-135M-Instruct]."),
         click.option("--allreduce", type=click.Choice(ALLREDUCE_MODES), default="auto", show_default=True,
                      help="star: partial sums to a hub and back (2 hops); mpi: MPI_Allreduce; ring; "
@@ -56,7 +58,7 @@ def run_options(f):
         click.option("--draft", help="Decode speculatively, one step checking the tokens a draft proposes (the same "
                      "greedy answer as without): ngram (the tokens that followed the last few earlier in the prompt "
                      "or answer: pays where an answer repeats its input), or a small model with the same tokenizer "
-                     "(folder or .gguf), run by rank 0 alone."),
+                     "(folder, .gguf or Hub model org/name[:QUANT]), run by rank 0 alone."),
         click.option("--threads", type=int, default=0, help="Torch threads per rank [default: cores / ranks on the host]."),
         click.option("--comm-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for a peer rank before giving up."),

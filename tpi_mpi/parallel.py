@@ -133,7 +133,11 @@ class RowParallelLinear(nn.Module):
         self.bias: Tensor | None = None     # (out,), added once after the sum
 
     def forward(self, x: Tensor, rows: Rows | None = None) -> Tensor:
-        y = self.comm.allreduce(linear(x, self.weight, None, rows))   # one allreduce for the whole step
+        return self.reduce(linear(x, self.weight, None, rows))
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """The sum of every rank's X_r A_r^T (one allreduce for the whole step), then + b."""
+        y = self.comm.allreduce(partial)
         return y if self.bias is None else y + self.bias
 
 

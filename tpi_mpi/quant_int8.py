@@ -63,6 +63,10 @@ def set_threads(n: int) -> None:
     _threads = n
 
 
+def kernel_threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
 def matmul_int8(x: Tensor, w) -> Tensor:
     """x (T, cols) float -> x @ W^T (T, rows) float32, W a quant.QuantWeight."""
     return matmul_int8_many(x, (w,))[0]
@@ -72,14 +76,14 @@ def matmul_int8_many(x: Tensor, weights) -> list[Tensor]:
     """x @ W^T for each of up to 4 QuantWeights of x's columns, x quantized once (float32 results).
     Lean on purpose: at SmolLM2's sizes a call computes in 10-30 us, as long as a few tensor methods."""
     cols = x.shape[-1]
-    mats = [_described.get(w) or _describe(w) for w in weights]
+    mats = [describe(w) for w in weights]
     for w in weights:
         if w.cols != cols:
             raise ValueError(f"x has {cols} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     T = xf.shape[0]
     ys = [torch.empty(T, m[2], dtype=torch.float32) for m in mats]
-    threads = _threads or torch.get_num_threads()
+    threads = kernel_threads()
     x_at, y_at = xf.data_ptr(), [y.data_ptr() for y in ys]
     for t0 in range(0, T, MAX_TOKENS):                 # pointers advanced by hand: indexing costs a few us
         call = [(qt, w, rows, y + 4 * t0 * rows, il) for (qt, w, rows, il), y in zip(mats, y_at)]
@@ -90,8 +94,11 @@ def matmul_int8_many(x: Tensor, weights) -> list[Tensor]:
 _described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # QuantWeight -> the kernel's tuple
 
 
-def _describe(w) -> tuple:
+def describe(w) -> tuple:
     """(type id, address, rows, interleaved) of a QuantWeight, checked once (it is immutable)."""
+    known = _described.get(w)
+    if known is not None:
+        return known
     if not w.raw.is_contiguous():
         raise ValueError("the int8 kernels read contiguous blocks")
     _described[w] = (TYPE_IDS[w.qtype], w.raw.data_ptr(), w.raw.shape[0], w.interleaved)

@@ -14,6 +14,9 @@ Streams are server-sent events ending with `data: [DONE]`; the last chunk with a
 always carries `usage`, and `stream_options: {"include_usage": true}` adds OpenAI's own usage-only
 chunk (empty `choices`) before [DONE]. Extensions beyond OpenAI's fields: `top_k` and `ignore_eos`
 (as vLLM names them). The request's `model` is not checked: there is one model, named in replies.
+
+Beside the API: `/metrics` (Prometheus, metrics.py), `/cluster` (/health with the engine's state and
+the counts: what the page polls) and the page at `/` (static files in web/, no key needed to load it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -31,17 +35,21 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .errors import ConfigError, TpiError
 from .jobs import ApiError, HttpJob, Job
+from .metrics import CONTENT_TYPE, ServerMetrics, outcome_of_status
 from .openai_api import (chat_messages, completion_prompt, error_response, flag_field, number_field, parse_max_tokens,
                          parse_sampling, parse_stops, read_json, sse)
 from .serving import BUILTIN_MODEL_ID, Engine, ServeConfig, model_id  # noqa: F401 (the CLI's and the supervisor's)
 
 if TYPE_CHECKING:              # the supervisor imports this module for its HTTP side: no torch there
     from .steps import Root
+
+WEB = Path(__file__).with_name("web")     # the page at / (package data: no build step, no CDN)
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -63,29 +71,50 @@ class Api:
         self.front, self.cfg, self.codec = front, front.cfg, front.codec
         self.context = front.context                  # per request: the KV-cache slot's positions
         self.created = int(time.time())
+        self.metrics = ServerMetrics(front)
 
     def app(self) -> Starlette:
-        def route(path, fn, method):
-            return Route(path, self._guarded(fn), methods=[method])
+        def route(path, fn, method, counted=False):
+            return Route(path, self._guarded(fn, counted), methods=[method])
 
         async def http_error(request: Request, exc: HTTPException) -> Response:
             return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
+        async def page(request: Request) -> Response:    # no key: the page asks for one when the API does
+            return FileResponse(WEB / "index.html")
+
         return Starlette(routes=[
             route("/health", self.health, "GET"),
+            route("/metrics", self.prometheus, "GET"),
+            route("/cluster", self.cluster, "GET"),
             route("/v1/models", self.models, "GET"),
-            route("/v1/chat/completions", self.chat_completions, "POST"),
-            route("/v1/completions", self.completions, "POST"),
+            route("/v1/chat/completions", self.chat_completions, "POST", counted=True),
+            route("/v1/completions", self.completions, "POST", counted=True),
+            Route("/", page, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=WEB), name="static"),
         ], exception_handlers={HTTPException: http_error})
 
-    def _guarded(self, fn):
+    def _guarded(self, fn, counted: bool):
+        """`fn` behind the key check, its errors as OpenAI's error bodies; `counted`: a completion
+        route, whose every request is counted by how it ended (metrics.py)."""
+        def count(request: Request, status: int) -> None:
+            if not counted:
+                return
+            job = getattr(request.state, "job", None)
+            if job is None:
+                self.metrics.refused(status)
+            else:
+                self.metrics.ended(job, outcome_of_status(status))
+
         async def handle(request: Request) -> Response:
             try:
                 self._check_key(request)
                 return await fn(request)
             except ApiError as e:
+                count(request, e.status)
                 return error_response(e)
             except Exception as e:               # a bug here must not look like a hang to the client
+                count(request, 500)
                 self.front.log(f"internal error in {request.url.path}: {type(e).__name__}: {e}")
                 return error_response(ApiError(500, f"internal error {type(e).__name__}: {e}"))
         return handle
@@ -101,6 +130,16 @@ class Api:
     async def health(self, request: Request) -> Response:
         body, status = self.front.health()
         return JSONResponse(body, status_code=status)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def cluster(self, request: Request) -> Response:
+        """/health and what the engine and the counters add: the web page's one poll."""
+        body, status = self.front.health()
+        engine = self.front.engine_state()
+        return JSONResponse(body | {"engine": engine, "context": self.context} | self.metrics.totals(),
+                            status_code=status)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -138,6 +177,7 @@ class Api:
         stream = flag_field(body, "stream")
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        request.state.job = job                  # its errors are counted as its end (_guarded)
         self.front.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
@@ -145,6 +185,7 @@ class Api:
         except BaseException:
             job.cancelled = True
             watcher.cancel()
+            self.metrics.ended(job, "cancelled")
             raise
         if first[0] == "error":
             watcher.cancel()
@@ -158,11 +199,15 @@ class Api:
             while item[0] == "text":
                 parts.append(item[1])
                 item = await job.events.get()
+        except BaseException:
+            self.metrics.ended(job, "cancelled")
+            raise
         finally:
             watcher.cancel()
         if item[0] == "error":
             raise item[1]
         text, done = "".join(parts), item[1]
+        self.metrics.ended(job, done["finish_reason"])
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": done["finish_reason"]}
@@ -192,9 +237,11 @@ class Api:
                 yield sse(chunk(item[1]))
                 item = await job.events.get()
             if item[0] == "error":               # the status is sent already: OpenAI's in-stream error
+                self.metrics.ended(job, outcome_of_status(item[1].status))
                 yield sse(item[1].body())
                 return
             done = item[1]
+            self.metrics.ended(job, done["finish_reason"])
             yield sse(chunk(None, done["finish_reason"]) | {"usage": done["usage"]})
             if include_usage:
                 yield sse(chunk(None) | {"choices": [], "usage": done["usage"]})
@@ -202,6 +249,7 @@ class Api:
         finally:                                 # normal end, or the client has gone
             job.cancelled = True
             watcher.cancel()
+            self.metrics.ended(job, "cancelled")     # unless it ended above
 
 
 class HttpThread:
@@ -239,6 +287,9 @@ class HttpThread:
         if not self.thread.is_alive():
             raise TpiError("the HTTP server stopped unexpectedly")
         return True
+
+    def report(self, state: dict) -> None:
+        """The engine's state, sent every REPORT_S: the HTTP thread reads it from the engine itself."""
 
     def stop(self) -> None:
         self.server.should_exit = True

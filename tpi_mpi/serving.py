@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .jobs import ApiError, Job
@@ -26,6 +25,7 @@ if TYPE_CHECKING:              # the supervisor imports this module for ServeCon
 
 BUILTIN_MODEL_ID = "smollm2-135m-instruct"
 POLL_S = 0.5                 # how often the idle main thread checks that its front still runs
+REPORT_S = 2.0               # how often every rank's memory is gathered and the state sent to the front
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,10 @@ class ServeConfig:
 
 
 def model_id(model: str | None) -> str:
-    """The name /v1/models gives: the model's folder or file name."""
-    return BUILTIN_MODEL_ID if model is None else Path(model).expanduser().name
+    """The name /v1/models gives: the model's folder or file name, or its Hub name as given."""
+    from .hub import display_name
+
+    return BUILTIN_MODEL_ID if model is None else display_name(model)
 
 
 # --- the main thread: admission and steps ----------------------------------------------------------
@@ -65,6 +67,8 @@ class Engine:
         chunk = cfg.prefill_chunk or default_prefill_chunk(s)
         self.batch = Batcher(root, cfg.max_batch, chunk, self.context, set(s.model_config.eos_ids) | s.codec.stop_ids(),
                              draft=s.drafts)
+        self.memory: tuple[list[float], list[float]] | None = None   # every rank's (resident, peak), REPORT_S old
+        self.reported_at = -REPORT_S
 
     @property
     def busy(self) -> int:
@@ -94,8 +98,26 @@ class Engine:
                            ranks=s.comm.size, pids=s.pids, allreduce=s.comm.mode, windows=s.windows, error=self.failed)
         return body, 503 if self.failed else 200
 
+    def engine_state(self) -> dict:
+        """What the engine alone knows, for /cluster and /metrics (any thread): the KV pool's blocks,
+        each rank's host name, the blocks it keeps resident beside its window, and its memory."""
+        pool, s = self.batch.pool, self.root.session
+        rss, peak = self.memory or ([], [])
+        return {"kv_blocks_used": pool.n_blocks - pool.free_blocks, "kv_blocks_total": pool.n_blocks,
+                "hosts": list(s.hosts), "resident": list(s.pinned), "rss_bytes": [int(x) for x in rss],
+                "peak_rss_bytes": [int(x) for x in peak]}
+
     def log(self, msg: str) -> None:
         self.root.session.log(msg)
+
+    def _report(self, front) -> None:
+        """Every REPORT_S, between steps: every rank's memory (a collective of a few numbers), and the
+        engine's state to the front (a supervisor keeps it; the HTTP thread reads engine_state() itself)."""
+        now = time.monotonic()
+        if now - self.reported_at >= REPORT_S:
+            self.reported_at = now
+            self.memory = self.root.memory()
+            front.report(self.engine_state())
 
     def loop(self, front) -> None:
         """Main thread: step the batch until the front (HTTP thread or supervisor channel) closes or
@@ -104,6 +126,7 @@ class Engine:
             while self._admit(block=not self.batch.running, front=front):
                 for seq in self.batch.step():
                     self._ended(seq)
+                self._report(front)
         except BaseException as e:
             self.failed = str(e) or type(e).__name__
             if front.resumes:                    # a supervisor sends them again to the next engine
@@ -133,6 +156,7 @@ class Engine:
                     if block:
                         if not front.is_open():
                             return False
+                        self._report(front)
                         continue
                     return True
             job, self.waiting = self.waiting, None

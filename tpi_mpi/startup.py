@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cache
+from . import cache, hub
 from .batch import Batch
 from .comm import CommStats, make_comm
 from .budget import plan, pool_floor
@@ -121,6 +122,7 @@ class Session:
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         pinned = comm.gather_floats(self.window.pinned)
         pids = comm.gather_floats(os.getpid())          # so a supervisor can tell which process is which rank
+        hosts = comm.gather_names(socket.gethostname())   # serve's page and /cluster show them
         kv_blocks = comm.gather_floats(self.kv_blocks)
         if self.rank == 0:
             # the pool every rank holds (some may hold more); serve's requests are at most what it holds
@@ -131,6 +133,7 @@ class Session:
                          f"({format_size(self.kv_pool.positions * self.kv_position_bytes)} on rank 0), shared by up to "
                          f"{cfg.max_batch} requests of up to {self.context} tokens each")
             self.pids = [int(p) for p in pids]
+            self.hosts = hosts
             self.windows = ["all" if w < 0 else int(w) for w in windows]
             self.pinned = [int(p) for p in pinned]
             if cfg.window == "auto":
@@ -148,7 +151,11 @@ class Session:
     def _find_prepared(self) -> Path:
         """Rank 0 locates (or prepares) the model; every rank learns the folder's path."""
         def locate() -> Path | None:
-            return cache.locate(self.cfg, self.comm.size, self.log, self._progress()) if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            if self.cfg.draft not in (None, "ngram"):    # a Hub draft downloads here, where no time limit runs
+                hub.resolve(self.cfg.draft, self.log, self.cfg.quiet)
+            return cache.locate(self.cfg, self.comm.size, self.log, self._progress())
 
         root = on_all_ranks(self.comm, locate, timeout=max(PREPARE_WAIT_S, self.cfg.comm_timeout))
         buf = np.zeros(PATH_BYTES, dtype=np.uint8)
@@ -253,6 +260,11 @@ class Session:
             "kv_mib": self.model.kv_bytes() / 2**20,
         }
         return {k: self.comm.gather_floats(v) for k, v in mine.items()}
+
+    def gather_memory(self) -> tuple[list[float], list[float]] | None:
+        """Every rank's resident and peak resident memory in bytes, on rank 0 (None elsewhere)."""
+        rss, peak = self.comm.gather_floats(current_rss()), self.comm.gather_floats(peak_rss_mib() * 2**20)
+        return None if rss is None else (rss, peak)
 
     def log(self, msg: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:

@@ -29,6 +29,7 @@ class Cmd(IntEnum):
     RESET_STATS = 3      # zero the timing counters (benchmarks, after warm-up)
     IDLE = 4             # the next step may be long in coming: wait for it without a time limit
     SET_ALLREDUCE = 5    # switch the allreduce algorithm (benchmarks compare them in one job)
+    MEMORY = 6           # every rank sends rank 0 its resident memory (serve's /cluster and /metrics)
 
 
 @dataclass
@@ -104,6 +105,11 @@ class Root:
         self._send(Header(Cmd.SET_ALLREDUCE, allreduce=ALLREDUCE_MODES.index(mode)))
         self.session.comm.mode = mode
 
+    def memory(self) -> tuple[list[float], list[float]]:
+        """Every rank's resident and peak resident memory, in bytes (between steps)."""
+        self._send(Header(Cmd.MEMORY))
+        return self.session.gather_memory()
+
     def idle(self) -> None:
         """Tell the workers the next step may be long in coming (rank 0 waits for a person or a
         client): they wait for it without a time limit. Otherwise a silent rank 0 is an error."""
@@ -134,6 +140,9 @@ def follow(s) -> None:
     while True:
         s.comm.bcast(buf, timeout=None if patient else True)
         header = Header.unpack(buf)
+        if header.cmd == Cmd.MEMORY:             # asked between steps: rank 0's idleness is unchanged
+            s.gather_memory()
+            continue
         patient = header.cmd == Cmd.IDLE
         if header.cmd == Cmd.STOP:
             if header.failed:

@@ -131,6 +131,7 @@ class Supervisor:
         self.lock = threading.Lock()
         self.jobs: dict = {}                # id -> HttpJob, admitted and not ended, in arrival order
         self.engine: EngineProcess | None = None
+        self.state_of_engine: dict | None = None   # the engine's last report (serving.Engine.engine_state)
         self.live = False                   # the engine is ready and has every job in self.jobs
         self.state, self.error = "starting", None
         self.slots: list[int] = []          # the devices in use, by rank
@@ -164,6 +165,10 @@ class Supervisor:
                            allreduce=ready.get("allreduce"), windows=ready.get("windows"), restarts=self.restarts,
                            last_failure=self.last_failure, error=self.error)
         return body, 503 if self.state == "failed" else 200      # restarting: requests wait, none is lost
+
+    def engine_state(self) -> dict | None:
+        """The running engine's last report; None while none runs."""
+        return self.state_of_engine if self.live else None
 
     def log(self, msg: str) -> None:
         log(msg)
@@ -202,7 +207,7 @@ class Supervisor:
     def _launch(self) -> dict | Failure:
         self.slots = self.devices.current()
         hosts = [self.devices.slots[i] for i in self.slots]
-        self.hosts, self.live, self.finished = hosts, False, 0
+        self.hosts, self.live, self.finished, self.state_of_engine = hosts, False, 0, None
         if self.engine is not None:
             self.restarts += 1
         if not hosts:
@@ -284,13 +289,15 @@ class Supervisor:
                 return silent
             if not message:
                 continue
+            if "state" in message:
+                self.state_of_engine = message["state"]
+                continue
             job = self.jobs.get(message.get("id"))
             if job is None:                          # ended or cancelled meanwhile
                 continue
             if "token" in message:
                 job.generated.append(message["token"])
-                if message["text"]:
-                    job.send("text", message["text"])
+                job.token(message["token"], message["text"])
             elif "text" in message:
                 job.send("text", message["text"])
             elif "done" in message or "error" in message:

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "qdot.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define QDOT_X86 1
@@ -50,21 +52,7 @@ typedef struct {
 
 /* ---- scalar helpers ---------------------------------------------------------------------------- */
 
-static float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
-    if (e == 31) {
-        bits = sign | 0x7F800000u | (m << 13);
-    } else if (e == 0) {
-        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
-        return sign ? -v : v;
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+static float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
 
 /* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4). */
 static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
@@ -389,9 +377,8 @@ AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const xbl
  * calling thread takes tasks too. Tasks are handed out by an atomic counter. */
 
 #define MAX_THREADS 64
+#define TASKS_PER_THREAD 8
 #define SPIN_NS 2000000
-
-#define MAX_MATS 4        /* matrices one call multiplies by the same x (q, k, v; gate, up) */
 
 typedef struct {
     int qt, rows, interleaved;       /* interleaved: rows in groups of 8 stored block by block (see repack) */
@@ -551,47 +538,42 @@ static int use_avx2 = -1;
 static xblock *xbuf;
 static size_t xbuf_len;
 
-/* matmul(mats, cols, x_ptr, tokens, threads), mats a sequence of (qtype, w_ptr, rows, y_ptr): each
- * matrix's y (tokens, rows) = x @ W^T, x (tokens, cols) float32 quantized once for all of them. */
-static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    PyObject *mats;
-    int cols, nt, threads;
-    unsigned long long xp;
-    if (!PyArg_ParseTuple(args, "OiKii", &mats, &cols, &xp, &nt, &threads)) return NULL;
-    PyObject *seq = PySequence_Fast(mats, "qdot.matmul: mats must be a sequence of (qtype, w_ptr, rows, y_ptr)");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n < 1 || n > MAX_MATS || nt < 1 || nt > 256 || cols < 32 || cols % 32) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "qdot.matmul: %zd matrices (1 to %d), %d tokens (1 to 256), %d columns", n,
-                     MAX_MATS, nt, cols);
-        return NULL;
+int qdot_parse_mat(PyObject *item, int cols, qmat_t *m) {
+    unsigned long long wp, yp;
+    m->interleaved = 0;
+    if (!PyArg_ParseTuple(item, "iKiK|p", &m->qt, &wp, &m->rows, &yp, &m->interleaved)) return -1;
+    if (m->qt < 0 || m->qt >= N_TYPES || m->rows < 1 || cols < 32 || cols % BLOCK_VALUES[m->qt]) {
+        PyErr_Format(PyExc_ValueError, "qdot: a matrix of type %d with %d columns, %d rows", m->qt, cols, m->rows);
+        return -1;
     }
-    job_t j = {.nmats = (int)n, .cols = cols, .nt = nt, .chunk = 16};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long wp, yp;
+    m->w = (const uint8_t *)(uintptr_t)wp;
+    m->y = (float *)(uintptr_t)yp;
+    return 0;
+}
+
+int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    /* Rows per task: about TASKS_PER_THREAD tasks a thread for one token, more for several (a task of
+     * many tokens is long, and finer tasks even out a thread that was descheduled), in multiples of 16
+     * (whole 8-row groups). 16 rows at a time made SmolLM2's decode (3072 x 576: 192 tasks of ~0.5 us)
+     * pay for the shared counter more than a second thread gave back. */
+    int total = 0;
+    for (int i = 0; i < n; i++) total += mats[i].rows;
+    int chunk = (total / (threads * TASKS_PER_THREAD * (nt < 8 ? nt : 8)) + 15) / 16 * 16;
+    job_t j = {.nmats = n, .cols = cols, .nt = nt, .chunk = chunk < 16 ? 16 : chunk};
+    for (int i = 0; i < n; i++) {
         mat_t *m = &j.m[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iKiK|p", &m->qt, &wp, &m->rows, &yp,
-                              &m->interleaved)) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        if (m->qt < 0 || m->qt >= N_TYPES || m->rows < 1 || cols % BLOCK_VALUES[m->qt]) {
-            Py_DECREF(seq);
-            PyErr_Format(PyExc_ValueError, "qdot.matmul: type %d with %d columns, %d rows", m->qt, cols, m->rows);
-            return NULL;
-        }
-        m->w = (const uint8_t *)(uintptr_t)wp;
-        m->y = (float *)(uintptr_t)yp;
+        m->qt = mats[i].qt;
+        m->rows = mats[i].rows;
+        m->interleaved = mats[i].interleaved;
+        m->w = mats[i].w;
+        m->y = mats[i].y;
         m->row_bytes = (size_t)(cols / BLOCK_VALUES[m->qt]) * BLOCK_BYTES[m->qt];
         j.first_task[i + 1] = j.first_task[i] + (m->rows + j.chunk - 1) / j.chunk;
     }
-    Py_DECREF(seq);
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    int nbx = cols / 32;
-    const xblock *xrows[256];
-    Py_BEGIN_ALLOW_THREADS
+    int nbx = cols / 32, ok = 0;
+    const xblock *xrows[QDOT_MAX_TOKENS];
     pthread_mutex_lock(&pool.call);
     if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
     size_t need = (size_t)nt * nbx;
@@ -601,7 +583,6 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         xbuf_len = xbuf ? need : 0;
     }
     if (xbuf) {
-        const float *x = (const float *)(uintptr_t)xp;
         for (int t = 0; t < nt; t++) {
 #ifdef QDOT_X86
             if (use_avx2)
@@ -614,10 +595,40 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         j.x = xrows;
         j.use_avx2 = use_avx2;
         run_job(&j, threads);
+        ok = 1;
     }
     pthread_mutex_unlock(&pool.call);
+    return ok ? 0 : -1;
+}
+
+/* matmul(mats, cols, x_ptr, tokens, threads), mats a sequence of (qtype, w_ptr, rows, y_ptr): each
+ * matrix's y (tokens, rows) = x @ W^T, x (tokens, cols) float32 quantized once for all of them. */
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    PyObject *mats;
+    int cols, nt, threads;
+    unsigned long long xp;
+    if (!PyArg_ParseTuple(args, "OiKii", &mats, &cols, &xp, &nt, &threads)) return NULL;
+    PyObject *seq = PySequence_Fast(mats, "qdot.matmul: mats must be a sequence of (qtype, w_ptr, rows, y_ptr)");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_MATS || nt < 1 || nt > QDOT_MAX_TOKENS || cols < 32 || cols % 32) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "qdot.matmul: %zd matrices (1 to %d), %d tokens (1 to %d), %d columns", n,
+                     MAX_MATS, nt, QDOT_MAX_TOKENS, cols);
+        return NULL;
+    }
+    qmat_t m[MAX_MATS];
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (qdot_parse_mat(PySequence_Fast_GET_ITEM(seq, i), cols, &m[i])) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    Py_DECREF(seq);
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = qdot_matmul(m, (int)n, cols, (const float *)(uintptr_t)xp, nt, threads);
     Py_END_ALLOW_THREADS
-    if (!xbuf) return PyErr_NoMemory();
+    if (err) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -670,6 +681,13 @@ static PyMethodDef methods[] = {
      "regroup(ptr, rows, row_bytes, block_bytes, to_interleaved): to or from the kernels' interleaved layout, in place"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels use: 'avx2' or 'generic'"},
     {"force_generic", py_force_generic, METH_O, "force_generic(True): use the portable kernels (for tests)"},
+    {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, w, y, rows, cols, eps): y = w * x / rms(x), row by row"},
+    {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, hd): x rotated in place"},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, n): out = silu(gate) * up"},
+    {"attend", py_attend, METH_VARARGS, "attend(q, k, v, out, heads, kv_heads, hd, kv_index, keys, values, "
+                                        "head_stride, code, start, index, pos): one query row"},
+    {"attention_rows", py_attention_rows, METH_VARARGS, "a decode step's attention half-layer, see layer.c"},
+    {"mlp_rows", py_mlp_rows, METH_VARARGS, "a decode step's MLP half-layer, see layer.c"},
     {NULL, NULL, 0, NULL},
 };
 

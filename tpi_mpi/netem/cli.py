@@ -92,8 +92,14 @@ def probe_cmd():
 
 
 def main() -> None:
+    run_tool(cli, "netem")
+
+
+def run_tool(group: click.Group, name: str) -> None:
+    """`python -m tpi_mpi.NAME`: click's own messages for usage errors, one line for the rest (the
+    network and Slurm emulators share it)."""
     try:
-        cli.main(prog_name="python -m tpi_mpi.netem", standalone_mode=False)
+        group.main(prog_name=f"python -m tpi_mpi.{name}", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -102,6 +108,6 @@ def main() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.exit(130)
     except (ValueError, RuntimeError, PermissionError, FileNotFoundError, subprocess.TimeoutExpired) as e:
-        print(f"netem: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,0 +1,73 @@
+/* What the three files of tpi_mpi._qdot share: qdot.c's matrix products, rowops.c's row steps, and
+ * layer.c's decode half-layers built from both. */
+#ifndef TPI_QDOT_H
+#define TPI_QDOT_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
+#define QDOT_MAX_TOKENS 256     /* rows of x one call takes */
+
+/* An IEEE half's bits as a float, exactly (the blocks' scales; a half-precision KV cache without _Float16). */
+static inline float half_bits_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, bits;
+    if (e == 31) {
+        bits = sign | 0x7F800000u | (m << 13);
+    } else if (e == 0) {
+        float v = ldexpf((float)m, -24);                   /* subnormal or zero: exact */
+        return sign ? -v : v;
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---- qdot.c ---- */
+typedef struct {
+    int qt, rows, interleaved;  /* the GGML type (quant_int8.TYPE_IDS), rows, rows regrouped by 8 */
+    const uint8_t *w;
+    float *y;                   /* (tokens, rows) */
+} qmat_t;
+
+/* A (qtype, w_ptr, rows, y_ptr[, interleaved]) tuple into m, checked against `cols`; -1 with a Python error set. */
+int qdot_parse_mat(PyObject *item, int cols, qmat_t *m);
+/* Each matrix's y = x @ W^T, x (nt, cols) float32 quantized once; -1 when out of memory. Call without the GIL. */
+int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads);
+
+/* ---- rowops.c ---- */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };   /* rowops.py's KV_CODES */
+
+typedef struct {
+    char *keys, *values;        /* a layer's (kv heads, pool positions, hd) stores */
+    int64_t head_stride;        /* values between two kv heads' rows */
+    int code;                   /* KV_F32 / KV_F16 / KV_BF16 */
+} kvstore_t;
+
+typedef struct {                /* where one sequence's positions lie in the pool (kv.Place) */
+    int64_t start;              /* pool position of position 0, when its blocks are one run */
+    const int64_t *index;       /* else each position's pool position; NULL for one run */
+} place_t;
+
+void rows_rmsnorm(const float *x, const float *w, float *y, int64_t rows, int64_t cols, float eps);
+void rows_rope(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t hd);
+void rows_silu_mul(const float *gate, const float *up, float *out, int64_t n);
+int rows_attend(const float *q, const float *k, const float *v, float *out, int64_t heads, int64_t kv_heads,
+                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos);
+int rows_check_attend(int64_t heads, int64_t hd);   /* 0, or -1 with a Python error set */
+
+PyObject *py_rmsnorm(PyObject *self, PyObject *args);
+PyObject *py_rope(PyObject *self, PyObject *args);
+PyObject *py_silu_mul(PyObject *self, PyObject *args);
+PyObject *py_attend(PyObject *self, PyObject *args);
+
+/* ---- layer.c ---- */
+PyObject *py_attention_rows(PyObject *self, PyObject *args);
+PyObject *py_mlp_rows(PyObject *self, PyObject *args);
+
+#endif

@@ -1,0 +1,307 @@
+/* A decode layer's small float steps: RMSNorm, RoPE, SiLU-and-multiply, and a one-row attention that
+ * reads the KV pool where it lies (part of tpi_mpi._qdot; layer.c strings them with qdot.c's products).
+ *
+ * Under the int8 kernels a SmolLM2 token spent about 20 of its 28 ms outside the matrix products:
+ * ~70 torch ops a layer of 5-10 us each, on rows of 576 values. These replace ~40 of them a layer
+ * (rowops.py chooses them; the exact path keeps torch's ops, whose bits the parity tests read).
+ *
+ * Each row is computed alone, whatever the other rows of the call hold (batch invariance, batch.py):
+ * a row's sums run in a fixed order, 8 lanes side by side, then the lanes added in a fixed order.
+ * Plain C loops written so that GCC vectorizes them; on x86-64 Linux each function is also built for
+ * x86-64-v3 (AVX2, FMA, F16C) and the loader picks the build the CPU runs (target_clones).
+ * Pointers come as integers (torch's data_ptr()); rowops.py checks dtypes, shapes and contiguity.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qdot.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+#define LANES 8
+#define MAX_HEAD_DIM 512
+#define MAX_HEADS 1024
+
+/* ---- 16-bit floats (round to nearest even, as torch's .to() does) ------------------------------ */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);    /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+#ifdef __FLT16_MAX__
+typedef _Float16 half_t;
+static inline float half_to_float(half_t h) { return (float)h; }
+static inline half_t float_to_half(float f) { return (half_t)f; }
+#else                                   /* no _Float16 (older compilers): IEEE half by hand */
+typedef uint16_t half_t;
+static inline float half_to_float(half_t h) { return half_bits_to_float(h); }
+static inline half_t float_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t a = u & 0x7fffffff;
+    if (a > 0x7f800000) return sign | 0x7e00;                 /* NaN */
+    if (a >= 0x477ff000) return sign | 0x7c00;                /* rounds to beyond 65504: inf */
+    if (a < 0x38800000) {                                     /* a half subnormal (or zero): round at 2^-24 */
+        float v = nearbyintf(fabsf(f) * 16777216.0f);         /* the current mode: to nearest even */
+        return sign | (uint16_t)v;
+    }
+    uint32_t r = a + 0xfff + ((a >> 13) & 1);                 /* round to nearest even at 13 bits */
+    return sign | (uint16_t)((r >> 13) - (112 << 10));
+}
+#endif
+
+/* ---- RMSNorm ----------------------------------------------------------------------------------- */
+
+/* y = w * (x / sqrt(mean(x^2) + eps)), row by row; x and y (rows, cols) float32 (y may be x). */
+CLONES void rows_rmsnorm(const float *x, const float *w, float *y, int64_t rows, int64_t cols, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float lane[LANES] = {0};
+        int64_t c = 0;
+        for (; c + LANES <= cols; c += LANES)
+            for (int l = 0; l < LANES; l++) lane[l] += xr[c + l] * xr[c + l];
+        float ss = 0;
+        for (int l = 0; l < LANES; l++) ss += lane[l];
+        for (; c < cols; c++) ss += xr[c] * xr[c];
+        float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+        for (c = 0; c < cols; c++) yr[c] = w[c] * (xr[c] * inv);
+    }
+}
+
+/* ---- RoPE -------------------------------------------------------------------------------------- */
+
+/* x (rows, heads, hd) rotated in place, each row by its cos/sin (rows, hd): the two halves of each head
+ * (the Hugging Face layout), x' = x * cos + rotate_half(x) * sin. */
+CLONES void rows_rope(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t hd) {
+    int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * hd, *s = sin + r * hd;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * hd;
+            float lo[MAX_HEAD_DIM / 2];
+            memcpy(lo, v, half * sizeof(float));
+            for (int64_t i = 0; i < half; i++) v[i] = v[i] * c[i] - v[half + i] * s[i];
+            for (int64_t i = 0; i < half; i++) v[half + i] = v[half + i] * c[half + i] + lo[i] * s[half + i];
+        }
+    }
+}
+
+/* ---- SiLU and multiply (the MLP's gate) --------------------------------------------------------- */
+
+CLONES void rows_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* ---- one-row attention over the KV pool --------------------------------------------------------- */
+
+static inline int64_t pool_position(place_t p, int64_t pos) { return p.index ? p.index[pos] : p.start + pos; }
+
+/* a stored row (hd values at element offset `at`) widened into out */
+static void load_row(const kvstore_t *s, const char *base, int64_t at, int64_t hd, float *out) {
+    if (s->code == KV_F32) {
+        memcpy(out, (const float *)base + at, hd * sizeof(float));
+    } else if (s->code == KV_F16) {
+        const half_t *h = (const half_t *)base + at;
+        for (int64_t d = 0; d < hd; d++) out[d] = half_to_float(h[d]);
+    } else {
+        const uint16_t *h = (const uint16_t *)base + at;
+        for (int64_t d = 0; d < hd; d++) out[d] = bf16_to_float(h[d]);
+    }
+}
+
+static inline void store_row(const kvstore_t *s, char *base, int64_t at, int64_t hd, const float *in) {
+    if (s->code == KV_F32) {
+        memcpy((float *)base + at, in, hd * sizeof(float));
+    } else if (s->code == KV_F16) {
+        half_t *h = (half_t *)base + at;
+        for (int64_t d = 0; d < hd; d++) h[d] = float_to_half(in[d]);
+    } else {
+        uint16_t *h = (uint16_t *)base + at;
+        for (int64_t d = 0; d < hd; d++) h[d] = float_to_bf16(in[d]);
+    }
+}
+
+static float dot_lanes(const float *a, const float *b, int64_t n) {
+    float lane[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += a[i + l] * b[i + l];
+    float sum = 0;
+    for (int l = 0; l < LANES; l++) sum += lane[l];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void axpy(float p, const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += p * x[i];
+}
+
+/* The attention's inner loops: portable C, or AVX2 + FMA + F16C where the CPU has them and head_dim
+ * is a multiple of 8 (GCC left the portable loops mostly scalar: 1.1 ms for 32 heads over 256
+ * positions, torch's attention 0.66). One choice per process, so a row's bits never depend on the call. */
+typedef struct {
+    void (*widen)(const kvstore_t *s, const char *base, int64_t at, int64_t hd, float *out);
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float p, const float *x, float *y, int64_t n);
+} row_kernels;
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static void widen_avx2(const kvstore_t *s, const char *base, int64_t at, int64_t hd, float *out) {
+    if (s->code == KV_F32) {
+        memcpy(out, (const float *)base + at, hd * sizeof(float));
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)base + at;
+    for (int64_t d = 0; d < hd; d += 8) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(h + d));
+        __m256 f = s->code == KV_F16 ? _mm256_cvtph_ps(x)
+                                     : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+        _mm256_storeu_ps(out + d, f);
+    }
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static void axpy_avx2(float p, const float *x, float *y, int64_t n) {
+    __m256 pp = _mm256_set1_ps(p);
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pp, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+static int has_avx2(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return known;
+}
+#endif
+
+static row_kernels kernels_for(int64_t hd) {
+#ifdef AVX2
+    if (hd % 8 == 0 && has_avx2()) return (row_kernels){widen_avx2, dot_avx2, axpy_avx2};
+#endif
+    return (row_kernels){load_row, dot_lanes, axpy};
+}
+
+/* One query row at position `pos`: its k and v (kv heads, hd) are written to the pool first, then
+ * each query head attends over positions 0..pos of its kv head (kv_index[h]) with softmax(q.k / sqrt(hd)).
+ * q and out (heads, hd) float32. Computed one kv head at a time, so that each stored row is widened
+ * once for all the query heads that read it. -1 when out of memory. */
+int rows_attend(const float *q, const float *k, const float *v, float *out, int64_t heads, int64_t kv_heads,
+                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos) {
+    row_kernels kn = kernels_for(hd);
+    for (int64_t g = 0; g < kv_heads; g++) {
+        int64_t at = g * s->head_stride + pool_position(place, pos) * hd;
+        store_row(s, s->keys, at, hd, k + g * hd);
+        store_row(s, s->values, at, hd, v + g * hd);
+    }
+    int64_t L = pos + 1;
+    float scale = 1.0f / sqrtf((float)hd), row[MAX_HEAD_DIM], *scores = malloc(sizeof(float) * heads * L);
+    if (!scores) return -1;
+    for (int64_t g = 0; g < kv_heads; g++) {
+        int64_t mine[MAX_HEADS], n = 0;             /* the query heads reading kv head g */
+        for (int64_t h = 0; h < heads; h++)
+            if (kv_index[h] == g) mine[n++] = h;
+        if (!n) continue;
+        for (int64_t j = 0; j < L; j++) {
+            kn.widen(s, s->keys, g * s->head_stride + pool_position(place, j) * hd, hd, row);
+            for (int64_t i = 0; i < n; i++) scores[i * L + j] = kn.dot(q + mine[i] * hd, row, hd) * scale;
+        }
+        for (int64_t i = 0; i < n; i++) {           /* softmax, in place */
+            float *sc = scores + i * L, top = sc[0], total = 0;
+            for (int64_t j = 1; j < L; j++) top = sc[j] > top ? sc[j] : top;
+            for (int64_t j = 0; j < L; j++) total += (sc[j] = expf(sc[j] - top));
+            for (int64_t j = 0; j < L; j++) sc[j] /= total;
+            memset(out + mine[i] * hd, 0, hd * sizeof(float));
+        }
+        for (int64_t j = 0; j < L; j++) {
+            kn.widen(s, s->values, g * s->head_stride + pool_position(place, j) * hd, hd, row);
+            for (int64_t i = 0; i < n; i++) kn.axpy(scores[i * L + j], row, out + mine[i] * hd, hd);
+        }
+    }
+    free(scores);
+    return 0;
+}
+
+int rows_check_attend(int64_t heads, int64_t hd) {
+    if (hd <= MAX_HEAD_DIM && hd % 2 == 0 && heads <= MAX_HEADS) return 0;
+    PyErr_Format(PyExc_ValueError, "qdot: %lld heads of %lld values (at most %d heads of an even %d)", (long long)heads,
+                 (long long)hd, MAX_HEADS, MAX_HEAD_DIM);
+    return -1;
+}
+
+/* ---- Python ------------------------------------------------------------------------------------ */
+
+PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    long long rows, cols;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKKLLf", &x, &w, &y, &rows, &cols, &eps)) return NULL;
+    rows_rmsnorm((const float *)x, (const float *)w, (float *)y, rows, cols, eps);
+    Py_RETURN_NONE;
+}
+
+PyObject *py_rope(PyObject *self, PyObject *args) {
+    unsigned long long x, c, s;
+    long long rows, heads, hd;
+    if (!PyArg_ParseTuple(args, "KKKLLL", &x, &c, &s, &rows, &heads, &hd)) return NULL;
+    if (rows_check_attend(heads, hd)) return NULL;
+    rows_rope((float *)x, (const float *)c, (const float *)s, rows, heads, hd);
+    Py_RETURN_NONE;
+}
+
+PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    unsigned long long gate, up, out;
+    long long n;
+    if (!PyArg_ParseTuple(args, "KKKL", &gate, &up, &out, &n)) return NULL;
+    rows_silu_mul((const float *)gate, (const float *)up, (float *)out, n);
+    Py_RETURN_NONE;
+}
+
+/* attend(q, k, v, out, heads, kv_heads, hd, kv_index, keys, values, head_stride, code, start, index, pos) */
+PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out, kv_index, keys, values, index;
+    long long heads, kv_heads, hd, head_stride, start, pos;
+    int code, err;
+    if (!PyArg_ParseTuple(args, "KKKKLLLKKKLiLKL", &q, &k, &v, &out, &heads, &kv_heads, &hd, &kv_index, &keys,
+                          &values, &head_stride, &code, &start, &index, &pos))
+        return NULL;
+    if (rows_check_attend(heads, hd)) return NULL;
+    kvstore_t s = {(char *)keys, (char *)values, head_stride, code};
+    place_t place = {start, (const int64_t *)index};
+    Py_BEGIN_ALLOW_THREADS
+    err = rows_attend((const float *)q, (const float *)k, (const float *)v, (float *)out, heads, kv_heads, hd,
+                      (const int64_t *)kv_index, &s, place, pos);
+    Py_END_ALLOW_THREADS
+    if (err) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
