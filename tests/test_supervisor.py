@@ -26,7 +26,7 @@ from tpi_mpi.sampling import SamplingConfig
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 from tpi_mpi.devices import Devices, read_hostfile  # noqa: E402
-from tpi_mpi.engine_process import ranks_named  # noqa: E402
+from tpi_mpi.engine_process import lost_host, ranks_named  # noqa: E402
 from tpi_mpi.processes import session_pids  # noqa: E402
 
 
@@ -60,8 +60,24 @@ def test_devices_drop_slots_and_get_them_back_when_the_hostfile_changes(tmp_path
     assert d.refresh() and d.current() == [0, 1, 2, 3]
     f.write_text("localhost slots=1\nboard-b slots=1\n")    # fewer slots than --ratio parts: even split
     assert d.refresh() and d.current() == [0, 1] and d.ratio_of([0, 1]) is None
-    assert logged == ["--ratio has 4 parts, the hostfile now 2 slot(s): splitting evenly"]
+    assert logged == ["the hostfile now has 2 slot(s) for --ranks 4: starting 2 rank(s)",
+                      "--ratio has 4 parts, the hostfile now 2 slot(s): splitting evenly"]
     assert Devices(3, None, log=print).slots == ["localhost"] * 3
+
+
+def test_a_hostfile_with_too_few_slots_says_so_and_spare_slots_fill_in(tmp_path):
+    f = tmp_path / "hosts"
+    f.write_text("localhost slots=1\nboard-b slots=1\n")
+    with pytest.raises(ConfigError, match=r"has 2 slot\(s\) for --ranks 3: add hosts or slots=N to it"):
+        Devices(3, str(f), log=print)
+    f.write_text("localhost slots=1\nboard-b slots=2\nboard-c\nlocalhost\n")    # 2 spares past --ranks 3
+    d = Devices(3, str(f), ratio=(2, 1, 1), log=print)
+    d.refresh()
+    assert d.current() == [0, 1, 2] and d.ratio_of([0, 1, 2]) == "2,1,1"
+    d.dropped.update({1, 2})                    # board-b lost: its two slots go, the spares fill in
+    # mpirun fills a host's slots before the next one's: localhost's spare becomes rank 1
+    assert d.current() == [0, 4, 3] and [d.slots[i] for i in d.current()] == ["localhost", "localhost", "board-c"]
+    assert d.ratio_of(d.current()) is None      # a spare has no share of its own: an even split
 
 
 def test_rank_0_must_be_this_host(tmp_path):
@@ -84,6 +100,20 @@ def test_the_rank_a_failure_names():
     assert ranks_named(own) == ([1], "error: layer 3: No space left on device")
     assert ranks_named(["MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD with errorcode 1\n"])[0] == [3]
     assert ranks_named(["tpi_mpi: error: --port 99999: use 0 to 65535\n"]) == ([], "")
+
+
+def test_the_host_a_lost_daemon_names():
+    # Open MPI 5 when every process of an emulated host was killed: the daemon's index is the host's
+    # place among the launch's hosts, the node its own hostname
+    lines = ["--------------------------------------------------------------------------\n",
+             "PRTE has lost communication with a remote daemon.\n",
+             "  HNP daemon   : [prterun-tpi-4193-0-25767@0,0] on node tpi-4193-0\n",
+             "  Remote daemon: [prterun-tpi-4193-0-25767@0,2] on node tpi-4193-2\n",
+             "This is usually due to either a failure of the TCP network\n"]
+    hosts = ["10.77.0.1", "10.77.0.2", "10.77.0.2", "10.77.0.3"]
+    assert lost_host(lines, hosts) == ("10.77.0.3", "tpi-4193-2")
+    assert lost_host(lines, hosts[:2]) is None                  # no such host in this launch
+    assert lost_host(lines[:2], hosts) is None
 
 
 def test_a_failure_report_says_whom_to_drop_and_whether_to_try_again():
@@ -311,7 +341,7 @@ def test_a_killed_worker_costs_the_stream_a_pause_not_a_token(tmp_path):
 @pytest.mark.mpi
 def test_a_frozen_worker_is_named_within_the_timeout_and_dropped(checkpoints, tmp_path):
     model = checkpoints("llama")
-    timeout = 3
+    timeout = 4               # beats of a healthy rank came up to 2.3 s apart on the loaded test host
     server = Supervised(tmp_path, ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--comm-timeout",
                                    str(timeout), "--max-batch", "2"], ranks=3)
     try:
@@ -329,11 +359,12 @@ def test_a_frozen_worker_is_named_within_the_timeout_and_dropped(checkpoints, tm
         text, pause = stream(client, freeze, **request)
         assert text == whole
         failure = server.wait()["last_failure"]
-        assert failure["ranks"] == [1] and "rank 1 sent nothing" in failure["message"], failure
+        # named by its missing heartbeats (the supervisor), or by rank 0's wait for it in a step
+        assert failure["ranks"] == [1] and ("rank 1 sent nothing" in failure["message"] or
+                                            "rank 1 (localhost) gave no sign of life" in failure["message"]), failure
         metrics_after_a_restart(server, ranks=2, tokens=2 * 200)
-        from tpi_mpi.comm import ROLL_CALL_S
-        # the wait times out after --comm-timeout; the roll call that names the silent rank takes up to ROLL_CALL_S
-        assert failure["at"] - stopped[0] < timeout + ROLL_CALL_S + 1.5, (failure, stopped)
+        # the heartbeats name it after --comm-timeout; rank 0's wait, after that and a roll call
+        assert failure["at"] - stopped[0] < timeout + 1.5, (failure, stopped)
         print(f"\nrank 1 frozen: named after {failure['at'] - stopped[0]:.2f} s (--comm-timeout {timeout}), engine "
               f"back {failure['recovery_s']:.2f} s after that, longest pause {pause:.2f} s")
         assert not alive(frozen)                     # the frozen process is gone

@@ -18,10 +18,15 @@ from .errors import PeerFailed, TpiError
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import cli
-    from .launcher import launch_rank
+    from .launcher import launch_rank, launched_by_mpi
 
     rank = launch_rank()
+    if "--channel" in (argv if argv is not None else sys.argv) and launched_by_mpi():
+        from .heartbeat import start_beating
+
+        start_beating(rank)          # a rank of a supervised engine: from its first moment (heartbeat.py)
+    from .cli import cli
+
     debug = "--debug" in (argv if argv is not None else sys.argv)
     try:
         cli.main(args=argv, prog_name="tpi_mpi", standalone_mode=False)

@@ -17,6 +17,7 @@ No MPI here; no pickle: ids, numbers and text only.
 from __future__ import annotations
 
 import json
+import queue
 import select
 import socket
 import threading
@@ -28,14 +29,20 @@ from .sampling import SamplingConfig
 
 
 class Channel:
-    """A connected Unix socket carrying JSON lines; `send` may be called from any thread."""
+    """A connected Unix socket carrying JSON lines; `send` may be called from any thread. With
+    `background`, `send` never blocks: a thread of the channel's own writes the lines, so a stalled
+    reader (a frozen rank 0) stalls that thread, not the caller (the supervisor's HTTP loop)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, background: bool = False) -> None:
         sock.settimeout(None)
         self.sock = sock
         self.pending = b""                  # received, not yet a whole line
         self.lock = threading.Lock()
         self.closed = False
+        self.outbox: queue.SimpleQueue | None = None
+        if background:
+            self.outbox = queue.SimpleQueue()
+            threading.Thread(target=self._write, name="tpi_mpi-channel-out", daemon=True).start()
 
     @classmethod
     def connect(cls, path: str) -> Channel:
@@ -51,6 +58,11 @@ class Channel:
     def send(self, message: dict) -> bool:
         """False once the other end has gone."""
         data = (json.dumps(message, ensure_ascii=False) + "\n").encode()
+        if self.outbox is not None:
+            if self.closed:
+                return False
+            self.outbox.put(data)
+            return True
         with self.lock:
             if self.closed:
                 return False
@@ -60,6 +72,14 @@ class Channel:
             except OSError:
                 self.closed = True
                 return False
+
+    def _write(self) -> None:
+        while (data := self.outbox.get()) is not None:
+            try:
+                self.sock.sendall(data)
+            except OSError:                 # closed by us (unblocks a stalled sendall) or by the other end
+                self.closed = True
+                return
 
     def recv(self, timeout: float | None = None) -> dict | None:
         """The next message; None once the other end has closed; TimeoutError if none came within
@@ -85,6 +105,8 @@ class Channel:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self.outbox is not None:
+            self.outbox.put(None)
         self.sock.close()
 
 

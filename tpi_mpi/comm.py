@@ -149,9 +149,7 @@ class MpiComm(Comm):
     def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
                  link: SimulatedLink | None = None, payload: str = "fp32") -> None:
         os.environ.setdefault("OMPI_MCA_btl_tcp_eager_limit", _OMPI_EAGER_LIMIT)   # read by MPI_Init
-        from mpi4py import MPI
-
-        self.MPI = MPI
+        self.MPI = MPI = _start_mpi()
         self.world = MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         if not 0 <= hub < self.size:          # every rank finds this alike: rank 0 alone says so
@@ -373,6 +371,35 @@ class MpiComm(Comm):
         same.Free()
         local.Free()
         return n
+
+
+def _start_mpi():
+    """mpi4py's MPI module, MPI started. MPI_Init waits for every rank; mpi4py calls it holding the
+    GIL, so a rank of a supervised engine starts MPI itself through ctypes, which lets go of the GIL
+    during the call: its heartbeat thread beats meanwhile (heartbeat.py), and a rank frozen before
+    MPI_Init is told from the ranks waiting for it there."""
+    import mpi4py
+
+    from . import heartbeat
+
+    if heartbeat.beating and "mpi4py.MPI" not in sys.modules:
+        import ctypes
+
+        mpi4py.rc.initialize, mpi4py.rc.finalize = False, True
+        from mpi4py import MPI
+
+        with open("/proc/self/maps") as maps:     # the libmpi mpi4py has loaded
+            lib = next((line.split()[-1] for line in maps if "/libmpi.so" in line), None)
+        if lib is None:                            # not Open MPI's name: mpi4py's own way
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        else:
+            provided = ctypes.c_int()
+            if ctypes.CDLL(lib).MPI_Init_thread(None, None, MPI.THREAD_MULTIPLE, ctypes.byref(provided)) != 0:
+                raise CommError("MPI_Init_thread failed (see the MPI messages above)", [])
+        return MPI
+    from mpi4py import MPI
+
+    return MPI
 
 
 def _segments(buf: np.ndarray) -> list[np.ndarray]:

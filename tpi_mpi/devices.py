@@ -37,6 +37,12 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
 def is_this_host(name: str) -> bool:
     if name in LOCAL_NAMES or name in (socket.gethostname(), socket.getfqdn()):
         return True
+    try:                              # an address of one of this host's interfaces: it can be bound
+        with socket.socket(socket.AF_INET6 if ":" in name else socket.AF_INET) as s:
+            s.bind((name, 0))
+            return True
+    except OSError:
+        pass
     try:
         return socket.gethostbyname(name).startswith("127.") or \
             socket.gethostbyname(name) == socket.gethostbyname(socket.gethostname())
@@ -55,8 +61,12 @@ class Devices:
         self.dropped: set[int] = set()
         self.stamp = None
         self.slots = self._read()
-        if ratio and len(ratio) != len(self.slots):
-            raise ConfigError(f"--ratio has {len(ratio)} parts for {len(self.slots)} rank(s): give one per rank")
+        if self.hostfile and len(self.slots) < ranks:
+            raise ConfigError(f"--hostfile {self.hostfile} has {len(self.slots)} slot(s) for --ranks {ranks}: add "
+                              f"hosts or slots=N to it, or ask for fewer ranks")
+        if ratio and len(ratio) != min(ranks, len(self.slots)):
+            raise ConfigError(f"--ratio has {len(ratio)} parts for {min(ranks, len(self.slots))} rank(s): give one "
+                              "per rank")
 
     def _read(self) -> list[str]:
         if self.hostfile is None:
@@ -65,8 +75,7 @@ class Devices:
         if not is_this_host(hosts[0][0]):
             raise ConfigError(f"--hostfile {self.hostfile}: its first host ({hosts[0][0]}) must be this machine: "
                               "rank 0 runs beside the supervisor")
-        slots = [h for h, n in hosts for _ in range(n)]
-        return slots[:self.ranks]
+        return [h for h, n in hosts for _ in range(n)]     # beyond --ranks: spares, for slots dropped
 
     def refresh(self) -> bool:
         """Re-read the hostfile; if it changed, every slot in it is back. True if it changed."""
@@ -82,15 +91,26 @@ class Devices:
             return False
         changed = self.stamp is not None
         self.stamp, self.dropped = stamp, set()
-        if self.ratio and len(slots) != len(self.ratio):
+        if len(slots) < self.ranks:
+            self.log(f"the hostfile now has {len(slots)} slot(s) for --ranks {self.ranks}: starting {len(slots)} rank(s)")
+        if self.ratio and min(self.ranks, len(slots)) != len(self.ratio):
             self.log(f"--ratio has {len(self.ratio)} parts, the hostfile now {len(slots)} slot(s): splitting evenly")
             self.ratio = ()
         self.slots = slots
         return changed
 
     def current(self) -> list[int]:
-        """The slots left, in rank order."""
-        return [i for i in range(len(self.slots)) if i not in self.dropped]
+        """The slots to run on, in rank order: the first --ranks of those not dropped (a spare slot,
+        one past --ranks in the hostfile, fills in for a dropped one)."""
+        chosen = [i for i in range(len(self.slots)) if i not in self.dropped][:self.ranks]
+        # mpirun fills a host's slots before the next host's (the supervisor's hostfile lists each host
+        # once): rank order is that order
+        hosts = list(dict.fromkeys(self.slots[i] for i in chosen))
+        return sorted(chosen, key=lambda i: (hosts.index(self.slots[i]), i))
 
     def ratio_of(self, slots: list[int]) -> str | None:
-        return ",".join(f"{self.ratio[i]:g}" for i in slots) if self.ratio else None
+        """--ratio's shares of these slots; None (split evenly) without --ratio or once a spare, which
+        has no share of its own, is among them."""
+        if not self.ratio or max(slots, default=0) >= len(self.ratio):
+            return None
+        return ",".join(f"{self.ratio[i]:g}" for i in slots)

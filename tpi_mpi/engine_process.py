@@ -18,6 +18,7 @@ from subprocess import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired
 from typing import Callable
 
 from .channel import Channel
+from .heartbeat import Pulse
 from .processes import session_pids
 
 EXIT_GRACE_S = 3.0     # after a failure: how long mpirun may take to end the job itself
@@ -42,6 +43,22 @@ def ranks_named(lines: list[str]) -> tuple[list[int], str]:
     return [], ""
 
 
+# Open MPI 5 when a host's daemon (prted) is gone: it names the daemon by its index, which is the
+# host's place among the hosts of the launch (0: mpirun's own), and the node by the name it gave
+LOST_DAEMON = re.compile(r"lost communication with a remote daemon\..*?Remote daemon: \[\S*?,(\d+)\] on node (\S+)")
+
+
+def lost_host(lines: list[str], hosts: list[str]) -> tuple[str, str] | None:
+    """(host, the name its node gave) of a host whose daemon mpirun lost, from mpirun's lines;
+    `hosts`: the launch's, by rank (mpirun fills a host's slots before the next host's)."""
+    found = LOST_DAEMON.search(" ".join(" ".join(lines).split()))
+    if not found:
+        return None
+    distinct = list(dict.fromkeys(hosts))
+    index, node = int(found.group(1)), found.group(2)
+    return (distinct[index], node) if 0 < index < len(distinct) else None
+
+
 @dataclass
 class Failure:
     message: str
@@ -52,10 +69,13 @@ class Failure:
 
 
 class EngineProcess:
-    """One launch of the engine: mpirun in a session of its own, its output relayed to ours (the
-    last lines kept, to learn which rank failed), and the channel its rank 0 opens."""
+    """One launch of the engine on `hosts` (by rank): mpirun in a session of its own, its output
+    relayed to ours (the last lines kept, to learn which rank failed; the ranks' heartbeats taken
+    out and noted in `pulse`), and the channel its rank 0 opens."""
 
-    def __init__(self, argv: list[str], listener: socket.socket) -> None:
+    def __init__(self, argv: list[str], listener: socket.socket, hosts: list[str], timeout: float) -> None:
+        self.hosts, self.timeout = hosts, timeout
+        self.pulse = Pulse(len(hosts), timeout)
         env = dict(os.environ)
         if os.geteuid() == 0:          # the supervisor was run as root: so are the ranks it launches
             env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -68,26 +88,35 @@ class EngineProcess:
 
     def _relay(self) -> None:
         for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
+            line = self.pulse.read(raw.decode(errors="replace"))
+            if not line:
+                continue
             self.tail.append(line)
             sys.stderr.write(line)
         sys.stderr.flush()
 
-    def start(self, stopping: threading.Event, hosts: list[str]) -> dict | Failure:
-        """Wait until rank 0 reports ready (its info) or the launch failed."""
+    def start(self, stopping: threading.Event) -> dict | Failure:
+        """Wait until rank 0 reports ready (its info) or the launch failed. Starting may take long
+        (rank 0 prepares the model, ships the shards, every rank loads its own): the deadline is the
+        ranks' heartbeats (`silence`); the ranks' own waits have theirs too (startup.py)."""
+        hosts = self.hosts
         while self.channel is None:
             if stopping.is_set():
                 return Failure("stopped")
             if self.proc.poll() is not None:
                 return self.failure(None, hosts)
+            if silent := self.silence():
+                return silent
             try:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            self.channel = Channel(sock)
-        while True:                  # rank 0 prepares, ships and loads the shards: as long as it takes
+            self.channel = Channel(sock, background=True)      # sending never blocks the HTTP loop
+        while True:                  # rank 0 prepares, ships and loads the shards: as long as every rank beats
             if stopping.is_set():
                 return Failure("stopped")
+            if silent := self.silence():
+                return silent
             try:
                 message = self.channel.recv(timeout=0.2)
                 break
@@ -96,7 +125,26 @@ class EngineProcess:
         if message is None or "failed" in message:
             return self.failure(message and message["failed"], hosts)
         self.ready = message["ready"]
+        self.pulse.starting = False
         return self.ready
+
+    def silence(self) -> Failure | None:
+        """If a rank has not beaten for the time limit: the job ended, and that rank named (all of a
+        host's ranks, when its link is cut). None while every rank beats. When every rank of several
+        is silent at once, none is named: the fault is then between them and us (mpirun's output
+        forwarding, or this process was stalled itself)."""
+        quiet = self.pulse.silent()
+        if not quiet or self.proc.poll() is not None:      # ended: mpirun's own lines say why
+            return None
+        at = time.time()
+        self.end()                                         # a frozen rank is waited for by nobody
+        if len(quiet) == len(self.hosts) > 1:
+            return Failure(f"no rank gave a sign of life for {self.pulse.limit():g} s: mpirun stopped forwarding "
+                           "their output", at=at)
+        named = ", ".join(f"{r} ({self.hosts[r]})" for r in quiet)
+        limit = "2 x --comm-timeout while starting" if self.pulse.starting else "--comm-timeout"
+        return Failure(f"rank {named} gave no sign of life for {self.pulse.limit():g} s ({limit}): it has died, "
+                       "frozen or lost its network", quiet, at=at)
 
     def failure(self, report: dict | None, hosts: list[str]) -> Failure:
         """Why the engine ended: rank 0's report, else what mpirun and the ranks printed (a rank
@@ -112,10 +160,19 @@ class EngineProcess:
         ranks, why = ranks_named(list(self.tail))
         if ranks:
             return Failure(f"rank {', '.join(map(str, ranks))} {why}", ranks, at=at)
+        if lost := lost_host(list(self.tail), hosts):
+            host, node = lost
+            return Failure(f"the host {host} (node {node}) was lost: mpirun lost its daemon there", hosts=[host], at=at)
         last = next((ln.strip() for ln in reversed(self.tail) if "error" in ln.lower()), None)
         text = " ".join(self.tail)
-        unreachable = [h for h in dict.fromkeys(hosts[1:]) if h != hosts[0] and re.search(rf"\b{re.escape(h)}\b", text)]
-        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}",
+        # a host named by mpirun ("A daemon failed to report back ... Remote host: X"), as the hostfile
+        # writes it or by the hostname its ranks' beats gave
+        names = {r: [h] + [n for n in [self.pulse.nodes.get(r)] if n and n != self.pulse.nodes.get(0)]
+                 for r, h in enumerate(hosts)}
+        unreachable = list(dict.fromkeys(h for r, h in enumerate(hosts) if h != hosts[0] and any(
+            re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w.-])", text) for n in names[r])))
+        named = f"; mpirun's messages name {', '.join(unreachable)}" if unreachable else ""
+        return Failure(f"the engine ended (exit status {self.proc.returncode}){f': {last}' if last else ''}{named}",
                        hosts=unreachable, at=at)
 
     def end(self, grace: float = 0.0) -> None:
@@ -134,6 +191,9 @@ class EngineProcess:
                 pass
         self.proc.wait()
         self.relay.join(timeout=2)
+        if self.pulse.longest:
+            sys.stderr.write(f"tpi_mpi: supervisor: the longest gap between two beats of a rank was "
+                             f"{self.pulse.longest:.2f} s (--comm-timeout {self.timeout:g})\n")
 
 
 class Ahead:

@@ -61,18 +61,19 @@ def _send_bytes(comm, data: np.ndarray, dest: int, tag: int, what: str) -> None:
     comm.exchange([(data, dest)], [], tag, what)
 
 
-def _recv_bytes(comm, source: int, tag: int, what: str, patient: bool = False) -> np.ndarray:
+def _recv_bytes(comm, source: int, tag: int, what: str, grace: float = 0.0) -> np.ndarray:
     n = np.zeros(1, dtype=np.int64)
-    comm.exchange([], [(n, source)], tag, what, patient=patient)
+    comm.exchange([], [(n, source)], tag, what, grace=grace)
     data = np.empty(int(n[0]), dtype=np.uint8)
     comm.exchange([], [(data, source)], tag, what)
     return data
 
 
-def ship(comm, root: Path, my_root: Path, progress=None, log=print) -> None:
+def ship(comm, root: Path, my_root: Path, progress=None, log=print, wait: float = 600.0) -> None:
     """Collective: afterwards rank r holds a verified copy of rank0's `root/rank{r}` in `my_root/rank{r}`.
 
-    Ranks are served one after the other (rank 0's link is the bottleneck anyway)."""
+    Ranks are served one after the other (rank 0's link is the bottleneck anyway); a rank waits up to
+    `wait` seconds more than --comm-timeout for its turn."""
     if comm.size == 1:
         return
     if comm.rank == 0:
@@ -96,7 +97,8 @@ def ship(comm, root: Path, my_root: Path, progress=None, log=print) -> None:
             bar and bar.close()
         return
     # the manifest may be a while in coming: rank 0 serves the ranks before this one first
-    raw = _recv_bytes(comm, 0, TAG_MANIFEST, "waiting for the manifest from rank 0", patient=True).tobytes()
+    raw = _recv_bytes(comm, 0, TAG_MANIFEST, "waiting for the manifest from rank 0 (it ships to the ranks before "
+                      "this one first)", grace=wait).tobytes()
     folder = my_root / f"rank{comm.rank}"
     manifest = Manifest.from_bytes(raw, f"rank 0's {MANIFEST} for rank {comm.rank}")
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,11 @@ from .weights import (EmbeddingTable, Shard, WeightWindow, budget_terms, current
                       disk_read_bytes, memory_domain, slot_bytes)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
+# a start-up wait for another rank's long work (rank 0 preparing or shipping, a rank reading its
+# shard from a slow disk): patient, but not forever. Under a supervisor a frozen rank is named
+# sooner, by its missing heartbeats (heartbeat.py)
+START_WAIT_S = 600.0
+PREPARE_WAIT_S = 3600.0      # the others wait this long for rank 0 to prepare a model (a 7B on a slow device)
 
 
 def on_all_ranks(comm, fn, timeout: float | None = None):
@@ -99,18 +104,21 @@ class Session:
                      f"differ in a batch from alone (auto or star keep it the same)")
         self.threads = cfg.threads or max(1, len(os.sched_getaffinity(0)) // comm.ranks_on_this_host())
         torch.set_num_threads(self.threads)
-        self.int8 = on_all_ranks(comm, lambda: use_int8_matmul(cfg))
+        self.int8 = on_all_ranks(comm, lambda: use_int8_matmul(cfg), timeout=cfg.comm_timeout)
+        self.start_wait = max(START_WAIT_S, cfg.comm_timeout)
 
         self.prepared = self._find_prepared()         # the prepared folder (rank 0's; Root is rank 0's driver)
         # without a shared filesystem a rank gets its shard from rank 0 over MPI
         self.local_root = cache.rank_root(cfg, self.prepared, self.rank)
-        ship(comm, self.prepared, self.local_root, progress=self._progress(), log=self.log)
+        ship(comm, self.prepared, self.local_root, progress=self._progress(), log=self.log, wait=self.start_wait)
 
         self.baseline = current_rss()   # the process before any weights: the budget's start
-        comm.agree(True, None)          # every rank is here, none has loaded weights: measure the free memory
+        # every rank is here, none has loaded weights: measure the free memory. The last rank shipped to
+        # comes last, the first waits the others' shipping
+        comm.agree(True, self.start_wait)
         self.budget = cfg.memory_budget or default_budget(comm.ranks_on_this_host(memory_domain()))
         # reading a whole shard from a slow disk can take minutes: be patient, but not forever
-        on_all_ranks(comm, self._load, timeout=max(600.0, cfg.comm_timeout))
+        on_all_ranks(comm, self._load, timeout=self.start_wait)
         windows = comm.gather_floats(-1 if self.window.depth is None else self.window.depth)
         pinned = comm.gather_floats(self.window.pinned)
         pids = comm.gather_floats(os.getpid())          # so a supervisor can tell which process is which rank
@@ -149,7 +157,7 @@ class Session:
                 hub.resolve(self.cfg.draft, self.log, self.cfg.quiet)
             return cache.locate(self.cfg, self.comm.size, self.log, self._progress())
 
-        root = on_all_ranks(self.comm, locate)
+        root = on_all_ranks(self.comm, locate, timeout=max(PREPARE_WAIT_S, self.cfg.comm_timeout))
         buf = np.zeros(PATH_BYTES, dtype=np.uint8)
         if self.rank == 0:
             raw = str(root).encode()

@@ -36,11 +36,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
 from .channel import Channel, job_message, with_seed
 from .config import parse_ratio
 from .devices import Devices
 from .engine_process import EXIT_GRACE_S, Ahead, EngineProcess, Failure
 from .errors import ConfigError, TpiError
+from .heartbeat import BEAT_S, MIN_TIMEOUT_S
 from .jobs import ApiError
 from .launcher import launched_by_mpi
 from .serve import Api, HttpThread
@@ -49,10 +52,13 @@ from .text import TextCodec
 
 FAILED_STARTS = 3      # launches in a row that never got ready, with no device to blame: give up
 RETRY_AFTER_S = 10     # Retry-After while no engine can start
+# --comm-timeout under a supervisor when none is given: how long a rank may be silent (no heartbeat,
+# no message in a step) before it is dropped. Healthy waits are far shorter (docs/supervisor.md)
+SERVE_COMM_TIMEOUT_S = 10.0
 
 # the serve options only the supervisor reads; it passes every other one on to the engine
 SUPERVISOR_ONLY = {"host", "port", "api_key", "ranks", "hostfile", "launcher_args", "channel", "ratio", "prepare_ahead",
-                   "prepare_for"}
+                   "prepare_for", "comm_timeout"}
 
 
 def log(msg: str) -> None:
@@ -71,6 +77,7 @@ class SupervisorConfig:
     ratio: tuple[float, ...] = ()   # each device's share, in rank order
     model: str | None = None        # --model, as given
     prepare_ahead: bool = False     # prepare for one rank fewer in the background
+    comm_timeout: float = SERVE_COMM_TIMEOUT_S     # a rank silent this long is dropped
 
     @classmethod
     def from_command(cls, serve: ServeConfig, ctx) -> SupervisorConfig:
@@ -82,14 +89,20 @@ class SupervisorConfig:
             raise ConfigError("serve --ranks launches mpirun itself: run it without mpirun")
         if opts["ranks"] < 1:
             raise ConfigError(f"--ranks {opts['ranks']}: must be at least 1")
-        engine_args = []
+        timeout = opts["comm_timeout"]
+        if ctx.get_parameter_source("comm_timeout") == click.core.ParameterSource.DEFAULT:
+            timeout = SERVE_COMM_TIMEOUT_S           # the serve default: seconds, not the batch commands' minute
+        elif timeout < MIN_TIMEOUT_S:
+            raise ConfigError(f"--comm-timeout {timeout:g}: under --ranks use at least {MIN_TIMEOUT_S:g} s (the ranks "
+                              f"beat every {BEAT_S:g} s)")
+        engine_args = ["--comm-timeout", f"{timeout:g}"]
         for p in ctx.command.params:
             value = opts.get(p.name)
             if p.name in SUPERVISOR_ONLY or not p.expose_value or value is None or value == p.get_default(ctx):
                 continue
             engine_args += [p.opts[0]] if getattr(p, "is_flag", False) else [p.opts[0], str(value)]
         return cls(serve, opts["ranks"], opts["hostfile"], engine_args, shlex.split(opts["launcher_args"]), ratio,
-                   opts["model"], opts["prepare_ahead"])
+                   opts["model"], opts["prepare_ahead"], timeout)
 
 
 class Supervisor:
@@ -132,7 +145,7 @@ class Supervisor:
     # -- HTTP thread ----------------------------------------------------------------------------
     def submit(self, job) -> None:
         if self.state == "failed":
-            raise ApiError(503, f"no engine can start: {self.error}", code="unavailable",
+            raise ApiError(503, f"the service is down: {self.error}", code="unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.stopping.is_set():
             raise ApiError(503, "the server is shutting down", code="unavailable")
@@ -215,8 +228,8 @@ class Supervisor:
         self._drain_listener()
         t0 = time.monotonic()
         log(f"starting the engine on {len(hosts)} rank(s): {', '.join(hosts)}")
-        self.engine = EngineProcess(argv, self.listener)
-        outcome = self.engine.start(self.stopping, hosts)
+        self.engine = EngineProcess(argv, self.listener, hosts, self.sup.comm_timeout)
+        outcome = self.engine.start(self.stopping)
         if isinstance(outcome, Failure):
             return outcome
         with self.lock:
@@ -265,11 +278,17 @@ class Supervisor:
             try:
                 message = channel.recv(timeout=0.2)
             except TimeoutError:
-                continue
+                message = {}
             if message is None or "failed" in message:
                 with self.lock:
                     self.live = False
                 return self.engine.failure(message and message["failed"], self.hosts)
+            if silent := self.engine.silence():        # a rank frozen or cut off, busy or idle
+                with self.lock:
+                    self.live = False
+                return silent
+            if not message:
+                continue
             if "state" in message:
                 self.state_of_engine = message["state"]
                 continue
@@ -313,8 +332,10 @@ class Supervisor:
         self.last_failure = {"at": round(failure.at, 3), "message": failure.message,
                              "ranks": failure.ranks, "hosts": lost, "recovery_s": None}
         if give_up:
-            self.state, self.error = "failed", failure.message
-            until = "" if self.devices.hostfile is None else " until the hostfile changes"
+            until = (" until the hostfile changes" if self.devices.hostfile else
+                     ": without --hostfile no device comes back, restart the server")
+            self.state, self.error = "failed", f"{failure.message} (no engine can start on the {len(self.hosts)} " \
+                                               f"rank(s) left{until})"
             log(f"error: {failure.message}; no engine can start on the {len(self.hosts)} rank(s) left: "
                 f"requests get 503{until}")
             self._fail_all(ApiError(503, f"the engine cannot start: {failure.message}", code="unavailable",

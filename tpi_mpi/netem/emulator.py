@@ -199,15 +199,43 @@ class EdgeNet:
 
     def mpirun_command(self, cmd: list[str], mpirun_args: tuple[str, ...] = ()) -> list[str]:
         """The mpirun line that runs `cmd` as rank i in namespace i, to be started in namespace 0."""
-        hostfile, agent = self._write_launch_files()
+        hostfile, _ = self._write_launch_files()
         return [find_mpirun(), "-n", str(self.ranks), "--hostfile", str(hostfile), "--map-by", "node",
-                "--bind-to", "none",                   # each prted thinks it owns the machine: no pinning
+                *self.launcher_args(), *mpirun_args, *cmd]
+
+    def launcher_args(self) -> list[str]:
+        """The mpirun options that launch over the emulated hosts (a hostfile of `hostfile()`'s
+        addresses aside): what `serve --ranks N --hostfile H --launcher-args` is given."""
+        _, agent = self._write_launch_files()
+        return ["--bind-to", "none",                   # each prted thinks it owns the machine: no pinning
                 "--prtemca", "plm_ssh_agent", str(agent),
                 "--prtemca", "oob_tcp_if_include", SUBNET,
                 "--mca", "pml", "ob1", "--mca", "btl", "tcp,self",   # never shared memory between ranks
                 "--mca", "btl_tcp_if_include", SUBNET,
-                "--mca", "mpi_yield_when_idle", "1",
-                *mpirun_args, *cmd]
+                "--mca", "mpi_yield_when_idle", "1"]
+
+    def hostfile(self) -> Path:
+        """A hostfile of one slot per emulated host, by address, in order."""
+        return self._write_launch_files()[0]
+
+    def inside(self, i: int, cmd: list[str]) -> list[str]:
+        """`cmd` to be run on host i (its namespace and hostname)."""
+        return [*_enter(self.namespaces[i]), *cmd]
+
+    def cut(self, i: int) -> None:
+        """Take host i's link down (the device walks out of Wi-Fi range): its processes live on, cut off."""
+        ip("-n", self.namespaces[i], "link", "set", tap_name(self.run_id, i), "down")
+
+    def kill_host(self, i: int) -> list[int]:
+        """SIGKILL every process of host i (the device lost power); the pids killed."""
+        r = ip("netns", "pids", self.namespaces[i], check=False)
+        pids = [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
