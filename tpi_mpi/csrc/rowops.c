@@ -7,8 +7,9 @@
  *
  * Each row is computed alone, whatever the other rows of the call hold (batch invariance, batch.py):
  * a row's sums run in a fixed order, 8 lanes side by side, then the lanes added in a fixed order.
- * Plain C loops written so that GCC vectorizes them; on x86-64 Linux each function is also built for
- * x86-64-v3 (AVX2, FMA, F16C) and the loader picks the build the CPU runs (target_clones).
+ * Plain C loops written so that GCC vectorizes them; on x86-64 Linux the norm, RoPE and SiLU are also
+ * built for x86-64-v3 (AVX2, FMA, F16C) and the loader picks the build the CPU runs (target_clones);
+ * the attention's inner loops are written with AVX2 intrinsics, chosen at run time (kernels_for).
  * Pointers come as integers (torch's data_ptr()); rowops.py checks dtypes, shapes and contiguity.
  */
 #include <math.h>
