@@ -383,8 +383,6 @@ def _start_mpi():
     from . import heartbeat
 
     if heartbeat.beating and "mpi4py.MPI" not in sys.modules:
-        import ctypes
-
         mpi4py.rc.initialize, mpi4py.rc.finalize = False, True
         from mpi4py import MPI
 
