@@ -67,6 +67,18 @@ static inline half_t float_to_half(float f) {
 }
 #endif
 
+/* a . b in a fixed order: 8 lanes side by side, then the lanes added in order, then the tail */
+static inline float dot_lanes(const float *a, const float *b, int64_t n) {
+    float lane[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] += a[i + l] * b[i + l];
+    float sum = 0;
+    for (int l = 0; l < LANES; l++) sum += lane[l];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /* ---- RMSNorm ----------------------------------------------------------------------------------- */
 
 /* y = w * (x / sqrt(mean(x^2) + eps)), row by row; x and y (rows, cols) float32 (y may be x). */
@@ -74,15 +86,8 @@ CLONES void rows_rmsnorm(const float *x, const float *w, float *y, int64_t rows,
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
-        float lane[LANES] = {0};
-        int64_t c = 0;
-        for (; c + LANES <= cols; c += LANES)
-            for (int l = 0; l < LANES; l++) lane[l] += xr[c + l] * xr[c + l];
-        float ss = 0;
-        for (int l = 0; l < LANES; l++) ss += lane[l];
-        for (; c < cols; c++) ss += xr[c] * xr[c];
-        float inv = 1.0f / sqrtf(ss / (float)cols + eps);
-        for (c = 0; c < cols; c++) yr[c] = w[c] * (xr[c] * inv);
+        float inv = 1.0f / sqrtf(dot_lanes(xr, xr, cols) / (float)cols + eps);
+        for (int64_t c = 0; c < cols; c++) yr[c] = w[c] * (xr[c] * inv);
     }
 }
 
@@ -137,17 +142,6 @@ static inline void store_row(const kvstore_t *s, char *base, int64_t at, int64_t
         uint16_t *h = (uint16_t *)base + at;
         for (int64_t d = 0; d < hd; d++) h[d] = float_to_bf16(in[d]);
     }
-}
-
-static float dot_lanes(const float *a, const float *b, int64_t n) {
-    float lane[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) lane[l] += a[i + l] * b[i + l];
-    float sum = 0;
-    for (int l = 0; l < LANES; l++) sum += lane[l];
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
 }
 
 static void axpy(float p, const float *x, float *y, int64_t n) {
