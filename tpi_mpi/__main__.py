@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     except PeerFailed:                         # the failing rank reports; the others just leave
         _leave(1, reporter=False)
     except Exception as e:
-        from .mpi_process import abort_job
+        from .comm import abort_job
 
         if debug:
             traceback.print_exc()

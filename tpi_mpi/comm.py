@@ -1,5 +1,4 @@
-"""All communication between ranks; with mpi_process.py (starting MPI, aborting the job), the only
-module that imports mpi4py.
+"""All communication between ranks; the only module that imports mpi4py.
 
 `Comm` is the interface the rest of tpi_mpi talks to. Two implementations declare it: `LocalComm`
 (the world of one: reductions return at once and mpi4py is never imported, so the model runs and
@@ -20,7 +19,9 @@ TPI_MPI_RECORD=folder keeps every buffer a rank receives (a `Recorder`, recorder
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ from .allreduce import Allreduce
 from .errors import CommError, ConfigError, PeerFailed
 from .launcher import launched_by_mpi
 from .link_model import SimulatedLink
-from .mpi_process import fine_sleeps, start_mpi
 from .recorder import Recorder
 
 _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seconds
@@ -43,6 +43,7 @@ _FIRST_PAUSE, _MAX_PAUSE, _IDLE_PAUSE = 5e-6, 2e-4, 1e-2   # poll back-off, seco
 # allreduce between two ranks of one host). Short enough that a waiting rank sharing a core with a
 # computing one (4 ranks on 2 cores) takes little of its time.
 _SPIN_S = 5e-5
+_TIMER_SLACK_NS = 1000      # Linux rounds a thread's sleeps up by its timer slack, 50 us by default
 TAG_PING, TAG_PONG, TAG_LOGITS, TAG_ROLL, TAG_ROLL_ASK = 31, 32, 33, 34, 35
 ROLL_CALL_S = 2.0           # how long a timed-out collective waits for its peers to answer a roll call
 ANSWER_AFTER_S = 0.01       # a wait longer than this answers roll calls while it polls
@@ -148,7 +149,7 @@ class MpiComm(Comm):
     def __init__(self, mode: str = "auto", timeout: float = 60.0, hub: int = 0,
                  link: SimulatedLink | None = None, payload: str = "fp32") -> None:
         os.environ.setdefault("OMPI_MCA_btl_tcp_eager_limit", _OMPI_EAGER_LIMIT)   # read by MPI_Init
-        self.MPI = MPI = start_mpi()
+        self.MPI = MPI = _start_mpi()
         self.world = MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         if not 0 <= hub < self.size:          # every rank finds this alike: rank 0 alone says so
@@ -157,7 +158,7 @@ class MpiComm(Comm):
             error.coordinated = True
             raise error
         self.timeout, self.link = timeout, link
-        fine_sleeps()
+        _fine_sleeps()
         self.stats = CommStats()
         self._scratch: dict[tuple, np.ndarray] = {}
         record = os.environ.get("TPI_MPI_RECORD")
@@ -372,6 +373,33 @@ class MpiComm(Comm):
         return n
 
 
+def _start_mpi():
+    """mpi4py's MPI module, MPI started. MPI_Init waits for every rank; mpi4py calls it holding the
+    GIL, so a rank of a supervised engine starts MPI itself through ctypes, which lets go of the GIL
+    during the call: its heartbeat thread beats meanwhile (heartbeat.py), and a rank frozen before
+    MPI_Init is told from the ranks waiting for it there."""
+    import mpi4py
+
+    from . import heartbeat
+
+    if heartbeat.beating and "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize, mpi4py.rc.finalize = False, True
+        from mpi4py import MPI
+
+        with open("/proc/self/maps") as maps:     # the libmpi mpi4py has loaded
+            lib = next((line.split()[-1] for line in maps if "/libmpi.so" in line), None)
+        if lib is None:                            # not Open MPI's name: mpi4py's own way
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        else:
+            provided = ctypes.c_int()
+            if ctypes.CDLL(lib).MPI_Init_thread(None, None, MPI.THREAD_MULTIPLE, ctypes.byref(provided)) != 0:
+                raise CommError("MPI_Init_thread failed (see the MPI messages above)", [])
+        return MPI
+    from mpi4py import MPI
+
+    return MPI
+
+
 def _segments(buf: np.ndarray) -> list[np.ndarray]:
     """Views of a contiguous buffer of at most SEGMENT_BYTES each (an empty buffer: itself)."""
     if not buf.flags.c_contiguous:      # reshape would copy, and a receive would fill the copy
@@ -391,3 +419,24 @@ def make_comm(mode: str = "auto", timeout: float = 60.0, hub: int = 0, link_mode
         return LocalComm()
     comm = MpiComm(mode, timeout, hub, link, payload)
     return LocalComm() if comm.size == 1 else comm
+
+
+def abort_job(code: int = 1) -> None:
+    """End every rank of the job at once (MPI_Abort) if MPI is running with peers; else return.
+    Asked of MPI itself, so no module needs to remember the comm in use."""
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized() \
+            and mpi4py.COMM_WORLD.Get_size() > 1:
+        mpi4py.COMM_WORLD.Abort(code)
+
+
+
+def _fine_sleeps() -> None:
+    """Let this thread's short sleeps (the waits' polls) be as short as asked: Linux's timer slack, where
+    it has one (prctl PR_SET_TIMERSLACK), down from 50 us to 1 us."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(29, _TIMER_SLACK_NS, 0, 0, 0)    # 29: PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        pass

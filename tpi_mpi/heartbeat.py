@@ -8,7 +8,7 @@ connections: the beats need no port, no MPI and no help from the rank's main thr
 computes, reads its shard, waits in MPI_Init or idles beats; one frozen (SIGSTOP, a device asleep)
 or cut off (a host out of range) does not, and the supervisor (`Pulse`) names it once it has been
 silent for --comm-timeout. Threads beat while the main thread waits in MPI only because those waits
-release the GIL: mpi4py's calls do, and mpi_process.py starts MPI that way too.
+release the GIL: mpi4py's calls do, and comm.py starts MPI that way too.
 
 No torch, no MPI here.
 """
