@@ -1,6 +1,6 @@
 """A fake N-rank communicator for tests: the ranks are threads of one process.
 
-`ThreadWorld(n)` is the world; `world.comm(r)` is rank r's communicator, a tpi_mpi.comm.Comm like
+`ThreadWorld(n)` is the world; `world.comm(r)` is rank r's communicator, a tpi_mpi.local_comm.Comm like
 LocalComm and MpiComm. Every collective meets at one `threading.Barrier`: each rank leaves its
 part, the last to arrive combines the parts (in rank order, once, so every rank gets the very same
 bits) and all read the result. A rank that never arrives, or ranks that call different
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tpi_mpi.comm import Comm, CommStats
 from tpi_mpi.errors import CommError
+from tpi_mpi.local_comm import Comm, CommStats
 
 
 class ThreadWorld:

@@ -14,7 +14,7 @@ import torch
 from conftest import mpi_env, mpirun_cmd, run_mpi, run_tpi
 from tpi_mpi import comm as tpi_comm
 from tpi_mpi.allreduce_auto import AutoChoice
-from tpi_mpi.comm import LocalComm
+from tpi_mpi.local_comm import LocalComm
 from tpi_mpi.errors import ConfigError
 from tpi_mpi.link_model import SimulatedLink
 

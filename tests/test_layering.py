@@ -7,7 +7,7 @@ import sys
 
 ENGINE = ["model", "parallel", "comm", "allreduce", "weights", "steps", "batch", "scheduler", "generate",
           "chat", "serving", "startup", "sampling", "text", "jobs", "channel", "quant", "quant_int8", "prepare", "cache",
-          "kv", "budget", "draft", "draft_model", "payload"]
+          "kv", "budget", "draft", "draft_model", "payload", "rowops", "local_comm", "heartbeat"]
 TOOLS_ONLY = ["starlette", "uvicorn", "click", "fastapi", "httpx", "prometheus_client"]
 
 

@@ -72,7 +72,7 @@ def test_every_rank_holds_a_column_slice_of_every_expert():
 def run_with_capacity(prepared, capacity: float, ids: list[int], n_new: int):
     """Greedy tokens on one rank with an expert store of `capacity` bytes: (logits per step, window)."""
     from tpi_mpi.batch import Batch, SeqStep
-    from tpi_mpi.comm import LocalComm
+    from tpi_mpi.local_comm import LocalComm
     from tpi_mpi.model import Transformer
     from tpi_mpi.weights import EmbeddingTable, Shard, WeightWindow
 

@@ -16,10 +16,10 @@ import numpy as np
 from . import cache, quant_int8
 from .batch import Batch, SeqStep, Want
 from .chat import common_prefix
-from .comm import LocalComm
 from .config import RunConfig, kv_dtype_name
 from .errors import ConfigError
 from .kv import BlockPool, blocks_for
+from .local_comm import LocalComm
 from .model import Transformer
 from .shard_format import COMMON, DTYPES
 from .text import TextCodec

@@ -21,12 +21,13 @@ import torch
 
 from . import cache, hub
 from .batch import Batch
-from .comm import CommStats, make_comm
+from .comm import make_comm
 from .budget import plan, pool_floor
 from .config import KV_BLOCK, RunConfig, format_size, kv_dtype_name
 from .errors import PeerFailed, TpiError
 from .draft import NgramDraft
 from .kv import BlockPool
+from .local_comm import CommStats
 from .model import Transformer
 from .parallel import kv_bytes
 from . import quant_int8
