@@ -93,9 +93,15 @@ def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after)
     plain = QI.matmul_int8(x, w)
     raw = w.raw.clone()
     il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
-    g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]       # row r's block b at (b * 8 + r) of its group
-    by_block = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2).reshape(g, -1)
-    assert il.interleaved and torch.equal(il.raw, torch.cat([by_block, raw[g:]]))
+    # each group of 8 rows column by column; a column: the 8 rows' fp16 fields side by side, then their
+    # quants 4 bytes at a time (row 0's bytes 0-3, ..., row 7's 0-3, row 0's 4-7, ...)
+    g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]
+    head = 4 if qtype == "Q4_1" else 2
+    columns = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2)                 # (group, column, row, bytes)
+    fields = columns[..., :head].unflatten(-1, (head // 2, 2)).transpose(2, 3)   # (group, column, field, row, 2)
+    quants = columns[..., head:].unflatten(-1, (-1, 4)).transpose(2, 3)          # (group, column, chunk, row, 4)
+    packed = torch.cat([fields.flatten(2), quants.flatten(2)], dim=-1).reshape(g, -1)
+    assert il.interleaved and torch.equal(il.raw, torch.cat([packed, raw[g:]]))
     assert torch.equal(QI.matmul_int8(x, il), plain)                          # the same bits
     assert torch.equal(QI.plain_layout(il).raw, raw) and il.plain().raw.data_ptr() != il.raw.data_ptr()
     assert torch.equal(il.dequantize(), w.dequantize())

@@ -65,6 +65,38 @@ static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
     }
 }
 
+/* ---- the 8-row layout ----------------------------------------------------------------------------
+ * quant_int8.interleave stores each group of 8 rows of a 32-value type (Q8_0, Q4_0, Q4_1) block column
+ * by block column. Within a column of 8 * bb bytes come the 8 rows' fp16 scales side by side (then their
+ * fp16 mins, for Q4_1), then their quants 4 bytes at a time: row 0's bytes 0-3, row 1's 0-3, ..., row 7's
+ * 0-3, row 0's 4-7, and so on. One vector load then holds 4 bytes of each row, so lane r of an integer
+ * dot product is row r's with no horizontal adds, and the 8 scales are one load (llama.cpp's repack.cpp
+ * does the like with 8 bytes). The sizes stay the same, so the regrouping is done in place. */
+
+static int packed_head(int bb) { return bb == 20 ? 4 : 2; }     /* bytes of fp16 fields before a block's quants */
+
+static size_t packed_at(int bb, int r, int i) {                 /* row r's byte i of its block, in its column */
+    int head = packed_head(bb);
+    if (i < head) return (size_t)(16 * (i / 2) + 2 * r + i % 2);
+    i -= head;
+    return (size_t)(8 * head + 32 * (i / 4) + 4 * r + i % 4);
+}
+
+/* One column: the 8 rows' blocks at plain[r] to the packed column, or back. */
+static void pack_column(int bb, uint8_t *const *plain, uint8_t *packed, int to_packed) {
+    int head = packed_head(bb);
+    for (int r = 0; r < 8; r++) {
+        for (int i = 0; i < head; i += 2) {
+            uint8_t *a = plain[r] + i, *b = packed + packed_at(bb, r, i);
+            if (to_packed) memcpy(b, a, 2); else memcpy(a, b, 2);
+        }
+        for (int i = head; i < bb; i += 4) {
+            uint8_t *a = plain[r] + i, *b = packed + packed_at(bb, r, i);
+            if (to_packed) memcpy(b, a, 4); else memcpy(a, b, 4);
+        }
+    }
+}
+
 /* ---- activations to 8-bit blocks --------------------------------------------------------------- */
 
 static void quantize_row_scalar(const float *x, xblock *out, int nb) {
@@ -131,8 +163,10 @@ AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
 #define PREFETCH_BYTES 512   /* how far ahead in each row the 8-row kernel asks for its bytes */
 #define ROWS_AT_ONCE 4   /* rows computed side by side for one token */
 
-/* bb: bytes from a block of the row to its next (the 32-value types: a block's, or 8 blocks' when interleaved) */
-static void dot_scalar(int qt, const uint8_t *w, size_t bb, const xblock *const *x, int nt, int cols, float *out) {
+/* w: the row's blocks, bb bytes apart; or, for row `packed` (0-7) of a packed group (see packed_at), the
+ * group's columns, bb = 8 blocks' bytes apart, and packed < 0 otherwise */
+static void dot_scalar(int qt, const uint8_t *w, size_t bb, int packed, const xblock *const *x, int nt, int cols,
+                       float *out) {
     int nbx = cols / 32;
     for (int t = 0; t < nt; t++) out[t] = 0;
     for (int kb = 0; kb < nbx; kb++) {                       /* one 32-value activation block at a time */
@@ -141,6 +175,11 @@ static void dot_scalar(int qt, const uint8_t *w, size_t bb, const xblock *const 
         int sc16[2] = {1, 1};
         if (qt == Q8_0 || qt == Q4_0 || qt == Q4_1) {
             const uint8_t *b = w + (size_t)kb * bb;
+            uint8_t block[34];
+            if (packed >= 0) {
+                for (int i = 0; i < BLOCK_BYTES[qt]; i++) block[i] = b[packed_at(BLOCK_BYTES[qt], packed, i)];
+                b = block;
+            }
             dw = half_to_float(b);
             if (qt == Q8_0) {
                 memcpy(q, b + 2, 32);
@@ -341,8 +380,77 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
     }
 }
 
-/* rb: bytes from a row to the next, bb: from a block of a row to its next block (a row's bytes and a
- * block's in the plain layout; a block's and 8 blocks' when 8 rows are interleaved block by block). */
+/* A packed group of 8 rows (see packed_at) against NT tokens. Per column, lane r of every vector is row
+ * r: each load of quants is 4 bytes of every row, met by the token's 4 matching bytes broadcast, so the
+ * rows' integer sums build up lane by lane. The same integer sums and then the same float steps as
+ * dot8_avx2_n, so the two layouts give the same bits. */
+AVX2 static inline __m256i bytes4(const int8_t *p) {       /* 4 bytes in every lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+#define Y4(t, kb, i) bytes4(x[t][kb].q + (i))
+AVX2 static inline __attribute__((always_inline)) void dotp_avx2_n(int qt, const uint8_t *w, const xblock *const *x,
+                                                                   const int nt, int cols, float *out) {
+    const size_t cb = 8 * (size_t)BLOCK_BYTES[qt];                /* a column's bytes */
+    const int head = qt == Q4_1 ? 32 : 16;                        /* the 8 rows' scales (and mins) */
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    __m256 acc[TILE];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int kb = 0; kb < cols / 32; kb++) {
+        const uint8_t *c = w + kb * cb;
+        _mm_prefetch((const char *)(c + PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + PREFETCH_BYTES + 64), _MM_HINT_T0);
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c));
+        __m256 m = qt == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 16))) : _mm256_setzero_ps();
+        __m256i isum[TILE];
+        if (qt == Q8_0) {
+            for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) {           /* |products| up to 2 * 127 * 127: widen to int32 at once */
+                __m256i q = _mm256_loadu_si256((const __m256i *)(c + head + 32 * i)), aq = _mm256_sign_epi8(q, q);
+                for (int t = 0; t < nt; t++)
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(Y4(t, kb, 4 * i), q)), ones));
+            }
+        } else {
+            __m256i q[8];                           /* q[i]: values 4i..4i+3 of each row, q[4 + i]: 16 + 4i.. */
+            for (int i = 0; i < 4; i++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(c + head + 32 * i));
+                q[i] = _mm256_and_si256(bytes, low);
+                q[4 + i] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            }
+            for (int t = 0; t < nt; t++) {          /* 16 products of up to 15 * 127 a lane fit int16 */
+                __m256i s = _mm256_maddubs_epi16(q[0], Y4(t, kb, 0));
+                for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
+                isum[t] = _mm256_madd_epi16(s, ones);
+                if (qt == Q4_0)                     /* sum (q - 8) * y = sum q * y - 8 * sum y */
+                    isum[t] = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * x[t][kb].sum));
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, _mm256_set1_ps(x[t][kb].d)), acc[t]);
+            if (qt == Q4_1)
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t][kb].d * (float)x[t][kb].sum), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc[t]);
+        for (int r = 0; r < 8; r++) out[r * TILE + t] = lanes[r];
+    }
+}
+#undef Y4
+
+AVX2 static void dotp_avx2(int qt, const uint8_t *w, const xblock *const *x, int nt, int cols, float *out) {
+    switch (nt) {
+    case 1: dotp_avx2_n(qt, w, x, 1, cols, out); break;
+    case 2: dotp_avx2_n(qt, w, x, 2, cols, out); break;
+    case 3: dotp_avx2_n(qt, w, x, 3, cols, out); break;
+    default: dotp_avx2_n(qt, w, x, 4, cols, out); break;
+    }
+}
+
+/* rb: bytes from a row to the next, bb: from a block of a row to its next block (the plain layout). */
 AVX2 static void dot8_avx2(int qt, const uint8_t *w, size_t rb, size_t bb, int nr, const xblock *const *x, int nt,
                            int cols, float *out) {
     switch (nt) {
@@ -427,16 +535,17 @@ static void run_task(const job_t *j, int task) {
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
 #ifdef QDOT_X86
-            if (j->use_avx2 && group == 8)
-                dot8_avx2(m->qt, w, packed ? bytes : m->row_bytes, packed ? 8 * bytes : bytes, nr, j->x + t0, n,
-                          j->cols, out);
+            if (j->use_avx2 && packed)
+                dotp_avx2(m->qt, w, j->x + t0, n, j->cols, out);
+            else if (j->use_avx2 && group == 8)
+                dot8_avx2(m->qt, w, m->row_bytes, bytes, nr, j->x + t0, n, j->cols, out);
             else if (j->use_avx2)
                 dot_avx2(m->qt, w, m->row_bytes, nr, j->x + t0, n, j->cols, out);
             else
 #endif
                 for (int k = 0; k < nr; k++)
-                    dot_scalar(m->qt, w + k * (packed ? bytes : m->row_bytes), packed ? 8 * bytes : bytes, j->x + t0,
-                               n, j->cols, out + k * TILE);
+                    dot_scalar(m->qt, packed ? w : w + k * m->row_bytes, packed ? 8 * bytes : bytes, packed ? k : -1,
+                               j->x + t0, n, j->cols, out + k * TILE);
             for (int k = 0; k < nr; k++)
                 for (int t = 0; t < n; t++) m->y[(size_t)(t0 + t) * m->rows + r + k] = out[k * TILE + t];
         }
@@ -641,8 +750,8 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
     Py_ssize_t rows, rb, bb;
     int forward;
     if (!PyArg_ParseTuple(args, "Knnnp", &p, &rows, &rb, &bb, &forward)) return NULL;
-    if (rows < 0 || bb < 1 || rb % bb) {
-        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not blocks of %zd", rb, bb);
+    if (rows < 0 || (bb != 18 && bb != 20 && bb != 34) || rb % bb) {
+        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not Q4_0, Q4_1 or Q8_0 blocks of %zd", rb, bb);
         return NULL;
     }
     uint8_t *tmp = malloc((size_t)(8 * rb));
@@ -651,13 +760,12 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
     Py_ssize_t nb = rb / bb;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g + 8 <= rows; g += 8) {
-        uint8_t *group = w + g * rb;
+        uint8_t *group = w + g * rb, *plain[8];
         memcpy(tmp, group, (size_t)(8 * rb));
-        for (Py_ssize_t b = 0; b < nb; b++)
-            for (int r = 0; r < 8; r++) {
-                size_t by_row = (size_t)(r * rb + b * bb), by_block = (size_t)((b * 8 + r) * bb);
-                memcpy(group + (forward ? by_block : by_row), tmp + (forward ? by_row : by_block), (size_t)bb);
-            }
+        for (Py_ssize_t b = 0; b < nb; b++) {
+            for (int r = 0; r < 8; r++) plain[r] = (forward ? tmp : group) + r * rb + b * bb;
+            pack_column((int)bb, plain, (forward ? group : tmp) + 8 * b * bb, forward);
+        }
     }
     Py_END_ALLOW_THREADS
     free(tmp);
