@@ -8,7 +8,8 @@ computes with its numba/torch kernels instead (docs/quant-kernels.md).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tpi_mpi._qdot", ["tpi_mpi/csrc/qdot.c", "tpi_mpi/csrc/rowops.c", "tpi_mpi/csrc/layer.c"],
+setup(ext_modules=[Extension("tpi_mpi._qdot", ["tpi_mpi/csrc/qdot.c", "tpi_mpi/csrc/kquants.c", "tpi_mpi/csrc/rowops.c",
+                                                  "tpi_mpi/csrc/layer.c"],
                              depends=["tpi_mpi/csrc/qdot.h"],
                              extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-unused-function"],
                              libraries=["m"], optional=True)])

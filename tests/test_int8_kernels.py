@@ -1,5 +1,5 @@
 """The int8 kernels (tpi_mpi/csrc/qdot.c through quant_int8.py): x quantized to 8-bit blocks of 32
-values, integer dot products with the weight blocks.
+values (256 against the K-quants, kquants.c), integer dot products with the weight blocks.
 
 The reference is independent: x quantized here in torch by the rule the kernels state (scale = the
 block's largest magnitude / 127, values rounded half to even), multiplied in float64 with the
@@ -41,10 +41,10 @@ def int8_off_after():
     QI.use_int8(False)
 
 
-def quantized_x(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels see it: per 32 values, d = max|x| / 127 and round(x * (1 / d)) * d, rounded
-    half to even, in float32 as the kernels compute it."""
-    b = x.float().reshape(x.shape[0], -1, 32)
+def quantized_x(x: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
+    """x as the kernels see it: per 32 values (per 256 against the K-quants), d = max|x| / 127 and
+    round(x * (1 / d)) * d, rounded half to even, in float32 as the kernels compute it."""
+    b = x.float().reshape(x.shape[0], -1, 256 if qtype.endswith("_K") else 32)
     d = b.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     return (torch.round(b * inv).double() * d.double()).reshape(x.shape)
@@ -55,7 +55,7 @@ def quantized_x(x: torch.Tensor) -> torch.Tensor:
 def test_int8_matmul_is_the_integer_sum(isa, qtype, rows):
     w = quant_weight(qtype, rows=rows, cols=768 if qtype in ("Q8_0", "Q4_0", "Q4_1") else 512)
     x = torch.randn(6, w.cols) * 3
-    ref = quantized_x(x) @ w.dequantize().double().T
+    ref = quantized_x(x, qtype) @ w.dequantize().double().T
     y = QI.matmul_int8(x, w)
     assert y.dtype == torch.float32 and y.shape == (6, rows)
     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()

@@ -33,13 +33,6 @@
 
 #include "qdot.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define QDOT_X86 1
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
-
-enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, N_TYPES };
 static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256};
 static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210};
 
@@ -53,17 +46,6 @@ typedef struct {
 /* ---- scalar helpers ---------------------------------------------------------------------------- */
 
 static float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
-
-/* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml get_scale_min_k4). */
-static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
 
 /* ---- the 8-row layout ----------------------------------------------------------------------------
  * quant_int8.interleave stores each group of 8 rows of a 32-value type (Q8_0, Q4_0, Q4_1) block column
@@ -124,13 +106,6 @@ AVX2 static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static inline int hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
-
 AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < nb; b++) {
@@ -146,7 +121,7 @@ AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
         __m256 s = _mm256_set1_ps(id);
         __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
                 i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
-        out[b].sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        out[b].sum = qdot_hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
         _mm256_storeu_si256((__m256i *)out[b].q, p);
@@ -161,7 +136,7 @@ AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
 
 #define TILE 4
 #define PREFETCH_BYTES 512   /* how far ahead in each row the 8-row kernel asks for its bytes */
-#define ROWS_AT_ONCE 4   /* rows computed side by side for one token */
+#define ROWS_AT_ONCE 4   /* K-quant rows a task step takes */
 
 /* w: the row's blocks, bb bytes apart; or, for row `packed` (0-7) of a packed group (see packed_at), the
  * group's columns, bb = 8 blocks' bytes apart, and packed < 0 otherwise */
@@ -171,73 +146,35 @@ static void dot_scalar(int qt, const uint8_t *w, size_t bb, int packed, const xb
     for (int t = 0; t < nt; t++) out[t] = 0;
     for (int kb = 0; kb < nbx; kb++) {                       /* one 32-value activation block at a time */
         int8_t q[32];                                        /* the weights' integers */
-        float dw = 0, mw = 0;                                /* w = dw * q (+ scaled min mw) */
-        int sc16[2] = {1, 1};
-        if (qt == Q8_0 || qt == Q4_0 || qt == Q4_1) {
-            const uint8_t *b = w + (size_t)kb * bb;
-            uint8_t block[34];
-            if (packed >= 0) {
-                for (int i = 0; i < BLOCK_BYTES[qt]; i++) block[i] = b[packed_at(BLOCK_BYTES[qt], packed, i)];
-                b = block;
-            }
-            dw = half_to_float(b);
-            if (qt == Q8_0) {
-                memcpy(q, b + 2, 32);
-            } else {
-                const uint8_t *qs = b + (qt == Q4_1 ? 4 : 2);
-                int off = qt == Q4_0 ? 8 : 0;
-                for (int i = 0; i < 16; i++) {
-                    q[i] = (int8_t)((qs[i] & 15) - off);
-                    q[i + 16] = (int8_t)((qs[i] >> 4) - off);
-                }
-                if (qt == Q4_1) mw = half_to_float(b + 2);
-            }
+        float dw, mw = 0;                                    /* w = dw * q (+ min mw) */
+        const uint8_t *b = w + (size_t)kb * bb;
+        uint8_t block[34];
+        if (packed >= 0) {
+            for (int i = 0; i < BLOCK_BYTES[qt]; i++) block[i] = b[packed_at(BLOCK_BYTES[qt], packed, i)];
+            b = block;
+        }
+        dw = half_to_float(b);
+        if (qt == Q8_0) {
+            memcpy(q, b + 2, 32);
         } else {
-            const uint8_t *b = w + (size_t)(kb / 8) * BLOCK_BYTES[qt];
-            int j = kb % 8;
-            if (qt == Q6_K) {
-                int h = j / 4, s = j % 4;
-                const uint8_t *ql = b + 64 * h + 32 * (s & 1), *qh = b + 128 + 32 * h;
-                for (int i = 0; i < 32; i++)
-                    q[i] = (int8_t)((((ql[i] >> (4 * (s >> 1))) & 15) | (((qh[i] >> (2 * s)) & 3) << 4)) - 32);
-                dw = half_to_float(b + 208);
-                sc16[0] = (int8_t)b[192 + 8 * h + 2 * s];
-                sc16[1] = (int8_t)b[193 + 8 * h + 2 * s];
-            } else {
-                int sc, mn, g = j / 2, hi = j & 1;
-                scale_min_k4(j, b + 4, &sc, &mn);
-                const uint8_t *qs = b + (qt == Q5_K ? 48 : 16) + 32 * g;
-                for (int i = 0; i < 32; i++) {
-                    int v = hi ? qs[i] >> 4 : qs[i] & 15;
-                    if (qt == Q5_K) v |= ((b[16 + i] >> j) & 1) << 4;
-                    q[i] = (int8_t)v;
-                }
-                dw = half_to_float(b) * (float)sc;
-                mw = -half_to_float(b + 2) * (float)mn;
+            const uint8_t *qs = b + (qt == Q4_1 ? 4 : 2);
+            int off = qt == Q4_0 ? 8 : 0;
+            for (int i = 0; i < 16; i++) {
+                q[i] = (int8_t)((qs[i] & 15) - off);
+                q[i + 16] = (int8_t)((qs[i] >> 4) - off);
             }
+            if (qt == Q4_1) mw = half_to_float(b + 2);
         }
         for (int t = 0; t < nt; t++) {
             const xblock *xb = x[t] + kb;
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 16; i++) lo += q[i] * xb->q[i];
-            for (int i = 16; i < 32; i++) hi += q[i] * xb->q[i];
-            out[t] += (float)(lo * sc16[0] + hi * sc16[1]) * (dw * xb->d) + mw * xb->d * (float)xb->sum;
+            int32_t isum = 0;
+            for (int i = 0; i < 32; i++) isum += q[i] * xb->q[i];
+            out[t] += (float)isum * (dw * xb->d) + mw * xb->d * (float)xb->sum;
         }
     }
 }
 
 #ifdef QDOT_X86
-/* Integer sums of 32 int8 pairs as 8 int32 lanes: w signed (-127..127), y signed. */
-AVX2 static inline __m256i dot_signed(__m256i w, __m256i y) {
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
-/* w unsigned (0..63), y signed. */
-AVX2 static inline __m256i dot_unsigned(__m256i w, __m256i y) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
-}
-
 AVX2 static inline __m256i load_nibbles(const uint8_t *p) {      /* 16 bytes -> 32 values: low then high */
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
@@ -245,81 +182,6 @@ AVX2 static inline __m256i load_nibbles(const uint8_t *p) {      /* 16 bytes -> 
 }
 
 #define XQ(t, kb) _mm256_loadu_si256((const __m256i *)x[t][kb].q)
-
-/* The K-quants: NR rows against NT tokens, both constants once inlined (dot_avx2 below): the loops
- * over rows and tokens unroll and the NR x NT accumulators stay in registers. Rows side by side
- * give the core independent chains of multiply-adds; each row's arithmetic is the same whatever NR. */
-#define W(r) (w + (r) * rb)
-AVX2 static inline __attribute__((always_inline)) void dot_avx2_n(int qt, const uint8_t *w, size_t rb, const int nr,
-                                                                  const xblock *const *x, const int nt, int cols,
-                                                                  float *out) {
-    __m256 acc[4][TILE];
-    float extra[4][TILE];                                     /* min terms: a float per block */
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) { acc[r][t] = _mm256_setzero_ps(); extra[r][t] = 0; }
-    int nbx = cols / 32;
-    switch (qt) {
-    case Q4_K:
-    case Q5_K:
-        for (int k = 0; k < nbx / 8; k++) {
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *b = W(r) + (size_t)k * BLOCK_BYTES[qt];
-                float d = _cvtsh_ss(*(const uint16_t *)b), dmin = _cvtsh_ss(*(const uint16_t *)(b + 2));
-                const uint8_t *qs = b + (qt == Q5_K ? 48 : 16);
-                __m256i qh = qt == Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
-                for (int g = 0; g < 4; g++) {
-                    __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
-                    for (int hi = 0; hi < 2; hi++) {
-                        int j = 2 * g + hi, kb = 8 * k + j, sc, mn;
-                        scale_min_k4(j, b + 4, &sc, &mn);
-                        __m256i q = _mm256_and_si256(hi ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
-                        if (qt == Q5_K) {
-                            __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1));
-                            q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
-                        }
-                        float ds = d * (float)sc, dm = dmin * (float)mn;
-                        for (int t = 0; t < nt; t++) {
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_unsigned(q, XQ(t, kb))),
-                                                        _mm256_set1_ps(ds * x[t][kb].d), acc[r][t]);
-                            extra[r][t] -= dm * x[t][kb].d * (float)x[t][kb].sum;
-                        }
-                    }
-                }
-            }
-        }
-        break;
-    case Q6_K:
-        for (int k = 0; k < nbx / 8; k++) {
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *b = W(r) + (size_t)k * 210;
-                float d = _cvtsh_ss(*(const uint16_t *)(b + 208));
-                for (int h = 0; h < 2; h++) {
-                    __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-                    for (int s = 0; s < 4; s++) {
-                        int kb = 8 * k + 4 * h + s;
-                        __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (s & 1)));
-                        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (s >> 1)), _mm256_set1_epi8(15));
-                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), _mm256_set1_epi8(3));
-                        __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
-                                                    _mm256_set1_epi8(32));
-                        __m256i sc = _mm256_set_m128i(_mm_set1_epi16((int8_t)b[193 + 8 * h + 2 * s]),
-                                                      _mm_set1_epi16((int8_t)b[192 + 8 * h + 2 * s]));
-                        for (int t = 0; t < nt; t++) {
-                            __m256i y = XQ(t, kb);
-                            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, sc)),
-                                                        _mm256_set1_ps(d * x[t][kb].d), acc[r][t]);
-                        }
-                    }
-                }
-            }
-        }
-        break;
-    }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) out[r * TILE + t] = hsum_ps(acc[r][t]) + extra[r][t];
-}
-#undef W
 
 /* The 32-value types, 8 rows at once: lane r of every float vector is row r. Per block, each row's
  * integer dot product (exact, so its order does not matter) is reduced into its lane by a tree of
@@ -461,22 +323,6 @@ AVX2 static void dot8_avx2(int qt, const uint8_t *w, size_t rb, size_t bb, int n
     }
 }
 
-/* out[r * TILE + t] for nr rows (1 or ROWS_AT_ONCE) and nt tokens (1..TILE). */
-AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const xblock *const *x, int nt, int cols,
-                          float *out) {
-    if (nr == ROWS_AT_ONCE && nt == 1) {
-        dot_avx2_n(qt, w, rb, ROWS_AT_ONCE, x, 1, cols, out);
-        return;
-    }
-    for (int r = 0; r < nr; r++, w += rb, out += TILE) {
-        switch (nt) {
-        case 1: dot_avx2_n(qt, w, rb, 1, x, 1, cols, out); break;
-        case 2: dot_avx2_n(qt, w, rb, 1, x, 2, cols, out); break;
-        case 3: dot_avx2_n(qt, w, rb, 1, x, 3, cols, out); break;
-        default: dot_avx2_n(qt, w, rb, 1, x, 4, cols, out); break;
-        }
-    }
-}
 #endif
 
 /* ---- the thread pool ------------------------------------------------------------------------------
@@ -499,7 +345,8 @@ typedef struct {
     mat_t m[MAX_MATS];
     int first_task[MAX_MATS + 1];    /* matrix i's tasks are first_task[i] .. first_task[i + 1] - 1 */
     int nmats, cols, nt, chunk;
-    const xblock *const *x;
+    const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1) */
+    const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
     int use_avx2;
 } job_t;
 
@@ -526,7 +373,7 @@ static void run_task(const job_t *j, int task) {
     while (task >= j->first_task[i + 1]) i++;
     const mat_t *m = &j->m[i];
     int r0 = (task - j->first_task[i]) * j->chunk, r1 = r0 + j->chunk < m->rows ? r0 + j->chunk : m->rows;
-    int group = m->qt <= Q4_1 && (j->use_avx2 || m->interleaved) ? 8 : ROWS_AT_ONCE;
+    int kquant = m->qt >= Q4_K, group = kquant ? ROWS_AT_ONCE : 8;
     size_t bytes = BLOCK_BYTES[m->qt];
     float out[8 * TILE];
     for (int r = r0; r < r1; r += group) {
@@ -535,14 +382,17 @@ static void run_task(const job_t *j, int task) {
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
 #ifdef QDOT_X86
-            if (j->use_avx2 && packed)
+            if (j->use_avx2 && kquant)
+                kq_dot_avx2(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
+            else if (j->use_avx2 && packed)
                 dotp_avx2(m->qt, w, j->x + t0, n, j->cols, out);
-            else if (j->use_avx2 && group == 8)
-                dot8_avx2(m->qt, w, m->row_bytes, bytes, nr, j->x + t0, n, j->cols, out);
             else if (j->use_avx2)
-                dot_avx2(m->qt, w, m->row_bytes, nr, j->x + t0, n, j->cols, out);
+                dot8_avx2(m->qt, w, m->row_bytes, bytes, nr, j->x + t0, n, j->cols, out);
             else
 #endif
+            if (kquant)
+                kq_dot_scalar(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
+            else
                 for (int k = 0; k < nr; k++)
                     dot_scalar(m->qt, packed ? w : w + k * m->row_bytes, packed ? 8 * bytes : bytes, packed ? k : -1,
                                j->x + t0, n, j->cols, out + k * TILE);
@@ -646,6 +496,8 @@ static int cpu_has_avx2(void) {
 static int use_avx2 = -1;
 static xblock *xbuf;
 static size_t xbuf_len;
+static kxblock *xkbuf;
+static size_t xkbuf_len;
 
 int qdot_parse_mat(PyObject *item, int cols, qmat_t *m) {
     unsigned long long wp, yp;
@@ -681,27 +533,43 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
         m->row_bytes = (size_t)(cols / BLOCK_VALUES[m->qt]) * BLOCK_BYTES[m->qt];
         j.first_task[i + 1] = j.first_task[i] + (m->rows + j.chunk - 1) / j.chunk;
     }
-    int nbx = cols / 32, ok = 0;
+    int nbx = cols / 32, nbk = cols / 256, ok = 0, small = 0, kquant = 0;   /* which activation blocks are needed */
+    for (int i = 0; i < n; i++) {
+        small |= mats[i].qt < Q4_K;
+        kquant |= mats[i].qt >= Q4_K;
+    }
     const xblock *xrows[QDOT_MAX_TOKENS];
+    const kxblock *xkrows[QDOT_MAX_TOKENS];
     pthread_mutex_lock(&pool.call);
     if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
-    size_t need = (size_t)nt * nbx;
+    size_t need = small ? (size_t)nt * nbx : 0, need_k = kquant ? (size_t)nt * nbk : 0;
     if (need > xbuf_len) {
         free(xbuf);
         xbuf = malloc(need * sizeof(xblock));
         xbuf_len = xbuf ? need : 0;
     }
-    if (xbuf) {
+    if (need_k > xkbuf_len) {
+        free(xkbuf);
+        xkbuf = malloc(need_k * sizeof(kxblock));
+        xkbuf_len = xkbuf ? need_k : 0;
+    }
+    if (xbuf_len >= need && xkbuf_len >= need_k) {
         for (int t = 0; t < nt; t++) {
-#ifdef QDOT_X86
-            if (use_avx2)
-                quantize_row_avx2(x + (size_t)t * cols, xbuf + (size_t)t * nbx, nbx);
-            else
-#endif
-                quantize_row_scalar(x + (size_t)t * cols, xbuf + (size_t)t * nbx, nbx);
+            const float *row = x + (size_t)t * cols;
             xrows[t] = xbuf + (size_t)t * nbx;
+            xkrows[t] = xkbuf + (size_t)t * nbk;
+#ifdef QDOT_X86
+            if (use_avx2) {
+                if (small) quantize_row_avx2(row, xbuf + (size_t)t * nbx, nbx);
+                if (kquant) kq_quantize_avx2(row, xkbuf + (size_t)t * nbk, nbk);
+                continue;
+            }
+#endif
+            if (small) quantize_row_scalar(row, xbuf + (size_t)t * nbx, nbx);
+            if (kquant) kq_quantize_scalar(row, xkbuf + (size_t)t * nbk, nbk);
         }
         j.x = xrows;
+        j.xk = xkrows;
         j.use_avx2 = use_avx2;
         run_job(&j, threads);
         ok = 1;

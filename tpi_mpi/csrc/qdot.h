@@ -9,8 +9,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QDOT_X86 1
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
 #define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
 #define QDOT_MAX_TOKENS 256     /* rows of x one call takes */
+
+enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, N_TYPES };    /* quant_int8.TYPE_IDS */
 
 /* An IEEE half's bits as a float, exactly (the blocks' scales; a half-precision KV cache without _Float16). */
 static inline float half_bits_to_float(uint16_t h) {
@@ -28,6 +36,26 @@ static inline float half_bits_to_float(uint16_t h) {
     return f;
 }
 
+/* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml's get_scale_min_k4). */
+static inline void qdot_scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+#ifdef QDOT_X86
+AVX2 static inline int qdot_hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
 /* ---- qdot.c ---- */
 typedef struct {
     int qt, rows, interleaved;  /* the GGML type (quant_int8.TYPE_IDS), rows, rows regrouped by 8 */
@@ -39,6 +67,25 @@ typedef struct {
 int qdot_parse_mat(PyObject *item, int cols, qmat_t *m);
 /* Each matrix's y = x @ W^T, x (nt, cols) float32 quantized once; -1 when out of memory. Call without the GIL. */
 int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads);
+
+/* ---- kquants.c ---- */
+#define TILE_K 4                /* tokens a K-quant dot product takes at once */
+
+typedef struct {                /* 256 activations as int8, their scale, and the sum of every 16 */
+    float d;
+    int16_t bsums[16];
+    int8_t q[256];
+} kxblock;
+
+void kq_quantize_scalar(const float *x, kxblock *out, int nb);
+/* out[r * stride + t] = row r . token t: nr rows of K-quant type qt, rb bytes apart, and nt <= TILE_K tokens */
+void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
+                   int stride);
+#ifdef QDOT_X86
+void kq_quantize_avx2(const float *x, kxblock *out, int nb);
+void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
+                 int stride);
+#endif
 
 /* ---- rowops.c ---- */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };   /* rowops.py's KV_CODES */

@@ -157,9 +157,7 @@ typedef struct {
     void (*axpy)(float p, const float *x, float *y, int64_t n);
 } row_kernels;
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef QDOT_X86
 
 AVX2 static void widen_avx2(const kvstore_t *s, const char *base, int64_t at, int64_t hd, float *out) {
     if (s->code == KV_F32) {
@@ -201,7 +199,7 @@ static int has_avx2(void) {
 #endif
 
 static row_kernels kernels_for(int64_t hd) {
-#ifdef AVX2
+#ifdef QDOT_X86
     if (hd % 8 == 0 && has_avx2()) return (row_kernels){widen_avx2, dot_avx2, axpy_avx2};
 #endif
     return (row_kernels){load_row, dot_lanes, axpy};

@@ -1,0 +1,249 @@
+/* The K-quants (Q4_K, Q5_K, Q6_K: 256-value super-blocks cut into sub-blocks of 32 or 16 values, each
+ * with a small integer scale) against activations quantized per 256 values, as llama.cpp's q8_K: one
+ * float scale a block, and the sum of every 16 of its int8 values.
+ *
+ * With one activation scale across the super-block, its sub-blocks add up in integers, their integer
+ * scales applied before any float: one float step per 256 values and row. Against qdot.c's 32-value
+ * activation blocks (a float step per sub-block) that was 2.5-3x the speed here (docs/quant-kernels.md),
+ * at the cost of coarser activations, which the perplexity in the same docs measures.
+ *
+ * A super-block's integer sums are exact, so the AVX2 and the portable loops agree on them; the float
+ * steps after them are the same statement. Each row is one fixed sequence of steps whatever the other
+ * tokens of the call (batch invariance, batch.py).
+ */
+#include "qdot.h"
+
+/* ---- activations to 256-value blocks ------------------------------------------------------------- */
+
+void kq_quantize_scalar(const float *x, kxblock *out, int nb) {
+    for (int b = 0; b < nb; b++, x += 256) {
+        float amax = 0;
+        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float d = amax / 127, id = d ? 1 / d : 0;
+        for (int i = 0; i < 256; i++) out[b].q[i] = (int8_t)nearbyintf(x[i] * id);   /* half to even */
+        for (int s = 0; s < 16; s++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += out[b].q[16 * s + i];
+            out[b].bsums[s] = (int16_t)sum;
+        }
+        out[b].d = d;
+    }
+}
+
+/* ---- a super-block's integer sums, portable --------------------------------------------------------
+ * S: the weights' integers times the activations', each sub-block's times its scale; M: each sub-block's
+ * min times the activations' sum there (Q4_K, Q5_K). Q6_K's values are stored plus 32: S takes 32 times
+ * each sub-block's activation sum times its scale off. */
+
+static void sums_scalar(int qt, const uint8_t *b, const kxblock *y, int32_t *S, int32_t *M) {
+    int32_t s = 0, m = 0;
+    if (qt == Q6_K) {
+        for (int j = 0; j < 16; j++) {               /* 16 values at 128h + 32sub + 16half */
+            int h = j / 8, sub = (j % 8) / 2, half = j % 2, dot = 0;
+            const uint8_t *ql = b + 64 * h + 32 * (sub & 1), *qh = b + 128 + 32 * h;
+            for (int i = 16 * half; i < 16 * half + 16; i++) {
+                int v = ((ql[i] >> (4 * (sub >> 1))) & 15) | (((qh[i] >> (2 * sub)) & 3) << 4);
+                dot += v * y->q[128 * h + 32 * sub + i];
+            }
+            s += (int8_t)b[192 + j] * (dot - 32 * y->bsums[j]);
+        }
+    } else {
+        for (int j = 0; j < 8; j++) {                /* 32 values at 32j */
+            int sc, mn, dot = 0;
+            qdot_scale_min_k4(j, b + 4, &sc, &mn);
+            const uint8_t *qs = b + (qt == Q5_K ? 48 : 16) + 32 * (j / 2);
+            for (int i = 0; i < 32; i++) {
+                int v = j & 1 ? qs[i] >> 4 : qs[i] & 15;
+                if (qt == Q5_K) v |= ((b[16 + i] >> j) & 1) << 4;
+                dot += v * y->q[32 * j + i];
+            }
+            s += sc * dot;
+            m += mn * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+        }
+    }
+    *S = s;
+    *M = m;
+}
+
+/* The float step of one super-block: d and dmin its scales (Q6_K: dmin 0, M 0); xd the activations'. */
+static inline float kstep(float acc, float d, float dmin, float xd, int32_t S, int32_t M) {
+    return acc + d * xd * (float)S - dmin * xd * (float)M;
+}
+
+static inline uint16_t half_at(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+#define D_AT(qt) ((qt) == Q6_K ? 208 : 0)            /* a super-block's fp16 scale; Q4_K/Q5_K's min follows it */
+
+#define KQ_BYTES(qt) ((qt) == Q4_K ? 144 : (qt) == Q5_K ? 176 : 210)
+
+/* out[r * stride + t] = row r . token t, for nr rows rb bytes apart and nt tokens. */
+void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
+                   int stride) {
+    for (int r = 0; r < nr; r++, w += rb)
+        for (int t = 0; t < nt; t++) {
+            float acc = 0;
+            for (int k = 0; k < cols / 256; k++) {
+                const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
+                int32_t S, M;
+                sums_scalar(qt, b, &x[t][k], &S, &M);
+                float dmin = qt == Q6_K ? 0 : half_bits_to_float(half_at(b + 2));
+                acc = kstep(acc, half_bits_to_float(half_at(b + D_AT(qt))), dmin, x[t][k].d, S, M);
+            }
+            out[r * stride + t] = acc;
+        }
+}
+
+#ifdef QDOT_X86
+/* ---- AVX2 ---------------------------------------------------------------------------------------- */
+
+AVX2 void kq_quantize_avx2(const float *x, kxblock *out, int nb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < nb; b++, x += 256) {
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < 256; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4), d = amax / 127, id = d ? 1 / d : 0;
+        __m256 s = _mm256_set1_ps(id);
+        for (int i = 0; i < 256; i += 32) {
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), s));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), s));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), s));
+            out[b].bsums[i / 16] = (int16_t)qdot_hsum_epi32(_mm256_add_epi32(i0, i1));
+            out[b].bsums[i / 16 + 1] = (int16_t)qdot_hsum_epi32(_mm256_add_epi32(i2, i3));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
+            _mm256_storeu_si256((__m256i *)(out[b].q + i), p);
+        }
+        out[b].d = d;
+    }
+}
+
+#define YQ(t, at) _mm256_loadu_si256((const __m256i *)(y[t]->q + (at)))
+
+/* Q4_K/Q5_K's 8 scales and 8 mins as bytes, from their 12 packed bytes (qdot_scale_min_k4, 4 at a time). */
+static inline void scales_mins_k4(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
+    uint32_t a, b, c;
+    memcpy(&a, s, 4);
+    memcpy(&b, s + 4, 4);
+    memcpy(&c, s + 8, 4);
+    *sc = (a & 0x3f3f3f3fu) | (uint64_t)((c & 0x0f0f0f0fu) | ((a >> 6) & 0x03030303u) << 4) << 32;
+    *mn = (b & 0x3f3f3f3fu) | (uint64_t)(((c >> 4) & 0x0f0f0f0fu) | ((b >> 6) & 0x03030303u) << 4) << 32;
+}
+
+/* 16 int16 lanes each holding byte i of v (i < 8), or byte i and byte i + 1 in the two halves (pairs) */
+AVX2 static inline __m256i spread(__m256i v, int i, int pairs) {
+    char a = (char)i, b = (char)(pairs ? i + 1 : i), z = (char)0x80;
+    return _mm256_shuffle_epi8(v, _mm256_setr_epi8(a, z, a, z, a, z, a, z, a, z, a, z, a, z, a, z,
+                                                   b, z, b, z, b, z, b, z, b, z, b, z, b, z, b, z));
+}
+
+/* S and M (lanes 0 and 1) from their 8-lane partial sums, in one reduction. */
+AVX2 static inline __m128i reduce_sm(__m256i S, __m256i M) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(S), _mm256_extracti128_si256(S, 1));
+    __m128i m = _mm_add_epi32(_mm256_castsi256_si128(M), _mm256_extracti128_si256(M, 1));
+    __m128i h = _mm_hadd_epi32(s, m);
+    return _mm_hadd_epi32(h, h);
+}
+
+/* Q4_K and Q5_K: S and M of one super-block b against nt tokens' blocks y[t]. */
+AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const uint8_t *b, const kxblock *const *y,
+                                                                 const int nt, int32_t *S, int32_t *M) {
+    uint64_t sc8, mn8;
+    scales_mins_k4(b + 4, &sc8, &mn8);
+    __m256i sc = _mm256_set1_epi64x((long long)sc8);
+    /* M: each min twice, against the two 16-value sums of its sub-block */
+    __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128((long long)mn8),
+                                                         _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
+    __m256i acc[TILE_K];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const uint8_t *qs = b + (qt == Q5_K ? 48 : 16);
+    __m256i qh = qt == Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++) {                    /* 64 values: sub-blocks 2g (low nibbles) and 2g + 1 */
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+        __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+        if (qt == Q5_K) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4));
+        }
+        __m256i slo = spread(sc, 2 * g, 0), shi = spread(sc, 2 * g + 1, 0);
+        for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127) */
+            __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)), slo);
+            __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, YQ(t, 64 * g + 32)), shi);
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(a, c));
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        __m128i sm = reduce_sm(acc[t], _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y[t]->bsums)));
+        S[t] = _mm_cvtsi128_si32(sm);
+        M[t] = _mm_extract_epi32(sm, 1);
+    }
+}
+
+AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b, const kxblock *const *y,
+                                                                const int nt, int32_t *S) {
+    __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
+    __m256i scales = _mm256_cvtepi8_epi16(sc8), sc = _mm256_broadcastsi128_si256(sc8);
+    __m256i acc[TILE_K], off[TILE_K];
+    for (int t = 0; t < nt; t++) {                   /* the +32 of every value: 32 * sum of scale * 16-sum */
+        off[t] = _mm256_slli_epi32(_mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y[t]->bsums)), 5);
+        acc[t] = _mm256_setzero_si256();
+    }
+    const __m256i low = _mm256_set1_epi8(15), two = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {                    /* 128 values: 4 x 32, sub-blocks of 16 */
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+        __m256i v[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, two), 4)),
+            _mm256_or_si256(_mm256_and_si256(ql1, low),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)),
+        };
+        for (int s = 0; s < 4; s++) {                /* sub-blocks 8h + 2s and 8h + 2s + 1, as int16 */
+            __m256i sv = _mm256_srai_epi16(_mm256_slli_epi16(spread(sc, 8 * h + 2 * s, 1), 8), 8);
+            for (int t = 0; t < nt; t++)             /* pairs of products fit int16 (2 * 63 * 127) */
+                acc[t] = _mm256_add_epi32(acc[t],
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], YQ(t, 128 * h + 32 * s)), sv));
+        }
+    }
+    for (int t = 0; t < nt; t++) S[t] = _mm_cvtsi128_si32(reduce_sm(_mm256_sub_epi32(acc[t], off[t]), off[t]));
+}
+#undef YQ
+
+AVX2 static inline __attribute__((always_inline)) void dot_n(int qt, const uint8_t *w, size_t rb, int nr,
+                                                             const kxblock *const *x, const int nt, int cols,
+                                                             float *out, int stride) {
+    for (int r = 0; r < nr; r++, w += rb) {
+        float acc[TILE_K] = {0};
+        for (int k = 0; k < cols / 256; k++) {
+            const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
+            const kxblock *y[TILE_K];
+            int32_t S[TILE_K], M[TILE_K] = {0};
+            for (int t = 0; t < nt; t++) y[t] = &x[t][k];
+            if (qt == Q6_K)
+                sums_q6k(b, y, nt, S);
+            else
+                sums_q45k(qt, b, y, nt, S, M);
+            float d = _cvtsh_ss(half_at(b + D_AT(qt))), dmin = qt == Q6_K ? 0 : _cvtsh_ss(half_at(b + 2));
+            for (int t = 0; t < nt; t++) acc[t] = kstep(acc[t], d, dmin, y[t]->d, S[t], M[t]);
+        }
+        for (int t = 0; t < nt; t++) out[r * stride + t] = acc[t];
+    }
+}
+
+AVX2 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols,
+                      float *out, int stride) {
+    switch (nt) {                                    /* the token count a constant: accumulators in registers */
+    case 1: dot_n(qt, w, rb, nr, x, 1, cols, out, stride); break;
+    case 2: dot_n(qt, w, rb, nr, x, 2, cols, out, stride); break;
+    case 3: dot_n(qt, w, rb, nr, x, 3, cols, out, stride); break;
+    default: dot_n(qt, w, rb, nr, x, 4, cols, out, stride); break;
+    }
+}
+#endif
