@@ -7,9 +7,10 @@
  * activation blocks (a float step per sub-block) that was 2.5-3x the speed here (docs/quant-kernels.md),
  * at the cost of coarser activations, which the perplexity in the same docs measures.
  *
- * A super-block's integer sums are exact, so the AVX2 and the portable loops agree on them; the float
- * steps after them are the same statement. Each row is one fixed sequence of steps whatever the other
- * tokens of the call (batch invariance, batch.py).
+ * A super-block's integer sums are exact; the portable loops take one float step per super-block, the
+ * AVX2 ones keep 8 partial sums a row in float lanes and add them at the row's end (so the two differ
+ * in the last bits). Either way each row is one fixed sequence of steps whatever the other tokens of
+ * the call (batch invariance, batch.py).
  */
 #include "qdot.h"
 
@@ -139,25 +140,19 @@ AVX2 static inline __m256i spread(__m256i v, int i, int pairs) {
                                                    b, z, b, z, b, z, b, z, b, z, b, z, b, z, b, z));
 }
 
-/* S and M (lanes 0 and 1) from their 8-lane partial sums, in one reduction. */
-AVX2 static inline __m128i reduce_sm(__m256i S, __m256i M) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(S), _mm256_extracti128_si256(S, 1));
-    __m128i m = _mm_add_epi32(_mm256_castsi256_si128(M), _mm256_extracti128_si256(M, 1));
-    __m128i h = _mm_hadd_epi32(s, m);
-    return _mm_hadd_epi32(h, h);
-}
-
-/* Q4_K and Q5_K: S and M of one super-block b against nt tokens' blocks y[t]. */
+/* Q4_K and Q5_K: S and M of one super-block b against nt tokens' blocks y[t], each as 8 partial sums. */
 AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const uint8_t *b, const kxblock *const *y,
-                                                                 const int nt, int32_t *S, int32_t *M) {
+                                                                 const int nt, __m256i *S, __m256i *M) {
     uint64_t sc8, mn8;
     scales_mins_k4(b + 4, &sc8, &mn8);
     __m256i sc = _mm256_set1_epi64x((long long)sc8);
     /* M: each min twice, against the two 16-value sums of its sub-block */
     __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128((long long)mn8),
                                                          _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
-    __m256i acc[TILE_K];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_si256();
+    for (int t = 0; t < nt; t++) {
+        S[t] = _mm256_setzero_si256();
+        M[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y[t]->bsums));
+    }
     const __m256i low = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     const uint8_t *qs = b + (qt == Q5_K ? 48 : 16);
     __m256i qh = qt == Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
@@ -172,18 +167,13 @@ AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const u
         for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127) */
             __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)), slo);
             __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, YQ(t, 64 * g + 32)), shi);
-            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(a, c));
+            S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(a, c));
         }
-    }
-    for (int t = 0; t < nt; t++) {
-        __m128i sm = reduce_sm(acc[t], _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y[t]->bsums)));
-        S[t] = _mm_cvtsi128_si32(sm);
-        M[t] = _mm_extract_epi32(sm, 1);
     }
 }
 
 AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b, const kxblock *const *y,
-                                                                const int nt, int32_t *S) {
+                                                                const int nt, __m256i *S) {
     __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
     __m256i scales = _mm256_cvtepi8_epi16(sc8), sc = _mm256_broadcastsi128_si256(sc8);
     __m256i acc[TILE_K], off[TILE_K];
@@ -212,7 +202,7 @@ AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b
                                           _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], YQ(t, 128 * h + 32 * s)), sv));
         }
     }
-    for (int t = 0; t < nt; t++) S[t] = _mm_cvtsi128_si32(reduce_sm(_mm256_sub_epi32(acc[t], off[t]), off[t]));
+    for (int t = 0; t < nt; t++) S[t] = _mm256_sub_epi32(acc[t], off[t]);
 }
 #undef YQ
 
@@ -220,20 +210,25 @@ AVX2 static inline __attribute__((always_inline)) void dot_n(int qt, const uint8
                                                              const kxblock *const *x, const int nt, int cols,
                                                              float *out, int stride) {
     for (int r = 0; r < nr; r++, w += rb) {
-        float acc[TILE_K] = {0};
+        __m256 acc[TILE_K];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
         for (int k = 0; k < cols / 256; k++) {
             const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
             const kxblock *y[TILE_K];
-            int32_t S[TILE_K], M[TILE_K] = {0};
+            __m256i S[TILE_K], M[TILE_K];
             for (int t = 0; t < nt; t++) y[t] = &x[t][k];
             if (qt == Q6_K)
                 sums_q6k(b, y, nt, S);
             else
                 sums_q45k(qt, b, y, nt, S, M);
             float d = _cvtsh_ss(half_at(b + D_AT(qt))), dmin = qt == Q6_K ? 0 : _cvtsh_ss(half_at(b + 2));
-            for (int t = 0; t < nt; t++) acc[t] = kstep(acc[t], d, dmin, y[t]->d, S[t], M[t]);
+            for (int t = 0; t < nt; t++) {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[t]), _mm256_set1_ps(d * y[t]->d), acc[t]);
+                if (qt != Q6_K)
+                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M[t]), _mm256_set1_ps(dmin * y[t]->d), acc[t]);
+            }
         }
-        for (int t = 0; t < nt; t++) out[r * stride + t] = acc[t];
+        for (int t = 0; t < nt; t++) out[r * stride + t] = qdot_hsum_ps(acc[t]);
     }
 }
 
