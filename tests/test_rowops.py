@@ -89,3 +89,25 @@ def test_one_row_attention_is_torchs_attention_for_the_whole_group(fast_path, hd
     out = rowops.attend_row(q, k, v, keys, values, kv_index, pos, Place(((0, 4),), pos + 1))
     sdpa = F.scaled_dot_product_attention(q.transpose(0, 1), keys[kv_index, :pos + 1], values[kv_index, :pos + 1])
     torch.testing.assert_close(out, sdpa.transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])        # heads spread over threads; one kv head for all
+def test_long_context_attention_on_threads_is_the_same_as_on_one(fast_path, kv_heads):
+    """Past ~2^18 multiply-adds a row's kv heads are tasks for the kernels' threads (rowops.c): the
+    same bits as on one thread, and torch's attention."""
+    g = torch.Generator().manual_seed(3)
+    heads, hd, blocks = 8, 64, 40
+    kv_index = torch.arange(heads) * kv_heads // heads
+    pos = blocks * KV_BLOCK - 3                      # 8 heads x 64 x ~640 positions: above the threshold
+    q, k, v = torch.randn(1, heads, hd, generator=g), *(torch.randn(1, kv_heads, hd, generator=g) for _ in "kv")
+    keys, values = torch.randn(2, kv_heads, blocks * KV_BLOCK, hd, generator=g).to(torch.float16).unbind(0)
+    outs = []
+    for threads in (1, 2):
+        QI.set_threads(threads)
+        try:
+            outs.append(rowops.attend_row(q, k, v, keys, values, kv_index, pos, Place(((0, blocks),), pos + 1)))
+        finally:
+            QI.set_threads(0)
+    assert torch.equal(outs[0], outs[1])
+    want = reference_attention(q[0], keys[:, :pos + 1].float(), values[:, :pos + 1].float(), kv_index, pos + 1)
+    torch.testing.assert_close(outs[1][0].double(), want, rtol=1e-5, atol=1e-5)

@@ -79,7 +79,7 @@ def attend_row(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, kv
     index = place.index
     _qdot().attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads, keys.shape[0], hd,
                    kv_index.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), KV_CODES[keys.dtype],
-                   place.start, 0 if index is None else index.data_ptr(), pos)
+                   place.start, 0 if index is None else index.data_ptr(), pos, kernel_threads())
     return out
 
 

@@ -70,7 +70,7 @@ PyObject *py_attention_rows(PyObject *self, PyObject *args) {
         for (int t = 0; t < T && !err; t++) {
             place_t place = {st[t], (const int64_t *)(uintptr_t)ix[t]};
             err = rows_attend(q + t * nq, k + t * nkv, v + t * nkv, att + t * nq, heads, kv_heads, hd,
-                              (const int64_t *)kv_index, &s, place, at[t]);
+                              (const int64_t *)kv_index, &s, place, at[t], threads);
         }
     }
     if (!err) err = qdot_matmul(&om, 1, (int)nq, att, T, threads);

@@ -341,6 +341,8 @@ typedef struct {
     const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1) */
     const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
     int use_avx2;
+    void (*fn)(void *ctx, int task); /* or any other work, task by task (qdot_parallel) */
+    void *ctx;
 } job_t;
 
 static struct {
@@ -362,6 +364,10 @@ static int64_t now_ns(void) {
 }
 
 static void run_task(const job_t *j, int task) {
+    if (j->fn) {
+        j->fn(j->ctx, task);
+        return;
+    }
     int i = 0;
     while (task >= j->first_task[i + 1]) i++;
     const mat_t *m = &j->m[i];
@@ -571,6 +577,14 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     return ok ? 0 : -1;
 }
 
+void qdot_parallel(void (*fn)(void *ctx, int task), void *ctx, int ntasks, int threads) {
+    if (ntasks < 1) return;
+    job_t j = {.nmats = 1, .first_task = {0, ntasks}, .fn = fn, .ctx = ctx};
+    pthread_mutex_lock(&pool.call);
+    run_job(&j, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads);
+    pthread_mutex_unlock(&pool.call);
+}
+
 /* matmul(mats, cols, x_ptr, tokens, threads), mats a sequence of (qtype, w_ptr, rows, y_ptr): each
  * matrix's y (tokens, rows) = x @ W^T, x (tokens, cols) float32 quantized once for all of them. */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
@@ -654,7 +668,7 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, hd): x rotated in place"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, n): out = silu(gate) * up"},
     {"attend", py_attend, METH_VARARGS, "attend(q, k, v, out, heads, kv_heads, hd, kv_index, keys, values, "
-                                        "head_stride, code, start, index, pos): one query row"},
+                                        "head_stride, code, start, index, pos, threads): one query row"},
     {"attention_rows", py_attention_rows, METH_VARARGS, "a decode step's attention half-layer, see layer.c"},
     {"mlp_rows", py_mlp_rows, METH_VARARGS, "a decode step's MLP half-layer, see layer.c"},
     {NULL, NULL, 0, NULL},

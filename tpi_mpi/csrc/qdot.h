@@ -74,6 +74,8 @@ typedef struct {
 int qdot_parse_mat(PyObject *item, int cols, qmat_t *m);
 /* Each matrix's y = x @ W^T, x (nt, cols) float32 quantized once; -1 when out of memory. Call without the GIL. */
 int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads);
+/* fn(ctx, task) for tasks 0..ntasks - 1 on the kernels' threads (the caller's among them), in any order. */
+void qdot_parallel(void (*fn)(void *ctx, int task), void *ctx, int ntasks, int threads);
 
 /* ---- kquants.c ---- */
 #define TILE_K 4                /* tokens a K-quant dot product takes at once */
@@ -112,7 +114,7 @@ void rows_rmsnorm(const float *x, const float *w, float *y, int64_t rows, int64_
 void rows_rope(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t hd);
 void rows_silu_mul(const float *gate, const float *up, float *out, int64_t n);
 int rows_attend(const float *q, const float *k, const float *v, float *out, int64_t heads, int64_t kv_heads,
-                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos);
+                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos, int threads);
 int rows_check_attend(int64_t heads, int64_t hd);   /* 0, or -1 with a Python error set */
 
 PyObject *py_rmsnorm(PyObject *self, PyObject *args);

@@ -205,43 +205,65 @@ static row_kernels kernels_for(int64_t hd) {
     return (row_kernels){load_row, dot_lanes, axpy};
 }
 
+typedef struct {                    /* one query row's attention, shared by its kv heads' tasks */
+    const float *q;
+    float *out, *scores;                /* scores: L per query head */
+    int64_t heads, hd, L;
+    const int64_t *kv_index;
+    const kvstore_t *s;
+    place_t place;
+    row_kernels kn;
+} attend_t;
+
+/* The query heads reading kv head g attend over positions 0..L-1: each stored row is widened once for
+ * all of them. */
+static void attend_kv_head(void *ctx, int g) {
+    const attend_t *a = ctx;
+    const kvstore_t *s = a->s;
+    int64_t mine[MAX_HEADS], n = 0, L = a->L, hd = a->hd;
+    for (int64_t h = 0; h < a->heads; h++)
+        if (a->kv_index[h] == g) mine[n++] = h;
+    float scale = 1.0f / sqrtf((float)hd), row[MAX_HEAD_DIM];
+    for (int64_t j = 0; j < L; j++) {
+        a->kn.widen(s, s->keys, g * s->head_stride + pool_position(a->place, j) * hd, hd, row);
+        for (int64_t i = 0; i < n; i++) a->scores[mine[i] * L + j] = a->kn.dot(a->q + mine[i] * hd, row, hd) * scale;
+    }
+    for (int64_t i = 0; i < n; i++) {               /* softmax, in place */
+        float *sc = a->scores + mine[i] * L, top = sc[0], total = 0;
+        for (int64_t j = 1; j < L; j++) top = sc[j] > top ? sc[j] : top;
+        for (int64_t j = 0; j < L; j++) total += (sc[j] = expf(sc[j] - top));
+        for (int64_t j = 0; j < L; j++) sc[j] /= total;
+        memset(a->out + mine[i] * hd, 0, hd * sizeof(float));
+    }
+    for (int64_t j = 0; j < L; j++) {
+        a->kn.widen(s, s->values, g * s->head_stride + pool_position(a->place, j) * hd, hd, row);
+        for (int64_t i = 0; i < n; i++) a->kn.axpy(a->scores[mine[i] * L + j], row, a->out + mine[i] * hd, hd);
+    }
+}
+
+/* Multiply-adds below which one row's attention stays on the calling thread: waking the kernels'
+ * threads costs a few microseconds, SmolLM2's 9 heads over 150 positions take 35. */
+#define PARALLEL_ATTEND (1 << 18)
+
 /* One query row at position `pos`: its k and v (kv heads, hd) are written to the pool first, then
  * each query head attends over positions 0..pos of its kv head (kv_index[h]) with softmax(q.k / sqrt(hd)).
- * q and out (heads, hd) float32. Computed one kv head at a time, so that each stored row is widened
- * once for all the query heads that read it. -1 when out of memory. */
+ * q and out (heads, hd) float32. The kv heads are tasks for `threads` threads at long contexts; a
+ * head's steps are the same on any thread. -1 when out of memory. */
 int rows_attend(const float *q, const float *k, const float *v, float *out, int64_t heads, int64_t kv_heads,
-                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos) {
-    row_kernels kn = kernels_for(hd);
+                int64_t hd, const int64_t *kv_index, const kvstore_t *s, place_t place, int64_t pos, int threads) {
     for (int64_t g = 0; g < kv_heads; g++) {
         int64_t at = g * s->head_stride + pool_position(place, pos) * hd;
         store_row(s, s->keys, at, hd, k + g * hd);
         store_row(s, s->values, at, hd, v + g * hd);
     }
-    int64_t L = pos + 1;
-    float scale = 1.0f / sqrtf((float)hd), row[MAX_HEAD_DIM], *scores = malloc(sizeof(float) * heads * L);
-    if (!scores) return -1;
-    for (int64_t g = 0; g < kv_heads; g++) {
-        int64_t mine[MAX_HEADS], n = 0;             /* the query heads reading kv head g */
-        for (int64_t h = 0; h < heads; h++)
-            if (kv_index[h] == g) mine[n++] = h;
-        if (!n) continue;
-        for (int64_t j = 0; j < L; j++) {
-            kn.widen(s, s->keys, g * s->head_stride + pool_position(place, j) * hd, hd, row);
-            for (int64_t i = 0; i < n; i++) scores[i * L + j] = kn.dot(q + mine[i] * hd, row, hd) * scale;
-        }
-        for (int64_t i = 0; i < n; i++) {           /* softmax, in place */
-            float *sc = scores + i * L, top = sc[0], total = 0;
-            for (int64_t j = 1; j < L; j++) top = sc[j] > top ? sc[j] : top;
-            for (int64_t j = 0; j < L; j++) total += (sc[j] = expf(sc[j] - top));
-            for (int64_t j = 0; j < L; j++) sc[j] /= total;
-            memset(out + mine[i] * hd, 0, hd * sizeof(float));
-        }
-        for (int64_t j = 0; j < L; j++) {
-            kn.widen(s, s->values, g * s->head_stride + pool_position(place, j) * hd, hd, row);
-            for (int64_t i = 0; i < n; i++) kn.axpy(scores[i * L + j], row, out + mine[i] * hd, hd);
-        }
-    }
-    free(scores);
+    attend_t a = {q, out, malloc(sizeof(float) * heads * (pos + 1)), heads, hd, pos + 1, kv_index, s, place,
+                  kernels_for(hd)};
+    if (!a.scores) return -1;
+    if (threads > 1 && kv_heads > 1 && a.L * heads * hd >= PARALLEL_ATTEND)
+        qdot_parallel(attend_kv_head, &a, (int)kv_heads, threads);
+    else
+        for (int64_t g = 0; g < kv_heads; g++) attend_kv_head(&a, (int)g);
+    free(a.scores);
     return 0;
 }
 
@@ -280,20 +302,21 @@ PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* attend(q, k, v, out, heads, kv_heads, hd, kv_index, keys, values, head_stride, code, start, index, pos) */
+/* attend(q, k, v, out, heads, kv_heads, hd, kv_index, keys, values, head_stride, code, start, index, pos,
+ *        threads) */
 PyObject *py_attend(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, out, kv_index, keys, values, index;
     long long heads, kv_heads, hd, head_stride, start, pos;
-    int code, err;
-    if (!PyArg_ParseTuple(args, "KKKKLLLKKKLiLKL", &q, &k, &v, &out, &heads, &kv_heads, &hd, &kv_index, &keys,
-                          &values, &head_stride, &code, &start, &index, &pos))
+    int code, err, threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLKKKLiLKLi", &q, &k, &v, &out, &heads, &kv_heads, &hd, &kv_index, &keys,
+                          &values, &head_stride, &code, &start, &index, &pos, &threads))
         return NULL;
     if (rows_check_attend(heads, hd)) return NULL;
     kvstore_t s = {(char *)keys, (char *)values, head_stride, code};
     place_t place = {start, (const int64_t *)index};
     Py_BEGIN_ALLOW_THREADS
     err = rows_attend((const float *)q, (const float *)k, (const float *)v, (float *)out, heads, kv_heads, hd,
-                      (const int64_t *)kv_index, &s, place, pos);
+                      (const int64_t *)kv_index, &s, place, pos, threads);
     Py_END_ALLOW_THREADS
     if (err) return PyErr_NoMemory();
     Py_RETURN_NONE;
