@@ -111,6 +111,15 @@ def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after)
     assert torch.equal(Q.matmul(x, il), plain)
 
 
+@pytest.mark.parametrize("qtype", list(QI.INTERLEAVED_TYPES))
+def test_the_layout_prepare_writes_is_the_kernels(qtype):
+    """pack_rows (torch, at prepare) gives the bytes the kernels' own regrouping gives, and back."""
+    w = quant_weight(qtype, rows=27)
+    packed = QI.pack_rows(w.raw, qtype)
+    assert torch.equal(packed, QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols)).raw)
+    assert torch.equal(QI.unpack_rows(packed, qtype), w.raw)
+
+
 def test_only_the_8_row_types_interleave():
     for w in (quant_weight("Q6_K", rows=16), quant_weight("Q4_0", rows=7)):
         assert QI.interleave(w) is w

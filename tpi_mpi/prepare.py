@@ -24,6 +24,7 @@ from .config import ModelConfig, ParallelConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import FFN_UNIT, RankShard, plan_shards
 from .quant import QTYPES, block_size
+from .quant_int8 import INTERLEAVED_TYPES, pack_rows
 from .quantize import quantize
 from .shard_format import (COMMON, DTYPE_NAMES, DTYPES, EMBED, KINDS, MANIFEST, SAFETENSORS_DTYPES, STAMP, expert_file,
                            TOKENIZER_FILES, Manifest, block_file, content_identity, file_sha256, quant_weight)
@@ -205,12 +206,19 @@ class Stored(dict):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         self.quant: dict[str, str] = {}
+        self.packed: list[str] = []          # matrices written in the int8 kernels' layout (quant_int8.pack_rows)
         self.itemsize = dtype.itemsize
 
     def add(self, name: str, stored: tuple[torch.Tensor, str | None]) -> None:
         self[name], qtype = stored
         if qtype:
             self.quant[name] = qtype
+        # matrices the kernels multiply are written in their layout, so that streamed and mapped blocks
+        # have it too (resident ones were regrouped at load, streamed ones were not); the embedding's
+        # rows are looked up by token, so it stays row after row
+        if qtype in INTERLEAVED_TYPES and name != "embed.weight" and self[name].shape[0] >= 8:
+            self[name] = pack_rows(self[name], qtype)
+            self.packed.append(name)
 
     def dequantized_bytes(self) -> int:
         return self.itemsize * sum(math.prod(quant_weight(t, self.quant[name]).shape) if name in self.quant
@@ -281,6 +289,8 @@ def _save_atomic(path: Path, tensors: Stored | None = None, data: bytes | None =
     if tensors is not None and tensors.quant:
         entry["quant"] = tensors.quant
         entry["dequantized"] = tensors.dequantized_bytes()
+    if tensors is not None and tensors.packed:
+        entry["packed"] = sorted(tensors.packed)
     tmp.rename(path)
     return entry
 

@@ -254,7 +254,7 @@ def dequantize(raw: Tensor, qtype: str, cols: int, dtype: torch.dtype = torch.fl
 @dataclass(frozen=True, eq=False)
 class QuantWeight:
     """A (rows, cols) matrix as GGML blocks: raw is uint8 (rows, row_bytes(qtype, cols)), its rows in
-    groups of 8 stored block by block if `interleaved` (the int8 kernels' layout: quant_int8.interleave)."""
+    groups of 8 stored column by column if `interleaved` (the int8 kernels' layout: quant_int8.pack_rows)."""
     raw: Tensor
     qtype: str
     cols: int

@@ -12,7 +12,9 @@ A prepared folder holds one folder per rank (each rank needs only its own `rankN
 
 A quantized matrix is stored as its raw GGML blocks: a uint8 tensor (rows, bytes per row) whose
 type ("Q4_K", ...) the manifest names; reading it gives a `QuantWeight` (quant.py). Rows are whole
-blocks, so a rank's slice of a matrix is cut at rows, or at columns on block boundaries.
+blocks, so a rank's slice of a matrix is cut at rows, or at columns on block boundaries. Q8_0, Q4_0
+and Q4_1 matrices (not the embedding) are written in the int8 kernels' 8-row layout (format 3; the
+file's "packed" list names them), so that streamed and mapped blocks are computed as resident ones.
 
 `Manifest.load` is the one place a manifest is parsed and checked. prepare.py writes this
 format, ship.py copies it between hosts, weights.py reads it block by block.
@@ -25,6 +27,7 @@ import json
 import mmap
 import os
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from .errors import ShardError
 from .parallel import RankShard
 from .quant import QTYPES, QuantWeight
 
-FORMAT = 2                      # 2: quantized matrices
+FORMAT = 3                      # 2: quantized matrices; 3: some in the int8 kernels' layout ("packed")
 MANIFEST = "manifest.json"
 COMMON = "common.safetensors"
 EMBED = "embed.safetensors"
@@ -91,9 +94,11 @@ def content_identity(path: Path, head_bytes: int) -> str:
 
 
 def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None = None,
-                     quant: dict[str, str] | None = None) -> tuple[Tensor, dict[str, Tensor | QuantWeight]]:
+                     quant: dict[str, str] | None = None,
+                     packed: Collection[str] = ()) -> tuple[Tensor, dict[str, Tensor | QuantWeight]]:
     """Read a safetensors file into `buf` (a reused uint8 tensor) or a new one; returns the buffer
-    and views into it, a QuantWeight for each tensor `quant` names (name -> GGML type). Checks the
+    and views into it, a QuantWeight for each tensor `quant` names (name -> GGML type; those in
+    `packed` stored in the int8 kernels' layout, quant_int8.pack_rows). Checks the
     sha256 when given. The file's pages are dropped from the page cache afterwards, so the memory a
     block uses is the buffer and nothing hidden."""
     with open(path, "rb", buffering=0) as f:
@@ -108,21 +113,21 @@ def read_safetensors(path: Path, buf: Tensor | None = None, sha256: str | None =
                 raise ShardError(f"{path} ended after {done} of {size} bytes")
             done += n
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return buf, parse_safetensors(buf[:size], path, sha256, quant)
+    return buf, parse_safetensors(buf[:size], path, sha256, quant, packed)
 
 
-def map_safetensors(path: Path, sha256: str | None = None,
-                    quant: dict[str, str] | None = None) -> dict[str, Tensor | QuantWeight]:
+def map_safetensors(path: Path, sha256: str | None = None, quant: dict[str, str] | None = None,
+                    packed: Collection[str] = ()) -> dict[str, Tensor | QuantWeight]:
     """A safetensors file's tensors as views into a private mapping of it: no copy, the pages are the
     page cache's (read from disk once, then shared). The mapping lives as long as the tensors do."""
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)     # copy-on-write: writable views, no copy
     mm.madvise(mmap.MADV_WILLNEED)                                  # read ahead now, not page by page
-    return parse_safetensors(torch.frombuffer(mm, dtype=torch.uint8), path, sha256, quant)
+    return parse_safetensors(torch.frombuffer(mm, dtype=torch.uint8), path, sha256, quant, packed)
 
 
-def parse_safetensors(buf: Tensor, path: Path, sha256: str | None = None,
-                      quant: dict[str, str] | None = None) -> dict[str, Tensor | QuantWeight]:
+def parse_safetensors(buf: Tensor, path: Path, sha256: str | None = None, quant: dict[str, str] | None = None,
+                      packed: Collection[str] = ()) -> dict[str, Tensor | QuantWeight]:
     """Views into `buf` (a whole safetensors file as uint8) by tensor name; see read_safetensors."""
     view = buf.numpy()
     n = int.from_bytes(view[:8].tobytes(), "little") if view.size >= 8 else 0
@@ -138,7 +143,7 @@ def parse_safetensors(buf: Tensor, path: Path, sha256: str | None = None,
             start, end = info["data_offsets"]
             raw = buf[8 + n + start: 8 + n + end]
             if quant and name in quant:
-                tensors[name] = quant_weight(raw.view(info["shape"]), quant[name])
+                tensors[name] = quant_weight(raw.view(info["shape"]), quant[name], name in packed)
             else:
                 tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -146,10 +151,10 @@ def parse_safetensors(buf: Tensor, path: Path, sha256: str | None = None,
     return tensors
 
 
-def quant_weight(raw: Tensor, qtype: str) -> QuantWeight:
+def quant_weight(raw: Tensor, qtype: str, packed: bool = False) -> QuantWeight:
     """A stored (rows, bytes per row) uint8 matrix of GGML type `qtype` as the model uses it."""
     values, nbytes = QTYPES[qtype]
-    return QuantWeight(raw, qtype, raw.shape[1] // nbytes * values)
+    return QuantWeight(raw, qtype, raw.shape[1] // nbytes * values, interleaved=packed)
 
 
 def matrix_types(folder: Path, mf: Manifest) -> Counter[str]:
@@ -213,7 +218,7 @@ class Manifest:
             d = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ShardError(f"{where} is not valid JSON: prepare the model again") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in (2, FORMAT):      # 2: no file lists "packed"
             raise ShardError(f"{where} has format {d.get('format') if isinstance(d, dict) else None}, "
                              f"this tpi_mpi reads {FORMAT}: prepare the model again")
         try:
