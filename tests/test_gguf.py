@@ -122,7 +122,8 @@ def write_tiny(path, arch="llama", qtype=Q.F32, rope_freqs=None, extra=None, spl
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", Q.F32), ("llama", Q.Q8_0), ("llama", Q.Q4_K),
-                                        ("qwen2", Q.Q4_1), ("llama", Q.F16), ("qwen3", Q.Q8_0),
+                                        ("qwen2", Q.Q4_1), ("llama", Q.Q5_0), ("qwen2", Q.Q5_1),
+                                        ("llama", Q.F16), ("qwen3", Q.Q8_0),
                                         ("qwen3moe", Q.Q8_0), ("mixtral", Q.Q4_K)])
 def test_tiny_tensors_read_back_in_hf_layout(tmp_path, arch, qtype):
     hf = write_tiny(tmp_path / "tiny.gguf", arch, qtype)
@@ -184,7 +185,7 @@ def test_llama3_rope_factors_become_llama3_scaling(tmp_path):
 
 @pytest.mark.parametrize("kw,named", [
     ({"arch": "gpt2"}, "'gpt2'"),
-    ({"qtype": Q.Q5_0}, "Q5_0"),
+    ({"qtype": Q.TQ2_0}, "TQ2_0"),
     ({"extra": {"llama.rope.scaling.type": ("yarn", GGUFValueType.STRING)}}, "yarn"),
     ({"arch": "qwen2", "extra": {"qwen2.expert_count": (8, GGUFValueType.UINT32)}}, "expert_count"),
     ({"extra": {"llama.expert_count": (8, GGUFValueType.UINT32)}}, "ffn_gate_inp"),   # experts said, none stored

@@ -53,7 +53,7 @@ def quantized_x(x: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
 @pytest.mark.parametrize("qtype", list(Q.QTYPES))
 @pytest.mark.parametrize("rows", [19, 200])          # a group of 8 rows cut short; several tasks
 def test_int8_matmul_is_the_integer_sum(isa, qtype, rows):
-    w = quant_weight(qtype, rows=rows, cols=768 if qtype in ("Q8_0", "Q4_0", "Q4_1") else 512)
+    w = quant_weight(qtype, rows=rows, cols=768 if Q.block_size(qtype) == 32 else 512)
     x = torch.randn(6, w.cols) * 3
     ref = quantized_x(x, qtype) @ w.dequantize().double().T
     y = QI.matmul_int8(x, w)
@@ -94,13 +94,16 @@ def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after)
     raw = w.raw.clone()
     il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
     # each group of 8 rows column by column; a column: the 8 rows' fp16 fields side by side, then their
-    # quants 4 bytes at a time (row 0's bytes 0-3, ..., row 7's 0-3, row 0's 4-7, ...)
+    # 4 bytes of fifth bits (Q5_0, Q5_1), then their quants 4 bytes at a time (row 0's bytes 0-3, ...,
+    # row 7's 0-3, row 0's 4-7, ...)
     g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]
-    head = 4 if qtype == "Q4_1" else 2
+    fp16 = 4 if qtype in ("Q4_1", "Q5_1") else 2
+    head = fp16 + (4 if qtype in ("Q5_0", "Q5_1") else 0)
     columns = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2)                 # (group, column, row, bytes)
-    fields = columns[..., :head].unflatten(-1, (head // 2, 2)).transpose(2, 3)   # (group, column, field, row, 2)
+    fields = columns[..., :fp16].unflatten(-1, (fp16 // 2, 2)).transpose(2, 3)   # (group, column, field, row, 2)
+    fifth_bits = columns[..., fp16:head]                                         # (group, column, row, 0 or 4)
     quants = columns[..., head:].unflatten(-1, (-1, 4)).transpose(2, 3)          # (group, column, chunk, row, 4)
-    packed = torch.cat([fields.flatten(2), quants.flatten(2)], dim=-1).reshape(g, -1)
+    packed = torch.cat([fields.flatten(2), fifth_bits.flatten(2), quants.flatten(2)], dim=-1).reshape(g, -1)
     assert il.interleaved and torch.equal(il.raw, torch.cat([packed, raw[g:]]))
     assert torch.equal(QI.matmul_int8(x, il), plain)                          # the same bits
     assert torch.equal(QI.plain_layout(il).raw, raw) and il.plain().raw.data_ptr() != il.raw.data_ptr()

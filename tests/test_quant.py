@@ -18,8 +18,9 @@ from tpi_mpi import quantize as QZ
 from tpi_mpi import quant_numba as QN
 
 TYPES = list(Q.QTYPES)
-QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1"]
-FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+               "Q6_K": [208]}
 PATHS = ["auto", "steps", "numba"]
 
 
@@ -82,6 +83,18 @@ def test_columns_must_fill_whole_blocks():
 @pytest.mark.parametrize("rows,cols", [(7, 512), (3, 256)])
 def test_dequantize_is_ggufs_bit_for_bit(qtype, rows, cols):
     raw = gguf_raw(qtype, rows, cols)
+    assert same_bits(Q.dequantize(torch.from_numpy(raw), qtype, cols), gguf_dequantize(raw, qtype, cols))
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
+def test_dequantize_every_fifth_bit_pattern(qtype):
+    """Random bytes, not only what a quantizer makes: every qh bit and nibble, in both halves of a block."""
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    raw = np.random.default_rng(7).integers(0, 256, (5, 16 * nbytes), dtype=np.uint8)
+    fields = raw.reshape(5, 16, nbytes)
+    for at in FP16_FIELDS[qtype]:
+        fields[..., at:at + 2] = np.array([0.03], np.float16).view(np.uint8)
+    cols = 16 * block
     assert same_bits(Q.dequantize(torch.from_numpy(raw), qtype, cols), gguf_dequantize(raw, qtype, cols))
 
 

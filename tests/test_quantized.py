@@ -80,7 +80,7 @@ def check(prepared, n: int, hf: dict, depth: int | None = None, arch: str = "lla
     assert tokens == ref_tokens
 
 
-KEPT = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+KEPT = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -132,7 +132,7 @@ def test_splits_fall_on_whole_blocks(tmp_path):
     check(three, 3, hf)
 
 
-@pytest.mark.parametrize("mode", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("mode", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_floats_quantized_at_prepare_match_gguf_quantization(tmp_path, mode):
     """Quantizing an F32 file at prepare gives the numbers gguf's own quantizer gives."""
     from gguf.quants import dequantize, quantize
@@ -177,7 +177,7 @@ def test_a_streamed_window_computes_the_resident_bits(tmp_path, cached):
 
 
 @pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
 def test_int8_kernels_on_interleaved_resident_blocks_compute_the_streamed_bits(tmp_path, qtype):
     """Under the int8 kernels, blocks kept in memory are regrouped 8 rows at a time (one stream for
     the prefetchers); streamed blocks stay as stored. The same bits either way, at 2 ranks."""

@@ -34,7 +34,7 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")   # stored and compute dtypes (shard_form
 HEAD_PLACES = ("split", "rank0")         # the output head split by vocabulary, or whole on rank 0
 # how weight matrices are stored: "keep" a GGUF's own types, "none" floats, or quantize floats at prepare;
 # "auto" is keep for a GGUF and none otherwise
-QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1")
+QUANT_MODES = ("auto", "keep", "none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # how quantized matrices are multiplied: int8 activations and integer dot products (llama.cpp's way,
 # quant_int8.py) or the exact float path (quant.py); auto: int8 unless --dtype fp32 is asked for
 MATMUL_MODES = ("auto", "int8", "exact")

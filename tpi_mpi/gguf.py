@@ -41,7 +41,7 @@ from .shard_format import content_identity
 
 IMPORTER = 2       # bump when the conversion changes (2: quantized matrices kept): it is part of the fingerprint, so caches go stale
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 TOKENIZER_BESIDE = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 FINGERPRINT_HEAD = 4 << 20     # bytes of each part hashed by fingerprint_gguf

@@ -27,7 +27,7 @@ QUANT_NAME = re.compile(r"^[\w.-]+$")
 QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])(I?Q\d[A-Za-z0-9_]*|BF16|F16|F32|FP16|FP32)(?![A-Za-z0-9])", re.I)
 SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$")
 # without :QUANT, as llama.cpp: Q4_K_M first; then the types tpi_mpi keeps as they are, smallest first
-DEFAULT_QUANTS = ("Q4_K_M", "Q4_0", "Q4_1", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16", "F32")
+DEFAULT_QUANTS = ("Q4_K_M", "Q4_0", "Q4_1", "Q5_0", "Q5_K_M", "Q5_1", "Q6_K", "Q8_0", "BF16", "F16", "F32")
 BESIDE_GGUF = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")   # gguf.TOKENIZER_BESIDE
 NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "ConnectionError", "TimeoutError",
                   "OfflineModeIsEnabled"}

@@ -9,8 +9,8 @@ from .config import (ALLREDUCE_MODES, ALLREDUCE_PAYLOADS, DTYPE_NAMES, HEAD_PLAC
 from .progress import progress_bar  # noqa: F401 (the commands' progress bars)
 
 QUANT_HELP = ("How weight matrices are stored and streamed: keep a GGUF's own types (4-8 bits), none "
-              "(floats, --dtype), or quantize floats to q8_0, q4_0 or q4_1 when preparing; auto: keep for a "
-              "GGUF, none otherwise.")
+              "(floats, --dtype), or quantize floats to q8_0, q4_0, q4_1, q5_0 or q5_1 when preparing; auto: keep "
+              "for a GGUF, none otherwise.")
 
 DEFAULT_PROMPT = "In two sentences: why do several small computers working together beat one?"
 

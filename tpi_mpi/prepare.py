@@ -160,7 +160,7 @@ def open_source(path: str | Path):
 
 # -- writing ------------------------------------------------------------------------------------
 
-QUANTIZE = ("q8_0", "q4_0", "q4_1")     # --quant modes that quantize floats here
+QUANTIZE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")     # --quant modes that quantize floats here
 QUANT_BYTES = {mode: QTYPES[mode.upper()][1] / QTYPES[mode.upper()][0] for mode in QUANTIZE}   # per value
 
 

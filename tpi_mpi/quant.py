@@ -1,4 +1,4 @@
-"""GGML block quantization in torch: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K.
+"""GGML block quantization in torch: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
 
 The byte layouts are llama.cpp's (ggml-common.h) as GGUF stores them: a (rows, cols) matrix is
 stored row by row, each row cols/block blocks of block_bytes bytes. The arithmetic follows
@@ -30,6 +30,8 @@ QTYPES: dict[str, tuple[int, int]] = {                  # name -> (values per bl
     "Q8_0": (32, 34),                                   # fp16 d, 32 x int8
     "Q4_0": (32, 18),                                   # fp16 d, 16 bytes of nibbles
     "Q4_1": (32, 20),                                   # fp16 d, fp16 m, 16 bytes of nibbles
+    "Q5_0": (32, 22),                                   # fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles
+    "Q5_1": (32, 24),                                   # fp16 d, fp16 m, 4 bytes of fifth bits, 16 of nibbles
     "Q4_K": (QK_K, 144),                                # fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 nibbles
     "Q5_K": (QK_K, 176),                                # as Q4_K + 32 bytes of fifth bits
     "Q6_K": (QK_K, 210),                                # 128 low nibbles, 64 of 2-bit highs, 16 int8 scales, fp16 d
@@ -182,6 +184,32 @@ def _high_bits(qh: Tensor, q: Tensor, planes: int, bits: int) -> None:
         q.select(-2, p).bitwise_or_(plane)
 
 
+def _q5_values(b: Tensor, qh_at: int) -> Tensor:
+    """Q5_0/Q5_1's 5-bit values, (r, nb, 32) uint8: nibbles as in Q4_0 (from byte qh_at + 4 on), and
+    value i's fifth bit is bit i of the little-endian uint32 at qh_at (bit i % 8 of byte i // 8)."""
+    r, nb = b.shape[:2]
+    lo, hi = _nibbles(b)
+    q = _scratch("q", (r, nb, 32), torch.uint8)
+    qv = q.view(r, nb, 2, 16)
+    qv[:, :, 0].copy_(lo[..., qh_at + 4:])
+    qv[:, :, 1].copy_(hi[..., qh_at + 4:])
+    by_bit = q.view(r, nb, 4, 8).transpose(-1, -2)      # (r, nb, bit, byte): plane p is bit p of each byte
+    _high_bits(b[..., qh_at:qh_at + 4], by_bit, planes=8, bits=1)
+    return q
+
+
+def _q5_0(b: Tensor, out: Tensor) -> None:
+    """w = d * (q - 16), q 5 bits."""
+    out.copy_(_q5_values(b, 2).sub_(16).view(torch.int8))                  # uint8 wraps: -16..15
+    out.mul_(_f16(b, 0, "d"))
+
+
+def _q5_1(b: Tensor, out: Tensor) -> None:
+    """w = d * q + m, q 5 bits (no offset)."""
+    out.copy_(_q5_values(b, 4))
+    out.mul_(_f16(b, 0, "d")).add_(_f16(b, 2, "m"))
+
+
 def _q5_k(b: Tensor, out: Tensor) -> None:
     """Q4_K plus a fifth bit: q = nibble | (bit j of qh[i]) << 4 for value i of sub-block j."""
     r, nb = b.shape[:2]
@@ -213,7 +241,8 @@ def _q6_k(b: Tensor, out: Tensor) -> None:
     out.view(r, nb, 16, 16).mul_(ds.unsqueeze(-1))
 
 
-_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
+            "Q6_K": _q6_k}
 
 
 def _step_rows(cols: int) -> int:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}    # qdot.c's enum
+TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7}   # qdot.h's enum
 MAX_TOKENS = 256          # tokens a call of the kernel takes; more are cut into calls of this many
 _threads = 0              # the kernels' threads (set_threads); 0: torch's count
 _on = False               # the process's choice (use_int8): a run's --matmul
@@ -114,8 +114,8 @@ def describe(w) -> tuple:
 # last rows % 8 rows stay row after row. prepare.py writes matrices so; the kernels regroup, in place,
 # the ones of a shard prepared before.
 
-INTERLEAVED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}    # block bytes
-FIELD_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}             # a block's bytes before its quants
+INTERLEAVED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}    # block bytes
+FIELD_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4, "Q5_0": 2, "Q5_1": 4}   # a block's fp16 fields (Q5: qh follows)
 
 
 def _regroup(raw: Tensor, block_bytes: int, to_interleaved: bool) -> None:

@@ -38,6 +38,12 @@ def _nb_half(b, r, k, at):
     return -v if h & 0x8000 else v
 
 
+def _nb_fifth_bits(b, r, k, at):
+    """Q5_0/Q5_1's qh of block (r, k): the little-endian uint32 at bytes at..at + 3, bit i value i's fifth bit."""
+    return (np.int64(b[r, k, at]) | (np.int64(b[r, k, at + 1]) << 8) | (np.int64(b[r, k, at + 2]) << 16)
+            | (np.int64(b[r, k, at + 3]) << 24))
+
+
 def _nb_scale_min(b, r, k, j):
     """Sub-block j's 6-bit scale and min of a Q4_K/Q5_K block (as _scale_min_k4 above)."""
     if j < 4:
@@ -84,6 +90,36 @@ def _nb_q4_1_one(b, x, y):
                 byte = np.int32(b[r, k, 4 + i])
                 acc[i] += (d * np.float32(byte & 15) + m) * x[32 * k + i]
                 acc[16 + i] += (d * np.float32(byte >> 4) + m) * x[32 * k + 16 + i]
+        y[r] = acc.sum()
+
+
+def _nb_q5_0_one(b, x, y):
+    rows, nb = b.shape[:2]
+    for r in _prange(rows):
+        acc = np.zeros(32, np.float32)
+        for k in range(nb):
+            d, qh = _half(b, r, k, 0), _fifth_bits(b, r, k, 2)
+            for i in range(16):
+                byte = np.int32(b[r, k, 6 + i])
+                lo = (byte & 15) | np.int32(((qh >> i) & 1) << 4)
+                hi = (byte >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)
+                acc[i] += (d * np.float32(lo - 16)) * x[32 * k + i]
+                acc[16 + i] += (d * np.float32(hi - 16)) * x[32 * k + 16 + i]
+        y[r] = acc.sum()
+
+
+def _nb_q5_1_one(b, x, y):
+    rows, nb = b.shape[:2]
+    for r in _prange(rows):
+        acc = np.zeros(32, np.float32)
+        for k in range(nb):
+            d, m, qh = _half(b, r, k, 0), _half(b, r, k, 2), _fifth_bits(b, r, k, 4)
+            for i in range(16):
+                byte = np.int32(b[r, k, 8 + i])
+                lo = (byte & 15) | np.int32(((qh >> i) & 1) << 4)
+                hi = (byte >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)
+                acc[i] += (d * np.float32(lo) + m) * x[32 * k + i]
+                acc[16 + i] += (d * np.float32(hi) + m) * x[32 * k + 16 + i]
         y[r] = acc.sum()
 
 
@@ -167,7 +203,8 @@ def _nb_lane_sums(acc, y, r):
         y[t, r] = s
 
 
-_half, _scale_min, _accumulate, _lane_sums = _nb_half, _nb_scale_min, _nb_accumulate, _nb_lane_sums
+_half, _fifth_bits, _scale_min, _accumulate, _lane_sums = (_nb_half, _nb_fifth_bits, _nb_scale_min, _nb_accumulate,
+                                                           _nb_lane_sums)
 
 
 def _nb_q8_0(b, x, y, lanes):                               # b: the int8 view of the blocks
@@ -212,6 +249,38 @@ def _nb_q4_1(b, x, y, lanes):
                     byte = np.int32(b[r, k, 4 + i])
                     w[i] = d * np.float32(byte & 15) + m
                     w[16 + i] = d * np.float32(byte >> 4) + m
+                _accumulate(acc, w, x, 32 * k, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q5_0(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d, qh = _half(b, r, k, 0), _fifth_bits(b, r, k, 2)
+                for i in range(lanes // 2):
+                    byte = np.int32(b[r, k, 6 + i])
+                    w[i] = d * np.float32(((byte & 15) | np.int32(((qh >> i) & 1) << 4)) - 16)
+                    w[16 + i] = d * np.float32(((byte >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)) - 16)
+                _accumulate(acc, w, x, 32 * k, lanes)
+            _lane_sums(acc, y, r)
+
+
+def _nb_q5_1(b, x, y, lanes):
+    rows, nb = b.shape[:2]
+    for task in _prange(-(-rows // ROWS_PER_TASK)):
+        acc, w = np.empty((x.shape[0], lanes), np.float32), np.empty(lanes, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            acc[:] = 0
+            for k in range(nb):
+                d, m, qh = _half(b, r, k, 0), _half(b, r, k, 2), _fifth_bits(b, r, k, 4)
+                for i in range(lanes // 2):
+                    byte = np.int32(b[r, k, 8 + i])
+                    w[i] = d * np.float32((byte & 15) | np.int32(((qh >> i) & 1) << 4)) + m
+                    w[16 + i] = d * np.float32((byte >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)) + m
                 _accumulate(acc, w, x, 32 * k, lanes)
             _lane_sums(acc, y, r)
 
@@ -282,21 +351,21 @@ def _nb_q6_k(b, x, y, lanes):
             _lane_sums(acc, y, r)
 
 
-_NUMBA_SOURCES = {"Q8_0": _nb_q8_0, "Q4_0": _nb_q4_0, "Q4_1": _nb_q4_1, "Q4_K": _nb_q4_k, "Q5_K": _nb_q5_k,
-                  "Q6_K": _nb_q6_k}
-_ONE_TOKEN = {"Q8_0": _nb_q8_0_one, "Q4_0": _nb_q4_0_one, "Q4_1": _nb_q4_1_one, "Q4_K": _nb_q4_k_one,
-              "Q5_K": _nb_q5_k_one, "Q6_K": _nb_q6_k_one}
-_LANES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 32}
+_NUMBA_SOURCES = {"Q8_0": _nb_q8_0, "Q4_0": _nb_q4_0, "Q4_1": _nb_q4_1, "Q5_0": _nb_q5_0, "Q5_1": _nb_q5_1,
+                  "Q4_K": _nb_q4_k, "Q5_K": _nb_q5_k, "Q6_K": _nb_q6_k}
+_ONE_TOKEN = {"Q8_0": _nb_q8_0_one, "Q4_0": _nb_q4_0_one, "Q4_1": _nb_q4_1_one, "Q5_0": _nb_q5_0_one,
+              "Q5_1": _nb_q5_1_one, "Q4_K": _nb_q4_k_one, "Q5_K": _nb_q5_k_one, "Q6_K": _nb_q6_k_one}
+_LANES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 32}
 
 
 @functools.cache
 def _numba_kernels() -> dict:
     import numba
 
-    global _prange, _half, _scale_min, _accumulate, _lane_sums     # globals numba reads when it compiles
+    global _prange, _half, _fifth_bits, _scale_min, _accumulate, _lane_sums     # globals numba reads when it compiles
     _prange = numba.prange
-    _half, _scale_min, _accumulate, _lane_sums = (numba.njit(f, inline="always", cache=True) for f in (
-        _nb_half, _nb_scale_min, _nb_accumulate, _nb_lane_sums))
+    _half, _fifth_bits, _scale_min, _accumulate, _lane_sums = (numba.njit(f, inline="always", cache=True) for f in (
+        _nb_half, _nb_fifth_bits, _nb_scale_min, _nb_accumulate, _nb_lane_sums))
     jit = numba.njit(parallel=True, fastmath=False, cache=True)
     threads = torch.get_num_threads()
     numba.get_num_threads()                             # starts numba's pool, which (sharing torch's

@@ -1,4 +1,4 @@
-"""Floats to GGML blocks: gguf-py's reference quantizers (Q8_0, Q4_0, Q4_1) in torch, byte for byte,
+"""Floats to GGML blocks: gguf-py's reference quantizers (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in torch, byte for byte,
 for `prepare --quant`; and random blocks of any type for tests and benchmarks (gguf has no K-quant
 quantizer). The formats themselves, and reading them, are quant.py's.
 """
@@ -52,12 +52,36 @@ def _quantize_q4_1(x: Tensor) -> Tensor:
     return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), _pack_nibbles(q)], dim=-1)
 
 
-_QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q4_1": _quantize_q4_1}
+def _pack_fifth_bits(q: Tensor) -> Tensor:
+    """(n, 32) values 0..31 -> (n, 4) bytes qh, then (n, 16) nibbles: bit i of qh (bit i % 8 of byte
+    i // 8) is value i's fifth bit, as numpy's packbits(bitorder="little")."""
+    bits = (q >> 4).view(-1, 4, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32)
+    return torch.cat([bits.sum(-1).to(torch.uint8), _pack_nibbles(q & 15)], dim=-1)
+
+
+def _quantize_q5_0(x: Tensor) -> Tensor:
+    """As Q4_0 with 5 bits: d = (the value of largest magnitude) / -16, q = min(trunc(x / d + 16.5), 31)."""
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    d = peak / -16
+    q = torch.trunc(x * _inverse(d) + 16.5).to(torch.uint8).clamp_(0, 31)
+    return torch.cat([_fp16_bytes(d), _pack_fifth_bits(q)], dim=-1)
+
+
+def _quantize_q5_1(x: Tensor) -> Tensor:
+    """As Q4_1 with 5 bits: d = (max - min) / 31, m = min, q = min(trunc((x - m) / d + 0.5), 31)."""
+    hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+    d = (hi - lo) / 31
+    q = torch.trunc((x - lo) * _inverse(d) + 0.5).to(torch.uint8).clamp_(0, 31)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), _pack_fifth_bits(q)], dim=-1)
+
+
+_QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q4_1": _quantize_q4_1, "Q5_0": _quantize_q5_0,
+               "Q5_1": _quantize_q5_1}
 
 
 def quantize(w: Tensor, qtype: str) -> Tensor:
     """float (rows, cols) -> uint8 (rows, row_bytes), byte for byte gguf.quants.quantize of the
-    float32 values. Q8_0, Q4_0 and Q4_1 only: gguf has no reference quantizer for the K-quants."""
+    float32 values. The 32-value types only: gguf has no reference quantizer for the K-quants."""
     if qtype not in _QUANTIZERS:
         raise ValueError(f"quantize makes {', '.join(_QUANTIZERS)}, not {qtype!r} (K-quants come from GGUF files)")
     if w.dim() != 2:
@@ -74,7 +98,8 @@ def quantize(w: Tensor, qtype: str) -> Tensor:
 
 # ---- test data ---------------------------------------------------------------------------------------
 
-_FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+_FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> Tensor:

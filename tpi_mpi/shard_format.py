@@ -191,7 +191,7 @@ class Manifest:
     ratio: tuple[float, ...]          # normalized: fractions summing to 1
     dtype: str                        # a DTYPES key
     head_on: str
-    quant: str                        # how matrices were stored: keep, none, q8_0, q4_0, q4_1
+    quant: str                        # how matrices were stored: keep, none, q8_0, q4_0, q4_1, q5_0, q5_1
     model: ModelConfig
     shards: tuple[RankShard, ...]     # every rank's slices
     source_path: str

@@ -9,7 +9,7 @@ for 1 and 128 tokens; and F.linear on float32 and bf16 weights.
 
 Noise: the host is a shared VM, so the ops are timed in 3 rounds, each op in turn a warm-up call
 and a third of --repeats calls back to back; the table shows medians, the JSON lines p10/p90 too.
-Weights: Q8_0/Q4_0/Q4_1 are quantize() of N(0, 0.02) floats, K-quants are random blocks with
+Weights: the 32-value types (Q8_0 ... Q5_1) are quantize() of N(0, 0.02) floats, K-quants are random blocks with
 sane scales (quantize.random_blocks): the speed of these kernels does not depend on the values.
 """
 
@@ -55,7 +55,7 @@ def _ops(rows: int, cols: int, qtype: str | None, w: torch.Tensor) -> dict[tuple
         wb = w.bfloat16()
         return {("linear", T, dt): (lambda T=T, dt=dt: F.linear(*((x[T], w) if dt == "fp32" else (xb[T], wb))))
                 for T in (1, PREFILL) for dt in ("fp32", "bf16")}
-    raw = QZ.quantize(w, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") else QZ.random_blocks(qtype, rows, cols)
+    raw = QZ.quantize(w, qtype) if Q.block_size(qtype) == 32 else QZ.random_blocks(qtype, rows, cols)
     qw = Q.QuantWeight(raw, qtype, cols)
     buf = torch.empty(rows, cols)
     ops = {

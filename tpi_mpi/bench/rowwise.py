@@ -61,7 +61,7 @@ def quant_rows(repeats: int, out: str | None) -> None:
     print(f"\nGGML blocks, {rows}x{cols}, float32 x, ms: T=1 | T=8 a call per row (before) | T=8 one call")
     x = torch.randn(8, cols)
     for qtype in Q.QTYPES:
-        raw = QZ.quantize(torch.randn(rows, cols) * 0.02, qtype) if qtype in ("Q8_0", "Q4_0", "Q4_1") \
+        raw = QZ.quantize(torch.randn(rows, cols) * 0.02, qtype) if Q.block_size(qtype) == 32 \
             else QZ.random_blocks(qtype, rows, cols)
         w = Q.QuantWeight(raw, qtype, cols)
         ms = time_ops({

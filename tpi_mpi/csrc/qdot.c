@@ -33,8 +33,8 @@
 
 #include "qdot.h"
 
-static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256};
-static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210};
+static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256, 32, 32};
+static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210, 22, 24};
 
 /* One activation block: 32 int8 values, their scale and their sum. */
 typedef struct {
@@ -47,26 +47,35 @@ typedef struct {
 
 static float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
 
-/* ---- the 8-row layout ----------------------------------------------------------------------------
- * quant_int8.interleave stores each group of 8 rows of a 32-value type (Q8_0, Q4_0, Q4_1) block column
- * by block column. Within a column of 8 * bb bytes come the 8 rows' fp16 scales side by side (then their
- * fp16 mins, for Q4_1), then their quants 4 bytes at a time: row 0's bytes 0-3, row 1's 0-3, ..., row 7's
- * 0-3, row 0's 4-7, and so on. One vector load then holds 4 bytes of each row, so lane r of an integer
- * dot product is row r's with no horizontal adds, and the 8 scales are one load (llama.cpp's repack.cpp
- * does the like with 8 bytes). The sizes stay the same, so the regrouping is done in place. */
+/* The 32-value types below Q8_0: w = d * (q - offset) (Q4_0, Q5_0) or d * q + m (Q4_1, Q5_1), q a nibble
+ * or, for Q5_x, a nibble plus a fifth bit from the block's 4 bytes qh (after d and m, before the nibbles). */
+static inline int has_min(int qt) { return qt == Q4_1 || qt == Q5_1; }
+static inline int has_fifth_bits(int qt) { return qt == Q5_0 || qt == Q5_1; }
+static inline int q_offset(int qt) { return qt == Q4_0 ? 8 : qt == Q5_0 ? 16 : 0; }
 
-static int packed_head(int bb) { return bb == 20 ? 4 : 2; }     /* bytes of fp16 fields before a block's quants */
+/* ---- the 8-row layout ----------------------------------------------------------------------------
+ * quant_int8.interleave stores each group of 8 rows of a 32-value type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
+ * block column by block column. Within a column of 8 * bb bytes come the 8 rows' fp16 scales side by side
+ * (then their fp16 mins, for Q4_1 and Q5_1; then, for Q5_0 and Q5_1, their 4 bytes of fifth bits, a
+ * per-block field like a scale), then their quants 4 bytes at a time: row 0's bytes 0-3, row 1's 0-3, ...,
+ * row 7's 0-3, row 0's 4-7, and so on. One vector load then holds 4 bytes of each row, so lane r of an
+ * integer dot product is row r's with no horizontal adds, and the 8 scales are one load (llama.cpp's
+ * repack.cpp does the like with 8 bytes). The sizes stay the same, so the regrouping is done in place. */
+
+static int packed_fp16(int bb) { return bb == 20 || bb == 24 ? 4 : 2; }    /* bytes of a block's fp16 fields */
+static int packed_head(int bb) { return packed_fp16(bb) + (bb == 22 || bb == 24 ? 4 : 0); }  /* + its fifth bits */
 
 static size_t packed_at(int bb, int r, int i) {                 /* row r's byte i of its block, in its column */
-    int head = packed_head(bb);
-    if (i < head) return (size_t)(16 * (i / 2) + 2 * r + i % 2);
+    int fp16 = packed_fp16(bb), head = packed_head(bb);
+    if (i < fp16) return (size_t)(16 * (i / 2) + 2 * r + i % 2);
+    if (i < head) return (size_t)(8 * fp16 + 4 * r + i - fp16);
     i -= head;
     return (size_t)(8 * head + 32 * (i / 4) + 4 * r + i % 4);
 }
 
 /* One column: the 8 rows' blocks at plain[r] to the packed column, or back. */
 static void pack_column(int bb, uint8_t *const *plain, uint8_t *packed, int to_packed) {
-    int head = packed_head(bb);
+    int head = packed_fp16(bb);             /* then the fifth bits, as the quants, 4 bytes a row */
     for (int r = 0; r < 8; r++) {
         for (int i = 0; i < head; i += 2) {
             uint8_t *a = plain[r] + i, *b = packed + packed_at(bb, r, i);
@@ -150,13 +159,14 @@ static void dot_scalar(int qt, const uint8_t *w, size_t bb, int packed, const xb
         if (qt == Q8_0) {
             memcpy(q, b + 2, 32);
         } else {
-            const uint8_t *qs = b + (qt == Q4_1 ? 4 : 2);
-            int off = qt == Q4_0 ? 8 : 0;
-            for (int i = 0; i < 16; i++) {
-                q[i] = (int8_t)((qs[i] & 15) - off);
-                q[i + 16] = (int8_t)((qs[i] >> 4) - off);
+            const uint8_t *qh = b + (has_min(qt) ? 4 : 2), *qs = qh + (has_fifth_bits(qt) ? 4 : 0);
+            uint32_t high = has_fifth_bits(qt) ? (uint32_t)qh[0] | qh[1] << 8 | qh[2] << 16 | (uint32_t)qh[3] << 24 : 0;
+            int off = q_offset(qt);
+            for (int i = 0; i < 16; i++) {          /* value i's fifth bit is bit i of qh */
+                q[i] = (int8_t)(((qs[i] & 15) | ((high >> i) & 1) << 4) - off);
+                q[i + 16] = (int8_t)(((qs[i] >> 4) | ((high >> (i + 16)) & 1) << 4) - off);
             }
-            if (qt == Q4_1) mw = half_to_float(b + 2);
+            if (has_min(qt)) mw = half_to_float(b + 2);
         }
         for (int t = 0; t < nt; t++) {
             const xblock *xb = x[t] + kb;
@@ -172,6 +182,17 @@ AVX2 static inline __m256i load_nibbles(const uint8_t *p) {      /* 16 bytes -> 
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
     return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+/* Q5_0/Q5_1: 16 in byte i where bit i of the 4 bytes at p is set, to be or-ed onto the nibbles
+ * (ggml's bytes_from_bits_32: byte i gets qh byte i / 8, then all its bits but bit i % 8 are set). */
+AVX2 static inline __m256i fifth_bits(const uint8_t *p) {
+    uint32_t qh;
+    memcpy(&qh, p, 4);
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread),
+                                    _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
 }
 
 #define XQ(t, kb) _mm256_loadu_si256((const __m256i *)x[t][kb].q)
@@ -202,7 +223,8 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
     for (int r = 0; r < 8; r++) row[r] = w + (r < nr ? r : nr - 1) * rb;    /* a short group repeats its last row */
     __m256 acc[TILE];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    const int qs_at = qt == Q4_1 ? 4 : 2;
+    const int with_min = has_min(qt), fifth = has_fifth_bits(qt), offset = q_offset(qt);
+    const int qh_at = with_min ? 4 : 2, qs_at = qh_at + (fifth ? 4 : 0);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int kb = 0; kb < cols / 32; kb++) {
         size_t at = (size_t)kb * bb;
@@ -211,9 +233,10 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
             _mm_prefetch((const char *)(row[r] + at + PREFETCH_BYTES), _MM_HINT_T0);
             q[r] = qt == Q8_0 ? _mm256_loadu_si256((const __m256i *)(row[r] + at + 2))
                               : load_nibbles(row[r] + at + qs_at);
+            if (fifth) q[r] = _mm256_or_si256(q[r], fifth_bits(row[r] + at + qh_at));
         }
         __m256 d = scales8(row, at);
-        __m256 m = qt == Q4_1 ? scales8(row, at + 2) : _mm256_setzero_ps();
+        __m256 m = with_min ? scales8(row, at + 2) : _mm256_setzero_ps();
         for (int t = 0; t < nt; t++) {
             __m256i y = XQ(t, kb), p[8];
             for (int r = 0; r < 8; r++)
@@ -221,10 +244,10 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
                                                                            _mm256_sign_epi8(y, q[r])), ones)
                                   : _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], y), ones);
             __m256i isum = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
-            if (qt == Q4_0)                                   /* sum (q - 8) * y = sum q * y - 8 * sum y */
-                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * x[t][kb].sum));
+            if (offset)                                       /* sum (q - off) * y = sum q * y - off * sum y */
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(offset * x[t][kb].sum));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x[t][kb].d)), acc[t]);
-            if (qt == Q4_1)                                   /* + m * (d_x * sum y) */
+            if (with_min)                                     /* + m * (d_x * sum y) */
                 acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t][kb].d * (float)x[t][kb].sum), acc[t]);
         }
     }
@@ -245,10 +268,22 @@ AVX2 static inline __m256i bytes4(const int8_t *p) {       /* 4 bytes in every l
     return _mm256_set1_epi32(v);
 }
 #define Y4(t, kb, i) bytes4(x[t][kb].q + (i))
+
+/* Q5_0/Q5_1 in the packed layout: lane r of qh is row r's 32 fifth bits; 16 in byte j of lane r where
+ * bit 4c + j is set, for the lanes' values 4c..4c+3 (byte c / 2 of each lane spread over its 4 bytes). */
+AVX2 static inline __m256i fifth_bits4(__m256i qh, int c) {
+    const __m256i lane_bytes = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+    __m256i bytes = _mm256_shuffle_epi8(qh, _mm256_add_epi8(lane_bytes, _mm256_set1_epi8((char)(c / 2))));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(16));
+}
 AVX2 static inline __attribute__((always_inline)) void dotp_avx2_n(int qt, const uint8_t *w, const xblock *const *x,
                                                                    const int nt, int cols, float *out) {
     const size_t cb = 8 * (size_t)BLOCK_BYTES[qt];                /* a column's bytes */
-    const int head = qt == Q4_1 ? 32 : 16;                        /* the 8 rows' scales (and mins) */
+    const int head = 8 * packed_head(BLOCK_BYTES[qt]);            /* the 8 rows' scales (mins, fifth bits) */
+    const int qh_at = 8 * packed_fp16(BLOCK_BYTES[qt]);
+    const int with_min = has_min(qt), fifth = has_fifth_bits(qt), offset = q_offset(qt);
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     __m256 acc[TILE];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
@@ -257,7 +292,7 @@ AVX2 static inline __attribute__((always_inline)) void dotp_avx2_n(int qt, const
         _mm_prefetch((const char *)(c + PREFETCH_BYTES), _MM_HINT_T0);
         _mm_prefetch((const char *)(c + PREFETCH_BYTES + 64), _MM_HINT_T0);
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c));
-        __m256 m = qt == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 16))) : _mm256_setzero_ps();
+        __m256 m = with_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 16))) : _mm256_setzero_ps();
         __m256i isum[TILE];
         if (qt == Q8_0) {
             for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
@@ -274,17 +309,30 @@ AVX2 static inline __attribute__((always_inline)) void dotp_avx2_n(int qt, const
                 q[i] = _mm256_and_si256(bytes, low);
                 q[4 + i] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
             }
+            if (fifth) {
+                __m256i qh = _mm256_loadu_si256((const __m256i *)(c + qh_at));
+                for (int i = 0; i < 8; i++) q[i] = _mm256_or_si256(q[i], fifth_bits4(qh, i));
+            }
             for (int t = 0; t < nt; t++) {          /* 16 products of up to 15 * 127 a lane fit int16 */
                 __m256i s = _mm256_maddubs_epi16(q[0], Y4(t, kb, 0));
-                for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
-                isum[t] = _mm256_madd_epi16(s, ones);
-                if (qt == Q4_0)                     /* sum (q - 8) * y = sum q * y - 8 * sum y */
-                    isum[t] = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * x[t][kb].sum));
+                if (fifth) {                        /* up to 31 * 127: 8 products at most, then widen */
+                    __m256i s2 = _mm256_maddubs_epi16(q[4], Y4(t, kb, 16));
+                    for (int i = 1; i < 4; i++) {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
+                        s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(q[4 + i], Y4(t, kb, 16 + 4 * i)));
+                    }
+                    isum[t] = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(s2, ones));
+                } else {
+                    for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
+                    isum[t] = _mm256_madd_epi16(s, ones);
+                }
+                if (offset)                         /* sum (q - off) * y = sum q * y - off * sum y */
+                    isum[t] = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(offset * x[t][kb].sum));
             }
         }
         for (int t = 0; t < nt; t++) {
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, _mm256_set1_ps(x[t][kb].d)), acc[t]);
-            if (qt == Q4_1)
+            if (with_min)
                 acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t][kb].d * (float)x[t][kb].sum), acc[t]);
         }
     }
@@ -338,7 +386,7 @@ typedef struct {
     mat_t m[MAX_MATS];
     int first_task[MAX_MATS + 1];    /* matrix i's tasks are first_task[i] .. first_task[i + 1] - 1 */
     int nmats, cols, nt, chunk;
-    const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1) */
+    const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) */
     const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
     int use_avx2;
     void (*fn)(void *ctx, int task); /* or any other work, task by task (qdot_parallel) */
@@ -372,7 +420,7 @@ static void run_task(const job_t *j, int task) {
     while (task >= j->first_task[i + 1]) i++;
     const mat_t *m = &j->m[i];
     int r0 = (task - j->first_task[i]) * j->chunk, r1 = r0 + j->chunk < m->rows ? r0 + j->chunk : m->rows;
-    int kquant = m->qt >= Q4_K, group = kquant ? ROWS_AT_ONCE : 8;
+    int kquant = qdot_is_kquant(m->qt), group = kquant ? ROWS_AT_ONCE : 8;
     size_t bytes = BLOCK_BYTES[m->qt];
     float out[8 * TILE];
     for (int r = r0; r < r1; r += group) {
@@ -534,8 +582,8 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     }
     int nbx = cols / 32, nbk = cols / 256, ok = 0, small = 0, kquant = 0;   /* which activation blocks are needed */
     for (int i = 0; i < n; i++) {
-        small |= mats[i].qt < Q4_K;
-        kquant |= mats[i].qt >= Q4_K;
+        small |= !qdot_is_kquant(mats[i].qt);
+        kquant |= qdot_is_kquant(mats[i].qt);
     }
     const xblock *xrows[QDOT_MAX_TOKENS];
     const kxblock *xkrows[QDOT_MAX_TOKENS];
@@ -625,8 +673,9 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
     Py_ssize_t rows, rb, bb;
     int forward;
     if (!PyArg_ParseTuple(args, "Knnnp", &p, &rows, &rb, &bb, &forward)) return NULL;
-    if (rows < 0 || (bb != 18 && bb != 20 && bb != 34) || rb % bb) {
-        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not Q4_0, Q4_1 or Q8_0 blocks of %zd", rb, bb);
+    if (rows < 0 || (bb != 18 && bb != 20 && bb != 22 && bb != 24 && bb != 34) || rb % bb) {
+        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks "
+                     "of %zd", rb, bb);
         return NULL;
     }
     uint8_t *tmp = malloc((size_t)(8 * rb));

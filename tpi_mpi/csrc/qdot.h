@@ -18,7 +18,10 @@
 #define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
 #define QDOT_MAX_TOKENS 256     /* rows of x one call takes */
 
-enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, N_TYPES };    /* quant_int8.TYPE_IDS */
+enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, N_TYPES };    /* quant_int8.TYPE_IDS */
+
+/* The K-quants (256-value blocks, kquants.c); the others are 32-value blocks (qdot.c). */
+static inline int qdot_is_kquant(int qt) { return qt == Q4_K || qt == Q5_K || qt == Q6_K; }
 
 /* An IEEE half's bits as a float, exactly (the blocks' scales; a half-precision KV cache without _Float16). */
 static inline float half_bits_to_float(uint16_t h) {
