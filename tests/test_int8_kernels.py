@@ -42,12 +42,20 @@ def int8_off_after():
 
 
 def quantized_x(x: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
-    """x as the kernels see it: per 32 values (per 256 against the K-quants), d = max|x| / 127 and
-    round(x * (1 / d)) * d, rounded half to even, in float32 as the kernels compute it."""
-    b = x.float().reshape(x.shape[0], -1, 256 if qtype.endswith("_K") else 32)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    return (torch.round(b * inv).double() * d.double()).reshape(x.shape)
+    """x as the kernels see it: per 32 values, d = max|x| / 127 and round(x * (1 / d)) * d, rounded
+    half to even, in float32 as the kernels compute it. Against the K-quants, per 256 values d = max|x|
+    / (127 * 8), and each 32 values' scale is d times s, the least of 1..8 that holds their largest."""
+    if qtype.endswith("_K"):
+        b = x.float().reshape(x.shape[0], -1, 8, 32)
+        gmax = b.abs().amax(-1, keepdim=True)
+        d = gmax.amax(-2, keepdim=True) / (127 * 8)
+        s = torch.where(d == 0, torch.ones_like(gmax), torch.ceil(gmax / (d * 127)).clamp(1, 8))
+        step = d * s
+    else:
+        b = x.float().reshape(x.shape[0], -1, 32)
+        step = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(step == 0, torch.zeros_like(step), 1 / step)
+    return (torch.round(b * inv).clamp(-127, 127).double() * step.double()).reshape(x.shape)
 
 
 @pytest.mark.parametrize("qtype", list(Q.QTYPES))

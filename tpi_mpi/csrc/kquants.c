@@ -1,11 +1,12 @@
 /* The K-quants (Q4_K, Q5_K, Q6_K: 256-value super-blocks cut into sub-blocks of 32 or 16 values, each
- * with a small integer scale) against activations quantized per 256 values, as llama.cpp's q8_K: one
- * float scale a block, and the sum of every 16 of its int8 values.
- *
- * With one activation scale across the super-block, its sub-blocks add up in integers, their integer
- * scales applied before any float: one float step per 256 values and row. Against qdot.c's 32-value
- * activation blocks (a float step per sub-block) that was 2.5-3x the speed here (docs/quant-kernels.md),
- * at the cost of coarser activations, which the perplexity in the same docs measures.
+ * with a small integer scale) against activations quantized per 256 values, as llama.cpp's q8_K does,
+ * with one refinement: each 32 values' scale is the block's float scale d times a small integer s
+ * (1..KQ_MULTIPLES), the smallest that holds their largest value. With one float scale across the
+ * super-block, its sub-blocks add up in integers (the weights' integer scales times the activations'
+ * s), and one float step per 256 values and row remains. Against qdot.c's 32-value activation blocks
+ * (a float step per sub-block) that was 2.5-3x the speed here (docs/quant-kernels.md); against one
+ * plain scale per 256 (q8_K), a group 8x smaller than the block's largest keeps 8x the resolution:
+ * SmolLM2's MLP activations have outliers, and q8_K's perplexity cost there was twice this one's.
  *
  * A super-block's integer sums are exact; the portable loops take one float step per super-block, the
  * AVX2 ones keep 8 partial sums a row in float lanes and add them at the row's end (so the two differ
@@ -16,16 +17,35 @@
 
 /* ---- activations to 256-value blocks ------------------------------------------------------------- */
 
+/* Group j's multiple of d: the smallest that keeps its largest magnitude within 127 steps. */
+static inline int group_multiple(float amax_j, float d) {
+    if (d == 0) return 1;
+    float s = ceilf(amax_j / (d * 127));
+    return s < 1 ? 1 : s > KQ_MULTIPLES ? KQ_MULTIPLES : (int)s;
+}
+
+static inline int clamp127(int q) { return q > 127 ? 127 : q < -127 ? -127 : q; }
+
 void kq_quantize_scalar(const float *x, kxblock *out, int nb) {
     for (int b = 0; b < nb; b++, x += 256) {
-        float amax = 0;
-        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(x[i]));
-        float d = amax / 127, id = d ? 1 / d : 0;
-        for (int i = 0; i < 256; i++) out[b].q[i] = (int8_t)nearbyintf(x[i] * id);   /* half to even */
-        for (int s = 0; s < 16; s++) {
-            int sum = 0;
-            for (int i = 0; i < 16; i++) sum += out[b].q[16 * s + i];
-            out[b].bsums[s] = (int16_t)sum;
+        float gmax[8], amax = 0;
+        for (int j = 0; j < 8; j++) {
+            gmax[j] = 0;
+            for (int i = 0; i < 32; i++) gmax[j] = fmaxf(gmax[j], fabsf(x[32 * j + i]));
+            amax = fmaxf(amax, gmax[j]);
+        }
+        float d = amax / (127 * KQ_MULTIPLES);
+        for (int j = 0; j < 8; j++) {
+            int s = group_multiple(gmax[j], d), sum[2] = {0, 0};
+            float id = d ? 1 / (d * (float)s) : 0;
+            for (int i = 0; i < 32; i++) {
+                int q = clamp127((int)nearbyintf(x[32 * j + i] * id));    /* half to even */
+                out[b].q[32 * j + i] = (int8_t)q;
+                sum[i / 16] += q;
+            }
+            out[b].s[j] = (int8_t)s;
+            out[b].bsums[2 * j] = (int16_t)(s * sum[0]);
+            out[b].bsums[2 * j + 1] = (int16_t)(s * sum[1]);
         }
         out[b].d = d;
     }
@@ -46,7 +66,7 @@ static void sums_scalar(int qt, const uint8_t *b, const kxblock *y, int32_t *S, 
                 int v = ((ql[i] >> (4 * (sub >> 1))) & 15) | (((qh[i] >> (2 * sub)) & 3) << 4);
                 dot += v * y->q[128 * h + 32 * sub + i];
             }
-            s += (int8_t)b[192 + j] * (dot - 32 * y->bsums[j]);
+            s += (int8_t)b[192 + j] * (y->s[j / 2] * dot - 32 * y->bsums[j]);
         }
     } else {
         for (int j = 0; j < 8; j++) {                /* 32 values at 32j */
@@ -58,7 +78,7 @@ static void sums_scalar(int qt, const uint8_t *b, const kxblock *y, int32_t *S, 
                 if (qt == Q5_K) v |= ((b[16 + i] >> j) & 1) << 4;
                 dot += v * y->q[32 * j + i];
             }
-            s += sc * dot;
+            s += sc * y->s[j] * dot;
             m += mn * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
         }
     }
@@ -96,23 +116,33 @@ void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *c
 #ifdef QDOT_X86
 /* ---- AVX2 ---------------------------------------------------------------------------------------- */
 
+AVX2 static inline __m256i quantize8(const float *x, __m256 id) {     /* round half to even, within +-127 */
+    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), id));
+    return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+}
+
 AVX2 void kq_quantize_avx2(const float *x, kxblock *out, int nb) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < nb; b++, x += 256) {
-        __m256 m = _mm256_setzero_ps();
-        for (int i = 0; i < 256; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float amax = _mm_cvtss_f32(m4), d = amax / 127, id = d ? 1 / d : 0;
-        __m256 s = _mm256_set1_ps(id);
+        float gmax[8], amax = 0;
+        for (int j = 0; j < 8; j++) {
+            __m256 m = _mm256_setzero_ps();
+            for (int i = 32 * j; i < 32 * j + 32; i += 8)
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            gmax[j] = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            amax = fmaxf(amax, gmax[j]);
+        }
+        float d = amax / (127 * KQ_MULTIPLES);
         for (int i = 0; i < 256; i += 32) {
-            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), s));
-            __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), s));
-            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), s));
-            __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), s));
-            out[b].bsums[i / 16] = (int16_t)qdot_hsum_epi32(_mm256_add_epi32(i0, i1));
-            out[b].bsums[i / 16 + 1] = (int16_t)qdot_hsum_epi32(_mm256_add_epi32(i2, i3));
+            int sj = group_multiple(gmax[i / 32], d);
+            __m256 s = _mm256_set1_ps(d ? 1 / (d * (float)sj) : 0);
+            __m256i i0 = quantize8(x + i, s), i1 = quantize8(x + i + 8, s);
+            __m256i i2 = quantize8(x + i + 16, s), i3 = quantize8(x + i + 24, s);
+            out[b].s[i / 32] = (int8_t)sj;
+            out[b].bsums[i / 16] = (int16_t)(sj * qdot_hsum_epi32(_mm256_add_epi32(i0, i1)));
+            out[b].bsums[i / 16 + 1] = (int16_t)(sj * qdot_hsum_epi32(_mm256_add_epi32(i2, i3)));
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
             p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
             _mm256_storeu_si256((__m256i *)(out[b].q + i), p);
@@ -164,9 +194,11 @@ AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const u
             hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4));
         }
         __m256i slo = spread(sc, 2 * g, 0), shi = spread(sc, 2 * g + 1, 0);
-        for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127) */
-            __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)), slo);
-            __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, YQ(t, 64 * g + 32)), shi);
+        for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127), scales too (63 * 8) */
+            __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)),
+                                          _mm256_mullo_epi16(slo, _mm256_set1_epi16(y[t]->s[2 * g])));
+            __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, YQ(t, 64 * g + 32)),
+                                          _mm256_mullo_epi16(shi, _mm256_set1_epi16(y[t]->s[2 * g + 1])));
             S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(a, c));
         }
     }
@@ -197,9 +229,9 @@ AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b
         };
         for (int s = 0; s < 4; s++) {                /* sub-blocks 8h + 2s and 8h + 2s + 1, as int16 */
             __m256i sv = _mm256_srai_epi16(_mm256_slli_epi16(spread(sc, 8 * h + 2 * s, 1), 8), 8);
-            for (int t = 0; t < nt; t++)             /* pairs of products fit int16 (2 * 63 * 127) */
-                acc[t] = _mm256_add_epi32(acc[t],
-                                          _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], YQ(t, 128 * h + 32 * s)), sv));
+            for (int t = 0; t < nt; t++)             /* pairs of products fit int16 (2 * 63 * 127), scales too */
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], YQ(t, 128 * h + 32 * s)),
+                                                                    _mm256_mullo_epi16(sv, _mm256_set1_epi16(y[t]->s[4 * h + s]))));
         }
     }
     for (int t = 0; t < nt; t++) S[t] = _mm256_sub_epi32(acc[t], off[t]);

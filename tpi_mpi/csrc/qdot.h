@@ -83,9 +83,12 @@ void qdot_parallel(void (*fn)(void *ctx, int task), void *ctx, int ntasks, int t
 /* ---- kquants.c ---- */
 #define TILE_K 4                /* tokens a K-quant dot product takes at once */
 
-typedef struct {                /* 256 activations as int8, their scale, and the sum of every 16 */
+#define KQ_MULTIPLES 8          /* a 32-value group's scale is d times 1..KQ_MULTIPLES */
+
+typedef struct {                /* 256 activations: value i = d * s[i / 32] * q[i] */
     float d;
-    int16_t bsums[16];
+    int16_t bsums[16];          /* of every 16 values, s * sum of q */
+    int8_t s[8];
     int8_t q[256];
 } kxblock;
 
