@@ -36,20 +36,21 @@ def _quantize_q8_0(x: Tensor) -> Tensor:
     return torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
 
 
-def _quantize_q4_0(x: Tensor) -> Tensor:
-    """d = (the value of largest magnitude) / -8, q = min(trunc(x / d + 8.5), 15)."""
+def _symmetric(x: Tensor, half: int, pack) -> Tensor:
+    """Q4_0 (half 8) and Q5_0 (16): d = (the value of largest magnitude) / -half,
+    q = min(trunc(x / d + half + 0.5), 2 half - 1)."""
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))     # first of equal magnitudes, as numpy
-    d = peak / -8
-    q = torch.trunc(x * _inverse(d) + 8.5).to(torch.uint8).clamp_(0, 15)
-    return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=-1)
+    d = peak / -half
+    q = torch.trunc(x * _inverse(d) + (half + 0.5)).to(torch.uint8).clamp_(0, 2 * half - 1)
+    return torch.cat([_fp16_bytes(d), pack(q)], dim=-1)
 
 
-def _quantize_q4_1(x: Tensor) -> Tensor:
-    """d = (max - min) / 15, m = min, q = min(trunc((x - m) / d + 0.5), 15)."""
+def _affine(x: Tensor, top: int, pack) -> Tensor:
+    """Q4_1 (top 15) and Q5_1 (31): d = (max - min) / top, m = min, q = min(trunc((x - m) / d + 0.5), top)."""
     hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-    d = (hi - lo) / 15
-    q = torch.trunc((x - lo) * _inverse(d) + 0.5).to(torch.uint8).clamp_(0, 15)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), _pack_nibbles(q)], dim=-1)
+    d = (hi - lo) / top
+    q = torch.trunc((x - lo) * _inverse(d) + 0.5).to(torch.uint8).clamp_(0, top)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), pack(q)], dim=-1)
 
 
 def _pack_fifth_bits(q: Tensor) -> Tensor:
@@ -59,24 +60,9 @@ def _pack_fifth_bits(q: Tensor) -> Tensor:
     return torch.cat([bits.sum(-1).to(torch.uint8), _pack_nibbles(q & 15)], dim=-1)
 
 
-def _quantize_q5_0(x: Tensor) -> Tensor:
-    """As Q4_0 with 5 bits: d = (the value of largest magnitude) / -16, q = min(trunc(x / d + 16.5), 31)."""
-    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))
-    d = peak / -16
-    q = torch.trunc(x * _inverse(d) + 16.5).to(torch.uint8).clamp_(0, 31)
-    return torch.cat([_fp16_bytes(d), _pack_fifth_bits(q)], dim=-1)
-
-
-def _quantize_q5_1(x: Tensor) -> Tensor:
-    """As Q4_1 with 5 bits: d = (max - min) / 31, m = min, q = min(trunc((x - m) / d + 0.5), 31)."""
-    hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-    d = (hi - lo) / 31
-    q = torch.trunc((x - lo) * _inverse(d) + 0.5).to(torch.uint8).clamp_(0, 31)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(lo), _pack_fifth_bits(q)], dim=-1)
-
-
-_QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q4_1": _quantize_q4_1, "Q5_0": _quantize_q5_0,
-               "Q5_1": _quantize_q5_1}
+_QUANTIZERS = {"Q8_0": _quantize_q8_0,
+               "Q4_0": lambda x: _symmetric(x, 8, _pack_nibbles), "Q4_1": lambda x: _affine(x, 15, _pack_nibbles),
+               "Q5_0": lambda x: _symmetric(x, 16, _pack_fifth_bits), "Q5_1": lambda x: _affine(x, 31, _pack_fifth_bits)}
 
 
 def quantize(w: Tensor, qtype: str) -> Tensor:
