@@ -14,22 +14,17 @@
  * One entry point, matmul(mats, cols, x, T, threads), for up to MAX_MATS matrices that multiply the same x
  * (a layer's q, k and v: x is quantized once, and one call's overhead is paid instead of three).
  * Pointers are passed as integers (torch's data_ptr()); quant_int8.py checks shapes, types and
- * contiguity before calling. The GIL
- * is released while the kernel runs, rows are split between this thread and a small pool of
- * worker threads (pthreads: torch's OpenMP pool is not reachable from here, and a second OpenMP
- * runtime beside torch's would be a second set of spinning threads).
+ * contiguity before calling. The GIL is released while the kernel runs; rows are split in tasks
+ * between this thread and pool.c's workers. The K-quants' dot products are kquants.c's.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <math.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "qdot.h"
 
@@ -366,14 +361,9 @@ AVX2 static void dot8_avx2(int qt, const uint8_t *w, size_t rb, size_t bb, int n
 
 #endif
 
-/* ---- the thread pool ------------------------------------------------------------------------------
- * Workers wait for a new generation of work, spinning for SPIN_NS first (the next matmul of a layer
- * usually comes within tens of microseconds) and then sleeping on a condition variable. The
- * calling thread takes tasks too. Tasks are handed out by an atomic counter. */
+/* ---- a product's tasks (run on pool.c's threads) ----------------------------------------------------- */
 
-#define MAX_THREADS 64
 #define TASKS_PER_THREAD 8
-#define SPIN_NS 2000000
 
 typedef struct {
     int qt, rows, interleaved;       /* interleaved: rows in groups of 8 stored block by block (see repack) */
@@ -389,33 +379,10 @@ typedef struct {
     const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) */
     const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
     int use_avx2;
-    void (*fn)(void *ctx, int task); /* or any other work, task by task (qdot_parallel) */
-    void *ctx;
 } job_t;
 
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t wake;
-    pthread_mutex_t call;                    /* one matmul at a time: the pool has one job slot */
-    int workers, active;                     /* started; taking part in the current job */
-    atomic_uint gen;
-    atomic_int next, done, left;             /* next task; tasks done; workers still in this job */
-    int ntasks;
-    job_t job;
-    pid_t pid;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void run_task(const job_t *j, int task) {
-    if (j->fn) {
-        j->fn(j->ctx, task);
-        return;
-    }
+static void run_task(void *ctx, int task) {
+    const job_t *j = ctx;
     int i = 0;
     while (task >= j->first_task[i + 1]) i++;
     const mat_t *m = &j->m[i];
@@ -449,86 +416,6 @@ static void run_task(const job_t *j, int task) {
     }
 }
 
-static void take_tasks(void) {
-    int t;
-    while ((t = atomic_fetch_add(&pool.next, 1)) < pool.ntasks) {
-        run_task(&pool.job, t);
-        atomic_fetch_add(&pool.done, 1);
-    }
-}
-
-static void *worker_main(void *arg) {
-    int id = (int)((uintptr_t)arg & 255);
-    unsigned seen = (unsigned)((uintptr_t)arg >> 8);     /* the generation before its first job */
-    for (;;) {
-        int64_t until = now_ns() + SPIN_NS;
-        unsigned g;
-        int spins = 0;
-        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
-#ifdef QDOT_X86
-            _mm_pause();
-#endif
-            if (++spins % 256 == 0 && now_ns() > until) {
-                pthread_mutex_lock(&pool.mu);
-                while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
-                pthread_mutex_unlock(&pool.mu);
-                break;
-            }
-        }
-        seen = g;
-        if (id < pool.active) {
-            take_tasks();
-            atomic_fetch_sub_explicit(&pool.left, 1, memory_order_release);
-        }
-    }
-    return NULL;
-}
-
-static int ensure_workers(int n) {
-    if (pool.pid != getpid()) {              /* a forked child has none of its parent's threads */
-        pool.workers = 0;
-        pool.pid = getpid();
-    }
-    while (pool.workers < n) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int err = pthread_create(&th, &attr, worker_main,
-                                 (void *)((uintptr_t)atomic_load(&pool.gen) << 8 | (uintptr_t)pool.workers));
-        pthread_attr_destroy(&attr);
-        if (err) return -1;
-        pool.workers++;
-    }
-    return 0;
-}
-
-static void run_job(const job_t *j, int threads) {
-    int ntasks = j->first_task[j->nmats];
-    int helpers = threads - 1 < ntasks - 1 ? threads - 1 : ntasks - 1;
-    if (helpers > 0 && ensure_workers(helpers) != 0) helpers = 0;
-    pool.job = *j;
-    pool.ntasks = ntasks;
-    pool.active = helpers > 0 ? helpers : 0;
-    atomic_store(&pool.next, 0);
-    atomic_store(&pool.done, 0);
-    atomic_store(&pool.left, pool.active);
-    if (pool.active) {
-        pthread_mutex_lock(&pool.mu);
-        atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.mu);
-    }
-    take_tasks();
-    /* until every task is done and every worker is out of take_tasks: none may touch the next job's counters */
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < ntasks ||
-           atomic_load_explicit(&pool.left, memory_order_acquire) > 0) {
-#ifdef QDOT_X86
-        _mm_pause();
-#endif
-    }
-}
-
 /* ---- Python ------------------------------------------------------------------------------------ */
 
 static int cpu_has_avx2(void) {
@@ -541,6 +428,7 @@ static int cpu_has_avx2(void) {
 }
 
 static int use_avx2 = -1;
+static pthread_mutex_t matmul_lock = PTHREAD_MUTEX_INITIALIZER;   /* one product at a time: the buffers below */
 static xblock *xbuf;
 static size_t xbuf_len;
 static kxblock *xkbuf;
@@ -561,7 +449,7 @@ int qdot_parse_mat(PyObject *item, int cols, qmat_t *m) {
 
 int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads) {
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > QDOT_MAX_THREADS) threads = QDOT_MAX_THREADS;
     /* Rows per task: about TASKS_PER_THREAD tasks a thread for one token, more for several (a task of
      * many tokens is long, and finer tasks even out a thread that was descheduled), in multiples of 16
      * (whole 8-row groups). 16 rows at a time made SmolLM2's decode (3072 x 576: 192 tasks of ~0.5 us)
@@ -587,7 +475,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     }
     const xblock *xrows[QDOT_MAX_TOKENS];
     const kxblock *xkrows[QDOT_MAX_TOKENS];
-    pthread_mutex_lock(&pool.call);
+    pthread_mutex_lock(&matmul_lock);
     if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
     size_t need = small ? (size_t)nt * nbx : 0, need_k = kquant ? (size_t)nt * nbk : 0;
     if (need > xbuf_len) {
@@ -618,20 +506,13 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
         j.x = xrows;
         j.xk = xkrows;
         j.use_avx2 = use_avx2;
-        run_job(&j, threads);
+        qdot_parallel(run_task, &j, j.first_task[n], threads);
         ok = 1;
     }
-    pthread_mutex_unlock(&pool.call);
+    pthread_mutex_unlock(&matmul_lock);
     return ok ? 0 : -1;
 }
 
-void qdot_parallel(void (*fn)(void *ctx, int task), void *ctx, int ntasks, int threads) {
-    if (ntasks < 1) return;
-    job_t j = {.nmats = 1, .first_task = {0, ntasks}, .fn = fn, .ctx = ctx};
-    pthread_mutex_lock(&pool.call);
-    run_job(&j, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads);
-    pthread_mutex_unlock(&pool.call);
-}
 
 /* matmul(mats, cols, x_ptr, tokens, threads), mats a sequence of (qtype, w_ptr, rows, y_ptr): each
  * matrix's y (tokens, rows) = x @ W^T, x (tokens, cols) float32 quantized once for all of them. */

@@ -77,7 +77,11 @@ typedef struct {
 int qdot_parse_mat(PyObject *item, int cols, qmat_t *m);
 /* Each matrix's y = x @ W^T, x (nt, cols) float32 quantized once; -1 when out of memory. Call without the GIL. */
 int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int threads);
-/* fn(ctx, task) for tasks 0..ntasks - 1 on the kernels' threads (the caller's among them), in any order. */
+
+/* ---- pool.c ---- */
+#define QDOT_MAX_THREADS 64
+/* fn(ctx, task) for tasks 0..ntasks - 1 on up to `threads` threads (the caller's among them), in any
+ * order; one job at a time. */
 void qdot_parallel(void (*fn)(void *ctx, int task), void *ctx, int ntasks, int threads);
 
 /* ---- kquants.c ---- */
