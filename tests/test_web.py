@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -80,7 +81,10 @@ def scrape(server: Server) -> dict:
 
 
 def wait(driver, what: str, condition, timeout: float = 120):
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d), message=what)
+    """condition(driver) once it is true; an element the page re-rendered while it was read (the rank table,
+    every 2 s) is read again at the next poll."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(lambda d: condition(d), message=what)
 
 
 @pytest.mark.mpi
