@@ -164,10 +164,16 @@ static inline void scales_mins_k4(const uint8_t *s, uint64_t *sc, uint64_t *mn) 
 }
 
 /* 16 int16 lanes each holding byte i of v (i < 8), or byte i and byte i + 1 in the two halves (pairs) */
-AVX2 static inline __m256i spread(__m256i v, int i, int pairs) {
-    char a = (char)i, b = (char)(pairs ? i + 1 : i), z = (char)0x80;
-    return _mm256_shuffle_epi8(v, _mm256_setr_epi8(a, z, a, z, a, z, a, z, a, z, a, z, a, z, a, z,
-                                                   b, z, b, z, b, z, b, z, b, z, b, z, b, z, b, z));
+/* v's int16 lanes i and j (of its 128-bit half, the same in both halves) in every lane of the low
+ * and the high half */
+AVX2 static inline __m256i spread16(__m256i v, int i, int j) {
+    char a = (char)(2 * i), b = (char)(2 * i + 1), c = (char)(2 * j), d = (char)(2 * j + 1);
+    return _mm256_shuffle_epi8(v, _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b,
+                                                   c, d, c, d, c, d, c, d, c, d, c, d, c, d, c, d));
+}
+
+AVX2 static inline __m128i multiples(const kxblock *y) {         /* its 8 group multiples as int16 */
+    return _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)y->s));
 }
 
 /* Q4_K and Q5_K: S and M of one super-block b against nt tokens' blocks y[t], each as 8 partial sums. */
@@ -175,13 +181,15 @@ AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const u
                                                                  const int nt, __m256i *S, __m256i *M) {
     uint64_t sc8, mn8;
     scales_mins_k4(b + 4, &sc8, &mn8);
-    __m256i sc = _mm256_set1_epi64x((long long)sc8);
+    __m128i sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8));
     /* M: each min twice, against the two 16-value sums of its sub-block */
     __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128((long long)mn8),
                                                          _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
+    __m256i scs[TILE_K];                             /* each sub-block's scale times the token's multiple */
     for (int t = 0; t < nt; t++) {
         S[t] = _mm256_setzero_si256();
         M[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)y[t]->bsums));
+        scs[t] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(sc, multiples(y[t])));   /* up to 63 * 8 */
     }
     const __m256i low = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     const uint8_t *qs = b + (qt == Q5_K ? 48 : 16);
@@ -193,12 +201,10 @@ AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const u
             lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), one), 4));
             hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g + 1), one), 4));
         }
-        __m256i slo = spread(sc, 2 * g, 0), shi = spread(sc, 2 * g + 1, 0);
-        for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127), scales too (63 * 8) */
-            __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)),
-                                          _mm256_mullo_epi16(slo, _mm256_set1_epi16(y[t]->s[2 * g])));
+        for (int t = 0; t < nt; t++) {               /* pairs of products fit int16 (2 * 31 * 127) */
+            __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, YQ(t, 64 * g)), spread16(scs[t], 2 * g, 2 * g));
             __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, YQ(t, 64 * g + 32)),
-                                          _mm256_mullo_epi16(shi, _mm256_set1_epi16(y[t]->s[2 * g + 1])));
+                                          spread16(scs[t], 2 * g + 1, 2 * g + 1));
             S[t] = _mm256_add_epi32(S[t], _mm256_add_epi32(a, c));
         }
     }
@@ -206,12 +212,17 @@ AVX2 static inline __attribute__((always_inline)) void sums_q45k(int qt, const u
 
 AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b, const kxblock *const *y,
                                                                 const int nt, __m256i *S) {
-    __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
-    __m256i scales = _mm256_cvtepi8_epi16(sc8), sc = _mm256_broadcastsi128_si256(sc8);
-    __m256i acc[TILE_K], off[TILE_K];
+    __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+    __m256i acc[TILE_K], off[TILE_K], scs[2][TILE_K];
     for (int t = 0; t < nt; t++) {                   /* the +32 of every value: 32 * sum of scale * 16-sum */
         off[t] = _mm256_slli_epi32(_mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)y[t]->bsums)), 5);
         acc[t] = _mm256_setzero_si256();
+        /* each 16-value sub-block's scale times its group's multiple (up to 128 * 8), one half per h */
+        __m256i m = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)y[t]->s),
+                                                          _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
+        __m256i prod = _mm256_mullo_epi16(scales, m);
+        scs[0][t] = _mm256_permute2x128_si256(prod, prod, 0x00);
+        scs[1][t] = _mm256_permute2x128_si256(prod, prod, 0x11);
     }
     const __m256i low = _mm256_set1_epi8(15), two = _mm256_set1_epi8(3);
     for (int h = 0; h < 2; h++) {                    /* 128 values: 4 x 32, sub-blocks of 16 */
@@ -227,12 +238,10 @@ AVX2 static inline __attribute__((always_inline)) void sums_q6k(const uint8_t *b
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)),
         };
-        for (int s = 0; s < 4; s++) {                /* sub-blocks 8h + 2s and 8h + 2s + 1, as int16 */
-            __m256i sv = _mm256_srai_epi16(_mm256_slli_epi16(spread(sc, 8 * h + 2 * s, 1), 8), 8);
-            for (int t = 0; t < nt; t++)             /* pairs of products fit int16 (2 * 63 * 127), scales too */
+        for (int s = 0; s < 4; s++)                  /* sub-blocks 8h + 2s and 8h + 2s + 1 */
+            for (int t = 0; t < nt; t++)             /* pairs of products fit int16 (2 * 63 * 127) */
                 acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], YQ(t, 128 * h + 32 * s)),
-                                                                    _mm256_mullo_epi16(sv, _mm256_set1_epi16(y[t]->s[4 * h + s]))));
-        }
+                                                                    spread16(scs[h][t], 2 * s, 2 * s + 1)));
     }
     for (int t = 0; t < nt; t++) S[t] = _mm256_sub_epi32(acc[t], off[t]);
 }
