@@ -178,16 +178,23 @@ def test_a_streamed_window_computes_the_resident_bits(tmp_path, cached):
 
 @pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
-def test_int8_kernels_on_interleaved_resident_blocks_compute_the_streamed_bits(tmp_path, qtype):
-    """Under the int8 kernels, blocks kept in memory are regrouped 8 rows at a time (one stream for
-    the prefetchers); streamed blocks stay as stored. The same bits either way, at 2 ranks."""
+def test_int8_kernels_give_the_same_bits_on_packed_and_plain_shards(tmp_path, qtype):
+    """prepare writes the 8-row types in the int8 kernels' packed layout (a run on the exact path has
+    its folder stored row after row: packed=False), and a plain shard's resident blocks are regrouped
+    at load. Resident or streamed, packed or plain: the same bits, at 2 ranks."""
     write_tiny(tmp_path / "tiny.gguf", "llama", qtype)
-    prepared = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(2), "fp32")
+    packed = prepare(tmp_path / "tiny.gguf", tmp_path / "p", ParallelConfig(2), "fp32")
+    plain = prepare(tmp_path / "tiny.gguf", tmp_path / "q", ParallelConfig(2), "fp32", packed=False)
     QI.use_int8(True)
-    resident, tokens, results = generate_in_threads(prepared, 2, PROMPT, N_NEW, resident_form=QI.interleaved)
-    streamed, streamed_tokens, _ = generate_in_threads(prepared, 2, PROMPT, N_NEW, depth=1)
-    np.testing.assert_array_equal(streamed, resident)
-    assert streamed_tokens == tokens
+    resident, tokens, results = generate_in_threads(plain, 2, PROMPT, N_NEW, resident_form=QI.interleaved)
+    for folder in (packed, plain):
+        streamed, streamed_tokens, _ = generate_in_threads(folder, 2, PROMPT, N_NEW, depth=1)
+        np.testing.assert_array_equal(streamed, resident)
+        assert streamed_tokens == tokens
     window = results[0][2]
     mlp = window.resident[(0, "mlp")]
     assert all(w.interleaved for w in mlp.values()) and mlp["gate.weight"].shape[0] >= 8
+
+    def mlp_file(folder):
+        return json.loads((folder / "rank0" / "manifest.json").read_text())["files"]["layer000.mlp.safetensors"]
+    assert "packed" not in mlp_file(plain) and "gate.weight" in mlp_file(packed)["packed"]

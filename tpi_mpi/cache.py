@@ -19,6 +19,7 @@ from .config import ParallelConfig, RunConfig, normalized_ratio
 from .errors import ConfigError, ShardError
 from .parallel import plan_shards
 from .prepare import ffn_unit, open_source, prepare, resolve_quant, source_fingerprint
+from .quant_int8 import int8_chosen
 from .shard_format import FORMAT, MANIFEST, Manifest, matrix_types, types_label
 
 
@@ -32,10 +33,13 @@ def cache_dir(cfg: RunConfig, rank: int) -> Path:
     return Path((cfg.cache_dir or str(default_cache_dir())).format(rank=rank)).expanduser()
 
 
-def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str, quant: str) -> str:
+def cache_key(fingerprint: str, par: ParallelConfig, dtype: str, head_on: str, quant: str, packed: bool = True) -> str:
+    """The prepared folder's name; `packed` (the int8 kernels' layout, prepare) or not: an exact run has
+    a folder of its own, stored row after row."""
     ratio = ",".join(f"{r:g}" for r in normalized_ratio(par.parts))
-    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{quant}|{FORMAT}".encode()).hexdigest()
-    return f"w{par.world}-{dtype}-{quant}-{head_on}-{digest[:16]}"
+    layout = "" if packed else "|plain"
+    digest = hashlib.sha256(f"{fingerprint}|{par.world}|{ratio}|{dtype}|{head_on}|{quant}|{FORMAT}{layout}".encode())
+    return f"w{par.world}-{dtype}-{quant}-{head_on}{'' if packed else '-plain'}-{digest.hexdigest()[:16]}"
 
 
 def model_path(cfg: RunConfig, log=lambda m: None) -> Path:
@@ -73,13 +77,14 @@ def locate(cfg: RunConfig, world: int, log, progress=None) -> Path:
         raise ConfigError(f"model path {path} does not exist: check the path")
     par = cfg.parallel(world)
     quant = resolve_quant(path, cfg.quant)
-    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on, quant)
+    packed = int8_chosen(cfg.matmul, cfg.dtype)
+    key = cache_key(source_fingerprint(path), par, cfg.dtype, cfg.head_on, quant, packed)
     out = cache_dir(cfg, 0) / f"{source_name(path)}-{key}"
     if not (out / "rank0" / MANIFEST).exists():
         src = open_source(path)
         plan_shards(src.config, par, cfg.head_on, ffn_unit(src, quant, src.config))   # refuses a split that cannot be made
         log(f"preparing {path} for {world} rank(s) into {out}")
-        prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress, quant=quant)
+        prepare(src, out, par, cfg.dtype, cfg.head_on, progress=progress, quant=quant, packed=packed)
     return out
 
 

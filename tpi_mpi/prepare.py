@@ -213,12 +213,16 @@ class Stored(dict):
         self[name], qtype = stored
         if qtype:
             self.quant[name] = qtype
-        # matrices the kernels multiply are written in their layout, so that streamed and mapped blocks
-        # have it too (resident ones were regrouped at load, streamed ones were not); the embedding's
-        # rows are looked up by token, so it stays row after row
-        if qtype in INTERLEAVED_TYPES and name != "embed.weight" and self[name].shape[0] >= 8:
-            self[name] = pack_rows(self[name], qtype)
-            self.packed.append(name)
+
+    def pack(self) -> Stored:
+        """The matrices the int8 kernels multiply in their layout, so that streamed and mapped blocks
+        have it too (resident ones could be regrouped at load, streamed ones not without a copy a token).
+        The embedding's rows are looked up by token: it stays row after row."""
+        for name, qtype in self.quant.items():
+            if qtype in INTERLEAVED_TYPES and name != "embed.weight" and self[name].shape[0] >= 8:
+                self[name] = pack_rows(self[name], qtype)
+                self.packed.append(name)
+        return self
 
     def dequantized_bytes(self) -> int:
         return self.itemsize * sum(math.prod(quant_weight(t, self.quant[name]).shape) if name in self.quant
@@ -278,9 +282,12 @@ def _file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _save_atomic(path: Path, tensors: Stored | None = None, data: bytes | None = None) -> dict:
-    """Write tensors (as safetensors) or bytes under a temporary name, fsync, then rename."""
+def _save_atomic(path: Path, tensors: Stored | None = None, data: bytes | None = None, packed: bool = False) -> dict:
+    """Write tensors (as safetensors; `packed`: Stored.pack first) or bytes under a temporary name,
+    fsync, then rename."""
     tmp = path.with_name(path.name + ".tmp")
+    if tensors is not None and packed:
+        tensors.pack()
     if tensors is not None:
         save_file(dict(tensors), tmp)
     else:
@@ -304,9 +311,11 @@ def _remove_abandoned(out: Path) -> None:
 
 
 def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
-            head_on: str = "split", progress=None, quant: str = "auto") -> Path:
+            head_on: str = "split", progress=None, quant: str = "auto", packed: bool = True) -> Path:
     """Split `src_path` (a path, or a source object such as SyntheticSource) into `out`, storing the
-    matrices as `quant` says (config.QUANT_MODES); returns `out`. Refuses to overwrite a folder that exists."""
+    matrices as `quant` says (config.QUANT_MODES), in the int8 kernels' layout where they have one
+    unless not `packed` (for runs on the exact path, which would regroup a streamed block at every
+    use); returns `out`. Refuses to overwrite a folder that exists."""
     out = Path(out)
     src = open_source(src_path) if isinstance(src_path, (str, Path)) else src_path
     m = src.config
@@ -333,18 +342,18 @@ def prepare(src_path, out: str | Path, par: ParallelConfig, dtype: str = "auto",
                 for s in shards:
                     name = block_file(i, kind)
                     tensors = _block_tensors(src, m, s, i, kind, torch_dtype, quant)
-                    files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors)
+                    files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name, tensors, packed=packed)
                     del tensors
                     bar and bar.update()
             for e in range(m.n_experts if m.is_moe(i) else 0):
                 for s in shards:
                     name = expert_file(i, e)
                     files[s.rank][name] = _save_atomic(staging / f"rank{s.rank}" / name,
-                                                       _expert_tensors(src, s, i, e, torch_dtype, quant))
+                                                       _expert_tensors(src, s, i, e, torch_dtype, quant), packed=packed)
                     bar and bar.update()
         for s in shards:
             files[s.rank][COMMON] = _save_atomic(staging / f"rank{s.rank}" / COMMON,
-                                                 _common_tensors(src, m, s, torch_dtype, quant))
+                                                 _common_tensors(src, m, s, torch_dtype, quant), packed=packed)
             bar and bar.update()
         rank0 = staging / "rank0"
         embed = Stored(torch_dtype)

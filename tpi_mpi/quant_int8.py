@@ -43,6 +43,12 @@ def instruction_set() -> str:
     return _qdot().isa() if int8_available() else "none"
 
 
+def int8_chosen(matmul: str, dtype: str) -> bool:
+    """--matmul's choice: int8 where asked, or by default unless --dtype fp32 asks for float32 throughout
+    (the file's own numbers) or the kernels were not built."""
+    return matmul == "int8" or (matmul == "auto" and dtype != "fp32" and int8_available())
+
+
 def use_int8(on: bool) -> None:
     """Multiply quantized matrices with these kernels from now on (quant.matmul, parallel.project), or
     on the exact path: a process-wide choice, as torch's thread count is."""

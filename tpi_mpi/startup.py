@@ -65,9 +65,8 @@ def on_all_ranks(comm, fn, timeout: float | None = None):
 
 
 def use_int8_matmul(cfg: RunConfig) -> bool:
-    """Apply --matmul to this process (quant_int8.use_int8): int8 where asked, or by default unless
-    --dtype fp32 asks for float32 throughout (the file's own numbers) or the kernels were not built."""
-    on = cfg.matmul == "int8" or (cfg.matmul == "auto" and cfg.dtype != "fp32" and quant_int8.int8_available())
+    """Apply --matmul to this process (quant_int8.use_int8, as quant_int8.int8_chosen says)."""
+    on = quant_int8.int8_chosen(cfg.matmul, cfg.dtype)
     quant_int8.use_int8(on)
     return on
 
