@@ -12,9 +12,10 @@ A prepared folder holds one folder per rank (each rank needs only its own `rankN
 
 A quantized matrix is stored as its raw GGML blocks: a uint8 tensor (rows, bytes per row) whose
 type ("Q4_K", ...) the manifest names; reading it gives a `QuantWeight` (quant.py). Rows are whole
-blocks, so a rank's slice of a matrix is cut at rows, or at columns on block boundaries. Q8_0, Q4_0
-and Q4_1 matrices (not the embedding) are written in the int8 kernels' 8-row layout (format 3; the
-file's "packed" list names them), so that streamed and mapped blocks are computed as resident ones.
+blocks, so a rank's slice of a matrix is cut at rows, or at columns on block boundaries. Q8_0, Q4_0,
+Q4_1, Q5_0 and Q5_1 matrices (not the embedding) are written in the int8 kernels' 8-row layout
+(format 3; the file's "packed" list names them), so that streamed and mapped blocks are computed as
+resident ones; a folder prepared for a run on the exact path keeps them row after row.
 
 `Manifest.load` is the one place a manifest is parsed and checked. prepare.py writes this
 format, ship.py copies it between hosts, weights.py reads it block by block.

@@ -189,7 +189,9 @@ class WeightWindow:
     @contextmanager
     def use(self, layer: int, kind: str, module):
         """Bind block (layer, kind) to `module` for the duration of the `with`."""
-        held = self.resident.get((layer, kind)) or self._kept.get((layer, kind))
+        held = self.resident.get((layer, kind))
+        if held is None:
+            held = self._kept.get((layer, kind))
         if held is not None:
             if self._bound.get((layer, kind)) is not module:      # once: nothing unbinds a resident block
                 bind(module, held)
