@@ -91,7 +91,6 @@ static inline float kstep(float acc, float d, float dmin, float xd, int32_t S, i
     return acc + d * xd * (float)S - dmin * xd * (float)M;
 }
 
-static inline uint16_t half_at(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 #define D_AT(qt) ((qt) == Q6_K ? 208 : 0)            /* a super-block's fp16 scale; Q4_K/Q5_K's min follows it */
 
 #define KQ_BYTES(qt) ((qt) == Q4_K ? 144 : (qt) == Q5_K ? 176 : 210)
@@ -106,8 +105,8 @@ void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *c
                 const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
                 int32_t S, M;
                 sums_scalar(qt, b, &x[t][k], &S, &M);
-                float dmin = qt == Q6_K ? 0 : half_bits_to_float(half_at(b + 2));
-                acc = kstep(acc, half_bits_to_float(half_at(b + D_AT(qt))), dmin, x[t][k].d, S, M);
+                float dmin = qt == Q6_K ? 0 : half_bits_to_float(qdot_half_at(b + 2));
+                acc = kstep(acc, half_bits_to_float(qdot_half_at(b + D_AT(qt))), dmin, x[t][k].d, S, M);
             }
             out[r * stride + t] = acc;
         }
@@ -122,16 +121,10 @@ AVX2 static inline __m256i quantize8(const float *x, __m256 id) {     /* round h
 }
 
 AVX2 void kq_quantize_avx2(const float *x, kxblock *out, int nb) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < nb; b++, x += 256) {
         float gmax[8], amax = 0;
         for (int j = 0; j < 8; j++) {
-            __m256 m = _mm256_setzero_ps();
-            for (int i = 32 * j; i < 32 * j + 32; i += 8)
-                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            gmax[j] = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            gmax[j] = qdot_amax32(x + 32 * j);
             amax = fmaxf(amax, gmax[j]);
         }
         float d = amax / (127 * KQ_MULTIPLES);
@@ -143,9 +136,7 @@ AVX2 void kq_quantize_avx2(const float *x, kxblock *out, int nb) {
             out[b].s[i / 32] = (int8_t)sj;
             out[b].bsums[i / 16] = (int16_t)(sj * qdot_hsum_epi32(_mm256_add_epi32(i0, i1)));
             out[b].bsums[i / 16 + 1] = (int16_t)(sj * qdot_hsum_epi32(_mm256_add_epi32(i2, i3)));
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
-            _mm256_storeu_si256((__m256i *)(out[b].q + i), p);
+            qdot_store_int8x32(out[b].q + i, i0, i1, i2, i3);
         }
         out[b].d = d;
     }
@@ -262,7 +253,7 @@ AVX2 static inline __attribute__((always_inline)) void dot_n(int qt, const uint8
                 sums_q6k(b, y, nt, S);
             else
                 sums_q45k(qt, b, y, nt, S, M);
-            float d = _cvtsh_ss(half_at(b + D_AT(qt))), dmin = qt == Q6_K ? 0 : _cvtsh_ss(half_at(b + 2));
+            float d = _cvtsh_ss(qdot_half_at(b + D_AT(qt))), dmin = qt == Q6_K ? 0 : _cvtsh_ss(qdot_half_at(b + 2));
             for (int t = 0; t < nt; t++) {
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[t]), _mm256_set1_ps(d * y[t]->d), acc[t]);
                 if (qt != Q6_K)

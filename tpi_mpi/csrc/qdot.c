@@ -40,7 +40,7 @@ typedef struct {
 
 /* ---- scalar helpers ---------------------------------------------------------------------------- */
 
-static float half_to_float(const uint8_t *p) { return half_bits_to_float((uint16_t)(p[0] | (p[1] << 8))); }
+static float half_to_float(const uint8_t *p) { return half_bits_to_float(qdot_half_at(p)); }
 
 /* The 32-value types below Q8_0: w = d * (q - offset) (Q4_0, Q5_0) or d * q + m (Q4_1, Q5_1), q a nibble
  * or, for Q5_x, a nibble plus a fifth bit from the block's 4 bytes qh (after d and m, before the nibbles). */
@@ -104,24 +104,16 @@ static void quantize_row_scalar(const float *x, xblock *out, int nb) {
 
 #ifdef QDOT_X86
 AVX2 static void quantize_row_avx2(const float *x, xblock *out, int nb) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * b;
-        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-               v3 = _mm256_loadu_ps(v + 24);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float amax = _mm_cvtss_f32(m4), d = amax / 127, id = d ? 1 / d : 0;
+        float amax = qdot_amax32(v), d = amax / 127, id = d ? 1 / d : 0;
         __m256 s = _mm256_set1_ps(id);
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
-                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v), s)),
+                i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8), s)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 16), s)),
+                i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 24), s));
         out[b].sum = qdot_hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
-        _mm256_storeu_si256((__m256i *)out[b].q, p);
+        qdot_store_int8x32(out[b].q, i0, i1, i2, i3);
         out[b].d = d;
     }
 }
@@ -418,13 +410,17 @@ static void run_task(void *ctx, int task) {
 
 /* ---- Python ------------------------------------------------------------------------------------ */
 
-static int cpu_has_avx2(void) {
+int qdot_cpu_has_avx2(void) {
+    static int known = -1;
+    if (known < 0) {
 #ifdef QDOT_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
-    return 0;
+        known = 0;
 #endif
+    }
+    return known;
 }
 
 static int use_avx2 = -1;
@@ -476,7 +472,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     const xblock *xrows[QDOT_MAX_TOKENS];
     const kxblock *xkrows[QDOT_MAX_TOKENS];
     pthread_mutex_lock(&matmul_lock);
-    if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
+    if (use_avx2 < 0) use_avx2 = qdot_cpu_has_avx2();
     size_t need = small ? (size_t)nt * nbx : 0, need_k = kquant ? (size_t)nt * nbk : 0;
     if (need > xbuf_len) {
         free(xbuf);
@@ -578,12 +574,12 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) {
-    if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
+    if (use_avx2 < 0) use_avx2 = qdot_cpu_has_avx2();
     return PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
 }
 
 static PyObject *py_force_generic(PyObject *self, PyObject *arg) {
-    use_avx2 = PyObject_IsTrue(arg) ? 0 : cpu_has_avx2();
+    use_avx2 = PyObject_IsTrue(arg) ? 0 : qdot_cpu_has_avx2();
     Py_RETURN_NONE;
 }
 

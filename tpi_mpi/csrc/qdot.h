@@ -39,6 +39,9 @@ static inline float half_bits_to_float(uint16_t h) {
     return f;
 }
 
+/* The little-endian fp16 at p, as bits (a block's scale or min). */
+static inline uint16_t qdot_half_at(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
 /* Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml's get_scale_min_k4). */
 static inline void qdot_scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
     if (j < 4) {
@@ -58,6 +61,25 @@ AVX2 static inline float qdot_hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The largest magnitude of the 32 floats at x. */
+AVX2 static inline float qdot_amax32(const float *x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x)),
+                                           _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8))),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 16)),
+                                           _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 24))));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+/* 32 int32 values within int8's range, i0 first, stored as int8 at out in order. */
+AVX2 static inline void qdot_store_int8x32(int8_t *out, __m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* undo lane interleave */
+    _mm256_storeu_si256((__m256i *)out, p);
+}
+
 AVX2 static inline int qdot_hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -67,6 +89,7 @@ AVX2 static inline int qdot_hsum_epi32(__m256i v) {
 #endif
 
 /* ---- qdot.c ---- */
+int qdot_cpu_has_avx2(void);    /* AVX2, FMA and F16C: the kernels' x86 code (asked once) */
 typedef struct {
     int qt, rows, interleaved;  /* the GGML type (quant_int8.TYPE_IDS), rows, rows regrouped by 8 */
     const uint8_t *w;

@@ -176,10 +176,7 @@ AVX2 static void widen_avx2(const kvstore_t *s, const char *base, int64_t at, in
 AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return qdot_hsum_ps(acc);
 }
 
 AVX2 static void axpy_avx2(float p, const float *x, float *y, int64_t n) {
@@ -187,20 +184,11 @@ AVX2 static void axpy_avx2(float p, const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pp, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 }
-
-static int has_avx2(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    }
-    return known;
-}
 #endif
 
 static row_kernels kernels_for(int64_t hd) {
 #ifdef QDOT_X86
-    if (hd % 8 == 0 && has_avx2()) return (row_kernels){widen_avx2, dot_avx2, axpy_avx2};
+    if (hd % 8 == 0 && qdot_cpu_has_avx2()) return (row_kernels){widen_avx2, dot_avx2, axpy_avx2};
 #endif
     return (row_kernels){load_row, dot_lanes, axpy};
 }
