@@ -83,6 +83,23 @@ def _matmul_mode_restored():
     torch.set_num_threads(threads)
 
 
+def _instruction_sets() -> list:
+    from tpi_mpi import quant_int8
+
+    return ["generic", pytest.param("avx2", marks=pytest.mark.skipif(
+        quant_int8.instruction_set() != "avx2", reason="this CPU has no AVX2 (or the kernels were not compiled)"))]
+
+
+@pytest.fixture(params=_instruction_sets())
+def isa(request):
+    """The compiled kernels' portable C loops, then their AVX2 code where the CPU has it."""
+    from tpi_mpi import _qdot
+
+    _qdot.force_generic(request.param == "generic")
+    yield request.param
+    _qdot.force_generic(False)
+
+
 def mpi_env() -> dict:
     env = dict(os.environ)
     # as root OpenMPI refuses to start without these; they change nothing for other users

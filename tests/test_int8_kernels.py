@@ -22,19 +22,6 @@ from tpi_mpi.startup import use_int8_matmul
 
 pytestmark = pytest.mark.skipif(not QI.int8_available(), reason="tpi_mpi._qdot was not compiled")
 
-ISAS = ["generic", pytest.param("avx2", marks=pytest.mark.skipif(
-    QI.instruction_set() != "avx2", reason="this CPU has no AVX2"))]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    from tpi_mpi import _qdot
-
-    _qdot.force_generic(request.param == "generic")
-    yield request.param
-    _qdot.force_generic(False)
-
-
 @pytest.fixture
 def int8_off_after():
     yield

@@ -115,7 +115,7 @@ def generate_in_threads(prepared, n: int, prompt_ids: list[int], n_new: int, dep
                 comm.bcast(header)                             # the workers learn T and the position
                 h = np.zeros((int(header[0]), m.dim), dtype=np.float32)
                 if r == 0:
-                    h[...] = embed[ids].numpy()
+                    h[...] = embed[ids].float().numpy()
                 comm.bcast(h)                                  # the same hidden states on every rank
                 seq = SeqStep(0, int(header[1]), int(header[0]), Want.ALL if all_logits else Want.LAST, ((0, 16),))
                 return model(torch.from_numpy(h), Batch([seq]))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .batch import Rows, split_rows
 from .config import ModelConfig, ParallelConfig
 from .quant import QuantWeight, matmul
-from .quant_int8 import int8_on, matmul_int8, matmul_int8_many
+from .quant_int8 import int8_on, matmul_int8, matmul_int8_many, takes
 
 FFN_UNIT = 32   # MLP columns move between ranks in multiples of this (a quant block; 256 for K-quants)
 
@@ -111,10 +111,10 @@ class ColumnParallelLinear(nn.Module):
 
 
 def project(x: Tensor, layers: Sequence[ColumnParallelLinear], rows: Rows | None = None) -> list[Tensor]:
-    """Each layer applied to the same x (a layer's q, k and v; gate and up). Quantized weights under
-    the int8 kernels go in one call: x quantized once, one call's overhead instead of several."""
+    """Each layer applied to the same x (a layer's q, k and v; gate and up). Weights the int8 kernels
+    take go in one call: x quantized once, one call's overhead instead of several."""
     weights = [layer.weight for layer in layers]
-    if int8_on() and len(layers) <= 4 and all(isinstance(w, QuantWeight) for w in weights):
+    if int8_on() and len(layers) <= 4 and all(_kernel(w) for w in weights):
         out = []
         for y, layer in zip(matmul_int8_many(x.reshape(-1, x.shape[-1]), weights), layers):
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
@@ -176,14 +176,24 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, 
     if rows is not None and rows.invariant:
         y = split_rows(x, rows.pieces, lambda r: linear_rows(r, weight), lambda r: linear(r, weight))
         return y if bias is None else y + bias
-    if rows is not None and rows.alone and x.shape[0] > 1 and not (isinstance(weight, QuantWeight) and int8_on()):
+    if rows is not None and rows.alone and x.shape[0] > 1 and not _kernel(weight):
         # BLAS (and the exact path's many-row products) give a row other bits among several rows than
         # alone: a row at a time. The int8 kernels compute every row alone whatever the call.
         return torch.cat([linear(row[None], weight, bias) for row in x])
+    if _kernel(weight):
+        y = matmul_int8(x.reshape(-1, x.shape[-1]), weight).to(x.dtype).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
     if isinstance(weight, QuantWeight):
         y = matmul(x, weight)
         return y if bias is None else y + bias
+    if weight.dtype != x.dtype:             # 16-bit rows the kernels do not take (columns not whole 32s)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return F.linear(x, weight, bias)
+
+
+def _kernel(weight: Tensor | QuantWeight) -> bool:
+    """Whether the run's kernels (--matmul int8) multiply by this weight (quant_int8.takes)."""
+    return int8_on() and takes(weight)
 
 
 BLOCK_ROWS = (4, 8, 16)    # row counts tried for the fixed-size products of one-row pieces, in order
@@ -194,15 +204,17 @@ def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     """x @ weight^T with every row of x computed as it would be alone (batch invariant), in one pass
     over the weight for up to a block of rows.
 
-    Quantized weights: numba's row kernels. Float weights: BLAS on blocks of exactly the same
+    Weights the run's kernels take (`_kernel`): those; other quantized weights: numba's row kernels.
+    Other float weights: BLAS on blocks of exactly the same
     number of rows (zero padded): its result for a row depends on how many rows the product has
     (and, at some counts, on the row's place), but not, for a fixed count, on the place or the other
     rows: `_fixed_rows` finds such a count once per shape; where none is found, a call per row."""
+    if _kernel(weight):                     # the int8 kernels compute every row alone whatever the call
+        return matmul_int8(x, weight).to(x.dtype)
     if isinstance(weight, QuantWeight):
-        if int8_on():                       # the int8 kernels compute every row alone whatever the call
-            return matmul_int8(x, weight).to(x.dtype)
         from .quant_numba import matmul_numba
         return matmul_numba(x, weight)
+    weight = weight.to(x.dtype)             # 16-bit rows the kernels do not take: see linear
     n = _fixed_rows(tuple(weight.shape), weight.dtype, x.dtype, torch.get_num_threads())
     if n is None:
         return torch.cat([F.linear(row[None].clone(), weight) for row in x])

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7}   # qdot.h's enum
+TYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7,   # qdot.h's enum
+            "F16": 8, "BF16": 9}
 MAX_TOKENS = 256          # tokens a call of the kernel takes; more are cut into calls of this many
 _threads = 0              # the kernels' threads (set_threads); 0: torch's count
 _on = False               # the process's choice (use_int8): a run's --matmul
@@ -84,8 +85,8 @@ def matmul_int8_many(x: Tensor, weights) -> list[Tensor]:
     cols = x.shape[-1]
     mats = [describe(w) for w in weights]
     for w in weights:
-        if w.cols != cols:
-            raise ValueError(f"x has {cols} features, the {w.qtype} matrix {w.shape} takes {w.cols}")
+        if w.shape[1] != cols:
+            raise ValueError(f"x has {cols} features, a matrix {tuple(w.shape)} takes {w.shape[1]}")
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     T = xf.shape[0]
     ys = [torch.empty(T, m[2], dtype=torch.float32) for m in mats]
@@ -100,8 +101,22 @@ def matmul_int8_many(x: Tensor, weights) -> list[Tensor]:
 _described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # QuantWeight -> the kernel's tuple
 
 
+FLOAT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}   # float weights the kernels take (floats.c)
+
+
+def takes(w) -> bool:
+    """Whether the kernels multiply by w: a QuantWeight of a type they know, or a 16-bit float matrix
+    (its rows widened to float32 in registers, with float32 activations: no 8-bit step there)."""
+    if isinstance(w, Tensor):
+        return w.dtype in FLOAT_TYPES and w.dim() == 2 and w.shape[1] % 32 == 0 and w.is_contiguous()
+    return w.qtype in TYPE_IDS
+
+
 def describe(w) -> tuple:
-    """(type id, address, rows, interleaved) of a QuantWeight, checked once (it is immutable)."""
+    """(type id, address, rows, interleaved) of a QuantWeight, checked once (it is immutable), or of a
+    16-bit float matrix (see `takes`)."""
+    if isinstance(w, Tensor):
+        return TYPE_IDS[FLOAT_TYPES[w.dtype]], w.data_ptr(), w.shape[0], False
     known = _described.get(w)
     if known is not None:
         return known

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .quant import QuantWeight
-from .quant_int8 import TYPE_IDS, _qdot, describe, int8_on, kernel_threads
+from .quant_int8 import _qdot, describe, int8_on, kernel_threads, takes
 
 KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}     # qdot.h's KV_F32, KV_F16, KV_BF16
 
@@ -147,13 +146,13 @@ def _mlp_args(mlp) -> tuple | None:
 
 
 def _mats(layers) -> tuple | None:
-    """The layers' weights as the kernels' tuples, or None unless every one is a quantized matrix the
-    int8 kernels take and every bias (the column-parallel ones; a row-parallel bias is added after the
+    """The layers' weights as the kernels' tuples, or None unless the kernels take every one
+    (quant_int8.takes: a quantized matrix or a 16-bit float one) and every bias (the column-parallel ones; a row-parallel bias is added after the
     sum) is float32."""
     out = []
     for layer in layers:
         w = layer.weight
-        if not isinstance(w, QuantWeight) or w.qtype not in TYPE_IDS or not _f32_or_none(layer.bias):
+        if w is None or not takes(w) or not _f32_or_none(layer.bias):
             return None
         qt, address, rows, interleaved = describe(w)
         out.append((qt, address, rows, 0, interleaved))

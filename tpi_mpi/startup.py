@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .shard_format import COMMON, DTYPES
 from .text import TextCodec
 from .weights import (EmbeddingTable, Shard, WeightWindow, budget_terms, current_rss, default_budget, dequantized,
-                      disk_read_bytes, memory_domain, slot_bytes)
+                      disk_read_bytes, memory_domain, slot_bytes, widened_vectors)
 
 PATH_BYTES = 4096      # the prepared folder's path, broadcast by rank 0 as raw bytes
 # a start-up wait for another rank's long work (rank 0 preparing or shipping, a rank reading its
@@ -169,10 +169,14 @@ class Session:
     def _load(self) -> None:
         cfg = self.cfg
         self.shard = Shard(self.local_root / f"rank{self.rank}", self.rank, self.comm.size)
-        self.model_config, self.dtype = self.shard.model, self.shard.dtype
+        self.model_config, stored = self.shard.model, self.shard.dtype
+        # under the kernels, 16-bit float weights stay 16-bit and meet float32 activations (floats.c), as
+        # quantized ones do; torch's exact path computes in the stored dtype
+        floats = self.int8 and stored in quant_int8.FLOAT_TYPES
+        self.dtype = torch.float32 if floats else stored
         self.kv_dtype_name = kv_dtype_name(cfg.kv_dtype, cfg.dtype, self.shard.manifest.dtype)
         self.kv_dtype = DTYPES[self.kv_dtype_name]
-        if self.int8 and any(info.get("quant") for info in self.shard.files.values()):
+        if floats or self.int8 and any(info.get("quant") for info in self.shard.files.values()):
             # the int8 kernels take the cores with threads of their own; torch's OpenMP threads, spinning
             # after each small op, would take them back (attention took 29 ms a call at 7B): torch keeps one
             quant_int8.set_threads(self.threads)
@@ -188,7 +192,7 @@ class Session:
         planned = plan(terms, budget, per_position, cfg.kv_pool or pool_floor(self.context, cfg.max_batch),
                        cfg.kv_pool or cfg.max_batch * self.context, cfg.window, not self.int8, self.rank)
         form = (functools.partial(dequantized, dtype=self.dtype) if planned.dequantize
-                else quant_int8.interleaved if self.int8 else None)
+                else widened_vectors if floats else quant_int8.interleaved if self.int8 else None)
         self.kv_blocks = planned.kv_blocks
         # an MoE model's routed experts: kept as the budget allows beside the window (all with --window all)
         capacity = (float("inf") if cfg.window is None or not self.model_config.moe_layers else

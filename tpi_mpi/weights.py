@@ -104,6 +104,13 @@ def dequantized(tensors: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     return {n: t.dequantize(dtype) if isinstance(t, QuantWeight) else t for n, t in tensors.items()}
 
 
+def widened_vectors(tensors: dict) -> dict[str, Tensor]:
+    """A block's vectors (norm weights, biases) in float32 and its matrices as they are: for 16-bit
+    float weights under the kernels, whose activations are float32 (done once, for blocks kept in
+    memory; a streamed block's vectors are widened by the ops that use them)."""
+    return {n: t.float() if isinstance(t, Tensor) and t.dim() == 1 else t for n, t in tensors.items()}
+
+
 class WeightWindow:
     """Blocks in execution order: resident (depth None) or streamed with at most `depth` in memory;
     with `pinned`, the first `pinned` blocks stay resident and only the others stream. `resident_form`

@@ -15,7 +15,8 @@
  * (a layer's q, k and v: x is quantized once, and one call's overhead is paid instead of three).
  * Pointers are passed as integers (torch's data_ptr()); quant_int8.py checks shapes, types and
  * contiguity before calling. The GIL is released while the kernel runs; rows are split in tasks
- * between this thread and pool.c's workers. The K-quants' dot products are kquants.c's.
+ * between this thread and pool.c's workers. The K-quants' dot products are kquants.c's; 16-bit float
+ * rows (F16, BF16) take the same tasks with float32 activations, unquantized (floats.c).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,8 +29,8 @@
 
 #include "qdot.h"
 
-static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256, 32, 32};
-static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210, 22, 24};
+static const int BLOCK_VALUES[N_TYPES] = {32, 32, 32, 256, 256, 256, 32, 32, 32, 32};
+static const int BLOCK_BYTES[N_TYPES] = {34, 18, 20, 144, 176, 210, 22, 24, 64, 64};
 
 /* One activation block: 32 int8 values, their scale and their sum. */
 typedef struct {
@@ -370,6 +371,7 @@ typedef struct {
     int nmats, cols, nt, chunk;
     const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) */
     const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
+    const float *const *xf;          /* and their float32 rows (16-bit float weights; floats.c) */
     int use_avx2;
 } job_t;
 
@@ -379,7 +381,8 @@ static void run_task(void *ctx, int task) {
     while (task >= j->first_task[i + 1]) i++;
     const mat_t *m = &j->m[i];
     int r0 = (task - j->first_task[i]) * j->chunk, r1 = r0 + j->chunk < m->rows ? r0 + j->chunk : m->rows;
-    int kquant = qdot_is_kquant(m->qt), group = kquant ? ROWS_AT_ONCE : 8;
+    int kquant = qdot_is_kquant(m->qt), floats = qdot_is_float(m->qt);
+    int group = kquant ? ROWS_AT_ONCE : floats ? FLOAT_ROWS : 8;
     size_t bytes = BLOCK_BYTES[m->qt];
     float out[8 * TILE];
     for (int r = r0; r < r1; r += group) {
@@ -388,7 +391,9 @@ static void run_task(void *ctx, int task) {
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
 #ifdef QDOT_X86
-            if (j->use_avx2 && kquant)
+            if (j->use_avx2 && floats)
+                fl_dot_avx2(m->qt, w, m->row_bytes, nr, j->xf + t0, n, j->cols, out, TILE);
+            else if (j->use_avx2 && kquant)
                 kq_dot_avx2(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
             else if (j->use_avx2 && packed)
                 dotp_avx2(m->qt, w, j->x + t0, n, j->cols, out);
@@ -396,7 +401,9 @@ static void run_task(void *ctx, int task) {
                 dot8_avx2(m->qt, w, m->row_bytes, bytes, nr, j->x + t0, n, j->cols, out);
             else
 #endif
-            if (kquant)
+            if (floats)
+                fl_dot_scalar(m->qt, w, m->row_bytes, nr, j->xf + t0, n, j->cols, out, TILE);
+            else if (kquant)
                 kq_dot_scalar(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
             else
                 for (int k = 0; k < nr; k++)
@@ -466,11 +473,12 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     }
     int nbx = cols / 32, nbk = cols / 256, ok = 0, small = 0, kquant = 0;   /* which activation blocks are needed */
     for (int i = 0; i < n; i++) {
-        small |= !qdot_is_kquant(mats[i].qt);
+        small |= !qdot_is_kquant(mats[i].qt) && !qdot_is_float(mats[i].qt);
         kquant |= qdot_is_kquant(mats[i].qt);
     }
     const xblock *xrows[QDOT_MAX_TOKENS];
     const kxblock *xkrows[QDOT_MAX_TOKENS];
+    const float *xfrows[QDOT_MAX_TOKENS];
     pthread_mutex_lock(&matmul_lock);
     if (use_avx2 < 0) use_avx2 = qdot_cpu_has_avx2();
     size_t need = small ? (size_t)nt * nbx : 0, need_k = kquant ? (size_t)nt * nbk : 0;
@@ -489,6 +497,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
             const float *row = x + (size_t)t * cols;
             xrows[t] = xbuf + (size_t)t * nbx;
             xkrows[t] = xkbuf + (size_t)t * nbk;
+            xfrows[t] = row;
 #ifdef QDOT_X86
             if (use_avx2) {
                 if (small) quantize_row_avx2(row, xbuf + (size_t)t * nbx, nbx);
@@ -501,6 +510,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
         }
         j.x = xrows;
         j.xk = xkrows;
+        j.xf = xfrows;
         j.use_avx2 = use_avx2;
         qdot_parallel(run_task, &j, j.first_task[n], threads);
         ok = 1;

@@ -18,10 +18,12 @@
 #define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
 #define QDOT_MAX_TOKENS 256     /* rows of x one call takes */
 
-enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, N_TYPES };    /* quant_int8.TYPE_IDS */
+enum { Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, F16, BF16, N_TYPES };    /* quant_int8.TYPE_IDS */
 
-/* The K-quants (256-value blocks, kquants.c); the others are 32-value blocks (qdot.c). */
+/* The K-quants (256-value blocks, kquants.c); the 16-bit floats (floats.c, counted in 32-value blocks of
+ * 64 bytes); the others are 32-value blocks (qdot.c). */
 static inline int qdot_is_kquant(int qt) { return qt == Q4_K || qt == Q5_K || qt == Q6_K; }
+static inline int qdot_is_float(int qt) { return qt == F16 || qt == BF16; }
 
 /* An IEEE half's bits as a float, exactly (the blocks' scales; a half-precision KV cache without _Float16). */
 static inline float half_bits_to_float(uint16_t h) {
@@ -126,6 +128,16 @@ void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *c
 #ifdef QDOT_X86
 void kq_quantize_avx2(const float *x, kxblock *out, int nb);
 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
+                 int stride);
+#endif
+
+/* ---- floats.c ---- */
+#define FLOAT_ROWS 4            /* rows a 16-bit float dot product takes at once */
+/* out[r * stride + t] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and nt tokens */
+void fl_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *out,
+                   int stride);
+#ifdef QDOT_X86
+void fl_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *out,
                  int stride);
 #endif
 
