@@ -5,10 +5,13 @@
  *
  * A row and a token meet in one 8-lane float accumulator, a multiply-add per 8 columns in column order,
  * then a fixed sum of the 8 lanes: the same steps whatever the number of tokens and the other rows of
- * the group (batch invariance, batch.py). Rows come 4 at a time and tokens 2 at a time (8 accumulators:
- * enough independent chains to keep both FMA units busy on a prompt), so a row's 16 bytes widened once
- * serve two tokens, and a token's 32 bytes four rows.
+ * the group (batch invariance, batch.py). Rows come 4 at a time. One or two tokens (decode) widen the
+ * rows as they read them, once for both; more (a prompt) widen the 4 rows once into a buffer, which
+ * the tokens then meet 3 at a time (12 accumulators, enough to keep both FMA units busy). Widening is
+ * exact, so both ways give the same bits.
  */
+#include <stdlib.h>
+
 #include "qdot.h"
 
 #define ROWS FLOAT_ROWS
@@ -20,8 +23,8 @@ static inline float bf16_bits_to_float(uint16_t h) {
     return f;
 }
 
-void fl_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *out,
-                   int stride) {
+static void dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
+                       float *y, size_t ldy) {
     for (int r = 0; r < nr; r++, w += rb) {
         const uint16_t *row = (const uint16_t *)w;
         for (int t = 0; t < nt; t++) {
@@ -30,7 +33,7 @@ void fl_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *con
                 float v = qt == BF16 ? bf16_bits_to_float(row[k]) : half_bits_to_float(row[k]);
                 acc += v * x[t][k];
             }
-            out[r * stride + t] = acc;
+            y[t * ldy + r] = acc;
         }
     }
 }
@@ -41,37 +44,103 @@ AVX2 static inline __m256 widen8(int bf, const uint16_t *p) {
     return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
-/* ROWS rows (a short group repeats its last row) against nt (1 or 2) tokens. */
-AVX2 static inline __attribute__((always_inline)) void dot_n(int bf, const uint8_t *w, size_t rb, int nr,
-                                                             const float *const *x, const int nt, int cols,
-                                                             float *out, int stride) {
-    const uint16_t *row[ROWS];
-    for (int r = 0; r < ROWS; r++) row[r] = (const uint16_t *)(w + (r < nr ? r : nr - 1) * rb);
-    __m256 acc[ROWS][2];
-    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int k = 0; k < cols; k += 8) {
-        __m256 v[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(row[r] + k + 256), _MM_HINT_T0);
-            v[r] = widen8(bf, row[r] + k);
+/* Every row, a row at a time (one stream for the prefetchers: 4 rows side by side read at half the
+ * speed), widened as it is read, against nt (1 or 2) tokens: a decode step, bound by the memory. */
+AVX2 static inline __attribute__((always_inline)) void dot_widening(int bf, const uint8_t *w, size_t rb, int nr,
+                                                                    const float *const *x, const int nt, int cols,
+                                                                    float *y, size_t ldy) {
+    for (int r = 0; r < nr; r++, w += rb) {
+        const uint16_t *row = (const uint16_t *)w;
+        __m256 acc[2][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int k = 0; k < cols; k += 16) {
+            __m256 v0 = widen8(bf, row + k), v1 = widen8(bf, row + k + 8);
+            for (int t = 0; t < nt; t++) {
+                acc[t][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x[t] + k), acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x[t] + k + 8), acc[t][1]);
+            }
         }
-        for (int t = 0; t < nt; t++) {
-            __m256 xv = _mm256_loadu_ps(x[t] + k);
-            for (int r = 0; r < ROWS; r++) acc[r][t] = _mm256_fmadd_ps(v[r], xv, acc[r][t]);
-        }
+        for (int t = 0; t < nt; t++) y[t * ldy + r] = qdot_hsum_ps(_mm256_add_ps(acc[t][0], acc[t][1]));
     }
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < nt; t++) out[r * stride + t] = qdot_hsum_ps(acc[r][t]);
 }
 
-AVX2 void fl_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
-                      float *out, int stride) {
-    for (int t = 0; t < nt; t += 2) {       /* the rows' bytes, just read, come from L1 for the next pair */
+/* Two rows already widened to float32 (wide, cols apart) against nt <= PROMPT_TOKENS tokens: the same
+ * multiply-adds in the same order as dot_widening, so the same bits, with 12 accumulators (enough
+ * independent chains to keep both FMA units busy). */
+#define PROMPT_TOKENS 3
+AVX2 static inline __attribute__((always_inline)) void dot_wide(const float *wide, int nr, const float *const *x,
+                                                                const int nt, int cols, float *y, size_t ldy) {
+    __m256 acc[2][PROMPT_TOKENS][2];
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < nt; t++) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+    for (int k = 0; k < cols; k += 16)
+        for (int h = 0; h < 2; h++) {               /* the even, then the odd 8 columns of the 16 */
+            __m256 v0 = _mm256_loadu_ps(wide + k + 8 * h), v1 = _mm256_loadu_ps(wide + cols + k + 8 * h);
+            for (int t = 0; t < nt; t++) {
+                __m256 xv = _mm256_loadu_ps(x[t] + k + 8 * h);
+                acc[0][t][h] = _mm256_fmadd_ps(v0, xv, acc[0][t][h]);
+                acc[1][t][h] = _mm256_fmadd_ps(v1, xv, acc[1][t][h]);
+            }
+        }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) y[t * ldy + r] = qdot_hsum_ps(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
+}
+
+/* A prompt's many tokens: the rows are widened once into this thread's buffer, then met by the tokens
+ * PROMPT_TOKENS at a time, two rows at once, so a token no longer pays for widening them. -1 when the
+ * buffer cannot be had. */
+AVX2 static int dot_prompt(int bf, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
+                           float *y, size_t ldy) {
+    static _Thread_local float *wide;
+    static _Thread_local size_t wide_len;
+    size_t need = (size_t)ROWS * cols;
+    if (need > wide_len) {
+        free(wide);
+        wide = malloc(need * sizeof(float));
+        wide_len = wide ? need : 0;
+        if (!wide) return -1;
+    }
+    for (int r = 0; r < ROWS; r++) {           /* a short group repeats its last row */
+        const uint16_t *row = (const uint16_t *)(w + (r < nr ? r : nr - 1) * rb);
+        for (int k = 0; k < cols; k += 8) _mm256_storeu_ps(wide + (size_t)r * cols + k, widen8(bf, row + k));
+    }
+    for (int r = 0; r < nr; r += 2) {
+        int pair = nr - r < 2 ? nr - r : 2;
+        for (int t = 0; t < nt; t += PROMPT_TOKENS) {
+            const float *wr = wide + (size_t)r * cols;
+            float *yt = y + (size_t)t * ldy + r;
+            switch (nt - t) {
+            case 1: dot_wide(wr, pair, x + t, 1, cols, yt, ldy); break;
+            case 2: dot_wide(wr, pair, x + t, 2, cols, yt, ldy); break;
+            default: dot_wide(wr, pair, x + t, PROMPT_TOKENS, cols, yt, ldy); break;
+            }
+        }
+    }
+    return 0;
+}
+
+AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
+                          float *y, size_t ldy) {
+    int bf = qt == BF16;
+    if (nt > 2 && dot_prompt(bf, w, rb, nr, x, nt, cols, y, ldy) == 0) return;
+    for (int t = 0; t < nt; t += 2) {       /* (or out of memory for the buffer) */
         int pair = nt - t > 1;
-        if (qt == BF16 && pair) dot_n(1, w, rb, nr, x + t, 2, cols, out + t, stride);
-        else if (qt == BF16) dot_n(1, w, rb, nr, x + t, 1, cols, out + t, stride);
-        else if (pair) dot_n(0, w, rb, nr, x + t, 2, cols, out + t, stride);
-        else dot_n(0, w, rb, nr, x + t, 1, cols, out + t, stride);
+        float *yt = y + (size_t)t * ldy;
+        if (bf && pair) dot_widening(1, w, rb, nr, x + t, 2, cols, yt, ldy);
+        else if (bf) dot_widening(1, w, rb, nr, x + t, 1, cols, yt, ldy);
+        else if (pair) dot_widening(0, w, rb, nr, x + t, 2, cols, yt, ldy);
+        else dot_widening(0, w, rb, nr, x + t, 1, cols, yt, ldy);
     }
 }
 #endif
+
+void qdot_float_rows(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *y,
+                     size_t ldy, int use_avx2) {
+#ifdef QDOT_X86
+    if (use_avx2) {
+        dot_avx2(qt, w, rb, nr, x, nt, cols, y, ldy);
+        return;
+    }
+#endif
+    dot_scalar(qt, w, rb, nr, x, nt, cols, y, ldy);
+}

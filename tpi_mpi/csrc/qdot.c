@@ -388,12 +388,14 @@ static void run_task(void *ctx, int task) {
     for (int r = r0; r < r1; r += group) {
         int nr = r1 - r < group ? r1 - r : group;
         const uint8_t *w = m->w + (size_t)r * m->row_bytes;
+        if (floats) {           /* every token in one call: a prompt's rows are widened once (floats.c) */
+            qdot_float_rows(m->qt, w, m->row_bytes, nr, j->xf, j->nt, j->cols, m->y + r, m->rows, j->use_avx2);
+            continue;
+        }
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
 #ifdef QDOT_X86
-            if (j->use_avx2 && floats)
-                fl_dot_avx2(m->qt, w, m->row_bytes, nr, j->xf + t0, n, j->cols, out, TILE);
-            else if (j->use_avx2 && kquant)
+            if (j->use_avx2 && kquant)
                 kq_dot_avx2(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
             else if (j->use_avx2 && packed)
                 dotp_avx2(m->qt, w, j->x + t0, n, j->cols, out);
@@ -401,9 +403,7 @@ static void run_task(void *ctx, int task) {
                 dot8_avx2(m->qt, w, m->row_bytes, bytes, nr, j->x + t0, n, j->cols, out);
             else
 #endif
-            if (floats)
-                fl_dot_scalar(m->qt, w, m->row_bytes, nr, j->xf + t0, n, j->cols, out, TILE);
-            else if (kquant)
+            if (kquant)
                 kq_dot_scalar(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
             else
                 for (int k = 0; k < nr; k++)

@@ -133,13 +133,9 @@ void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *con
 
 /* ---- floats.c ---- */
 #define FLOAT_ROWS 4            /* rows a 16-bit float dot product takes at once */
-/* out[r * stride + t] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and nt tokens */
-void fl_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *out,
-                   int stride);
-#ifdef QDOT_X86
-void fl_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *out,
-                 int stride);
-#endif
+/* y[t * ldy + r] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and all nt tokens */
+void qdot_float_rows(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *y,
+                     size_t ldy, int use_avx2);
 
 /* ---- rowops.c ---- */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };   /* rowops.py's KV_CODES */
