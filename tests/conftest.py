@@ -83,21 +83,26 @@ def _matmul_mode_restored():
     torch.set_num_threads(threads)
 
 
+ISAS = ("generic", "avx2", "avx512vnni")       # tpi_mpi._qdot's, each a superset of the one before
+
+
 def _instruction_sets() -> list:
     from tpi_mpi import quant_int8
 
-    return ["generic", pytest.param("avx2", marks=pytest.mark.skipif(
-        quant_int8.instruction_set() != "avx2", reason="this CPU has no AVX2 (or the kernels were not compiled)"))]
+    best = quant_int8.instruction_set()
+    return [pytest.param(name, marks=pytest.mark.skipif(best not in ISAS or ISAS.index(best) < ISAS.index(name),
+                                                         reason=f"this CPU has no {name} (or no compiled kernels)"))
+            for name in ISAS]
 
 
 @pytest.fixture(params=_instruction_sets())
 def isa(request):
-    """The compiled kernels' portable C loops, then their AVX2 code where the CPU has it."""
+    """The compiled kernels' portable C loops, then their AVX2 code, then AVX-512 VNNI's, where the CPU has them."""
     from tpi_mpi import _qdot
 
-    _qdot.force_generic(request.param == "generic")
+    _qdot.set_isa(request.param)
     yield request.param
-    _qdot.force_generic(False)
+    _qdot.set_isa(None)
 
 
 def mpi_env() -> dict:

@@ -50,8 +50,9 @@ def run_options(f):
         click.option("--quant", type=click.Choice(QUANT_MODES), default="auto", show_default=True, help=QUANT_HELP),
         click.option("--matmul", type=click.Choice(MATMUL_MODES), default="auto", show_default=True,
                      help="Quantized matrices: int8 quantizes activations to 8 bits per 32 values and takes integer "
-                          "dot products (llama.cpp's way, fast); exact multiplies the stored weights in float32 "
-                          "(the file's own numbers); auto: int8, or exact with --dtype fp32."),
+                          "dot products (llama.cpp's way, fast; 16-bit float matrices meet float32 activations); "
+                          "exact multiplies the stored weights in float32 (the file's own numbers; 16-bit float "
+                          "matrices in their own dtype); auto: int8, or exact with --dtype fp32."),
         click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True,
                      help="The KV cache's dtype; auto: half precision (the model's bf16/fp16, else fp16), fp32 "
                           "with --dtype fp32."),

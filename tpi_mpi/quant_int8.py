@@ -40,7 +40,8 @@ def int8_available() -> bool:
 
 
 def instruction_set() -> str:
-    """'avx2', 'generic' (the portable C loops) or 'none' (not compiled)."""
+    """'avx512vnni' (AVX2 with 256-bit VNNI dot products), 'avx2', 'generic' (the portable C loops) or
+    'none' (not compiled)."""
     return _qdot().isa() if int8_available() else "none"
 
 

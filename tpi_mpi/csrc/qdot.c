@@ -266,80 +266,23 @@ AVX2 static inline __m256i fifth_bits4(__m256i qh, int c) {
     __m256i bytes = _mm256_shuffle_epi8(qh, _mm256_add_epi8(lane_bytes, _mm256_set1_epi8((char)(c / 2))));
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(16));
 }
-AVX2 static inline __attribute__((always_inline)) void dotp_avx2_n(int qt, const uint8_t *w, const xblock *const *x,
-                                                                   const int nt, int cols, float *out) {
-    const size_t cb = 8 * (size_t)BLOCK_BYTES[qt];                /* a column's bytes */
-    const int head = 8 * packed_head(BLOCK_BYTES[qt]);            /* the 8 rows' scales (mins, fifth bits) */
-    const int qh_at = 8 * packed_fp16(BLOCK_BYTES[qt]);
-    const int with_min = has_min(qt), fifth = has_fifth_bits(qt), offset = q_offset(qt);
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    __m256 acc[TILE];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int kb = 0; kb < cols / 32; kb++) {
-        const uint8_t *c = w + kb * cb;
-        _mm_prefetch((const char *)(c + PREFETCH_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + PREFETCH_BYTES + 64), _MM_HINT_T0);
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c));
-        __m256 m = with_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 16))) : _mm256_setzero_ps();
-        __m256i isum[TILE];
-        if (qt == Q8_0) {
-            for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
-            for (int i = 0; i < 8; i++) {           /* |products| up to 2 * 127 * 127: widen to int32 at once */
-                __m256i q = _mm256_loadu_si256((const __m256i *)(c + head + 32 * i)), aq = _mm256_sign_epi8(q, q);
-                for (int t = 0; t < nt; t++)
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(Y4(t, kb, 4 * i), q)), ones));
-            }
-        } else {
-            __m256i q[8];                           /* q[i]: values 4i..4i+3 of each row, q[4 + i]: 16 + 4i.. */
-            for (int i = 0; i < 4; i++) {
-                __m256i bytes = _mm256_loadu_si256((const __m256i *)(c + head + 32 * i));
-                q[i] = _mm256_and_si256(bytes, low);
-                q[4 + i] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-            }
-            if (fifth) {
-                __m256i qh = _mm256_loadu_si256((const __m256i *)(c + qh_at));
-                for (int i = 0; i < 8; i++) q[i] = _mm256_or_si256(q[i], fifth_bits4(qh, i));
-            }
-            for (int t = 0; t < nt; t++) {          /* 16 products of up to 15 * 127 a lane fit int16 */
-                __m256i s = _mm256_maddubs_epi16(q[0], Y4(t, kb, 0));
-                if (fifth) {                        /* up to 31 * 127: 8 products at most, then widen */
-                    __m256i s2 = _mm256_maddubs_epi16(q[4], Y4(t, kb, 16));
-                    for (int i = 1; i < 4; i++) {
-                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
-                        s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(q[4 + i], Y4(t, kb, 16 + 4 * i)));
-                    }
-                    isum[t] = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(s2, ones));
-                } else {
-                    for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], Y4(t, kb, 4 * i)));
-                    isum[t] = _mm256_madd_epi16(s, ones);
-                }
-                if (offset)                         /* sum (q - off) * y = sum q * y - off * sum y */
-                    isum[t] = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(offset * x[t][kb].sum));
-            }
-        }
-        for (int t = 0; t < nt; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, _mm256_set1_ps(x[t][kb].d)), acc[t]);
-            if (with_min)
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t][kb].d * (float)x[t][kb].sum), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, acc[t]);
-        for (int r = 0; r < 8; r++) out[r * TILE + t] = lanes[r];
-    }
-}
-#undef Y4
+#define DOTP_TARGET AVX2
+#define DOTP_N dotp_avx2_n
+#define DOTP dotp_avx2
+#define DOTP_VNNI 0
+#include "dotp.inc"
+#undef DOTP_TARGET
+#undef DOTP_N
+#undef DOTP
+#undef DOTP_VNNI
 
-AVX2 static void dotp_avx2(int qt, const uint8_t *w, const xblock *const *x, int nt, int cols, float *out) {
-    switch (nt) {
-    case 1: dotp_avx2_n(qt, w, x, 1, cols, out); break;
-    case 2: dotp_avx2_n(qt, w, x, 2, cols, out); break;
-    case 3: dotp_avx2_n(qt, w, x, 3, cols, out); break;
-    default: dotp_avx2_n(qt, w, x, 4, cols, out); break;
-    }
-}
+/* The same with AVX-512 VNNI on 256-bit vectors (Ice Lake, Zen 4 and later): llama.cpp's choice there. */
+#define DOTP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define DOTP_N dotp_vnni_n
+#define DOTP dotp_vnni
+#define DOTP_VNNI 1
+#include "dotp.inc"
+#undef Y4
 
 /* rb: bytes from a row to the next, bb: from a block of a row to its next block (the plain layout). */
 AVX2 static void dot8_avx2(int qt, const uint8_t *w, size_t rb, size_t bb, int nr, const xblock *const *x, int nt,
@@ -372,7 +315,7 @@ typedef struct {
     const xblock *const *x;          /* the tokens' 32-value blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) */
     const kxblock *const *xk;        /* and their 256-value blocks (the K-quants; kquants.c) */
     const float *const *xf;          /* and their float32 rows (16-bit float weights; floats.c) */
-    int use_avx2;
+    int use_avx2, use_vnni;
 } job_t;
 
 static void run_task(void *ctx, int task) {
@@ -397,6 +340,8 @@ static void run_task(void *ctx, int task) {
 #ifdef QDOT_X86
             if (j->use_avx2 && kquant)
                 kq_dot_avx2(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
+            else if (j->use_avx2 && packed && j->use_vnni)
+                dotp_vnni(m->qt, w, j->x + t0, n, j->cols, out);
             else if (j->use_avx2 && packed)
                 dotp_avx2(m->qt, w, j->x + t0, n, j->cols, out);
             else if (j->use_avx2)
@@ -430,7 +375,15 @@ int qdot_cpu_has_avx2(void) {
     return known;
 }
 
-static int use_avx2 = -1;
+static int cpu_has_vnni(void) {
+#ifdef QDOT_X86
+    return qdot_cpu_has_avx2() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+static int use_avx2 = -1, use_vnni = -1;     /* the instruction sets in use: the CPU's best, or as set_isa says */
 static pthread_mutex_t matmul_lock = PTHREAD_MUTEX_INITIALIZER;   /* one product at a time: the buffers below */
 static xblock *xbuf;
 static size_t xbuf_len;
@@ -481,6 +434,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
     const float *xfrows[QDOT_MAX_TOKENS];
     pthread_mutex_lock(&matmul_lock);
     if (use_avx2 < 0) use_avx2 = qdot_cpu_has_avx2();
+    if (use_vnni < 0) use_vnni = cpu_has_vnni();
     size_t need = small ? (size_t)nt * nbx : 0, need_k = kquant ? (size_t)nt * nbk : 0;
     if (need > xbuf_len) {
         free(xbuf);
@@ -512,6 +466,7 @@ int qdot_matmul(const qmat_t *mats, int n, int cols, const float *x, int nt, int
         j.xk = xkrows;
         j.xf = xfrows;
         j.use_avx2 = use_avx2;
+        j.use_vnni = use_vnni;
         qdot_parallel(run_task, &j, j.first_task[n], threads);
         ok = 1;
     }
@@ -585,11 +540,26 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) {
     if (use_avx2 < 0) use_avx2 = qdot_cpu_has_avx2();
-    return PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
+    if (use_vnni < 0) use_vnni = cpu_has_vnni();
+    return PyUnicode_FromString(use_vnni && use_avx2 ? "avx512vnni" : use_avx2 ? "avx2" : "generic");
 }
 
-static PyObject *py_force_generic(PyObject *self, PyObject *arg) {
-    use_avx2 = PyObject_IsTrue(arg) ? 0 : qdot_cpu_has_avx2();
+/* set_isa(name): compute with 'generic' (portable C), 'avx2' or 'avx512vnni' from now on (for tests and
+ * benchmarks), or the CPU's best with None. */
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    const char *name = arg == Py_None ? "best" : PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int best = strcmp(name, "best") == 0, vnni = strcmp(name, "avx512vnni") == 0, avx2 = vnni || !strcmp(name, "avx2");
+    if (!best && !avx2 && strcmp(name, "generic")) {
+        PyErr_Format(PyExc_ValueError, "qdot.set_isa: %s is not one of generic, avx2, avx512vnni", name);
+        return NULL;
+    }
+    if ((avx2 && !qdot_cpu_has_avx2()) || (vnni && !cpu_has_vnni())) {
+        PyErr_Format(PyExc_ValueError, "qdot.set_isa: this CPU has no %s", name);
+        return NULL;
+    }
+    use_avx2 = best ? qdot_cpu_has_avx2() : avx2;
+    use_vnni = best ? cpu_has_vnni() : vnni;
     Py_RETURN_NONE;
 }
 
@@ -598,8 +568,8 @@ static PyMethodDef methods[] = {
      "matmul(mats, cols, x_ptr, tokens, threads), mats ((qtype, w_ptr, rows, y_ptr), ...): y = x @ W^T each"},
     {"regroup", py_regroup, METH_VARARGS,
      "regroup(ptr, rows, row_bytes, block_bytes, to_interleaved): to or from the kernels' interleaved layout, in place"},
-    {"isa", py_isa, METH_NOARGS, "the instruction set the kernels use: 'avx2' or 'generic'"},
-    {"force_generic", py_force_generic, METH_O, "force_generic(True): use the portable kernels (for tests)"},
+    {"isa", py_isa, METH_NOARGS, "the instruction set the kernels use: 'avx512vnni', 'avx2' or 'generic'"},
+    {"set_isa", py_set_isa, METH_O, "set_isa('generic' | 'avx2' | 'avx512vnni' | None): the kernels' instruction set"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, w, y, rows, cols, eps): y = w * x / rms(x), row by row"},
     {"rope", py_rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, hd): x rotated in place"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, n): out = silu(gate) * up"},
