@@ -50,12 +50,16 @@ def test_the_kernels_take_contiguous_16_bit_matrices_of_whole_32_columns():
     assert not QI.takes(torch.zeros(64, 4, dtype=torch.float16).t())         # not contiguous
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("n,depth", [(1, None), (2, None), (3, 1)])
-def test_16_bit_checkpoint_computes_transformers_float32_numbers(tmp_path, dtype, n, depth):
+CASES = [("llama", "bf16", 1, None), ("llama", "fp16", 2, None), ("llama", "bf16", 3, 1), ("qwen2", "bf16", 2, None),
+         ("qwen2", "fp16", 3, 1), ("qwen3", "bf16", 2, 1), ("qwen3_moe", "bf16", 2, None)]
+
+
+@pytest.mark.parametrize("name,dtype,n,depth", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_16_bit_checkpoint_computes_transformers_float32_numbers(tmp_path, name, dtype, n, depth):
     """A checkpoint saved in 16 bits: transformers widens it to float32 and so do the kernels, row by
-    row; only the order of the float32 sums differs. Streamed blocks keep their vectors 16-bit."""
-    folder = make_checkpoint(tmp_path / "ckpt", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    row; only the order of the float32 sums differs. Streamed blocks keep their vectors (norms,
+    biases) 16-bit; at 3 ranks some slices are not whole 32 columns (torch, on the widened rows)."""
+    folder = make_checkpoint(tmp_path / "ckpt", name, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     prepared = prepare(folder, tmp_path / "p", ParallelConfig(n))
     ref_logits, ref_tokens = reference_run(folder, PROMPT, N_NEW)
     QI.use_int8(True)

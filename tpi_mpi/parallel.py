@@ -205,10 +205,10 @@ def linear_rows(x: Tensor, weight: Tensor | QuantWeight) -> Tensor:
     over the weight for up to a block of rows.
 
     Weights the run's kernels take (`_kernel`): those; other quantized weights: numba's row kernels.
-    Other float weights: BLAS on blocks of exactly the same
-    number of rows (zero padded): its result for a row depends on how many rows the product has
-    (and, at some counts, on the row's place), but not, for a fixed count, on the place or the other
-    rows: `_fixed_rows` finds such a count once per shape; where none is found, a call per row."""
+    Other float weights: BLAS on blocks of exactly the same number of rows (zero padded): its result
+    for a row depends on how many rows the product has (and, at some counts, on the row's place), but
+    not, for a fixed count, on the place or the other rows: `_fixed_rows` finds such a count once per
+    shape; where none is found, a call per row."""
     if _kernel(weight):                     # the int8 kernels compute every row alone whatever the call
         return matmul_int8(x, weight).to(x.dtype)
     if isinstance(weight, QuantWeight):

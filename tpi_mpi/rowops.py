@@ -147,8 +147,8 @@ def _mlp_args(mlp) -> tuple | None:
 
 def _mats(layers) -> tuple | None:
     """The layers' weights as the kernels' tuples, or None unless the kernels take every one
-    (quant_int8.takes: a quantized matrix or a 16-bit float one) and every bias (the column-parallel ones; a row-parallel bias is added after the
-    sum) is float32."""
+    (quant_int8.takes: a quantized matrix or a 16-bit float one) and every bias (the column-parallel
+    ones; a row-parallel bias is added after the sum) is float32."""
     out = []
     for layer in layers:
         w = layer.weight
