@@ -295,7 +295,7 @@ class RunConfig:
     draft: str | None = None            # speculative decoding's proposals: "ngram", a draft model's path, None: none
     cache_dir: str | None = None
     ratio: tuple[float, ...] = ()       # empty = even
-    dtype: str = "auto"                 # compute dtype (and storage of what is not quantized)
+    dtype: str = "auto"                 # storage of what is not quantized; the exact path's compute dtype
     head_on: str = "split"
     quant: str = "auto"                 # see QUANT_MODES
     matmul: str = "auto"                # see MATMUL_MODES

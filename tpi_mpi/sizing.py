@@ -115,8 +115,11 @@ def report(sizing: Sizing, budget: int | None = None, max_batch: int = 8, reques
     yield (f"{m.arch}: {count} parameters, {m.n_layers} layers, dim {m.dim}, "
            f"{m.n_heads} query / {m.n_kv_heads} kv heads of {m.head_dim}, ffn {m.ffn_dim}, "
            f"vocabulary {m.vocab_size}, context {m.max_seq_len}")
+    compute = sizing.compute        # 16-bit floats: float32 under the kernels (floats.c), as stored on the exact path
+    if compute in ("bf16", "fp16"):
+        compute = f"fp32 ({compute} with --matmul exact)"
     yield (f"--quant {sizing.quant}: weight matrices stored as {types_label(sizing.matrix_types)}; norms as "
-           f"{sizing.compute}; compute dtype {sizing.compute}")
+           f"{sizing.compute}; compute dtype {compute}")
     if m.n_experts:
         yield (f"mixture of experts in {len(m.moe_layers)} layers: {m.n_experts} experts of {m.expert_ffn_dim} "
                f"columns, {m.n_routed} routed per token; every rank holds a column slice of every expert")
