@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, reference_run
+from conftest import run_tpi
 from test_ranks_in_process import LOGITS_TOL, generate_in_threads, one_thread_each  # noqa: F401 (fixture)
 from test_rowwise_kernels import assert_rows_invariant, close_f32
 from tpi_mpi import quant_int8 as QI
@@ -88,3 +89,10 @@ def test_a_run_computes_16_bit_weights_with_float32_activations_unless_exact(tmp
     errors = {m: np.abs(np.asarray(v[2]) - ref_logits.numpy()).max() / np.abs(ref_logits.numpy()).max()
               for m, v in seen.items()}
     assert errors["auto"] < 5e-3 and errors["auto"] < errors["exact"], errors     # the KV cache's rounding only
+
+
+def test_info_names_float32_as_a_16_bit_models_compute_dtype(tmp_path):
+    folder = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)
+    r = run_tpi(["info", str(folder)])
+    assert r.returncode == 0, r.stderr
+    assert "stored as bf16 (16 bits a value); norms as bf16; compute dtype fp32 (bf16 with --matmul exact)" in r.stdout
