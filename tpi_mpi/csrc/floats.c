@@ -3,12 +3,13 @@
  * of float32 rows) and are widened in registers, where torch multiplied them in 16 bits, with 16-bit
  * activations (a decode token at 1.6x llama.cpp's time, a prompt at 6x, docs/quant-kernels.md).
  *
- * A row and a token meet in one 8-lane float accumulator, a multiply-add per 8 columns in column order,
- * then a fixed sum of the 8 lanes: the same steps whatever the number of tokens and the other rows of
- * the group (batch invariance, batch.py). Rows come 4 at a time. One or two tokens (decode) widen the
- * rows as they read them, once for both; more (a prompt) widen the 4 rows once into a buffer, which
- * the tokens then meet 3 at a time (12 accumulators, enough to keep both FMA units busy). Widening is
- * exact, so both ways give the same bits.
+ * A row and a token meet in two 8-lane float accumulators, a multiply-add per 8 columns in column
+ * order, the even 8s in one and the odd 8s in the other, then a fixed sum of the two and of the 8
+ * lanes: the same steps whatever the number of tokens and the other rows of the group (batch
+ * invariance, batch.py). One or two tokens (decode) read the rows one at a time and widen them as
+ * they read, once for both tokens; more (a prompt) widen 4 rows once into a buffer, which the tokens
+ * then meet 2 rows and 3 tokens at a time (12 accumulators, enough to keep both FMA units busy).
+ * Widening is exact, so both ways give the same bits.
  */
 #include <stdlib.h>
 

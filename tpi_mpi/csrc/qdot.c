@@ -266,6 +266,8 @@ AVX2 static inline __m256i fifth_bits4(__m256i qh, int c) {
     __m256i bytes = _mm256_shuffle_epi8(qh, _mm256_add_epi8(lane_bytes, _mm256_set1_epi8((char)(c / 2))));
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(16));
 }
+
+/* The kernel (dotp.inc) with AVX2's integer dot products, */
 #define DOTP_TARGET AVX2
 #define DOTP_N dotp_avx2_n
 #define DOTP dotp_avx2
@@ -276,7 +278,7 @@ AVX2 static inline __m256i fifth_bits4(__m256i qh, int c) {
 #undef DOTP
 #undef DOTP_VNNI
 
-/* The same with AVX-512 VNNI on 256-bit vectors (Ice Lake, Zen 4 and later): llama.cpp's choice there. */
+/* and with AVX-512 VNNI's on 256-bit vectors (Ice Lake, Zen 4 and later; llama.cpp's choice there). */
 #define DOTP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 #define DOTP_N dotp_vnni_n
 #define DOTP dotp_vnni

@@ -132,7 +132,7 @@ void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *con
 #endif
 
 /* ---- floats.c ---- */
-#define FLOAT_ROWS 4            /* rows a 16-bit float dot product takes at once */
+#define FLOAT_ROWS 4            /* rows a call of floats.c takes (a prompt widens them once) */
 /* y[t * ldy + r] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and all nt tokens */
 void qdot_float_rows(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *y,
                      size_t ldy, int use_avx2);
