@@ -67,12 +67,12 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
     launch = ["mpirun", "--oversubscribe", "-n", str(ranks)] if ranks > 1 else []
     records = []
 
-    def generate(mode: str, *args: str) -> dict:
+    def generate(mode: str, cache: Path, *args: str) -> dict:
         q, dtype, matmul, kv, payload = parse_mode(mode)     # "none@bf16": floats computed in bf16, a yardstick
         cmd = launch + [sys.executable, "-m", "tpi_mpi", "generate", "--model", model, "--quant", q,
                         "--dtype", dtype, "--matmul", matmul, "--kv-dtype", kv, "--allreduce-payload", payload,
                         *(["--allreduce", "star"] if payload != "fp32" else []),
-                        "--cache-dir", str(work / "cache"), "--temperature", "0", "--ignore-eos", "--max-new-tokens",
+                        "--cache-dir", str(cache), "--temperature", "0", "--ignore-eos", "--max-new-tokens",
                         str(new_tokens), "--json", "--quiet", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
@@ -82,11 +82,11 @@ def bench_quality(model: str, quants: list[str], ranks: int, new_tokens: int, ou
     try:
         for i, q in enumerate(quants):
             logits, following = work / f"mode{i}.npy", work / f"mode{i}-next.npy"      # a mode may hold a "/"
-            g = generate(q, "--prompt", text, "--dump-prompt-logits", str(logits), "--dump-logits", str(following))
-            chat = generate(q, "--prompt", DEFAULT_PROMPT, "--chat")
+            cache = work / f"cache{i}"      # a mode's own: keep:exact and keep:int8 prepare different folders
+            g = generate(q, cache, "--prompt", text, "--dump-prompt-logits", str(logits), "--dump-logits", str(following))
+            chat = generate(q, cache, "--prompt", DEFAULT_PROMPT, "--chat")
             first = np.sort(np.load(following))
-            quant, dtype, *_ = parse_mode(q)
-            shard = sum(f.stat().st_size for f in (work / "cache").glob(f"*-{dtype}-{quant}-*/rank*/*.safetensors"))
+            shard = sum(f.stat().st_size for f in cache.glob("*/rank*/*.safetensors"))
             records.append({"bench": "quality", "model": model, "quant": q, "ranks": ranks,
                             "perplexity": perplexity(np.load(logits), g["prompt_ids"]),
                             "prompt_tokens": len(g["prompt_ids"]), "generated_ids": g["generated_ids"],
