@@ -17,13 +17,6 @@
 
 #define ROWS FLOAT_ROWS
 
-static inline float bf16_bits_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 static void dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
                        float *y, size_t ldy) {
     for (int r = 0; r < nr; r++, w += rb) {
@@ -40,11 +33,6 @@ static void dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const float 
 }
 
 #ifdef QDOT_X86
-AVX2 static inline __m256 widen8(int bf, const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
-}
-
 /* Every row, a row at a time (one stream for the prefetchers: 4 rows side by side read at half the
  * speed), widened as it is read, against nt (1 or 2) tokens: a decode step, bound by the memory. */
 AVX2 static inline __attribute__((always_inline)) void dot_widening(int bf, const uint8_t *w, size_t rb, int nr,
@@ -55,7 +43,7 @@ AVX2 static inline __attribute__((always_inline)) void dot_widening(int bf, cons
         __m256 acc[2][2];
         for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
         for (int k = 0; k < cols; k += 16) {
-            __m256 v0 = widen8(bf, row + k), v1 = widen8(bf, row + k + 8);
+            __m256 v0 = qdot_widen8(bf, row + k), v1 = qdot_widen8(bf, row + k + 8);
             for (int t = 0; t < nt; t++) {
                 acc[t][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x[t] + k), acc[t][0]);
                 acc[t][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x[t] + k + 8), acc[t][1]);
@@ -103,7 +91,7 @@ AVX2 static int dot_prompt(int bf, const uint8_t *w, size_t rb, int nr, const fl
     }
     for (int r = 0; r < ROWS; r++) {           /* a short group repeats its last row */
         const uint16_t *row = (const uint16_t *)(w + (r < nr ? r : nr - 1) * rb);
-        for (int k = 0; k < cols; k += 8) _mm256_storeu_ps(wide + (size_t)r * cols + k, widen8(bf, row + k));
+        for (int k = 0; k < cols; k += 8) _mm256_storeu_ps(wide + (size_t)r * cols + k, qdot_widen8(bf, row + k));
     }
     for (int r = 0; r < nr; r += 2) {
         int pair = nr - r < 2 ? nr - r : 2;

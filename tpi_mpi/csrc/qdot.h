@@ -41,6 +41,14 @@ static inline float half_bits_to_float(uint16_t h) {
     return f;
 }
 
+/* A bfloat16's bits as a float, exactly (bf16 weights; a bf16 KV cache). */
+static inline float bf16_bits_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* The little-endian fp16 at p, as bits (a block's scale or min). */
 static inline uint16_t qdot_half_at(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
@@ -61,6 +69,12 @@ AVX2 static inline float qdot_hsum_ps(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* 8 16-bit floats at p (bf16 if bf, else fp16) widened to float32, exactly. */
+AVX2 static inline __m256 qdot_widen8(int bf, const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
 /* The largest magnitude of the 32 floats at x. */

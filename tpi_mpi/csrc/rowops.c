@@ -30,13 +30,6 @@
 
 /* ---- 16-bit floats (round to nearest even, as torch's .to() does) ------------------------------ */
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -128,7 +121,7 @@ static void load_row(const kvstore_t *s, const char *base, int64_t at, int64_t h
         for (int64_t d = 0; d < hd; d++) out[d] = half_to_float(h[d]);
     } else {
         const uint16_t *h = (const uint16_t *)base + at;
-        for (int64_t d = 0; d < hd; d++) out[d] = bf16_to_float(h[d]);
+        for (int64_t d = 0; d < hd; d++) out[d] = bf16_bits_to_float(h[d]);
     }
 }
 
@@ -165,12 +158,7 @@ AVX2 static void widen_avx2(const kvstore_t *s, const char *base, int64_t at, in
         return;
     }
     const uint16_t *h = (const uint16_t *)base + at;
-    for (int64_t d = 0; d < hd; d += 8) {
-        __m128i x = _mm_loadu_si128((const __m128i *)(h + d));
-        __m256 f = s->code == KV_F16 ? _mm256_cvtph_ps(x)
-                                     : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
-        _mm256_storeu_ps(out + d, f);
-    }
+    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(out + d, qdot_widen8(s->code == KV_BF16, h + d));
 }
 
 AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
