@@ -114,7 +114,7 @@ def project(x: Tensor, layers: Sequence[ColumnParallelLinear], rows: Rows | None
     """Each layer applied to the same x (a layer's q, k and v; gate and up). Weights the int8 kernels
     take go in one call: x quantized once, one call's overhead instead of several."""
     weights = [layer.weight for layer in layers]
-    if int8_on() and len(layers) <= 4 and all(_kernel(w) for w in weights):
+    if len(layers) <= 4 and all(_kernel(w) for w in weights):
         out = []
         for y, layer in zip(matmul_int8_many(x.reshape(-1, x.shape[-1]), weights), layers):
             y = y.to(x.dtype).view(*x.shape[:-1], -1)
@@ -180,11 +180,11 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None, 
         # BLAS (and the exact path's many-row products) give a row other bits among several rows than
         # alone: a row at a time. The int8 kernels compute every row alone whatever the call.
         return torch.cat([linear(row[None], weight, bias) for row in x])
-    if _kernel(weight):
-        y = matmul_int8(x.reshape(-1, x.shape[-1]), weight).to(x.dtype).view(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
-    if isinstance(weight, QuantWeight):
+    if isinstance(weight, QuantWeight):     # the int8 kernels or the exact path, as quant.matmul says
         y = matmul(x, weight)
+        return y if bias is None else y + bias
+    if _kernel(weight):                     # a 16-bit float matrix
+        y = matmul_int8(x.reshape(-1, x.shape[-1]), weight).to(x.dtype).view(*x.shape[:-1], -1)
         return y if bias is None else y + bias
     if weight.dtype != x.dtype:             # 16-bit rows the kernels do not take (columns not whole 32s)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
