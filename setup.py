@@ -10,6 +10,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("tpi_mpi._qdot", ["tpi_mpi/csrc/qdot.c", "tpi_mpi/csrc/kquants.c", "tpi_mpi/csrc/pool.c",
                                                   "tpi_mpi/csrc/floats.c", "tpi_mpi/csrc/rowops.c", "tpi_mpi/csrc/layer.c"],
-                             depends=["tpi_mpi/csrc/qdot.h", "tpi_mpi/csrc/dotp.inc"],
+                             depends=["tpi_mpi/csrc/qdot.h", "tpi_mpi/csrc/dotp.inc", "tpi_mpi/csrc/kpack.inc"],
                              extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-unused-function"],
                              libraries=["m"], optional=True)])

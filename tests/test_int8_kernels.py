@@ -88,17 +88,19 @@ def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after)
     plain = QI.matmul_int8(x, w)
     raw = w.raw.clone()
     il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
-    # each group of 8 rows column by column; a column: the 8 rows' fp16 fields side by side, then their
-    # 4 bytes of fifth bits (Q5_0, Q5_1), then their quants 4 bytes at a time (row 0's bytes 0-3, ...,
-    # row 7's 0-3, row 0's 4-7, ...)
+    # each group of 8 rows column by column; a column: the 8 rows' leading 2-byte fields side by side (fp16
+    # scale; min), then the rest of their blocks 4 bytes at a time (row 0's bytes 0-3, ..., row 7's 0-3, row
+    # 0's 4-7, ...), then their trailing 2-byte fields (Q6_K's scale)
     g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]
-    fp16 = 4 if qtype in ("Q4_1", "Q5_1") else 2
-    head = fp16 + (4 if qtype in ("Q5_0", "Q5_1") else 0)
+    lead = 0 if qtype == "Q6_K" else 4 if qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 2
+    tail = bb - 2 if qtype == "Q6_K" else bb
     columns = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2)                 # (group, column, row, bytes)
-    fields = columns[..., :fp16].unflatten(-1, (fp16 // 2, 2)).transpose(2, 3)   # (group, column, field, row, 2)
-    fifth_bits = columns[..., fp16:head]                                         # (group, column, row, 0 or 4)
-    quants = columns[..., head:].unflatten(-1, (-1, 4)).transpose(2, 3)          # (group, column, chunk, row, 4)
-    packed = torch.cat([fields.flatten(2), fifth_bits.flatten(2), quants.flatten(2)], dim=-1).reshape(g, -1)
+
+    def units(part, n):                                                          # (group, column, unit, row, n)
+        return part.reshape(*part.shape[:3], -1, n).transpose(2, 3).flatten(2)
+
+    packed = torch.cat([units(columns[..., :lead], 2), units(columns[..., lead:tail], 4),
+                        units(columns[..., tail:], 2)], dim=-1).reshape(g, -1)
     assert il.interleaved and torch.equal(il.raw, torch.cat([packed, raw[g:]]))
     assert torch.equal(QI.matmul_int8(x, il), plain)                          # the same bits
     assert torch.equal(QI.plain_layout(il).raw, raw) and il.plain().raw.data_ptr() != il.raw.data_ptr()
@@ -118,9 +120,26 @@ def test_the_layout_prepare_writes_is_the_kernels(qtype):
     assert torch.equal(QI.unpack_rows(packed, qtype), w.raw)
 
 
-def test_only_the_8_row_types_interleave():
-    for w in (quant_weight("Q6_K", rows=16), quant_weight("Q4_0", rows=7)):
+def test_fewer_than_8_rows_stay_as_stored():
+    for qtype in ("Q4_0", "Q6_K"):
+        w = quant_weight(qtype, rows=7)
         assert QI.interleave(w) is w
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_give_the_same_bits_on_every_path(isa, qtype):
+    """A super-block's sums are exact integers and its float step is the same everywhere: this instruction
+    set, rows as stored or packed by 8, at 1 to 6 tokens, gives the portable loops' bits."""
+    w = quant_weight(qtype, rows=21, cols=768)
+    il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
+    x = torch.randn(6, w.cols) * 3
+    x[:, :100] *= 40                                                             # the block's other groups: multiples > 1
+    QI._qdot().set_isa("generic")
+    want = QI.matmul_int8(x, w)
+    QI._qdot().set_isa(isa)
+    for t in (1, 2, 6):
+        for m in (w, il):
+            assert torch.equal(QI.matmul_int8(x[:t], m), want[:t]), (t, m.interleaved)
 
 
 def test_zero_blocks_give_zeros():

@@ -128,16 +128,18 @@ def describe(w) -> tuple:
 
 
 # ---- the interleaved layout ---------------------------------------------------------------------------
-# The kernels compute 32-value blocks 8 rows at a time. Each group of 8 rows is stored block column by
-# block column, and within a column the 8 rows' 2-byte fields (scale; min) side by side, then their
-# quants 4 bytes at a time (qdot.c's packed_at): one stream for the prefetchers, and one vector load
-# holds 4 bytes of every row, so a row's integer sum builds up in its own lane with no horizontal adds.
-# Measured on a 2-core EPYC (docs/quant-kernels.md): 7B Q4_0 decode 0.21-0.27 -> 0.17 s a token. The
-# last rows % 8 rows stay row after row. prepare.py writes matrices so; the kernels regroup, in place,
-# the ones of a shard prepared before.
+# The kernels compute 8 rows at a time. Each group of 8 rows is stored block column by block column: within
+# a column, the 8 rows' leading 2-byte fields (scale; min) side by side, then the rest of their blocks 4 bytes
+# at a time (row 0's first 4, row 1's, ..., row 7's, row 0's next 4, ...), then their trailing 2-byte fields
+# (Q6_K's scale; qdot.h's packed_at). One stream for the prefetchers, and one vector load holds 4 bytes of
+# every row, so a row's integer sum builds up in its own lane with no horizontal adds. Measured on a 2-core
+# EPYC (docs/quant-kernels.md): 7B Q4_0 decode 0.21-0.27 -> 0.17 s a token. The last rows % 8 rows stay row
+# after row. prepare.py writes matrices so; the kernels regroup, in place, the ones of a shard prepared before.
 
-INTERLEAVED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}    # block bytes
-FIELD_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4, "Q5_0": 2, "Q5_1": 4}   # a block's fp16 fields (Q5: qh follows)
+INTERLEAVED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,      # block bytes
+                     "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+FIELDS = {"Q4_1": (4, 0), "Q5_1": (4, 0), "Q4_K": (4, 0), "Q5_K": (4, 0), "Q6_K": (0, 2)}   # 2-byte fields' bytes:
+FIELDS_OTHERS = (2, 0)                                                                    # (leading, trailing)
 
 
 def _regroup(raw: Tensor, block_bytes: int, to_interleaved: bool) -> None:
@@ -146,25 +148,30 @@ def _regroup(raw: Tensor, block_bytes: int, to_interleaved: bool) -> None:
     _qdot().regroup(raw.data_ptr(), raw.shape[0], raw.shape[1], block_bytes, to_interleaved)
 
 
+def _parts(qtype: str) -> tuple[int, int, int]:
+    """A block's bytes and where its 4-byte chunks start and end."""
+    bb = INTERLEAVED_TYPES[qtype]
+    lead, trail = FIELDS.get(qtype, FIELDS_OTHERS)
+    return bb, lead, bb - trail
+
+
 def pack_rows(raw: Tensor, qtype: str) -> Tensor:
     """A stored (rows, bytes) matrix in the interleaved layout, as a new tensor (torch's indexing, so no
     compiled kernel is needed: prepare.py writes shards so)."""
-    bb, head, g = INTERLEAVED_TYPES[qtype], FIELD_BYTES[qtype], raw.shape[0] // 8 * 8
+    bb, lead, tail, g = *_parts(qtype), raw.shape[0] // 8 * 8
     columns = raw[:g].reshape(g // 8, 8, -1, bb).transpose(1, 2)                  # (group, column, row, bytes)
-    fields = columns[..., :head].unflatten(-1, (head // 2, 2)).transpose(2, 3)    # (.., field, row, 2)
-    quants = columns[..., head:].unflatten(-1, (-1, 4)).transpose(2, 3)           # (.., chunk, row, 4)
-    packed = torch.cat([fields.flatten(2), quants.flatten(2)], dim=-1).reshape(g, -1)
-    return torch.cat([packed, raw[g:]])
+    parts = [(columns[..., a:b], n) for a, b, n in ((0, lead, 2), (lead, tail, 4), (tail, bb, 2)) if b > a]
+    units = [part.unflatten(-1, (-1, n)).transpose(2, 3).flatten(2) for part, n in parts]   # (.., unit, row, n)
+    return torch.cat([torch.cat(units, dim=-1).reshape(g, -1), raw[g:]])
 
 
 def unpack_rows(raw: Tensor, qtype: str) -> Tensor:
     """pack_rows undone, as a new tensor."""
-    bb, head, g = INTERLEAVED_TYPES[qtype], FIELD_BYTES[qtype], raw.shape[0] // 8 * 8
+    bb, lead, tail, g = *_parts(qtype), raw.shape[0] // 8 * 8
     columns = raw[:g].reshape(g // 8, -1, 8 * bb)                                 # (group, column, 8 rows' bytes)
-    fields = columns[..., :8 * head].unflatten(-1, (head // 2, 8, 2)).transpose(2, 3).flatten(3)
-    quants = columns[..., 8 * head:].unflatten(-1, (-1, 8, 4)).transpose(2, 3).flatten(3)
-    rows = torch.cat([fields, quants], dim=-1).transpose(1, 2).reshape(g, -1)     # (group, row, column, bytes)
-    return torch.cat([rows, raw[g:]])
+    parts = [(columns[..., 8 * a:8 * b], n) for a, b, n in ((0, lead, 2), (lead, tail, 4), (tail, bb, 2)) if b > a]
+    rows = [part.unflatten(-1, (-1, 8, n)).transpose(2, 3).flatten(3) for part, n in parts]   # (.., column, row, bytes)
+    return torch.cat([torch.cat(rows, dim=-1).transpose(1, 2).reshape(g, -1), raw[g:]])
 
 
 def interleave(w):

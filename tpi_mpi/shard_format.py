@@ -40,7 +40,7 @@ from .errors import ShardError
 from .parallel import RankShard
 from .quant import QTYPES, QuantWeight
 
-FORMAT = 3                      # 2: quantized matrices; 3: some in the int8 kernels' layout ("packed")
+FORMAT = 4      # 2: quantized matrices; 3: some in the int8 kernels' layout ("packed"); 4: the K-quants packed too
 MANIFEST = "manifest.json"
 COMMON = "common.safetensors"
 EMBED = "embed.safetensors"
@@ -219,7 +219,7 @@ class Manifest:
             d = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ShardError(f"{where} is not valid JSON: prepare the model again") from None
-        if not isinstance(d, dict) or d.get("format") not in (2, FORMAT):      # 2: no file lists "packed"
+        if not isinstance(d, dict) or d.get("format") not in (2, 3, FORMAT):   # 2: no file lists "packed"
             raise ShardError(f"{where} has format {d.get('format') if isinstance(d, dict) else None}, "
                              f"this tpi_mpi reads {FORMAT}: prepare the model again")
         try:

@@ -8,10 +8,10 @@
  * plain scale per 256 (q8_K), a group 8x smaller than the block's largest keeps 8x the resolution:
  * SmolLM2's MLP activations have outliers, and q8_K's perplexity cost there was twice this one's.
  *
- * A super-block's integer sums are exact; the portable loops take one float step per super-block, the
- * AVX2 ones keep 8 partial sums a row in float lanes and add them at the row's end (so the two differ
- * in the last bits). Either way each row is one fixed sequence of steps whatever the other tokens of
- * the call (batch invariance, batch.py).
+ * A super-block's integer sums are exact, and every kernel takes the same float step per super-block and
+ * row after them (kstep, unfused), so the portable loops, AVX2 and AVX-512 VNNI, rows as stored or packed by
+ * 8 (kpack.inc), all give the same bits. Each row is one fixed sequence of steps whatever the other tokens
+ * of the call (batch invariance, batch.py).
  */
 #include "qdot.h"
 
@@ -95,14 +95,21 @@ static inline float kstep(float acc, float d, float dmin, float xd, int32_t S, i
 
 #define KQ_BYTES(qt) ((qt) == Q4_K ? 144 : (qt) == Q5_K ? 176 : 210)
 
-/* out[r * stride + t] = row r . token t, for nr rows rb bytes apart and nt tokens. */
-void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
-                   int stride) {
-    for (int r = 0; r < nr; r++, w += rb)
+/* out[r * stride + t] = row r . token t, for nr rows rb bytes apart and nt tokens; or, if packed, for the 8
+ * rows of the packed group at w (qdot.h's packed_at). */
+void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, int packed, const kxblock *const *x, int nt, int cols,
+                   float *out, int stride) {
+    const int bb = KQ_BYTES(qt);
+    for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) {
             float acc = 0;
             for (int k = 0; k < cols / 256; k++) {
-                const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
+                const uint8_t *b = packed ? w + (size_t)k * 8 * bb : w + r * rb + (size_t)k * bb;
+                uint8_t block[210];
+                if (packed) {
+                    for (int i = 0; i < bb; i++) block[i] = b[packed_at(bb, r, i)];
+                    b = block;
+                }
                 int32_t S, M;
                 sums_scalar(qt, b, &x[t][k], &S, &M);
                 float dmin = qt == Q6_K ? 0 : half_bits_to_float(qdot_half_at(b + 2));
@@ -242,8 +249,8 @@ AVX2 static inline __attribute__((always_inline)) void dot_n(int qt, const uint8
                                                              const kxblock *const *x, const int nt, int cols,
                                                              float *out, int stride) {
     for (int r = 0; r < nr; r++, w += rb) {
-        __m256 acc[TILE_K];
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        float acc[TILE_K];
+        for (int t = 0; t < nt; t++) acc[t] = 0;
         for (int k = 0; k < cols / 256; k++) {
             const uint8_t *b = w + (size_t)k * KQ_BYTES(qt);
             const kxblock *y[TILE_K];
@@ -254,13 +261,10 @@ AVX2 static inline __attribute__((always_inline)) void dot_n(int qt, const uint8
             else
                 sums_q45k(qt, b, y, nt, S, M);
             float d = _cvtsh_ss(qdot_half_at(b + D_AT(qt))), dmin = qt == Q6_K ? 0 : _cvtsh_ss(qdot_half_at(b + 2));
-            for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[t]), _mm256_set1_ps(d * y[t]->d), acc[t]);
-                if (qt != Q6_K)
-                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M[t]), _mm256_set1_ps(dmin * y[t]->d), acc[t]);
-            }
+            for (int t = 0; t < nt; t++)
+                acc[t] = kstep(acc[t], d, dmin, y[t]->d, qdot_hsum_epi32(S[t]), qt == Q6_K ? 0 : qdot_hsum_epi32(M[t]));
         }
-        for (int t = 0; t < nt; t++) out[r * stride + t] = qdot_hsum_ps(acc[t]);
+        for (int t = 0; t < nt; t++) out[r * stride + t] = acc[t];
     }
 }
 
@@ -273,4 +277,18 @@ AVX2 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock
     default: dot_n(qt, w, rb, nr, x, 4, cols, out, stride); break;
     }
 }
+/* The packed layout's kernel (kpack.inc) with AVX2's integer dot products, */
+#define KP_TARGET AVX2
+#define KP_SUFFIX avx2
+#define KP_VNNI 0
+#include "kpack.inc"
+#undef KP_TARGET
+#undef KP_SUFFIX
+#undef KP_VNNI
+
+/* and with AVX-512 VNNI's on 256-bit vectors. */
+#define KP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define KP_SUFFIX vnni
+#define KP_VNNI 1
+#include "kpack.inc"
 #endif

@@ -49,39 +49,17 @@ static inline int has_min(int qt) { return qt == Q4_1 || qt == Q5_1; }
 static inline int has_fifth_bits(int qt) { return qt == Q5_0 || qt == Q5_1; }
 static inline int q_offset(int qt) { return qt == Q4_0 ? 8 : qt == Q5_0 ? 16 : 0; }
 
-/* ---- the 8-row layout ----------------------------------------------------------------------------
- * quant_int8.interleave stores each group of 8 rows of a 32-value type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
- * block column by block column. Within a column of 8 * bb bytes come the 8 rows' fp16 scales side by side
- * (then their fp16 mins, for Q4_1 and Q5_1; then, for Q5_0 and Q5_1, their 4 bytes of fifth bits, a
- * per-block field like a scale), then their quants 4 bytes at a time: row 0's bytes 0-3, row 1's 0-3, ...,
- * row 7's 0-3, row 0's 4-7, and so on. One vector load then holds 4 bytes of each row, so lane r of an
- * integer dot product is row r's with no horizontal adds, and the 8 scales are one load (llama.cpp's
- * repack.cpp does the like with 8 bytes). The sizes stay the same, so the regrouping is done in place. */
-
-static int packed_fp16(int bb) { return bb == 20 || bb == 24 ? 4 : 2; }    /* bytes of a block's fp16 fields */
-static int packed_head(int bb) { return packed_fp16(bb) + (bb == 22 || bb == 24 ? 4 : 0); }  /* + its fifth bits */
-
-static size_t packed_at(int bb, int r, int i) {                 /* row r's byte i of its block, in its column */
-    int fp16 = packed_fp16(bb), head = packed_head(bb);
-    if (i < fp16) return (size_t)(16 * (i / 2) + 2 * r + i % 2);
-    if (i < head) return (size_t)(8 * fp16 + 4 * r + i - fp16);
-    i -= head;
-    return (size_t)(8 * head + 32 * (i / 4) + 4 * r + i % 4);
-}
+/* ---- the 8-row layout (qdot.h's packed_at) ------------------------------------------------------ */
 
 /* One column: the 8 rows' blocks at plain[r] to the packed column, or back. */
 static void pack_column(int bb, uint8_t *const *plain, uint8_t *packed, int to_packed) {
-    int head = packed_fp16(bb);             /* then the fifth bits, as the quants, 4 bytes a row */
-    for (int r = 0; r < 8; r++) {
-        for (int i = 0; i < head; i += 2) {
+    int lead = packed_lead(bb), tail = bb - packed_tail(bb);
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < bb; i += i < lead || i >= tail ? 2 : 4) {
             uint8_t *a = plain[r] + i, *b = packed + packed_at(bb, r, i);
-            if (to_packed) memcpy(b, a, 2); else memcpy(a, b, 2);
+            size_t n = i < lead || i >= tail ? 2 : 4;
+            if (to_packed) memcpy(b, a, n); else memcpy(a, b, n);
         }
-        for (int i = head; i < bb; i += 4) {
-            uint8_t *a = plain[r] + i, *b = packed + packed_at(bb, r, i);
-            if (to_packed) memcpy(b, a, 4); else memcpy(a, b, 4);
-        }
-    }
 }
 
 /* ---- activations to 8-bit blocks --------------------------------------------------------------- */
@@ -250,12 +228,7 @@ AVX2 static inline __attribute__((always_inline)) void dot8_avx2_n(int qt, const
  * r: each load of quants is 4 bytes of every row, met by the token's 4 matching bytes broadcast, so the
  * rows' integer sums build up lane by lane. The same integer sums and then the same float steps as
  * dot8_avx2_n, so the two layouts give the same bits. */
-AVX2 static inline __m256i bytes4(const int8_t *p) {       /* 4 bytes in every lane */
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-#define Y4(t, kb, i) bytes4(x[t][kb].q + (i))
+#define Y4(t, kb, i) _mm256_set1_epi32(qdot_load4(x[t][kb].q + (i)))   /* 4 values in every lane */
 
 /* Q5_0/Q5_1 in the packed layout: lane r of qh is row r's 32 fifth bits; 16 in byte j of lane r where
  * bit 4c + j is set, for the lanes' values 4c..4c+3 (byte c / 2 of each lane spread over its 4 bytes). */
@@ -327,7 +300,7 @@ static void run_task(void *ctx, int task) {
     const mat_t *m = &j->m[i];
     int r0 = (task - j->first_task[i]) * j->chunk, r1 = r0 + j->chunk < m->rows ? r0 + j->chunk : m->rows;
     int kquant = qdot_is_kquant(m->qt), floats = qdot_is_float(m->qt);
-    int group = kquant ? ROWS_AT_ONCE : floats ? FLOAT_ROWS : 8;
+    int group = floats ? FLOAT_ROWS : kquant && !m->interleaved ? ROWS_AT_ONCE : 8;
     size_t bytes = BLOCK_BYTES[m->qt];
     float out[8 * TILE];
     for (int r = r0; r < r1; r += group) {
@@ -340,7 +313,11 @@ static void run_task(void *ctx, int task) {
         for (int t0 = 0; t0 < j->nt; t0 += TILE) {
             int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
 #ifdef QDOT_X86
-            if (j->use_avx2 && kquant)
+            if (j->use_avx2 && kquant && packed && j->use_vnni)
+                kq_dot_packed_vnni(m->qt, w, j->xk + t0, n, j->cols, out);
+            else if (j->use_avx2 && kquant && packed)
+                kq_dot_packed_avx2(m->qt, w, j->xk + t0, n, j->cols, out);
+            else if (j->use_avx2 && kquant)
                 kq_dot_avx2(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
             else if (j->use_avx2 && packed && j->use_vnni)
                 dotp_vnni(m->qt, w, j->x + t0, n, j->cols, out);
@@ -351,7 +328,7 @@ static void run_task(void *ctx, int task) {
             else
 #endif
             if (kquant)
-                kq_dot_scalar(m->qt, w, m->row_bytes, nr, j->xk + t0, n, j->cols, out, TILE);
+                kq_dot_scalar(m->qt, w, m->row_bytes, nr, packed, j->xk + t0, n, j->cols, out, TILE);
             else
                 for (int k = 0; k < nr; k++)
                     dot_scalar(m->qt, packed ? w : w + k * m->row_bytes, packed ? 8 * bytes : bytes, packed ? k : -1,
@@ -517,9 +494,10 @@ static PyObject *py_regroup(PyObject *self, PyObject *args) {
     Py_ssize_t rows, rb, bb;
     int forward;
     if (!PyArg_ParseTuple(args, "Knnnp", &p, &rows, &rb, &bb, &forward)) return NULL;
-    if (rows < 0 || (bb != 18 && bb != 20 && bb != 22 && bb != 24 && bb != 34) || rb % bb) {
-        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks "
-                     "of %zd", rb, bb);
+    int known = bb == 18 || bb == 20 || bb == 22 || bb == 24 || bb == 34 || bb == 144 || bb == 176 || bb == 210;
+    if (rows < 0 || !known || rb % bb) {
+        PyErr_Format(PyExc_ValueError, "qdot.regroup: rows of %zd bytes are not Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, "
+                     "Q5_K or Q6_K blocks of %zd", rb, bb);
         return NULL;
     }
     uint8_t *tmp = malloc((size_t)(8 * rb));

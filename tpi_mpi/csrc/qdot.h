@@ -63,6 +63,34 @@ static inline void qdot_scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) 
     }
 }
 
+/* ---- the 8-row layout ------------------------------------------------------------------------------
+ * quant_int8.pack_rows stores each group of 8 rows of a block type block column by block column (the last
+ * rows % 8 rows stay row after row). A block's bytes fall in three parts: its leading 2-byte fields (the fp16
+ * scale; the min of Q4_1, Q5_1, Q4_K, Q5_K), then 4-byte chunks (everything else: quants, Q5_0/Q5_1's fifth
+ * bits, the K-quants' sub-block scales), then trailing 2-byte fields (Q6_K's fp16 scale). Within a column each
+ * part holds the 8 rows' units side by side, unit by unit: row 0's scale, row 1's, ..., row 7's; row 0's
+ * chunk 0, ..., row 7's chunk 0, row 0's chunk 1, and so on. One vector load then holds the same 4 bytes of
+ * every row, so lane r of an integer dot product is row r's with no horizontal adds, and the 8 scales are one
+ * load (llama.cpp's repack.cpp does the like with 8 bytes). The sizes stay the same, so the regrouping is done
+ * in place. bb: a block's bytes, which tell the type. */
+static inline int packed_lead(int bb) { return bb == 210 ? 0 : bb == 20 || bb == 24 || bb == 144 || bb == 176 ? 4 : 2; }
+static inline int packed_tail(int bb) { return bb == 210 ? 2 : 0; }
+
+static inline size_t packed_at(int bb, int r, int i) {        /* row r's byte i of its block, in its column */
+    int lead = packed_lead(bb), tail = bb - packed_tail(bb);
+    if (i < lead) return (size_t)(16 * (i / 2) + 2 * r + i % 2);
+    if (i >= tail) return (size_t)(8 * tail + 16 * ((i - tail) / 2) + 2 * r + i % 2);
+    i -= lead;
+    return (size_t)(8 * lead + 32 * (i / 4) + 4 * r + i % 4);
+}
+
+/* The 4 bytes at p as one int32 (an activation block's 4 values, to broadcast). */
+static inline int32_t qdot_load4(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 #ifdef QDOT_X86
 AVX2 static inline float qdot_hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -136,13 +164,17 @@ typedef struct {                /* 256 activations: value i = d * s[i / 32] * q[
 } kxblock;
 
 void kq_quantize_scalar(const float *x, kxblock *out, int nb);
-/* out[r * stride + t] = row r . token t: nr rows of K-quant type qt, rb bytes apart, and nt <= TILE_K tokens */
-void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
-                   int stride);
+/* out[r * stride + t] = row r . token t: nr rows of K-quant type qt, rb bytes apart, and nt <= TILE_K tokens;
+ * or, if packed, the 8 rows of the packed group at w */
+void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, int packed, const kxblock *const *x, int nt, int cols,
+                   float *out, int stride);
 #ifdef QDOT_X86
 void kq_quantize_avx2(const float *x, kxblock *out, int nb);
 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
                  int stride);
+/* out[r * TILE_K + t]: the 8 rows of the packed group at w, and nt <= TILE_K tokens (kpack.inc) */
+void kq_dot_packed_avx2(int qt, const uint8_t *w, const kxblock *const *x, int nt, int cols, float *out);
+void kq_dot_packed_vnni(int qt, const uint8_t *w, const kxblock *const *x, int nt, int cols, float *out);
 #endif
 
 /* ---- floats.c ---- */
