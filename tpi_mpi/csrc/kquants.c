@@ -48,6 +48,7 @@ void kq_quantize_scalar(const float *x, kxblock *out, int nb) {
             out[b].bsums[2 * j + 1] = (int16_t)(s * sum[1]);
         }
         out[b].d = d;
+        kq_pairs(&out[b]);
     }
 }
 
@@ -146,6 +147,7 @@ AVX2 void kq_quantize_avx2(const float *x, kxblock *out, int nb) {
             qdot_store_int8x32(out[b].q + i, i0, i1, i2, i3);
         }
         out[b].d = d;
+        kq_pairs(&out[b]);
     }
 }
 

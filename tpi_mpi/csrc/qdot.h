@@ -161,7 +161,28 @@ typedef struct {                /* 256 activations: value i = d * s[i / 32] * q[
     int16_t bsums[16];          /* of every 16 values, s * sum of q */
     int8_t s[8];
     int8_t q[256];
+    /* the same, as the packed kernels broadcast them (kq_pairs): */
+    int32_t s32[8];             /* s widened */
+    int32_t msums[4];           /* 32-value sums (of bsums) of groups 0 and 2, 1 and 3, 4 and 6, 5 and 7, as int16 pairs */
+    int32_t bpairs[8];          /* bsums 4i and 4i + 2, then 4i + 1 and 4i + 3, as int16 pairs */
 } kxblock;
+
+/* Two int16 values in one int32's low and high halves, as madd_epi16 pairs them. */
+static inline int32_t qdot_pair16(int a, int b) { return (int32_t)((uint16_t)a | (uint32_t)(uint16_t)b << 16); }
+
+static inline void kq_pairs(kxblock *b) {
+    int sums[8];                /* each up to 2 * 8 * 16 * 127: an int16 */
+    for (int j = 0; j < 8; j++) {
+        b->s32[j] = b->s[j];
+        sums[j] = b->bsums[2 * j] + b->bsums[2 * j + 1];
+    }
+    for (int i = 0; i < 4; i++) {
+        int j = 4 * (i / 2) + i % 2;
+        b->msums[i] = qdot_pair16(sums[j], sums[j + 2]);
+        b->bpairs[2 * i] = qdot_pair16(b->bsums[4 * i], b->bsums[4 * i + 2]);
+        b->bpairs[2 * i + 1] = qdot_pair16(b->bsums[4 * i + 1], b->bsums[4 * i + 3]);
+    }
+}
 
 void kq_quantize_scalar(const float *x, kxblock *out, int nb);
 /* out[r * stride + t] = row r . token t: nr rows of K-quant type qt, rb bytes apart, and nt <= TILE_K tokens;
