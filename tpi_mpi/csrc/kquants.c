@@ -283,14 +283,17 @@ AVX2 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock
 #define KP_TARGET AVX2
 #define KP_SUFFIX avx2
 #define KP_VNNI 0
+#define KP_TILE KP_TILE_AVX2
 #include "kpack.inc"
 #undef KP_TARGET
 #undef KP_SUFFIX
 #undef KP_VNNI
+#undef KP_TILE
 
 /* and with AVX-512 VNNI's on 256-bit vectors. */
 #define KP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 #define KP_SUFFIX vnni
 #define KP_VNNI 1
+#define KP_TILE KP_TILE_VNNI
 #include "kpack.inc"
 #endif

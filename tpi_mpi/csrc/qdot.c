@@ -302,7 +302,7 @@ static void run_task(void *ctx, int task) {
     int kquant = qdot_is_kquant(m->qt), floats = qdot_is_float(m->qt);
     int group = floats ? FLOAT_ROWS : kquant && !m->interleaved ? ROWS_AT_ONCE : 8;
     size_t bytes = BLOCK_BYTES[m->qt];
-    float out[8 * TILE];
+    float out[8 * KP_TILE_VNNI];
     for (int r = r0; r < r1; r += group) {
         int nr = r1 - r < group ? r1 - r : group;
         const uint8_t *w = m->w + (size_t)r * m->row_bytes;
@@ -310,8 +310,10 @@ static void run_task(void *ctx, int task) {
             qdot_float_rows(m->qt, w, m->row_bytes, nr, j->xf, j->nt, j->cols, m->y + r, m->rows, j->use_avx2);
             continue;
         }
-        for (int t0 = 0; t0 < j->nt; t0 += TILE) {
-            int n = j->nt - t0 < TILE ? j->nt - t0 : TILE, packed = m->interleaved && nr == 8;   /* a short last group is plain */
+        int packed = m->interleaved && nr == 8;                  /* a short last group is plain */
+        int tile = !(kquant && packed && j->use_avx2) ? TILE : j->use_vnni ? KP_TILE_VNNI : KP_TILE_AVX2;
+        for (int t0 = 0; t0 < j->nt; t0 += tile) {
+            int n = j->nt - t0 < tile ? j->nt - t0 : tile;
 #ifdef QDOT_X86
             if (j->use_avx2 && kquant && packed && j->use_vnni)
                 kq_dot_packed_vnni(m->qt, w, j->xk + t0, n, j->cols, out);
@@ -334,7 +336,7 @@ static void run_task(void *ctx, int task) {
                     dot_scalar(m->qt, packed ? w : w + k * m->row_bytes, packed ? 8 * bytes : bytes, packed ? k : -1,
                                j->x + t0, n, j->cols, out + k * TILE);
             for (int k = 0; k < nr; k++)
-                for (int t = 0; t < n; t++) m->y[(size_t)(t0 + t) * m->rows + r + k] = out[k * TILE + t];
+                for (int t = 0; t < n; t++) m->y[(size_t)(t0 + t) * m->rows + r + k] = out[k * tile + t];
         }
     }
 }

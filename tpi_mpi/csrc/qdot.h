@@ -193,7 +193,10 @@ void kq_dot_scalar(int qt, const uint8_t *w, size_t rb, int nr, int packed, cons
 void kq_quantize_avx2(const float *x, kxblock *out, int nb);
 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock *const *x, int nt, int cols, float *out,
                  int stride);
-/* out[r * TILE_K + t]: the 8 rows of the packed group at w, and nt <= TILE_K tokens (kpack.inc) */
+/* out[r * tile + t]: the 8 rows of the packed group at w, and nt <= tile tokens (kpack.inc), tile KP_TILE_AVX2 or
+ * KP_TILE_VNNI */
+#define KP_TILE_AVX2 4
+#define KP_TILE_VNNI 8
 void kq_dot_packed_avx2(int qt, const uint8_t *w, const kxblock *const *x, int nt, int cols, float *out);
 void kq_dot_packed_vnni(int qt, const uint8_t *w, const kxblock *const *x, int nt, int cols, float *out);
 #endif
