@@ -8,8 +8,8 @@
  * lanes: the same steps whatever the number of tokens and the other rows of the group (batch
  * invariance, batch.py). One or two tokens (decode) read the rows one at a time and widen them as
  * they read, once for both tokens; more (a prompt) widen 4 rows once into a buffer, which the tokens
- * then meet 2 rows and 3 tokens at a time (12 accumulators, enough to keep both FMA units busy).
- * Widening is exact, so both ways give the same bits.
+ * then meet 2 rows and 3 tokens at a time (12 accumulators, enough to keep both FMA units busy), or, with
+ * AVX-512, 4 rows and 6 tokens. Widening is exact, so every way gives the same bits.
  */
 #include <stdlib.h>
 
@@ -75,11 +75,53 @@ AVX2 static inline __attribute__((always_inline)) void dot_wide(const float *wid
         for (int t = 0; t < nt; t++) y[t * ldy + r] = qdot_hsum_ps(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
 }
 
+/* The same with AVX-512's 16-lane vectors and 32 registers: lanes 0-7 of an accumulator are the even 8
+ * columns' (dot_widening's first accumulator), lanes 8-15 the odd 8's, so the multiply-adds, and the bits,
+ * are the same, with all 4 rows against up to WIDE_TOKENS tokens at once (24 accumulators). */
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+#define WIDE_TOKENS 6
+AVX512 static inline __attribute__((always_inline)) void dot_wide16(const float *wide, int nr, const float *const *x,
+                                                                    const int nt, int cols, float *y, size_t ldy) {
+    __m512 acc[ROWS][WIDE_TOKENS];
+    for (int r = 0; r < ROWS; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int k = 0; k < cols; k += 16) {
+        __m512 v[ROWS];
+        for (int r = 0; r < ROWS; r++) v[r] = _mm512_loadu_ps(wide + (size_t)r * cols + k);
+        for (int t = 0; t < nt; t++) {
+            __m512 xv = _mm512_loadu_ps(x[t] + k);
+            for (int r = 0; r < ROWS; r++) acc[r][t] = _mm512_fmadd_ps(v[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            __m256 even = _mm512_castps512_ps256(acc[r][t]);
+            __m256 odd = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1));
+            y[t * ldy + r] = qdot_hsum_ps(_mm256_add_ps(even, odd));
+        }
+}
+
+AVX512 static void dot_wide_avx512(const float *wide, int nr, const float *const *x, int nt, int cols, float *y,
+                                   size_t ldy) {
+    for (int t = 0; t < nt; t += WIDE_TOKENS) {
+        const float *const *xt = x + t;
+        float *yt = y + (size_t)t * ldy;
+        switch (nt - t) {
+        case 1: dot_wide16(wide, nr, xt, 1, cols, yt, ldy); break;
+        case 2: dot_wide16(wide, nr, xt, 2, cols, yt, ldy); break;
+        case 3: dot_wide16(wide, nr, xt, 3, cols, yt, ldy); break;
+        case 4: dot_wide16(wide, nr, xt, 4, cols, yt, ldy); break;
+        case 5: dot_wide16(wide, nr, xt, 5, cols, yt, ldy); break;
+        default: dot_wide16(wide, nr, xt, WIDE_TOKENS, cols, yt, ldy); break;
+        }
+    }
+}
+
 /* A prompt's many tokens: the rows are widened once into this thread's buffer, then met by the tokens
- * PROMPT_TOKENS at a time, two rows at once, so a token no longer pays for widening them. -1 when the
- * buffer cannot be had. */
+ * PROMPT_TOKENS at a time, two rows at once (all four and WIDE_TOKENS with AVX-512), so a token no longer
+ * pays for widening them. -1 when the buffer cannot be had. */
 AVX2 static int dot_prompt(int bf, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
-                           float *y, size_t ldy) {
+                           float *y, size_t ldy, int use_avx512) {
     static _Thread_local float *wide;
     static _Thread_local size_t wide_len;
     size_t need = (size_t)ROWS * cols;
@@ -92,6 +134,10 @@ AVX2 static int dot_prompt(int bf, const uint8_t *w, size_t rb, int nr, const fl
     for (int r = 0; r < ROWS; r++) {           /* a short group repeats its last row */
         const uint16_t *row = (const uint16_t *)(w + (r < nr ? r : nr - 1) * rb);
         for (int k = 0; k < cols; k += 8) _mm256_storeu_ps(wide + (size_t)r * cols + k, qdot_widen8(bf, row + k));
+    }
+    if (use_avx512) {
+        dot_wide_avx512(wide, nr, x, nt, cols, y, ldy);
+        return 0;
     }
     for (int r = 0; r < nr; r += 2) {
         int pair = nr - r < 2 ? nr - r : 2;
@@ -109,9 +155,9 @@ AVX2 static int dot_prompt(int bf, const uint8_t *w, size_t rb, int nr, const fl
 }
 
 AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols,
-                          float *y, size_t ldy) {
+                          float *y, size_t ldy, int use_avx512) {
     int bf = qt == BF16;
-    if (nt > 2 && dot_prompt(bf, w, rb, nr, x, nt, cols, y, ldy) == 0) return;
+    if (nt > 2 && dot_prompt(bf, w, rb, nr, x, nt, cols, y, ldy, use_avx512) == 0) return;
     for (int t = 0; t < nt; t += 2) {       /* (or out of memory for the buffer) */
         int pair = nt - t > 1;
         float *yt = y + (size_t)t * ldy;
@@ -124,10 +170,10 @@ AVX2 static void dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const flo
 #endif
 
 void qdot_float_rows(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *y,
-                     size_t ldy, int use_avx2) {
+                     size_t ldy, int use_avx2, int use_avx512) {
 #ifdef QDOT_X86
     if (use_avx2) {
-        dot_avx2(qt, w, rb, nr, x, nt, cols, y, ldy);
+        dot_avx2(qt, w, rb, nr, x, nt, cols, y, ldy, use_avx512);
         return;
     }
 #endif

@@ -307,7 +307,8 @@ static void run_task(void *ctx, int task) {
         int nr = r1 - r < group ? r1 - r : group;
         const uint8_t *w = m->w + (size_t)r * m->row_bytes;
         if (floats) {           /* every token in one call: a prompt's rows are widened once (floats.c) */
-            qdot_float_rows(m->qt, w, m->row_bytes, nr, j->xf, j->nt, j->cols, m->y + r, m->rows, j->use_avx2);
+            qdot_float_rows(m->qt, w, m->row_bytes, nr, j->xf, j->nt, j->cols, m->y + r, m->rows, j->use_avx2,
+                            j->use_vnni);   /* the CPUs with AVX-512 VNNI have AVX-512F and VL */
             continue;
         }
         int packed = m->interleaved && nr == 8;                  /* a short last group is plain */

@@ -203,9 +203,10 @@ void kq_dot_packed_vnni(int qt, const uint8_t *w, const kxblock *const *x, int n
 
 /* ---- floats.c ---- */
 #define FLOAT_ROWS 4            /* rows a call of floats.c takes (a prompt widens them once) */
-/* y[t * ldy + r] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and all nt tokens */
+/* y[t * ldy + r] = row r . token t: nr <= FLOAT_ROWS rows of F16 or BF16, rb bytes apart, and all nt tokens
+ * (use_avx512: AVX-512F and VL may be used too) */
 void qdot_float_rows(int qt, const uint8_t *w, size_t rb, int nr, const float *const *x, int nt, int cols, float *y,
-                     size_t ldy, int use_avx2);
+                     size_t ldy, int use_avx2, int use_avx512);
 
 /* ---- rowops.c ---- */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };   /* rowops.py's KV_CODES */
