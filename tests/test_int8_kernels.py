@@ -133,7 +133,7 @@ def test_k_quants_give_the_same_bits_on_every_path(isa, qtype):
     w = quant_weight(qtype, rows=21, cols=768)
     il = QI.interleave(Q.QuantWeight(w.raw.clone(), qtype, w.cols))
     x = torch.randn(6, w.cols) * 3
-    x[:, :100] *= 40                                                             # the block's other groups: multiples > 1
+    x[:, :100] *= 40                                                # the first block's groups: multiples 1 to 8
     QI._qdot().set_isa("generic")
     want = QI.matmul_int8(x, w)
     QI._qdot().set_isa(isa)

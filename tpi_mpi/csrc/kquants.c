@@ -279,6 +279,7 @@ AVX2 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock
     default: dot_n(qt, w, rb, nr, x, 4, cols, out, stride); break;
     }
 }
+
 /* The packed layout's kernel (kpack.inc) with AVX2's integer dot products, */
 #define KP_TARGET AVX2
 #define KP_SUFFIX avx2

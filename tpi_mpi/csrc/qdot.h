@@ -163,7 +163,7 @@ typedef struct {                /* 256 activations: value i = d * s[i / 32] * q[
     int8_t q[256];
     /* the same, as the packed kernels broadcast them (kq_pairs): */
     int32_t s32[8];             /* s widened */
-    int32_t msums[4];           /* 32-value sums (of bsums) of groups 0 and 2, 1 and 3, 4 and 6, 5 and 7, as int16 pairs */
+    int32_t msums[4];           /* 32-value sums of groups 0 and 2, 1 and 3, 4 and 6, 5 and 7, as int16 pairs */
     int32_t bpairs[8];          /* bsums 4i and 4i + 2, then 4i + 1 and 4i + 3, as int16 pairs */
 } kxblock;
 
