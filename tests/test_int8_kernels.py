@@ -91,7 +91,7 @@ def test_interleaved_layout_is_the_same_matrix(isa, qtype, rows, int8_off_after)
     # each group of 8 rows column by column; a column: the 8 rows' leading 2-byte fields side by side (fp16
     # scale; min), then the rest of their blocks 4 bytes at a time (row 0's bytes 0-3, ..., row 7's 0-3, row
     # 0's 4-7, ...), then their trailing 2-byte fields (Q6_K's scale)
-    g, bb = rows // 8 * 8, QI.INTERLEAVED_TYPES[qtype]
+    g, bb = rows // 8 * 8, Q.QTYPES[qtype][1]
     lead = 0 if qtype == "Q6_K" else 4 if qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 2
     tail = bb - 2 if qtype == "Q6_K" else bb
     columns = raw[:g].view(rows // 8, 8, -1, bb).transpose(1, 2)                 # (group, column, row, bytes)

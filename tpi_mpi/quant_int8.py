@@ -136,10 +136,15 @@ def describe(w) -> tuple:
 # EPYC (docs/quant-kernels.md): 7B Q4_0 decode 0.21-0.27 -> 0.17 s a token. The last rows % 8 rows stay row
 # after row. prepare.py writes matrices so; the kernels regroup, in place, the ones of a shard prepared before.
 
-INTERLEAVED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,      # block bytes
-                     "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-FIELDS = {"Q4_1": (4, 0), "Q5_1": (4, 0), "Q4_K": (4, 0), "Q5_K": (4, 0), "Q6_K": (0, 2)}   # 2-byte fields' bytes:
-FIELDS_OTHERS = (2, 0)                                                                    # (leading, trailing)
+# each type's 2-byte fields: (bytes before its 4-byte chunks, bytes after them), qdot.h's packed_lead/packed_tail
+FIELDS = {"Q8_0": (2, 0), "Q4_0": (2, 0), "Q4_1": (4, 0), "Q5_0": (2, 0), "Q5_1": (4, 0),
+          "Q4_K": (4, 0), "Q5_K": (4, 0), "Q6_K": (0, 2)}
+INTERLEAVED_TYPES = tuple(FIELDS)
+
+
+def _block_bytes(qtype: str) -> int:
+    from .quant import QTYPES                           # quant.py imports this module
+    return QTYPES[qtype][1]
 
 
 def _regroup(raw: Tensor, block_bytes: int, to_interleaved: bool) -> None:
@@ -150,8 +155,7 @@ def _regroup(raw: Tensor, block_bytes: int, to_interleaved: bool) -> None:
 
 def _parts(qtype: str) -> tuple[int, int, int]:
     """A block's bytes and where its 4-byte chunks start and end."""
-    bb = INTERLEAVED_TYPES[qtype]
-    lead, trail = FIELDS.get(qtype, FIELDS_OTHERS)
+    bb, (lead, trail) = _block_bytes(qtype), FIELDS[qtype]
     return bb, lead, bb - trail
 
 
@@ -179,7 +183,7 @@ def interleave(w):
     regrouped in place: w is not to be used afterwards (made for blocks just read from disk)."""
     if w.interleaved or w.qtype not in INTERLEAVED_TYPES or w.raw.shape[0] < 8:
         return w
-    _regroup(w.raw, INTERLEAVED_TYPES[w.qtype], True)
+    _regroup(w.raw, _block_bytes(w.qtype), True)
     return dataclasses.replace(w, interleaved=True)
 
 
@@ -188,7 +192,7 @@ def plain_layout(w):
     if not int8_available():
         return dataclasses.replace(w, raw=unpack_rows(w.raw, w.qtype), interleaved=False)
     raw = w.raw.clone()
-    _regroup(raw, INTERLEAVED_TYPES[w.qtype], False)
+    _regroup(raw, _block_bytes(w.qtype), False)
     return dataclasses.replace(w, raw=raw, interleaved=False)
 
 
