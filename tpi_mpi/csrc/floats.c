@@ -78,7 +78,6 @@ AVX2 static inline __attribute__((always_inline)) void dot_wide(const float *wid
 /* The same with AVX-512's 16-lane vectors and 32 registers: lanes 0-7 of an accumulator are the even 8
  * columns' (dot_widening's first accumulator), lanes 8-15 the odd 8's, so the multiply-adds, and the bits,
  * are the same, with all 4 rows against up to WIDE_TOKENS tokens at once (24 accumulators). */
-#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 #define WIDE_TOKENS 6
 AVX512 static inline __attribute__((always_inline)) void dot_wide16(const float *wide, int nr, const float *const *x,
                                                                     const int nt, int cols, float *y, size_t ldy) {

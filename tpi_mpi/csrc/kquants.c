@@ -292,7 +292,7 @@ AVX2 void kq_dot_avx2(int qt, const uint8_t *w, size_t rb, int nr, const kxblock
 #undef KP_TILE
 
 /* and with AVX-512 VNNI's on 256-bit vectors. */
-#define KP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define KP_TARGET AVX512_VNNI
 #define KP_SUFFIX vnni
 #define KP_VNNI 1
 #define KP_TILE KP_TILE_VNNI

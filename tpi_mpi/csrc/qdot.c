@@ -252,7 +252,7 @@ AVX2 static inline __m256i fifth_bits4(__m256i qh, int c) {
 #undef DOTP_VNNI
 
 /* and with AVX-512 VNNI's on 256-bit vectors (Ice Lake, Zen 4 and later; llama.cpp's choice there). */
-#define DOTP_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define DOTP_TARGET AVX512_VNNI
 #define DOTP_N dotp_vnni_n
 #define DOTP dotp_vnni
 #define DOTP_VNNI 1

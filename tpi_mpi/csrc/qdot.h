@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #define QDOT_X86 1
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))          /* 32 registers, 16-lane floats */
+#define AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))   /* 256-bit vpdpbusd */
 #endif
 
 #define MAX_MATS 4              /* matrices one call multiplies by the same x (q, k, v; gate, up) */
