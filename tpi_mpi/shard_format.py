@@ -221,7 +221,7 @@ class Manifest:
             raise ShardError(f"{where} is not valid JSON: prepare the model again") from None
         if not isinstance(d, dict) or d.get("format") not in (2, 3, FORMAT):   # 2: no file lists "packed"
             raise ShardError(f"{where} has format {d.get('format') if isinstance(d, dict) else None}, "
-                             f"this tpi_mpi reads {FORMAT}: prepare the model again")
+                             f"this tpi_mpi reads formats 2 to {FORMAT}: prepare the model again")
         try:
             mf = cls(rank=int(d["rank"]), world_size=int(d["world_size"]), ratio=tuple(d["ratio"]),
                      dtype=d["dtype"], head_on=d["head_on"], quant=d["quant"], model=ModelConfig.from_json(d["model"]),
